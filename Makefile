@@ -1,0 +1,30 @@
+# The two commands of the README:
+#   make run    set up (first time only) and run the pipeline on the built-in generated dataset
+#   make test   set up (first time only) and run the CPU test suite
+# Extra arguments for run.py go in ARGS, e.g.  make run ARGS="class=02Airplane scorer=pixel"
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup run test test-all
+setup: $(VENV)/.installed
+
+# torch and torchvision first, as a pair: the CUDA 2.14.1 + 0.29.1 wheels also run on CPU, and
+# installing them before the project stops any dependency from dragging in a second torch.
+$(VENV)/.installed: pyproject.toml
+	@bash .ci/system-packages
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -e '.[test]'
+	touch $@
+
+run: setup
+	$(BIN)/python run.py $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(ARGS)
+
+# The slow tests too (accuracy targets on the generated dataset); GPU tests skip without CUDA.
+test-all: setup
+	$(BIN)/python -m pytest -m "not gpu" $(ARGS)

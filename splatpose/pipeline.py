@@ -1,0 +1,265 @@
+"""The evaluation pipeline of one class, stage by stage, with the stage cache.
+
+    data ─► sfm (reference model) ─► localize (query poses) ─► splat (3DGS) ─► render ─► score + evaluate
+
+Each stage is a plain function of its package (``splatpose.data``, ``.sfm``, ``.splat``,
+``.scoring``); this module only wires them, decides what is reused from the cache, times every stage
+and writes the run's ``results.json`` and ``per_image.csv``. ``run_pipeline(cfg)`` is what
+``run.py`` calls, and what the tests call on a shrunk config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import time
+from pathlib import Path
+from typing import Iterator
+
+import hydra
+import numpy as np
+import torch
+from lightning import seed_everything
+from lightning.pytorch import Trainer
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from splatpose.callbacks.evaluation import Evaluation, flatten_metrics
+from splatpose.data import resolve_dataset
+from splatpose.data.cameras import camera_center, center_error, rotation_error_deg
+from splatpose.data.mad_sim import ClassData, read_image, read_mask
+from splatpose.run_info import environment_info
+from splatpose.scoring import build_scorer
+from splatpose.scoring.module import AnomalyScoringModule, QueryRenderPairs
+from splatpose.sfm import QueryPose, build_reference, check_sfm_config, localize_queries
+from splatpose.splat import load_gaussians, render, train_splats
+from splatpose.stage_cache import StageCache, stage_key, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+RENDER_BATCH = 8
+
+
+class StageFailed(RuntimeError):
+    """A pipeline stage failed; the message names the stage and the class it ran on."""
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device} was asked for but CUDA is not available; use device=cpu or auto")
+    return device
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Checks that need no data, run before any work (bad feature/matcher pairs, unknown task)."""
+    check_sfm_config(cfg.sfm)
+    if cfg.task not in ("evaluate", "detect"):
+        raise ValueError(f"task={cfg.task!r} is unknown; choose task=evaluate or task=detect")
+
+
+class StageTimer:
+    """Collects per-stage wall times and whether each stage came from the cache."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, subject: str) -> Iterator[dict]:
+        record = {"seconds": 0.0, "reused": False}
+        start = time.perf_counter()
+        try:
+            yield record
+        except Exception as error:
+            raise StageFailed(f"stage '{name}' failed for {subject}: {type(error).__name__}: {error}") from error
+        finally:
+            record["seconds"] = round(time.perf_counter() - start, 3)
+            self.stages[name] = record
+        log.info("[%s] %s in %.1f s", name, "reused" if record["reused"] else "done", record["seconds"])
+
+
+def run_pipeline(cfg: DictConfig, loggers: list | None = None) -> dict:
+    """Run every stage for ``cfg["class"]`` and return the results written to results.json.
+
+    Args:
+        cfg: the composed config (conf/config.yaml)
+        loggers: Lightning loggers shared by training and evaluation (built by run.py from cfg.logger)
+    """
+    loggers = loggers or []
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    validate_config(cfg)
+    seed_everything(cfg.seed, workers=True, verbose=False)
+    device = resolve_device(cfg.device)
+    class_name = str(cfg["class"])
+    subject = f"{cfg.dataset.name}/{class_name}"
+    cache = StageCache(cfg.paths.cache_dir, enabled=cfg.use_cache)
+    timer = StageTimer()
+    total_start = time.perf_counter()
+
+    with timer("data", subject):
+        data = resolve_dataset(cfg.dataset, class_name)
+    log.info("Class %s: %d train views, %d test images (%dx%d) from %s", class_name, len(data.train),
+             len(data.test), data.width, data.height, data.root)
+    data_key = stage_key("data", {"dataset": cfg.dataset, "class": class_name})
+
+    # The reference model depends on features, matcher and db pairs, not on query retrieval.
+    reference_settings = {k: v for k, v in OmegaConf.to_container(cfg.sfm, resolve=True).items()
+                          if k != "retrieval"}
+    with timer("sfm", subject) as record, cache.stage("sfm", reference_settings, (data_key,)) as st:
+        record["reused"] = st.reused
+        reference = build_reference(data, cfg.sfm, st.dir, device)
+        st.summary = {"num_points": int(len(reference.points_xyz))}
+    log.info("SfM reference: %d points (%s)", len(reference.points_xyz), st.dir)
+
+    with timer("localize", subject) as record, cache.stage("localize", cfg.sfm, (st.key,)) as loc:
+        record["reused"] = loc.reused
+        poses = localize_queries(data, cfg.sfm, reference, loc.dir, device)
+    localization = localization_summary(data, poses)
+    log.info("Localized %d/%d queries", localization["num_localized"], len(poses))
+
+    with timer("splat", subject) as record, cache.stage("splat", {"splat": cfg.splat, "seed": cfg.seed},
+                                                         (data_key, st.key)) as sp:
+        record["reused"] = sp.reused
+        ply = train_splats(data, reference.points_xyz, reference.points_rgb, cfg.splat, sp.dir,
+                           trainer_kwargs=splat_trainer_kwargs(cfg, loggers))
+    log.info("Gaussians: %s", ply)
+
+    with timer("render", subject) as record, cache.stage("render", {"backend": cfg.splat.get("backend", "auto")},
+                                                          (sp.key, loc.key)) as rd:
+        record["reused"] = rd.reused
+        renders = render_pseudo_references(data, poses, ply, rd.dir / "renders.npz", device,
+                                           backend=cfg.splat.get("backend", "auto"))
+
+    with timer("score", subject):
+        evaluation = score_and_evaluate(cfg, data, renders, loggers, device)
+
+    results = {
+        "dataset": cfg.dataset.name, "class": class_name, "device": device,
+        "metrics": evaluation.metrics,
+        "map_range": list(evaluation.map_range),
+        "localization": localization,
+        "timings": {**timer.stages, "total": {"seconds": round(time.perf_counter() - total_start, 3)}},
+        "stage_dirs": {"sfm": str(st.dir), "localize": str(loc.dir), "splat": str(sp.dir),
+                       "render": str(rd.dir)},
+        "gaussians_ply": str(ply),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "environment": environment_info(device),
+    }
+    write_json_atomic(out_dir / "results.json", results)
+    write_per_image_csv(out_dir / "per_image.csv", evaluation, poses, localization)
+    log_run_summary(loggers, results)
+    return results
+
+
+def splat_trainer_kwargs(cfg: DictConfig, loggers: list) -> dict:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs["logger"] = loggers or False
+    return kwargs
+
+
+def localization_summary(data: ClassData, poses: list[QueryPose]) -> dict:
+    """Success rate and inliers; with true test poses (generated data) also the pose errors.
+
+    Errors are reported for localized queries only (fallback poses are counted as failures).
+    """
+    per_query = {}
+    for pose in poses:
+        entry = {"success": bool(pose.success), "num_inliers": int(pose.num_inliers),
+                 "fallback": pose.fallback}
+        truth = (data.test_poses or {}).get(pose.name)
+        if truth is not None:
+            distance = float(np.linalg.norm(camera_center(truth)))
+            entry["rotation_error_deg"] = float(rotation_error_deg(pose.w2c, truth))
+            entry["center_error_rel"] = float(center_error(pose.w2c, truth) / max(distance, 1e-9))
+        per_query[pose.name] = entry
+    localized = [e for e in per_query.values() if e["success"]]
+    summary = {"num_queries": len(poses), "num_localized": len(localized),
+               "success_rate": len(localized) / max(len(poses), 1),
+               "median_inliers": float(np.median([e["num_inliers"] for e in per_query.values()] or [0])),
+               "median_seconds": {k: float(np.median([p.times.get(k, 0.0) for p in poses]))
+                                  for k in (poses[0].times if poses else {})},
+               "per_query": per_query}
+    if localized and "rotation_error_deg" in localized[0]:
+        summary["median_rotation_error_deg"] = float(np.median([e["rotation_error_deg"] for e in localized]))
+        summary["median_center_error_rel"] = float(np.median([e["center_error_rel"] for e in localized]))
+    return summary
+
+
+def render_pseudo_references(data: ClassData, poses: list[QueryPose], ply: Path, cache_file: Path,
+                             device: str, backend: str = "auto") -> np.ndarray:
+    """Render the defect-free splats at every query's localized pose.
+
+    Returns: [N, H, W, 3] float32 in [0,1], in the order of ``poses``; cached in ``cache_file``.
+    """
+    if cache_file.exists():
+        return np.load(cache_file)["renders"]
+    gaussians = load_gaussians(ply, device)
+    K = torch.as_tensor(data.K, dtype=torch.float32, device=device)
+    w2c = torch.as_tensor(np.stack([p.w2c for p in poses]), dtype=torch.float32, device=device)
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(poses), RENDER_BATCH):
+            rgb = render(gaussians, w2c[start:start + RENDER_BATCH], K, data.width, data.height,
+                         backend=backend)
+            chunks.append(rgb.clamp(0, 1).float().cpu().numpy())
+    renders = np.concatenate(chunks)
+    tmp = cache_file.with_name(f".{cache_file.stem}.tmp.npz")
+    np.savez(tmp, renders=renders)
+    tmp.replace(cache_file)
+    return renders
+
+
+def score_and_evaluate(cfg: DictConfig, data: ClassData, renders: np.ndarray, loggers: list,
+                       device: str) -> Evaluation:
+    """Anomaly maps for every (query, render) pair through ``Trainer.test``; metrics via callbacks."""
+    queries = np.stack([read_image(t.path) for t in data.test])
+    masks = np.stack([read_mask(t.mask_path) if t.mask_path else np.zeros(queries.shape[1:3], bool)
+                      for t in data.test])
+    pairs = QueryRenderPairs(queries, renders, masks, [t.name for t in data.test],
+                             [t.defect for t in data.test])
+    module = AnomalyScoringModule(build_scorer(cfg.scorer, device))
+    callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
+    trainer = Trainer(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1,
+                      logger=loggers or False, callbacks=callbacks,
+                      enable_progress_bar=cfg.trainer.enable_progress_bar, enable_model_summary=False)
+    trainer.test(module, DataLoader(pairs, batch_size=cfg.scorer.get("batch_size", 16)), verbose=False)
+    return module.evaluation
+
+
+def write_per_image_csv(path: Path, evaluation: Evaluation, poses: list[QueryPose],
+                        localization: dict) -> None:
+    per_query = localization["per_query"]
+    fields = ["name", "defect", "label", "score", "localized", "fallback", "num_inliers",
+              "rotation_error_deg", "center_error_rel"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for i, name in enumerate(evaluation.names):
+            q = per_query.get(name, {})
+            writer.writerow({"name": name, "defect": evaluation.defects[i],
+                             "label": int(evaluation.labels[i]), "score": f"{evaluation.scores[i]:.6f}",
+                             "localized": q.get("success"), "fallback": q.get("fallback") or "",
+                             "num_inliers": q.get("num_inliers"),
+                             "rotation_error_deg": q.get("rotation_error_deg", ""),
+                             "center_error_rel": q.get("center_error_rel", "")})
+
+
+def log_run_summary(loggers: list, results: dict) -> None:
+    """Per-stage timings and localization numbers to every logger (metrics were logged by the evaluator)."""
+    summary = {f"time/{stage}": t["seconds"] for stage, t in results["timings"].items()}
+    loc = results["localization"]
+    summary.update({f"localization/{k}": v for k, v in loc.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    for logger in loggers:
+        logger.log_metrics(summary)
+        logger.log_hyperparams({"class": results["class"], "dataset": results["dataset"]})
+
+
+def format_metrics(metrics: dict) -> str:
+    """One line per metric, for the console."""
+    return "\n".join(f"  {k:<28} {'undefined' if v is None else f'{v:.4f}'}"
+                     for k, v in flatten_metrics(metrics).items())

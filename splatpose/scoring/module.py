@@ -1,0 +1,55 @@
+"""Thin Lightning glue around an anomaly scorer, so evaluation runs through ``Trainer.test``.
+
+The scorer itself is a plain ``nn.Module`` (query, render -> raw anomaly maps); metrics, panels and
+logging are callbacks (``splatpose.callbacks``), as in anomalib: the module only turns a batch of
+(query, render) pairs into maps and hands them on, with the batch's metadata, to the callbacks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule
+from torch.utils.data import Dataset
+
+
+class QueryRenderPairs(Dataset):
+    """Query images beside their rendered pseudo-references, with ground truth.
+
+    Args:
+        queries: [N, H, W, 3] float32 in [0,1]
+        renders: [N, H, W, 3] float32 in [0,1] (rendered at each query's localized pose)
+        masks: [N, H, W] bool defect masks (all False for good images)
+        names, defects: per-image test name ("test/Burrs/003.png") and defect type ("good", ...)
+    """
+
+    def __init__(self, queries: np.ndarray, renders: np.ndarray, masks: np.ndarray,
+                 names: list[str], defects: list[str]):
+        if not (len(queries) == len(renders) == len(masks) == len(names) == len(defects)):
+            raise ValueError("queries, renders, masks, names and defects must have one entry per image")
+        self.queries, self.renders, self.masks = queries, renders, masks
+        self.names, self.defects = names, defects
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "query": torch.from_numpy(self.queries[i]).permute(2, 0, 1),
+            "render": torch.from_numpy(self.renders[i]).permute(2, 0, 1),
+            "mask": torch.from_numpy(self.masks[i]),
+            "name": self.names[i],
+            "defect": self.defects[i],
+        }
+
+
+class AnomalyScoringModule(LightningModule):
+    """Runs ``scorer(query, render)`` on each test batch and returns raw maps for the callbacks."""
+
+    def __init__(self, scorer: torch.nn.Module):
+        super().__init__()
+        self.scorer = scorer
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        maps = self.scorer(batch["query"], batch["render"])  # [B, S, S], raw
+        return {"maps": maps.float().cpu()}

@@ -1,0 +1,117 @@
+"""On-disk cache of pipeline stages, keyed by the configuration that affects each stage.
+
+A stage's folder is ``<cache_dir>/<stage>/<key>/`` where ``key`` hashes the stage's own settings
+and the keys of its inputs, so changing the scorer reuses the SfM model and the splats while
+changing the matcher recomputes everything downstream of it. A folder is trusted only once its
+``stage.json`` marker exists; the marker is written last, atomically, so an interrupted stage is
+redone (or resumed by the stage itself) on the next run. A file lock around each stage makes
+concurrent sweep jobs that need the same stage wait for one computation instead of racing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+MARKER = "stage.json"
+
+
+def stage_key(stage: str, settings: Any, inputs: tuple[str, ...] = ()) -> str:
+    """A short, stable hash of a stage's settings (any OmegaConf/JSON value) and its inputs' keys."""
+    if isinstance(settings, DictConfig):
+        settings = OmegaConf.to_container(settings, resolve=True)
+    blob = json.dumps({"stage": stage, "settings": settings, "inputs": list(inputs)},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Stage:
+    """One cached stage: its folder, its key, and whether a finished result was found there."""
+
+    name: str
+    key: str
+    dir: Path
+    reused: bool
+    seconds: float = 0.0
+    # A small JSON-able record the stage leaves for later runs (counts, timings of the
+    # original computation); loaded back when the stage is reused.
+    summary: dict = field(default_factory=dict)
+
+    def finish(self) -> None:
+        """Mark the stage complete (atomic): later runs will trust and reuse this folder."""
+        record = {"stage": self.name, "key": self.key, "seconds": self.seconds,
+                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": self.summary}
+        write_json_atomic(self.dir / MARKER, record)
+
+
+class StageCache:
+    """Hands out stage folders under ``root`` and serialises work on each one across processes."""
+
+    def __init__(self, root: str | Path, enabled: bool = True):
+        self.root = Path(root).expanduser()
+        self.enabled = enabled
+
+    @contextlib.contextmanager
+    def stage(self, name: str, settings: Any, inputs: tuple[str, ...] = ()) -> Iterator[Stage]:
+        """Context for computing (or reusing) one stage.
+
+        Yields a :class:`Stage`; when ``stage.reused`` is True the caller loads the result from
+        ``stage.dir`` instead of computing it, and otherwise computes it there and the stage is
+        marked finished on a clean exit. An exception leaves no marker, so nothing half-written
+        is ever reused.
+        """
+        key = stage_key(name, settings, inputs)
+        folder = self.root / name / key
+        folder.mkdir(parents=True, exist_ok=True)
+        with _file_lock(folder / ".lock"):
+            reused = self.enabled and (folder / MARKER).exists()
+            stage = Stage(name=name, key=key, dir=folder, reused=reused)
+            if reused:
+                stage.summary = json.loads((folder / MARKER).read_text())["summary"]
+                log.info("[%s] reusing cached result from %s", name, folder)
+            else:
+                (folder / "settings.json").write_text(
+                    json.dumps({"settings": _plain(settings), "inputs": list(inputs)},
+                               indent=2, sort_keys=True, default=str))
+                log.info("[%s] computing into %s", name, folder)
+            start = time.perf_counter()
+            yield stage
+            stage.seconds = time.perf_counter() - start
+            if not reused:
+                stage.finish()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) held for the duration of the block."""
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary sibling, then rename: readers never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)

@@ -1,0 +1,74 @@
+"""What run.py runs: builds the loggers, dispatches the task, and always cleans up.
+
+Like lightning-hydra-template's task wrapper: the loggers are always finished and the output folder
+always printed, even when the job crashes. In a multirun a failing job records its error in
+``results.json`` (status "failed") and returns, so the rest of the sweep goes on; a single run
+re-raises so the command exits non-zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from splatpose.stage_cache import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def run_task(cfg: DictConfig) -> float | None:
+    """Run ``cfg.task`` and return the pixel AUROC (what a Hydra sweeper would optimise)."""
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
+    loggers = build_loggers(cfg)
+    status = "failed"
+    try:
+        if cfg.task == "detect":
+            from splatpose.detector import detect_task
+            result = detect_task(cfg)
+            status = "ok"
+            return None
+        from splatpose.pipeline import format_metrics, run_pipeline
+        results = run_pipeline(cfg, loggers)
+        status = "ok"
+        print(f"\nResults for {results['dataset']}/{results['class']}:\n{format_metrics(results['metrics'])}")
+        return results["metrics"].get("pixel_auroc")
+    except Exception as error:
+        log.error("Run failed: %s", error)
+        write_json_atomic(out_dir / "failure.json", {
+            "status": "failed", "error": f"{type(error).__name__}: {error}",
+            "traceback": traceback.format_exc(), "class": str(cfg.get("class"))})
+        if not _in_multirun():
+            raise
+        return None
+    finally:
+        finish_loggers(loggers, status)
+        print(f"Outputs: {out_dir.resolve()}")
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    """Instantiate the named loggers of ``cfg.logger`` (an empty dict means none)."""
+    return [hydra.utils.instantiate(node) for node in (cfg.get("logger") or {}).values()
+            if node is not None and "_target_" in node]
+
+
+def finish_loggers(loggers: list, status: str) -> None:
+    for logger in loggers:
+        try:
+            logger.finalize("success" if status == "ok" else "failed")
+        except Exception as error:  # a logger that fails to close must not hide the run's result
+            log.warning("Could not finalize %s: %s", type(logger).__name__, error)
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+        wandb.finish(exit_code=0 if status == "ok" else 1)
+
+
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

@@ -1,0 +1,327 @@
+"""Reader for datasets in the MAD-Sim layout (the PAD benchmark), with validation.
+
+One class folder looks like this (see shared/MAD_SIM_FORMAT.md)::
+
+    <root>/<class>/transforms.json            camera_angle_x + frames (train poses, OpenGL c2w)
+    <root>/<class>/train/good/0.png ...       posed, defect-free views
+    <root>/<class>/test/{good,Burrs,Missing,Stains}/*.png
+    <root>/<class>/ground_truth/<defect>/<stem>_mask.png
+    <root>/<class>/test_poses.json            optional: true test poses (only in generated data)
+
+:func:`load_class` checks the whole folder up front (file headers only, so it is cheap) and raises a
+:class:`DatasetError` that names the file, what is wrong and how to fix it, so that a broken dataset
+stops a run before any expensive stage. Poses are converted once, here, to OpenCV world-to-camera.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from splatpose.data.cameras import intrinsics_from_fov_x, opengl_c2w_to_opencv_w2c
+
+DEFECT_TYPES = ("Burrs", "Missing", "Stains")
+GOOD = "good"
+TRANSFORMS_FILE = "transforms.json"
+TEST_POSES_FILE = "test_poses.json"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be used as it is; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class TrainView:
+    """A posed, defect-free training image.
+
+    name: path relative to the class folder, e.g. "train/good/0.png".
+    w2c: [4, 4] float64 world-to-camera, OpenCV axes (x right, y down, z forward).
+    """
+
+    name: str
+    path: Path
+    w2c: np.ndarray
+
+
+@dataclass(frozen=True)
+class TestImage:
+    """A query image of unknown pose. defect is "good" or one of DEFECT_TYPES; mask_path is None for good."""
+
+    name: str
+    path: Path
+    defect: str
+    mask_path: Path | None
+
+    @property
+    def label(self) -> int:
+        """Image-level label: 0 for good, 1 for any defect."""
+        return 0 if self.defect == GOOD else 1
+
+
+@dataclass
+class ClassData:
+    """Everything the pipeline needs about one object class.
+
+    K: [3, 3] float64 pinhole intrinsics shared by all images (COLMAP pixel convention).
+    test_poses: true world-to-camera [4, 4] (OpenCV) per test image name; only generated datasets
+        have them (used to measure localization, never to localize).
+    """
+
+    root: Path
+    class_name: str
+    width: int
+    height: int
+    K: np.ndarray
+    train: list[TrainView]
+    test: list[TestImage]
+    test_poses: dict[str, np.ndarray] | None = None
+
+    @property
+    def train_w2c(self) -> np.ndarray:
+        """[N, 4, 4] world-to-camera matrices of the train views, in ``train`` order."""
+        return np.stack([view.w2c for view in self.train])
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode an image to float32 RGB [H, W, 3] in [0, 1]; transparency is composited onto white.
+
+    Raises DatasetError for missing, unreadable or truncated files.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
+    except FileNotFoundError as e:
+        raise DatasetError(f"{path}: image file not found") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"{path}: unreadable or truncated image ({e}); re-export or re-copy this file") from e
+    rgb, alpha = rgba[..., :3], rgba[..., 3:]
+    return rgb * alpha + (1.0 - alpha)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Decode a ground-truth mask to bool [H, W]: any value > 0 (in any channel) is defect."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            values = np.asarray(im)
+    except FileNotFoundError as e:
+        raise DatasetError(f"{path}: mask file not found") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"{path}: unreadable or truncated mask ({e}); re-export or re-copy this file") from e
+    if values.ndim == 3:
+        # An RGBA mask's alpha channel is opacity, not a label.
+        values = values[..., :3] if values.shape[-1] == 4 else values
+        values = values.max(axis=-1)
+    return values > 0
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header, plus a cheap check that a PNG is not cut short.
+
+    A full decode happens later, when the image is used; this catches the common damage (a partial
+    copy or download) before any work starts.
+    """
+    try:
+        with Image.open(path) as im:
+            size = im.size
+    except FileNotFoundError as e:
+        raise DatasetError(f"{path}: file not found") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"{path}: unreadable image ({e}); re-export or re-copy this file") from e
+    if path.suffix.lower() == ".png" and not _png_has_end_chunk(path):
+        raise DatasetError(f"{path}: truncated PNG (no IEND chunk at the end of the file); "
+                           "re-export or re-copy this file")
+    return size
+
+
+def _png_has_end_chunk(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - 12))
+        return b"IEND" in f.read()
+
+
+# --------------------------------------------------------------------------------------------------
+# Class folders
+
+
+def list_classes(root: Path) -> list[str]:
+    """Names of the class folders under a dataset root (those holding a transforms.json), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset root does not exist or is not a folder")
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / TRANSFORMS_FILE).is_file())
+
+
+def load_class(root: Path, class_name: str) -> ClassData:
+    """Read and validate one class folder ``root/class_name`` of a MAD-Sim-layout dataset.
+
+    Raises:
+        DatasetError: naming the file, the problem and the fix, for: unknown class, missing or
+            malformed transforms.json, frame count != number of train images, unreadable or truncated
+            images, images of different sizes, a defect image without its mask, a mask whose size
+            differs from its image, an unknown test folder, an empty test set.
+    """
+    root = Path(root)
+    class_dir = root / class_name
+    if not class_dir.is_dir():
+        available = list_classes(root)
+        raise DatasetError(f"{class_dir}: unknown class {class_name!r}; classes under {root}: "
+                           f"{', '.join(available) if available else '(none)'}")
+    camera_angle_x, train = _read_train_views(class_dir)
+    width, height = _common_image_size([view.path for view in train], class_dir)
+    test = _read_test_images(class_dir, width, height)
+    return ClassData(
+        root=class_dir,
+        class_name=class_name,
+        width=width,
+        height=height,
+        K=intrinsics_from_fov_x(camera_angle_x, width, height),
+        train=train,
+        test=test,
+        test_poses=_read_test_poses(class_dir, test),
+    )
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise DatasetError(f"{path}: missing {path.name} ({what}); every class folder of the MAD-Sim "
+                           "layout needs one")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: not valid JSON ({e}); re-export the file") from e
+
+
+def _normalise_frame_path(file_path: str) -> str:
+    """'./train/good/0' or 'train/good/0.png' -> 'train/good/0.png' (both spellings exist in the wild)."""
+    name = file_path.replace("\\", "/")
+    while name.startswith("./"):
+        name = name[2:]
+    if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+        name += ".png"
+    return name
+
+
+def _natural_key(path: Path) -> tuple:
+    """Sort 2.png before 10.png."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name))
+
+
+def _images_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
+
+
+def _read_train_views(class_dir: Path) -> tuple[float, list[TrainView]]:
+    transforms_path = class_dir / TRANSFORMS_FILE
+    meta = _read_json(transforms_path, "camera_angle_x and the train poses")
+    if "camera_angle_x" not in meta:
+        raise DatasetError(f"{transforms_path}: field 'camera_angle_x' (horizontal field of view, radians) "
+                           "is missing; add it")
+    frames = meta.get("frames")
+    if not isinstance(frames, list) or not frames:
+        raise DatasetError(f"{transforms_path}: field 'frames' is missing or empty; it must list one "
+                           "frame (file_path, transform_matrix) per train image")
+    train_images = _images_in(class_dir / "train" / GOOD)
+    if len(frames) != len(train_images):
+        raise DatasetError(f"{transforms_path}: {len(frames)} frames but {len(train_images)} images in "
+                           f"{class_dir / 'train' / GOOD}; every train image needs exactly one frame "
+                           "(remove the extra images or frames)")
+    views = []
+    for i, frame in enumerate(frames):
+        name = _normalise_frame_path(frame["file_path"]) if "file_path" in frame else f"train/good/{i}.png"
+        path = class_dir / name
+        if not path.is_file():
+            raise DatasetError(f"{transforms_path}: frames[{i}].file_path points to {path}, which does not "
+                               "exist; fix the path or add the image")
+        try:
+            c2w = np.asarray(frame["transform_matrix"], dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as e:
+            raise DatasetError(f"{transforms_path}: frames[{i}].transform_matrix is missing or not numeric "
+                               "(expected a 4x4 camera-to-world matrix)") from e
+        if c2w.shape != (4, 4) or not np.isfinite(c2w).all():
+            raise DatasetError(f"{transforms_path}: frames[{i}].transform_matrix must be a finite 4x4 "
+                               f"camera-to-world matrix, got shape {c2w.shape}")
+        views.append(TrainView(name=name, path=path, w2c=opengl_c2w_to_opencv_w2c(c2w)))
+    return float(meta["camera_angle_x"]), views
+
+
+def _common_image_size(paths: list[Path], class_dir: Path) -> tuple[int, int]:
+    sizes = {path: image_size(path) for path in paths}
+    first = paths[0]
+    for path, size in sizes.items():
+        if size != sizes[first]:
+            raise DatasetError(f"{path}: image size {size[0]}x{size[1]} differs from {first} "
+                               f"({sizes[first][0]}x{sizes[first][1]}); all images of {class_dir.name} "
+                               "must share one size (and one camera)")
+    return sizes[first]
+
+
+def _read_test_images(class_dir: Path, width: int, height: int) -> list[TestImage]:
+    test_dir = class_dir / "test"
+    known = (GOOD, *DEFECT_TYPES)
+    if test_dir.is_dir():
+        for folder in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+            if folder.name not in known:
+                raise DatasetError(f"{folder}: unknown test folder {folder.name!r}; test folders are "
+                                   f"{', '.join(known)} (case-sensitive); rename or remove it")
+    test = []
+    for defect in known:
+        for path in _images_in(test_dir / defect):
+            size = image_size(path)
+            if size != (width, height):
+                raise DatasetError(f"{path}: image size {size[0]}x{size[1]} differs from the train images "
+                                   f"({width}x{height}); all images of a class must share one size")
+            mask_path = None
+            if defect != GOOD:
+                mask_path = class_dir / "ground_truth" / defect / f"{path.stem}_mask.png"
+                if not mask_path.is_file():
+                    raise DatasetError(f"{path}: defect image without its mask; expected {mask_path} "
+                                       "(single channel, same size, > 0 marks the defect)")
+                mask_size = image_size(mask_path)
+                if mask_size != size:
+                    raise DatasetError(f"{mask_path}: mask size {mask_size[0]}x{mask_size[1]} differs from "
+                                       f"its image {path} ({size[0]}x{size[1]}); re-export the mask at "
+                                       "the image size")
+            test.append(TestImage(name=path.relative_to(class_dir).as_posix(), path=path, defect=defect,
+                                  mask_path=mask_path))
+    if not test:
+        raise DatasetError(f"{test_dir}: empty test set; put query images in test/good/ and "
+                           f"test/<defect>/ ({', '.join(DEFECT_TYPES)})")
+    return test
+
+
+def _read_test_poses(class_dir: Path, test: list[TestImage]) -> dict[str, np.ndarray] | None:
+    """The optional true test poses: {"poses": {test name: OpenGL c2w 4x4}} -> {name: OpenCV w2c}."""
+    path = class_dir / TEST_POSES_FILE
+    if not path.is_file():
+        return None
+    poses = _read_json(path, "true test poses").get("poses")
+    if not isinstance(poses, dict):
+        raise DatasetError(f"{path}: field 'poses' must map test image names to 4x4 camera-to-world "
+                           "matrices; fix or delete the file (it is optional)")
+    names = {image.name for image in test}
+    out = {}
+    for name, c2w in poses.items():
+        c2w = np.asarray(c2w, dtype=np.float64)
+        if c2w.shape != (4, 4):
+            raise DatasetError(f"{path}: poses[{name!r}] must be a 4x4 camera-to-world matrix, "
+                               f"got shape {c2w.shape}")
+        if name in names:
+            out[name] = opengl_c2w_to_opencv_w2c(c2w)
+    return out

@@ -1,0 +1,68 @@
+"""The stage cache: what a rerun or a concurrent sweep job may trust."""
+
+import multiprocessing as mp
+import time
+
+import pytest
+from omegaconf import OmegaConf
+
+from splatpose.stage_cache import StageCache, stage_key
+
+
+def test_key_depends_on_settings_and_inputs_not_on_key_order():
+    a = stage_key("sfm", {"feature": "aliked", "k": 5})
+    assert a == stage_key("sfm", OmegaConf.create({"k": 5, "feature": "aliked"}))
+    assert a != stage_key("sfm", {"feature": "disk", "k": 5})
+    assert a != stage_key("sfm", {"feature": "aliked", "k": 5}, inputs=("data123",))
+    assert a != stage_key("splat", {"feature": "aliked", "k": 5})
+
+
+def test_finished_stage_is_reused_with_its_summary(tmp_path):
+    cache = StageCache(tmp_path)
+    with cache.stage("sfm", {"k": 5}) as st:
+        assert not st.reused
+        (st.dir / "model.txt").write_text("points")
+        st.summary = {"num_points": 42}
+    with cache.stage("sfm", {"k": 5}) as again:
+        assert again.reused and again.dir == st.dir
+        assert again.summary == {"num_points": 42}
+    with cache.stage("sfm", {"k": 6}) as other:
+        assert not other.reused and other.dir != st.dir
+
+
+def test_interrupted_stage_is_not_trusted(tmp_path):
+    cache = StageCache(tmp_path)
+    with pytest.raises(RuntimeError):
+        with cache.stage("splat", {"steps": 10}) as st:
+            (st.dir / "half.ply").write_text("partial")
+            raise RuntimeError("killed mid-training")
+    with cache.stage("splat", {"steps": 10}) as again:
+        assert not again.reused  # recomputed; the stage may resume from what is in the folder
+        assert (again.dir / "half.ply").exists()
+
+
+def test_disabled_cache_recomputes(tmp_path):
+    with StageCache(tmp_path).stage("render", {}) as st:
+        pass
+    with StageCache(tmp_path, enabled=False).stage("render", {}) as again:
+        assert not again.reused and again.dir == st.dir
+
+
+def _compute_once(root, log_path):
+    with StageCache(root).stage("sfm", {"k": 1}) as st:
+        if not st.reused:
+            with open(log_path, "a") as log:
+                log.write("computed\n")
+            time.sleep(0.5)
+
+
+def test_concurrent_jobs_compute_a_shared_stage_once(tmp_path):
+    log_path = tmp_path / "log.txt"
+    ctx = mp.get_context("spawn")
+    jobs = [ctx.Process(target=_compute_once, args=(tmp_path / "cache", log_path)) for _ in range(3)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(timeout=60)
+        assert job.exitcode == 0
+    assert log_path.read_text().count("computed") == 1

@@ -159,11 +159,15 @@ def _png_has_end_chunk(path: Path) -> bool:
 
 
 def list_classes(root: Path) -> list[str]:
-    """Names of the class folders under a dataset root (those holding a transforms.json), sorted."""
+    """Names of the class folders under a dataset root (those holding a transforms.json), sorted.
+
+    Hidden folders (a generator's unfinished ``.tmp-*`` output) are never classes.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset root does not exist or is not a folder")
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / TRANSFORMS_FILE).is_file())
+    return sorted(p.name for p in root.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and (p / TRANSFORMS_FILE).is_file())
 
 
 def load_class(root: Path, class_name: str) -> ClassData:

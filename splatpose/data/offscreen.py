@@ -1,0 +1,116 @@
+"""Headless rendering of coloured meshes with pyvista/VTK at exact pinhole cameras.
+
+Two passes per view, both with anti-aliasing off so that every pixel shows exactly one surface:
+
+- ``render_rgb``: Lambertian shading under lights fixed in the world (not attached to the camera),
+  so a surface point looks the same from every view, as a 3DGS model with low-order colour expects.
+- ``render_surface_ids``: unlit, each triangle painted with its 24-bit ``surface_id`` as RGB, so that
+  comparing two renders tells exactly which pixels show a different surface (for defect masks).
+
+Camera: an OpenGL camera-to-world matrix (NeRF-Blender convention) and the horizontal field of view,
+exactly what transforms.json stores; the principal point is the image centre.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+# Without a display VTK would first try X11 and print a warning; EGL renders headless (needs the
+# Debian packages libegl1 and libgl1). Respect a choice the user made.
+os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+
+import pyvista as pv  # noqa: E402  (after the environment variable above)
+from pyvista.plotting.themes import Theme  # noqa: E402
+
+SURFACE_ID = "surface_id"   # cell data: int64 id of each triangle, stable across defect variants
+VERTEX_RGB = "vertex_rgb"   # point data: uint8 [N, 3] albedo of each vertex
+BACKGROUND_ID = 0xFFFFFF    # white in the id pass; no triangle may carry this id
+
+# Lights fixed in world coordinates: (direction towards the light, intensity). A key light from
+# above-front, a weaker fill from below-behind so that no side of the object is black.
+_WORLD_LIGHTS = (((0.4, -0.6, 1.0), 0.75), ((-0.6, 0.5, -0.5), 0.35))
+_AMBIENT = 0.35
+
+
+class OffscreenRenderer:
+    """One reusable offscreen window of a fixed size (creating a GL context costs about 0.3 s)."""
+
+    def __init__(self, width: int, height: int, camera_angle_x: float):
+        self.width, self.height = int(width), int(height)
+        self.camera_angle_x = float(camera_angle_x)
+        theme = Theme()
+        theme.multi_samples = 0        # anti-aliasing off: each pixel shows one surface, exactly
+        theme.anti_aliasing = None
+        theme.background = "white"
+        self._plotter = pv.Plotter(off_screen=True, window_size=(self.width, self.height), theme=theme,
+                                   lighting=None)
+        # The first screenshot sets the window up; afterwards pyvista reads the buffer without
+        # rendering, so every frame is rendered explicitly in _screenshot.
+        self._plotter.screenshot(return_img=True)
+        for direction, intensity in _WORLD_LIGHTS:
+            light = pv.Light(position=direction, focal_point=(0.0, 0.0, 0.0), light_type="scene light",
+                             intensity=intensity, positional=False)
+            self._plotter.add_light(light)
+
+    def close(self) -> None:
+        self._plotter.close()
+
+    def __enter__(self) -> OffscreenRenderer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def render_rgb(self, mesh: pv.PolyData, c2w_opengl: np.ndarray) -> np.ndarray:
+        """Shaded colour image uint8 [H, W, 3] of a mesh with ``vertex_rgb`` point colours, on white."""
+        self._clear()
+        actor = self._plotter.add_mesh(mesh, scalars=VERTEX_RGB, rgb=True, preference="point",
+                                       ambient=_AMBIENT, diffuse=1.0 - _AMBIENT, specular=0.0,
+                                       show_scalar_bar=False, reset_camera=False)
+        # Gouraud shading with the mesh's own point normals: they were computed once on the whole
+        # object, so removing or adding cells elsewhere leaves the shading of every other pixel unchanged.
+        actor.prop.interpolation = "gouraud"
+        return self._screenshot(c2w_opengl)
+
+    def render_surface_ids(self, mesh: pv.PolyData, c2w_opengl: np.ndarray) -> np.ndarray:
+        """Id pass int64 [H, W]: the ``surface_id`` of the triangle seen at each pixel, -1 for background."""
+        ids = np.asarray(mesh.cell_data[SURFACE_ID], dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= BACKGROUND_ID):
+            raise ValueError(f"surface ids must lie in [0, {BACKGROUND_ID}), got [{ids.min()}, {ids.max()}]")
+        coloured = mesh.copy(deep=False)
+        coloured.cell_data["id_rgb"] = np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255],
+                                                axis=1).astype(np.uint8)
+        self._clear()
+        self._plotter.add_mesh(coloured, scalars="id_rgb", rgb=True, preference="cell", lighting=False,
+                               show_scalar_bar=False, reset_camera=False)
+        rgb = self._screenshot(c2w_opengl).astype(np.int64)
+        decoded = rgb[..., 0] | (rgb[..., 1] << 8) | (rgb[..., 2] << 16)
+        return np.where(decoded == BACKGROUND_ID, -1, decoded)
+
+    def _clear(self) -> None:
+        self._plotter.clear_actors()
+        # add_mesh renders the scene, with the previous camera; the frame that counts comes later.
+        self._plotter.suppress_rendering = True
+
+    def _screenshot(self, c2w_opengl: np.ndarray) -> np.ndarray:
+        self._place_camera(np.asarray(c2w_opengl, dtype=np.float64))
+        self._plotter.suppress_rendering = False
+        self._plotter.render()
+        return np.ascontiguousarray(self._plotter.screenshot(return_img=True)[..., :3])
+
+    def _place_camera(self, c2w: np.ndarray) -> None:
+        camera = self._plotter.camera
+        eye, back, up = c2w[:3, 3], c2w[:3, 2], c2w[:3, 1]
+        distance = float(np.linalg.norm(eye))
+        camera.position = tuple(eye)
+        camera.focal_point = tuple(eye - back * max(distance, 1.0))  # OpenGL cameras look along -z
+        camera.up = tuple(up)
+        # VTK's view angle is vertical; derive it from the horizontal one for non-square images.
+        fov_y = 2.0 * np.arctan(np.tan(0.5 * self.camera_angle_x) * self.height / self.width)
+        camera.view_angle = float(np.degrees(fov_y))
+        # A clipping range that depends only on the camera (not on the mesh bounds, as VTK's automatic
+        # one does): the defect-free and defective renders at one pose then share the same depth
+        # quantisation, and differ only where the surface differs.
+        camera.clipping_range = (max(0.05, distance - 2.0), distance + 2.0)

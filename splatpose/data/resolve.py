@@ -1,0 +1,79 @@
+"""From the `dataset` config node and a class name to a validated ClassData (the pipeline's data stage).
+
+Checks run before any work: the dataset root exists, the class is one of the dataset's classes;
+each failure is a DatasetError that names what is available and the config key to set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+from splatpose.data.mad_sim import ClassData, DatasetError, list_classes, load_class
+
+KINDS = ("synthetic", "mad_sim", "custom")
+
+
+def resolve_dataset(cfg_dataset: DictConfig | Mapping[str, Any], class_name: str | None) -> ClassData:
+    """Load (generating first, for the synthetic dataset) one class of the configured dataset.
+
+    Args:
+        cfg_dataset: the ``dataset`` node (conf/dataset/*.yaml): name, root, classes, default_class,
+            and for ``synthetic`` also preset and generator.
+        class_name: the ``class`` value of the run config.
+    Raises:
+        DatasetError: unknown dataset name, missing or nonexistent root, unknown class, or any
+            validation error of :func:`load_class`.
+    """
+    cfg = OmegaConf.to_container(cfg_dataset, resolve=True) if isinstance(cfg_dataset, DictConfig) \
+        else dict(cfg_dataset)
+    name = cfg.get("name")
+    if name not in KINDS:
+        raise DatasetError(f"dataset.name={name!r} is not a known dataset; choose one of {', '.join(KINDS)} "
+                           "(dataset=synthetic|mad_sim|custom)")
+    if name == "synthetic":
+        return _resolve_synthetic(cfg, class_name)
+    root = _existing_root(cfg, name)
+    available = list_classes(root)
+    configured = cfg.get("classes")
+    if class_name is None:
+        raise DatasetError(f"no class selected; set class=<name>; classes under {root}: "
+                           f"{', '.join(available) if available else '(none)'}")
+    if class_name not in available:
+        hint = ""
+        if configured and class_name in configured:
+            hint = f" ({class_name} is a {name} class, but its folder is missing or has no transforms.json)"
+        raise DatasetError(f"unknown class {class_name!r} in {root}{hint}; classes found there: "
+                           f"{', '.join(available) if available else '(none: is dataset.root the folder that holds the class folders?)'}")
+    return load_class(root, class_name)
+
+
+def _existing_root(cfg: dict, name: str) -> Path:
+    env_hint = " or set the environment variable MAD_SIM_ROOT" if name == "mad_sim" else ""
+    if not cfg.get("root"):
+        raise DatasetError(f"dataset={name} needs its root folder: pass dataset.root=/path/to/dataset{env_hint}")
+    root = Path(str(cfg["root"])).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} does not exist or is not a folder; fix dataset.root{env_hint}")
+    return root
+
+
+def _resolve_synthetic(cfg: dict, class_name: str | None) -> ClassData:
+    # Imported here: the generator pulls in VTK, which readers of real datasets never need.
+    from splatpose.data.synthetic import ensure_synthetic_dataset
+    from splatpose.data.synthetic_scene import MESHES
+
+    classes = list(cfg.get("classes") or MESHES)
+    if class_name not in classes:
+        raise DatasetError(f"unknown class {class_name!r} for dataset=synthetic; its classes: "
+                           f"{', '.join(classes)} (meshes that can be added to dataset.classes: "
+                           f"{', '.join(MESHES)})")
+    if not cfg.get("root"):
+        raise DatasetError("dataset=synthetic needs dataset.root (the cache folder for generated data)")
+    overrides = {k: v for k, v in (cfg.get("generator") or {}).items() if v is not None}
+    root = ensure_synthetic_dataset(Path(os.path.expanduser(str(cfg["root"]))), [class_name],
+                                    preset=cfg.get("preset", "small"), **overrides)
+    return load_class(root, class_name)

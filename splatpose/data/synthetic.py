@@ -1,0 +1,289 @@
+"""The built-in dataset: MAD-Sim-layout classes generated from real meshes, rendered headless with VTK.
+
+Per class (see shared/MAD_SIM_FORMAT.md for the layout it writes)::
+
+    transforms.json        camera_angle_x + one frame per train view (OpenGL camera-to-world)
+    train/good/<i>.png     views on a sphere band around the object, all at one distance
+    test/good/<k>.png      views at other elevations, distances and camera rolls (never a train pose)
+    test/{Burrs,Missing,Stains}/<k>.png   the same, each with one small defect facing the camera
+    ground_truth/<defect>/<k>_mask.png    pixels where the defective render differs from the
+                                          defect-free render at the same pose (colour or surface id)
+    test_poses.json        the true test poses (OpenGL camera-to-world), only to measure localization
+
+``ensure_synthetic_dataset(root, classes, preset=..., **overrides)`` generates what is missing into
+``root/synthetic-<key>/`` (``key`` hashes the settings and the generator version) and returns that
+folder. Each class is generated into a hidden temporary folder and renamed into place when complete,
+under a file lock, so an interrupted or concurrent generation never leaves a half class that a later
+run would trust. Same settings, same seed -> byte-identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from splatpose.data.cameras import look_at_opengl_c2w
+from splatpose.data.mad_sim import DEFECT_TYPES, TEST_POSES_FILE, TRANSFORMS_FILE
+from splatpose.data.offscreen import OffscreenRenderer
+from splatpose.data.synthetic_scene import MESHES, SolidTexture, add_burrs, add_stain, load_object, remove_part
+
+log = logging.getLogger(__name__)
+
+# Bump when a change to the generator changes its output: cached datasets are then regenerated.
+GENERATOR_VERSION = 1
+DEFAULT_CLASSES = ("01Ant", "02Airplane", "03Nut")
+
+
+@dataclass(frozen=True)
+class GeneratorSettings:
+    """Everything that determines the generated files (and therefore the cache key).
+
+    Lengths are in units of the object's bounding-sphere radius (every object is scaled to radius 1).
+    """
+
+    seed: int = 0
+    width: int = 200
+    height: int = 200
+    camera_angle_x: float = 0.6911112070083618   # Blender's default 50 mm lens, as in MAD-Sim
+    n_train: int = 48
+    n_test_good: int = 10
+    n_test_per_defect: int = 5
+    train_distance: float = 3.2
+    train_elevation_deg: tuple[float, float] = (-45.0, 75.0)
+    # Test poses differ from train poses in elevation, distance (factor of train_distance) and roll.
+    test_elevation_deg: tuple[float, float] = (-35.0, 70.0)
+    test_distance_factor: tuple[float, float] = (0.9, 1.2)
+    test_roll_deg: float = 25.0
+    test_target_jitter: float = 0.1            # the camera aims near, not exactly at, the centre
+    edge_len: float = 0.02                     # mesh refinement: sets how fine the texture is
+    defect_size: float = 0.08                  # radius of stains and holes, height of burrs
+    # A defect is kept only if it changes this many pixels (and at most this share of the object's).
+    min_defect_pixels: int = 12
+    max_defect_fraction: float = 0.05
+
+    def key(self) -> str:
+        blob = json.dumps({"version": GENERATOR_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+PRESETS: dict[str, dict] = {
+    # The CPU demo: small images, few views; a class generates in a few seconds.
+    "small": {},
+    # Closer to MAD-Sim (about 210 train views per class at 800x800); 400x400 keeps CPU runs possible.
+    "mad_sim_like": {"width": 400, "height": 400, "n_train": 200, "n_test_good": 20, "n_test_per_defect": 10,
+                     "edge_len": 0.012},
+}
+
+
+def make_settings(preset: str = "small", **overrides) -> GeneratorSettings:
+    """Settings of a preset with some fields overridden; unknown names raise a ValueError listing the valid ones."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown synthetic preset {preset!r}; presets: {', '.join(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(GeneratorSettings)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown generator settings {unknown}; valid settings: {', '.join(sorted(fields))}")
+    values = {**PRESETS[preset], **overrides}
+    # YAML gives lists where the dataclass holds tuples; tuples keep the settings hashable and the key stable.
+    values = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()}
+    return GeneratorSettings(**values)
+
+
+def ensure_synthetic_dataset(root: Path, classes: list[str] | tuple[str, ...] = DEFAULT_CLASSES,
+                             preset: str = "small", **generator_settings) -> Path:
+    """Generate the missing classes of a synthetic dataset (reusing finished ones) and return its root.
+
+    Args:
+        root: cache folder; the dataset lives in ``root/synthetic-<settings key>/``.
+        classes: class names, keys of ``synthetic_scene.MESHES`` ("01Ant", "02Airplane", ...).
+        preset: "small" (CPU demo) or "mad_sim_like"; ``generator_settings`` override its fields.
+    Returns:
+        The dataset root, to pass to ``mad_sim.load_class(root, class_name)``.
+    """
+    settings = make_settings(preset, **generator_settings)
+    unknown = [c for c in classes if c not in MESHES]
+    if unknown:
+        raise ValueError(f"no mesh for synthetic classes {unknown}; available: {', '.join(MESHES)}")
+    dataset_root = Path(root).expanduser() / f"synthetic-{settings.key()}"
+    dataset_root.mkdir(parents=True, exist_ok=True)
+    _write_if_changed(dataset_root / "generator.json",
+                      json.dumps({"generator_version": GENERATOR_VERSION, "settings": dataclasses.asdict(settings)},
+                                 indent=2, sort_keys=True) + "\n")
+    for class_name in classes:
+        with _class_lock(dataset_root, class_name):
+            if (dataset_root / class_name / TRANSFORMS_FILE).is_file():
+                continue
+            tmp = dataset_root / f".tmp-{class_name}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            start = time.perf_counter()
+            generate_class(tmp, class_name, settings)
+            os.rename(tmp, dataset_root / class_name)
+            log.info("generated synthetic class %s in %.1f s into %s", class_name,
+                     time.perf_counter() - start, dataset_root / class_name)
+    return dataset_root
+
+
+@contextlib.contextmanager
+def _class_lock(dataset_root: Path, class_name: str) -> Iterator[None]:
+    """Serialise generation of one class across processes (sweep jobs may start together)."""
+    with open(dataset_root / f".{class_name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            # Leftovers of an interrupted run of ours are never trusted: start that class afresh.
+            for stale in dataset_root.glob(f".tmp-{class_name}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text() != text:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# One class
+
+
+def class_rng(settings: GeneratorSettings, class_name: str) -> np.random.Generator:
+    """A generator seeded by (seed, class name): classes are independent of which others are generated."""
+    return np.random.default_rng(np.random.SeedSequence([settings.seed, zlib.crc32(class_name.encode())]))
+
+
+def generate_class(out_dir: Path, class_name: str, settings: GeneratorSettings) -> None:
+    """Write one class in the MAD-Sim layout into ``out_dir`` (which must not exist yet)."""
+    rng = class_rng(settings, class_name)
+    mesh, texture = load_object(class_name, settings.edge_len, rng)
+    train_c2w = train_poses(settings)
+    n_test = settings.n_test_good + settings.n_test_per_defect * len(DEFECT_TYPES)
+    out_dir.mkdir(parents=True)
+    with OffscreenRenderer(settings.width, settings.height, settings.camera_angle_x) as renderer, \
+            tqdm(total=len(train_c2w) + n_test, desc=f"generating {class_name}", unit="img",
+                 leave=False) as progress:
+        frames = []
+        for i, c2w in enumerate(train_c2w):
+            name = f"train/good/{i}.png"
+            _save_png(out_dir / name, renderer.render_rgb(mesh, c2w))
+            frames.append({"file_path": name, "transform_matrix": c2w.tolist()})
+            progress.update()
+        _write_json(out_dir / TRANSFORMS_FILE, {"camera_angle_x": settings.camera_angle_x, "frames": frames})
+
+        test_poses = {}
+        for k in range(settings.n_test_good):
+            c2w = test_pose(settings, rng)
+            name = f"test/good/{k:03d}.png"
+            _save_png(out_dir / name, renderer.render_rgb(mesh, c2w))
+            test_poses[name] = c2w.tolist()
+            progress.update()
+        for defect in DEFECT_TYPES:
+            for k in range(settings.n_test_per_defect):
+                c2w, image, mask = render_defect_view(renderer, mesh, texture, defect, settings, rng)
+                name = f"test/{defect}/{k:03d}.png"
+                _save_png(out_dir / name, image)
+                _save_png(out_dir / "ground_truth" / defect / f"{k:03d}_mask.png", mask.astype(np.uint8) * 255)
+                test_poses[name] = c2w.tolist()
+                progress.update()
+    _write_json(out_dir / TEST_POSES_FILE, {
+        "convention": "camera-to-world, OpenGL axes (x right, y up, z back), as in transforms.json",
+        "camera_angle_x": settings.camera_angle_x,
+        "poses": test_poses,
+    })
+
+
+def train_poses(settings: GeneratorSettings) -> list[np.ndarray]:
+    """OpenGL c2w [4, 4] of views spread evenly (a Fibonacci lattice) over a band of elevations."""
+    n = settings.n_train
+    lo, hi = np.sin(np.radians(settings.train_elevation_deg))
+    golden_angle = np.pi * (3.0 - np.sqrt(5.0))
+    poses = []
+    for i in range(n):
+        z = lo + (hi - lo) * (i + 0.5) / n            # uniform in sin(elevation) = uniform on the sphere
+        azimuth = i * golden_angle
+        direction = np.array([np.sqrt(1 - z * z) * np.cos(azimuth), np.sqrt(1 - z * z) * np.sin(azimuth), z])
+        poses.append(look_at_opengl_c2w(settings.train_distance * direction, np.zeros(3), np.array([0, 0, 1.0])))
+    return poses
+
+
+def test_pose(settings: GeneratorSettings, rng: np.random.Generator) -> np.ndarray:
+    """A random OpenGL c2w [4, 4]: random direction, distance and roll, aimed near the centre."""
+    lo, hi = np.sin(np.radians(settings.test_elevation_deg))
+    z = rng.uniform(lo, hi)
+    azimuth = rng.uniform(0.0, 2.0 * np.pi)
+    direction = np.array([np.sqrt(1 - z * z) * np.cos(azimuth), np.sqrt(1 - z * z) * np.sin(azimuth), z])
+    distance = settings.train_distance * rng.uniform(*settings.test_distance_factor)
+    target = rng.uniform(-settings.test_target_jitter, settings.test_target_jitter, 3)
+    roll = rng.uniform(-settings.test_roll_deg, settings.test_roll_deg)
+    return look_at_opengl_c2w(distance * direction, target, np.array([0, 0, 1.0]), roll_deg=roll)
+
+
+def render_defect_view(renderer: OffscreenRenderer, mesh, texture: SolidTexture, defect: str,
+                       settings: GeneratorSettings, rng: np.random.Generator,
+                       max_tries: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A test pose, the defective render there, and its mask.
+
+    The defect is placed on a surface point visible from the pose, and kept only if it changes
+    between ``min_defect_pixels`` and ``max_defect_fraction`` of the object's pixels (visible but
+    small, as in MAD-Sim); otherwise another point, and after a few failures another pose, is drawn.
+
+    Returns:
+        c2w: [4, 4] OpenGL camera-to-world; image: uint8 [H, W, 3]; mask: bool [H, W].
+    """
+    for attempt in range(max_tries):
+        if attempt % 5 == 0:
+            c2w = test_pose(settings, rng)
+            good_rgb = renderer.render_rgb(mesh, c2w)
+            good_ids = renderer.render_surface_ids(mesh, c2w)
+            object_pixels = int((good_ids >= 0).sum())
+            visible_cells = good_ids[good_ids >= 0]
+        if visible_cells.size == 0:
+            continue
+        # A random visible pixel picks the triangle, so larger visible areas are picked more often.
+        cell = int(rng.choice(visible_cells))
+        vertex = int(mesh.get_cell(cell).point_ids[0])
+        defective = apply_defect(mesh, texture, defect, vertex, settings.defect_size, rng)
+        image = renderer.render_rgb(defective, c2w)
+        mask = (image != good_rgb).any(axis=-1) | (renderer.render_surface_ids(defective, c2w) != good_ids)
+        changed = int(mask.sum())
+        if settings.min_defect_pixels <= changed <= settings.max_defect_fraction * object_pixels:
+            return c2w, image, mask
+    raise RuntimeError(f"could not place a visible {defect} defect of size {settings.defect_size} in "
+                       f"{max_tries} tries; adjust defect_size, min_defect_pixels or max_defect_fraction")
+
+
+def apply_defect(mesh, texture: SolidTexture, defect: str, vertex: int, size: float, rng: np.random.Generator):
+    """The object with one defect of the given type around a vertex (a new mesh)."""
+    if defect == "Stains":
+        return add_stain(mesh, vertex, size, rng)
+    if defect == "Missing":
+        return remove_part(mesh, vertex, size, rng)
+    if defect == "Burrs":
+        return add_burrs(mesh, vertex, size, rng, texture)
+    raise ValueError(f"unknown defect type {defect!r}; defect types: {', '.join(DEFECT_TYPES)}")
+
+
+def _save_png(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Fixed encoder settings and no metadata: same pixels -> same bytes.
+    Image.fromarray(pixels).save(path, format="PNG", compress_level=6)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2) + "\n")

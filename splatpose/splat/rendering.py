@@ -1,0 +1,101 @@
+"""One rasterizer signature, two backends, and ``render`` for a whole scene.
+
+``rasterize`` has the signature of ``gsplat.rasterization`` and returns its ``(colors, alphas,
+info)``. ``backend="gsplat"`` calls gsplat's CUDA rasterizer; ``backend="torch"`` calls the
+pure-PyTorch rasterizer of :mod:`splatpose.splat.torch_rasterizer` (any device, CPU included);
+``backend="auto"`` picks gsplat for CUDA tensors and torch otherwise. Both run in gsplat's
+non-packed mode, so ``info`` has the same keys and shapes and gsplat's densification strategies
+work with either.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from splatpose.splat.gaussians import Gaussians
+from splatpose.splat.torch_rasterizer import rasterize_torch
+
+BACKENDS = ("auto", "gsplat", "torch")
+WHITE = (1.0, 1.0, 1.0)
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """'auto' -> 'gsplat' for CUDA tensors, else 'torch'; checks that the choice can run there."""
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"splat.backend={backend!r} is unknown; choose one of {BACKENDS}")
+    if backend == "auto":
+        return "gsplat" if device.type == "cuda" else "torch"
+    if backend == "gsplat" and device.type != "cuda":
+        raise ValueError(f"splat.backend=gsplat needs CUDA tensors (gsplat has no CPU path), got "
+                         f"device {device}; use splat.backend=torch or auto on this machine")
+    return backend
+
+
+def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colors: Tensor,
+              viewmats: Tensor, Ks: Tensor, width: int, height: int, *, backend: str = "auto",
+              sh_degree: int | None = None, backgrounds: Tensor | None = None,
+              packed: bool = False, absgrad: bool = False, eps2d: float = 0.3,
+              near_plane: float = 0.01, far_plane: float = 1e10, radius_clip: float = 0.0,
+              rasterize_mode: str = "classic") -> tuple[Tensor, Tensor, dict]:
+    """Rasterize N Gaussians into C cameras (arguments as ``gsplat.rasterization``).
+
+    Args:
+        means [N,3], quats [N,4] (w,x,y,z), scales [N,3] (std-devs, activated), opacities [N]
+        (in [0,1]), colors [N,D] or SH coefficients [N,K,3] with ``sh_degree``,
+        viewmats [C,4,4] world-to-camera (OpenCV axes), Ks [C,3,3], backgrounds [C,D]
+
+    Returns: colors [C,H,W,D], alphas [C,H,W,1], info (see ``rasterize_torch``)
+    """
+    backend = resolve_backend(backend, means.device)
+    kwargs = dict(sh_degree=sh_degree, backgrounds=backgrounds, packed=packed, absgrad=absgrad,
+                  eps2d=eps2d, near_plane=near_plane, far_plane=far_plane, radius_clip=radius_clip,
+                  rasterize_mode=rasterize_mode)
+    if backend == "gsplat":
+        from gsplat import rasterization  # compiles its CUDA code on first use
+
+        return rasterization(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+                             **kwargs)
+    return rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+                           **kwargs)
+
+
+def render(gaussians: Gaussians, w2c: Tensor, K: Tensor, width: int, height: int,
+           backend: str = "auto", sh_degree: int | None = None,
+           background: tuple[float, float, float] = WHITE, return_alpha: bool = False,
+           return_info: bool = False, absgrad: bool = False):
+    """Render a scene from B cameras on a plain background (white by default).
+
+    Args:
+        gaussians: the scene (raw parameters; activated here)
+        w2c: [B,4,4] or [4,4] world-to-camera, OpenCV axes (x right, y down, z forward)
+        K: [3,3] shared or [B,3,3] per-camera intrinsics, pixel centres at (x+0.5, y+0.5)
+        width, height: image size in pixels
+        backend: "auto" | "gsplat" | "torch"
+        sh_degree: SH degree to evaluate (default: all the scene has)
+        background: RGB in [0,1]
+
+    Returns: rgb [B,H,W,3] (not clamped; use ``.clamp(0, 1)`` for display), plus alpha
+        [B,H,W,1] when ``return_alpha`` and the rasterizer's info dict when ``return_info``.
+    """
+    if w2c.dim() == 2:
+        w2c = w2c[None]
+    n_cameras = w2c.shape[0]
+    Ks = K.expand(n_cameras, 3, 3) if K.dim() == 2 else K
+    if Ks.shape != (n_cameras, 3, 3):
+        raise ValueError(f"K must be [3,3] or [{n_cameras},3,3] to match w2c, got {tuple(K.shape)}")
+    dtype, device = gaussians.means.dtype, gaussians.means.device
+    backgrounds = torch.tensor(background, dtype=dtype, device=device).expand(n_cameras, 3)
+    degree = gaussians.sh_degree if sh_degree is None else min(sh_degree, gaussians.sh_degree)
+    rgb, alpha, info = rasterize(
+        gaussians.means,
+        torch.nn.functional.normalize(gaussians.quats, dim=-1),
+        torch.exp(gaussians.scales),
+        torch.sigmoid(gaussians.opacities),
+        gaussians.sh_coeffs,
+        w2c.to(device=device, dtype=dtype),
+        Ks.to(device=device, dtype=dtype),
+        width, height, backend=backend, sh_degree=degree, backgrounds=backgrounds, absgrad=absgrad)
+    outputs = (rgb,) + ((alpha,) if return_alpha else ()) + ((info,) if return_info else ())
+    return outputs[0] if len(outputs) == 1 else outputs

@@ -2,8 +2,10 @@
 
 Like lightning-hydra-template's task wrapper: the loggers are always finished and the output folder
 always printed, even when the job crashes. In a multirun a failing job records its error in
-``results.json`` (status "failed") and returns, so the rest of the sweep goes on; a single run
-re-raises so the command exits non-zero.
+``failure.json`` and returns, so the rest of the sweep goes on; a single run re-raises so the
+command exits non-zero. In a multirun a job also skips itself when its folder already holds the
+results of the same config (a rerun of the sweep), and under the joblib launcher pins its worker
+process to one GPU (``splatpose.sweeps``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from splatpose.stage_cache import write_json_atomic
+from splatpose.sweeps.gpu_leases import pin_gpu_for_job
+from splatpose.sweeps.resume import clear_previous_outcome, finished_results
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +30,18 @@ def run_task(cfg: DictConfig) -> float | None:
     """Run ``cfg.task`` and return the pixel AUROC (what a Hydra sweeper would optimise)."""
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    finished = finished_sweep_job(cfg, out_dir)
+    if finished is not None:
+        return finished["metrics"].get("pixel_auroc")
+    clear_previous_outcome(out_dir)
     OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
-    loggers = build_loggers(cfg)
+    loggers: list = []
     status = "failed"
     try:
+        if _in_multirun():  # before anything touches CUDA in this process
+            hydra_cfg = HydraConfig.get()
+            pin_gpu_for_job(cfg.get("sweep"), hydra_cfg.launcher.get("_target_"), hydra_cfg.job.num, out_dir)
+        loggers = build_loggers(cfg)
         if cfg.task == "detect":
             from splatpose.detector import detect_task
             result = detect_task(cfg)
@@ -51,6 +63,18 @@ def run_task(cfg: DictConfig) -> float | None:
     finally:
         finish_loggers(loggers, status)
         print(f"Outputs: {out_dir.resolve()}")
+
+
+def finished_sweep_job(cfg: DictConfig, out_dir: Path) -> dict | None:
+    """In a multirun, the results of this job from an earlier run of the same sweep (then skip it)."""
+    if not _in_multirun() or not (cfg.get("sweep") or {}).get("skip_finished", True):
+        return None
+    finished = finished_results(out_dir, cfg)
+    if finished is not None:
+        log.info("Skipping: %s already holds the results of this config (sweep.skip_finished=false reruns)",
+                 out_dir)
+        print(f"Skipped (finished earlier): {out_dir.resolve()}")
+    return finished
 
 
 def build_loggers(cfg: DictConfig) -> list:

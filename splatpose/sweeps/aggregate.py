@@ -87,7 +87,8 @@ def sweep_markdown(sweep_dir: Path, jobs: list[JobRecord], rows: list[Row]) -> s
              "",
              "Metrics in %: mean over the runs (seeds) of a class, `± std` (sample std over seeds) where "
              "there are several; the mean row averages the classes within each seed, then over seeds. "
-             "Localized: share of queries whose pose PnP accepted. Times: seconds per run and stage; "
+             "Runs: finished runs of the class (the seeds); on the mean row, the seeds. "
+             "Localized: share of queries whose pose PnP accepted. Times: mean seconds per run and stage; "
              "`*` marks a stage reused from the stage cache in at least one run (its time is the lookup).",
              ""]
     variants = list(dict.fromkeys(r.variant for r in rows))

@@ -116,7 +116,8 @@ def _mean_row(variant: str, jobs: list[JobRecord], num_classes: int) -> Row:
                 per_key[key].append(value)
         for key, values in per_key.items():
             cells[key].values.append(float(np.mean(values)))
-    return Row(variant, f"Mean ({num_classes} classes)", len(by_seed), dict(cells), _reused(jobs))
+    label = f"Mean ({num_classes} class{'es' if num_classes != 1 else ''})"
+    return Row(variant, label, len(by_seed), dict(cells), _reused(jobs))
 
 
 def _reused(jobs: list[JobRecord]) -> dict[str, bool]:
@@ -139,10 +140,10 @@ def format_percent(cell: Cell | None) -> str:
 
 
 def format_seconds(cell: Cell | None, reused: bool) -> str:
+    """Mean seconds (the spread over seeds is in table.csv); ``*`` when reused from the stage cache."""
     if cell is None or cell.mean is None:
         return "—"
-    text = f"{cell.mean:.1f}" if cell.std is None else f"{cell.mean:.1f} ± {cell.std:.1f}"
-    return text + ("*" if reused else "")
+    return f"{cell.mean:.1f}" + ("*" if reused else "")
 
 
 def markdown_table(rows: list[Row]) -> str:

@@ -92,6 +92,8 @@ def sweep_markdown(sweep_dir: Path, jobs: list[JobRecord], rows: list[Row]) -> s
              "`*` marks a stage reused from the stage cache in at least one run (its time is the lookup).",
              ""]
     variants = list(dict.fromkeys(r.variant for r in rows))
+    if not variants:
+        parts += ["No job finished: see the failed jobs below.", ""]
     if len(variants) > 1:
         parts += ["## Comparison (mean over classes)", "", comparison_table(rows), ""]
     for variant in variants:

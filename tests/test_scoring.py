@@ -99,6 +99,7 @@ def test_pixel_scorer_is_the_blurred_squared_rgb_difference():
     query, render = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     unblurred = build_scorer(OmegaConf.merge(cfg, {"blur": {"kernel_size": 0}}))(query, render)
     assert torch.allclose(unblurred, (query - render).square().sum(1))
+    assert torch.equal(build_scorer(OmegaConf.merge(cfg, {"blur": None}))(query, render), unblurred)
     blurred = build_scorer(cfg)(query, render)
     assert blurred.shape == (2, 32, 32)
     assert blurred.std() < unblurred.std()

@@ -104,9 +104,10 @@ def build_scorer(cfg_scorer, device: str | torch.device = "cpu") -> AnomalyScore
     """The anomaly scorer described by a ``scorer`` config node (conf/scorer/*.yaml), on ``device``.
 
     Keys: ``timm_model`` (null: pixel-only), ``weights_path``, ``levels``, ``level_weights``,
-    ``rgb_weight``, ``size``, ``mean``, ``std``, ``blur.kernel_size``, ``blur.sigma``.
+    ``rgb_weight``, ``size``, ``mean``, ``std``, ``blur.kernel_size``, ``blur.sigma`` (``blur: null``
+    or ``kernel_size: 0``: no blur). ``batch_size`` is read by the caller, not here.
     """
-    blur = cfg_scorer.get("blur") or {}
+    blur = cfg_scorer.get("blur") or {"kernel_size": 0}  # blur: null means no blur
     level_weights = cfg_scorer.get("level_weights")
     scorer = AnomalyScorer(
         backbone=build_backbone(cfg_scorer),

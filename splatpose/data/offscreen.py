@@ -30,8 +30,8 @@ BACKGROUND_ID = 0xFFFFFF    # white in the id pass; no triangle may carry this i
 
 # Lights fixed in world coordinates: (direction towards the light, intensity). A key light from
 # above-front, a weaker fill from below-behind so that no side of the object is black.
-_WORLD_LIGHTS = (((0.4, -0.6, 1.0), 0.75), ((-0.6, 0.5, -0.5), 0.35))
-_AMBIENT = 0.35
+_WORLD_LIGHTS = (((0.4, -0.6, 1.0), 0.8), ((-0.6, 0.5, -0.5), 0.45))
+_AMBIENT = 0.4
 
 
 class OffscreenRenderer:
@@ -113,4 +113,4 @@ class OffscreenRenderer:
         # A clipping range that depends only on the camera (not on the mesh bounds, as VTK's automatic
         # one does): the defect-free and defective renders at one pose then share the same depth
         # quantisation, and differ only where the surface differs.
-        camera.clipping_range = (max(0.05, distance - 2.0), distance + 2.0)
+        camera.clipping_range = (max(0.05, distance - 3.0), distance + 3.0)

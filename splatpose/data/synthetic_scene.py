@@ -97,11 +97,11 @@ class SolidTexture:
         """Seed the cells at random points of a (uniformly refined) surface [N, 3]."""
         n = len(surface_points)
         palette = _hsv_to_rgb(rng.uniform(0.0, 1.0, n_patches), rng.uniform(0.45, 1.0, n_patches),
-                              rng.uniform(0.45, 0.95, n_patches))
+                              rng.uniform(0.6, 1.0, n_patches))
         return cls(patch_sites=surface_points[rng.choice(n, size=min(n, n_patches), replace=False)],
                    palette=palette,
                    detail_sites=surface_points[rng.choice(n, size=min(n, n_details), replace=False)],
-                   brightness=rng.uniform(0.55, 1.2, n_details))
+                   brightness=rng.uniform(0.65, 1.15, n_details))
 
     def __call__(self, points: np.ndarray) -> np.ndarray:
         points = np.asarray(points, dtype=np.float64)

@@ -6,8 +6,10 @@ For each (query, render) pair, both resized to ``size`` x ``size`` and normalise
         + sum_l level_weight_l * upsample_bilinear(sum_c (F_l(q) - F_l(r))^2)
     map = gaussian_blur(map, kernel_size, sigma)
 
-Maps are returned raw. Class-level min-max normalisation needs every test map of a class, so it is a
-separate step (:func:`splatpose.metrics.normalise_maps`), as is the image score (max of the map).
+``q`` and ``r`` are the normalised images, as in the reference code, so the RGB term is scaled by
+1 / std^2 of the backbone's normalisation. Maps are returned raw: class-level min-max normalisation
+needs every test map of a class, so it is a separate step (:func:`splatpose.metrics.normalise_maps`),
+as is the image score (max of the map).
 
 Note on the blur: the reference code blurs with ``scipy.ndimage.gaussian_filter(sigma=4)``, whose
 default truncation gives a 33-tap kernel; the default here is the 9-tap kernel of the issue's recipe.

@@ -45,7 +45,7 @@ from splatpose.data.synthetic_scene import MESHES, SolidTexture, add_burrs, add_
 log = logging.getLogger(__name__)
 
 # Bump when a change to the generator changes its output: cached datasets are then regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DEFAULT_CLASSES = ("01Ant", "02Airplane", "03Nut")
 
 

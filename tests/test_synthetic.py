@@ -1,0 +1,109 @@
+"""The built-in dataset generator: determinism, masks from rendered passes, poses, caching."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from splatpose.data import list_classes, load_class, read_image, read_mask
+from splatpose.data.cameras import camera_center, intrinsics_from_fov_x, opengl_c2w_to_opencv_w2c, project_points
+from splatpose.data.mad_sim import DEFECT_TYPES
+from splatpose.data.offscreen import OffscreenRenderer
+from splatpose.data.synthetic import (
+    class_rng,
+    ensure_synthetic_dataset,
+    make_settings,
+)
+from splatpose.data.synthetic_scene import load_object
+
+CLASS = "01Ant"
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    # Same folder and settings as in test_mad_sim_reader.py: generated once per session.
+    return ensure_synthetic_dataset(tmp_path_factory.getbasetemp() / "synthetic", [CLASS], preset="tiny")
+
+
+def _files(class_dir):
+    return {p.relative_to(class_dir).as_posix(): p.read_bytes() for p in sorted(class_dir.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_byte_identical_files(tiny_root, tmp_path):
+    again = ensure_synthetic_dataset(tmp_path, [CLASS], preset="tiny")
+    first, second = _files(tiny_root / CLASS), _files(again / CLASS)
+    assert len(first) == 6 + 5 + 3 + 2  # train, test, masks, transforms.json + test_poses.json
+    assert first.keys() == second.keys()
+    assert [name for name in first if first[name] != second[name]] == []
+    other_seed = ensure_synthetic_dataset(tmp_path, [CLASS], preset="tiny", seed=1)
+    assert other_seed != again, "other settings go to another cache folder"
+    assert _files(other_seed / CLASS)["train/good/0.png"] != first["train/good/0.png"]
+
+
+def test_masks_are_exactly_the_pixels_the_defect_changed(tiny_root):
+    """Masks exist exactly for defect images, are non-empty, and cover every pixel where the defective
+    image differs from a fresh defect-free render at the same (true) pose."""
+    data = load_class(tiny_root, CLASS)
+    settings = make_settings("tiny")
+    mesh, _ = load_object(CLASS, settings.edge_len, class_rng(settings, CLASS))
+    masks = sorted(p.relative_to(tiny_root / CLASS).as_posix() for p in (tiny_root / CLASS).rglob("*_mask.png"))
+    assert masks == sorted(f"ground_truth/{d}/000_mask.png" for d in DEFECT_TYPES)
+    with OffscreenRenderer(settings.width, settings.height, settings.camera_angle_x) as renderer:
+        for image in data.test:
+            c2w = np.asarray(json.loads((tiny_root / CLASS / "test_poses.json").read_text())["poses"][image.name])
+            clean = renderer.render_rgb(mesh, c2w)
+            pixels = np.asarray(Image.open(image.path))
+            differs = (pixels != clean).any(axis=-1)
+            if image.defect == "good":
+                assert not differs.any(), f"{image.name} should be the defect-free render at its pose"
+                continue
+            mask = read_mask(image.mask_path)
+            assert mask.any(), f"{image.name}: empty mask"
+            assert not (differs & ~mask).any(), f"{image.name}: changed pixels outside the mask"
+            # Mask pixels are changed pixels (colour) or, rarely, a new surface of the same colour.
+            assert differs[mask].mean() > 0.8, f"{image.name}: mask covers pixels the defect did not change"
+            assert mask.sum() <= settings.max_defect_fraction * (clean != 255).any(axis=-1).sum()
+
+
+def test_test_poses_are_not_train_poses_and_object_is_in_view(tiny_root):
+    data = load_class(tiny_root, CLASS)
+    settings = make_settings("tiny")
+    train_centres = np.stack([camera_center(v.w2c) for v in data.train])
+    for name, w2c in data.test_poses.items():
+        assert np.linalg.norm(train_centres - camera_center(w2c), axis=1).min() > 0.05, name
+    # The object centre (world origin) projects onto the object in every train image.
+    K = intrinsics_from_fov_x(settings.camera_angle_x, settings.width, settings.height)
+    for view in data.train:
+        uv, _ = project_points(np.zeros((1, 3)), view.w2c, K)
+        u, v = uv[0]
+        image = read_image(view.path)
+        window = image[int(v) - 2:int(v) + 3, int(u) - 2:int(u) + 3]
+        assert (window < 0.99).any(axis=-1).any(), f"{view.name}: nothing of the object at the projected centre"
+    np.testing.assert_allclose(data.train[0].w2c, opengl_c2w_to_opencv_w2c(
+        json.loads((tiny_root / CLASS / "transforms.json").read_text())["frames"][0]["transform_matrix"]))
+
+
+def test_cache_is_reused_and_unfinished_output_is_never_trusted(tiny_root):
+    class_dir = tiny_root / CLASS
+    before = (class_dir / "transforms.json").stat().st_mtime_ns
+    # A leftover of an interrupted generation: hidden, so never listed as a class, and cleaned up.
+    stale = tiny_root / f".tmp-{CLASS}-99999"
+    (stale / "train").mkdir(parents=True)
+    (stale / "transforms.json").write_text("{}")
+    assert list_classes(tiny_root) == [CLASS]
+    assert ensure_synthetic_dataset(tiny_root.parent, [CLASS], preset="tiny") == tiny_root
+    assert (class_dir / "transforms.json").stat().st_mtime_ns == before, "a finished class is reused as is"
+    assert not stale.exists()
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match=r"unknown generator settings \['n_trian'\].*n_train"):
+        make_settings(n_trian=10)
+    with pytest.raises(ValueError, match="unknown synthetic preset 'huge'.*mad_sim_like"):
+        make_settings("huge")
+    assert make_settings("mad_sim_like").n_train == 200
+    # YAML lists become tuples, so settings from a config hash like the defaults.
+    assert make_settings(train_elevation_deg=[-45.0, 75.0]).key() == make_settings().key()
+    with pytest.raises(ValueError, match="no mesh for synthetic classes"):
+        ensure_synthetic_dataset("/tmp/unused", ["01Gorilla"])

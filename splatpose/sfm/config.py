@@ -1,0 +1,76 @@
+"""Checks of the ``sfm`` config node that need no data, run before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from splatpose.sfm.features import FEATURE_NAMES as FEATURES
+from splatpose.sfm.matchers import VALID_PAIRS, valid_pairs_text
+from splatpose.sfm.retrieval import RETRIEVAL_NAMES as RETRIEVALS
+
+# Settings that only affect query localization: a change there must not rebuild the reference model.
+LOCALIZATION_KEYS = ("retrieval", "localization")
+
+
+def check_sfm_config(cfg: DictConfig) -> None:
+    """Raise ValueError naming the key and the fix for an unusable ``sfm`` node.
+
+    Checks the feature/matcher pair (the message lists every valid pair), unknown names, and that the
+    weights paths which no package can provide (superpoint, its LightGlue, netvlad) are set.
+    """
+    for key in ("feature", "matcher", "retrieval", "max_keypoints", "db_pairs", "triangulation", "localization"):
+        if key not in cfg:
+            raise ValueError(f"sfm.{key} is missing from the config; compose conf/config.yaml (sfm: default and "
+                             "the sfm/feature, sfm/matcher, sfm/retrieval groups)")
+    feature, matcher, retrieval = cfg.feature.name, cfg.matcher.name, cfg.retrieval.name
+    if feature not in FEATURES:
+        raise ValueError(f"sfm/feature={feature} is unknown; choose one of {', '.join(FEATURES)}")
+    if matcher not in VALID_PAIRS or feature not in VALID_PAIRS[matcher]:
+        raise ValueError(f"sfm/feature={feature} with sfm/matcher={matcher} is not a valid pair; valid "
+                         f"feature/matcher pairs: {valid_pairs_text()}")
+    if retrieval not in RETRIEVALS:
+        raise ValueError(f"sfm/retrieval={retrieval} is unknown; choose one of {', '.join(RETRIEVALS)}")
+    if feature == "superpoint" and not cfg.feature.get("weights"):
+        raise ValueError("sfm.feature.weights must be set for sfm/feature=superpoint (path to MagicLeap's "
+                         "superpoint_v1.pth; no package ships it)")
+    if feature == "superpoint" and matcher == "lightglue" and not cfg.matcher.get("weights"):
+        raise ValueError("sfm.matcher.weights must be set for superpoint + lightglue (path to "
+                         "superpoint_lightglue.pth; no package ships it), or use sfm/matcher=nn_mutual")
+    if retrieval == "netvlad" and not cfg.retrieval.get("weights"):
+        raise ValueError("sfm.retrieval.weights must be set for sfm/retrieval=netvlad (path to a NetVLAD "
+                         "checkpoint), or use sfm/retrieval=global")
+    if int(cfg.max_keypoints) < 1:
+        raise ValueError(f"sfm.max_keypoints must be >= 1, got {cfg.max_keypoints}")
+
+
+def reference_settings(cfg: DictConfig) -> dict:
+    """The part of the ``sfm`` node that the reference model depends on (for cache keys)."""
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in settings.items() if k not in LOCALIZATION_KEYS}
+
+
+def default_conf_dir() -> Path:
+    """The repository's conf/ folder (this file is splatpose/sfm/config.py)."""
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose_sfm_config(feature: str = "aliked", matcher: str = "lightglue", retrieval: str = "global",
+                       overrides: dict | None = None, conf_dir: Path | None = None) -> DictConfig:
+    """The ``sfm`` node as Hydra composes it (conf/sfm/default.yaml + the three groups), without Hydra.
+
+    For scripts and tests that run the SfM stages alone. ``overrides`` are merged last, e.g.
+    ``{"max_keypoints": 512, "localization": {"top_k": 3}}``.
+    """
+    sfm_dir = (conf_dir or default_conf_dir()) / "sfm"
+    groups = {"feature": feature, "matcher": matcher, "retrieval": retrieval}
+    for group, choice in groups.items():
+        if not (sfm_dir / group / f"{choice}.yaml").is_file():
+            options = sorted(p.stem for p in (sfm_dir / group).glob("*.yaml"))
+            raise ValueError(f"sfm/{group}={choice} has no config file {sfm_dir / group / f'{choice}.yaml'}; "
+                             f"choose one of {', '.join(options)}")
+    cfg = OmegaConf.load(sfm_dir / "default.yaml")
+    for group, choice in groups.items():
+        cfg[group] = OmegaConf.load(sfm_dir / group / f"{choice}.yaml")
+    return OmegaConf.merge(cfg, OmegaConf.create(overrides or {}))

@@ -1,0 +1,273 @@
+"""Localizing query images against the reference model: retrieval, matching, PnP-RANSAC.
+
+Per query image:
+
+1. extract its local features (the reference's extractor);
+2. retrieve the ``top_k`` most similar db images (``sfm/retrieval``);
+3. match it to each of them; a match to a db keypoint that belongs to a triangulated point gives a
+   2D-3D correspondence (keypoint i of a db image is point2D i of that image in the reconstruction);
+4. pycolmap's LO-RANSAC absolute pose (P3P) with non-linear refinement, intrinsics fixed.
+
+A query is localized when PnP returns a pose with at least ``min_inliers`` inliers. Otherwise it gets
+an explicit fallback pose, the pose of the retrieved db image with the most 2D-3D matches
+(``fallback="retrieved_db_pose"``), with ``success=False``: never a silent guess, never an exception.
+
+:class:`Localizer` keeps the networks, the db features (on the device) and the 2D-3D tables in memory,
+so localizing one more image costs only the four steps above; :func:`localize_queries` runs it over a
+class's test images and writes hloc-layout files plus the poses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pycolmap
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from splatpose.data.mad_sim import ClassData
+from splatpose.sfm import hloc_files
+from splatpose.sfm.config import check_sfm_config
+from splatpose.sfm.features import build_extractor, load_image_tensor, to_original_pixels
+from splatpose.sfm.matchers import build_matcher
+from splatpose.sfm.reference import Reference
+from splatpose.sfm.retrieval import build_retrieval, rank_database
+from splatpose.sfm.triangulation import colmap_camera, w2c_from_rigid
+
+log = logging.getLogger(__name__)
+
+FALLBACK_RETRIEVED = "retrieved_db_pose"
+POSES_FILE = "query_poses.json"
+POSES_TXT = "query_poses.txt"
+
+
+@dataclass
+class QueryPose:
+    """The localization result of one query image.
+
+    w2c: [4, 4] float64 world-to-camera, OpenCV axes. When ``success`` is False it is the fallback pose
+        named by ``fallback`` (e.g. "retrieved_db_pose"), not an estimate.
+    num_inliers: PnP inliers (0 when PnP failed or did not run).
+    num_matches: 2D-3D correspondences handed to PnP.
+    retrieved: db image names the query was matched against, most similar first.
+    times: seconds per stage: extract, retrieve, match, pnp.
+    """
+
+    name: str
+    w2c: np.ndarray
+    success: bool
+    num_inliers: int
+    num_matches: int
+    retrieved: list[str]
+    fallback: str | None = None
+    times: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["w2c"] = np.asarray(self.w2c).tolist()
+        return out
+
+    @classmethod
+    def from_json(cls, entry: dict) -> "QueryPose":
+        return cls(**{**entry, "w2c": np.asarray(entry["w2c"], dtype=np.float64)})
+
+
+@dataclass
+class LocalizationDetails:
+    """What localizing one image produced besides its pose (written to the hloc files)."""
+
+    features: dict[str, np.ndarray]
+    matches: dict[str, tuple[np.ndarray, np.ndarray]]  # db name -> (matches0, scores0)
+
+
+class Localizer:
+    """Localizes images against one reference model; build once, call per image.
+
+    Args:
+        K: [3, 3] intrinsics of the query camera (COLMAP pixel convention); width, height its image size.
+        cfg: the ``sfm`` node (feature, matcher, retrieval, localization, max_keypoints, resize_max).
+        reference: the finished reference model (its db features and reconstruction).
+        db_w2c: [N, 4, 4] poses of the db images in ``reference.db_names`` order (for fallbacks).
+    """
+
+    def __init__(self, K: np.ndarray, width: int, height: int, cfg: DictConfig, reference: Reference,
+                 db_w2c: np.ndarray, device: str):
+        check_sfm_config(cfg)
+        self.cfg, self.device = cfg, device
+        self.resize_max, self.resize_force = cfg.resize_max, bool(cfg.resize_force)
+        self.top_k = int(cfg.localization.top_k)
+        self.min_inliers = int(cfg.localization.min_inliers)
+        self.camera = colmap_camera(K, width, height)
+        self.extractor = build_extractor(cfg.feature, cfg.max_keypoints, device)
+        self.matcher = build_matcher(cfg.matcher, cfg.feature.name, device)
+        self.retrieval = build_retrieval(cfg.retrieval, device)
+
+        self.db_names = list(reference.db_names)
+        self.db_w2c = np.asarray(db_w2c, dtype=np.float64)
+        db_features = hloc_files.read_all_features(reference.features_path, self.db_names)
+        self.db_prepared = [self.matcher.prepare(db_features[n]) for n in self.db_names]
+        self.db_point_ids, self.points_xyz = keypoint_point_ids(reference.load_reconstruction(), self.db_names,
+                                                                db_features)
+        self.retrieval.fit([db_features[n] for n in self.db_names])
+        self.db_global = np.stack([self.retrieval.describe(self._db_image(reference, n), db_features[n])
+                                   for n in self.db_names])
+
+        self.estimation = pycolmap.AbsolutePoseEstimationOptions()
+        self.estimation.ransac.max_error = float(cfg.localization.ransac_max_error)
+        self.estimation.ransac.random_seed = 0  # reproducible poses run to run
+        self.refinement = pycolmap.AbsolutePoseRefinementOptions()
+
+    def _db_image(self, reference: Reference, name: str) -> torch.Tensor | None:
+        if not self.retrieval.needs_images:
+            return None
+        return load_image_tensor(reference.image_root / name, self.resize_max, self.resize_force)[0]
+
+    def localize(self, path: Path, name: str | None = None) -> tuple[QueryPose, LocalizationDetails]:
+        """Pose of one image file; never raises for an image that simply cannot be localized."""
+        name = name or Path(path).name
+        times = {}
+        start = time.perf_counter()
+        image, original_wh = load_image_tensor(Path(path), self.resize_max, self.resize_force)
+        features = self.extractor(image[None].to(self.device))[0]
+        features["keypoints"] = to_original_pixels(features["keypoints"], (image.shape[-1], image.shape[-2]),
+                                                   original_wh)
+        features["image_size"] = np.array(original_wh, dtype=np.int64)
+        times["extract"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        query_global = self.retrieval.describe(image if self.retrieval.needs_images else None, features)
+        ranked = rank_database(query_global, self.db_global)
+        retrieved = ranked if self.retrieval.exhaustive else ranked[: self.top_k]
+        times["retrieve"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        prepared = self.matcher.prepare(features)
+        matches = {self.db_names[i]: self.matcher(prepared, self.db_prepared[i]) for i in retrieved}
+        times["match"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        query_idx, point_ids, per_db = self._correspondences(retrieved, matches)
+        pose = self._estimate_pose(name, features["keypoints"], query_idx, point_ids)
+        if not pose.success:
+            best = retrieved[int(np.argmax(per_db))] if len(retrieved) else 0
+            pose.w2c, pose.fallback = self.db_w2c[best].copy(), FALLBACK_RETRIEVED
+        times["pnp"] = time.perf_counter() - start
+
+        pose.retrieved = [self.db_names[i] for i in retrieved]
+        pose.times = {k: round(v, 6) for k, v in times.items()}
+        return pose, LocalizationDetails(features, matches)
+
+    def _correspondences(self, retrieved: np.ndarray, matches: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Unique (query keypoint, 3D point) pairs over all retrieved db images, and counts per db image."""
+        pairs, per_db = [], []
+        for i in retrieved:
+            matches0, _ = matches[self.db_names[i]]
+            q = np.flatnonzero(matches0 > -1)
+            pid = self.db_point_ids[i][matches0[q]]
+            keep = pid > -1
+            pairs.append(np.stack([q[keep], pid[keep]], axis=1))
+            per_db.append(int(keep.sum()))
+        pairs = np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), dtype=np.int64)
+        return pairs[:, 0], pairs[:, 1], np.array(per_db)
+
+    def _estimate_pose(self, name: str, keypoints: np.ndarray, query_idx: np.ndarray,
+                       point_ids: np.ndarray) -> QueryPose:
+        failed = QueryPose(name=name, w2c=np.eye(4), success=False, num_inliers=0,
+                           num_matches=len(query_idx), retrieved=[])
+        if len(query_idx) < max(self.min_inliers, 4):
+            return failed
+        points2d = keypoints[query_idx].astype(np.float64) + 0.5  # hloc -> COLMAP pixel convention
+        points3d = self.points_xyz[point_ids].astype(np.float64)
+        result = pycolmap.estimate_and_refine_absolute_pose(points2d, points3d, self.camera, self.estimation,
+                                                            self.refinement)
+        if result is None:
+            return failed
+        failed.num_inliers = int(result["num_inliers"])
+        if failed.num_inliers < self.min_inliers:
+            return failed
+        return QueryPose(name=name, w2c=w2c_from_rigid(result["cam_from_world"]), success=True,
+                         num_inliers=failed.num_inliers, num_matches=len(query_idx), retrieved=[])
+
+
+def keypoint_point_ids(reconstruction: pycolmap.Reconstruction, db_names: list[str],
+                       db_features: dict[str, dict]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per db image, the row in the returned points array of each keypoint's 3D point (-1: none).
+
+    Returns:
+        ids: list (db_names order) of int64 [N_i] arrays.
+        points_xyz: float64 [P, 3].
+    """
+    point_ids = sorted(reconstruction.points3D)
+    row = {pid: r for r, pid in enumerate(point_ids)}
+    xyz = np.array([reconstruction.points3D[p].xyz for p in point_ids], dtype=np.float64).reshape(-1, 3)
+    by_name = {image.name: image for image in reconstruction.images.values()}
+    ids = []
+    for name in db_names:
+        table = np.full(len(db_features[name]["keypoints"]), -1, dtype=np.int64)
+        image = by_name[name]
+        for index, point in enumerate(image.points2D):
+            if point.has_point3D():
+                table[index] = row[point.point3D_id]
+        ids.append(table)
+    return ids, xyz
+
+
+def localize_queries(data: ClassData, cfg: DictConfig, reference: Reference, out_dir: Path,
+                     device: str) -> list[QueryPose]:
+    """Localize every test image of ``data``; reuse ``out_dir/query_poses.json`` when it is complete.
+
+    Writes into ``out_dir``: features.h5 (query features), pairs.txt (query -> retrieved db),
+    matches.h5, query_poses.json (every QueryPose, written last) and query_poses.txt (hloc's
+    ``name qw qx qy qz tx ty tz`` for the localized queries).
+
+    Returns:
+        One QueryPose per test image, in ``data.test`` order.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [t.name for t in data.test]
+    cached = _load_poses(out_dir / POSES_FILE, names)
+    if cached is not None:
+        log.info("localization: reusing %s", out_dir / POSES_FILE)
+        return cached
+
+    localizer = Localizer(data.K, data.width, data.height, cfg, reference, data.train_w2c, device)
+    poses, pairs = [], []
+    with hloc_files.atomic_h5(out_dir / "features.h5") as f_handle, \
+            hloc_files.atomic_h5(out_dir / "matches.h5") as m_handle:
+        for test in tqdm(data.test, desc="localize queries", leave=False):
+            pose, details = localizer.localize(test.path, test.name)
+            poses.append(pose)
+            hloc_files.write_image_features(f_handle, test.name, details.features)
+            for db_name, (matches0, scores0) in details.matches.items():
+                hloc_files.write_pair_matches(m_handle, test.name, db_name, matches0, scores0)
+                pairs.append((test.name, db_name))
+    hloc_files.write_pairs(out_dir / "pairs.txt", pairs)
+    hloc_files.write_text_atomic(out_dir / POSES_TXT, "".join(_hloc_pose_line(p) for p in poses if p.success))
+    hloc_files.write_text_atomic(out_dir / POSES_FILE, json.dumps([p.to_json() for p in poses], indent=1))
+    localized = sum(p.success for p in poses)
+    log.info("localization: %d/%d queries localized", localized, len(poses))
+    return poses
+
+
+def _hloc_pose_line(pose: QueryPose) -> str:
+    rigid = pycolmap.Rigid3d(pycolmap.Rotation3d(pose.w2c[:3, :3]), pose.w2c[:3, 3])
+    x, y, z, w = rigid.rotation.quat
+    t = pose.w2c[:3, 3]
+    return f"{pose.name} {w} {x} {y} {z} {t[0]} {t[1]} {t[2]}\n"
+
+
+def _load_poses(path: Path, names: list[str]) -> list[QueryPose] | None:
+    if not path.exists():
+        return None
+    poses = [QueryPose.from_json(entry) for entry in json.loads(path.read_text())]
+    if [p.name for p in poses] != names:
+        log.warning("%s does not match the test images; localizing again", path)
+        return None
+    return poses

@@ -1,0 +1,175 @@
+"""The SfM reference model of one class: db features, db pairs from poses, matches, triangulation.
+
+    build_reference(data, cfg.sfm, out_dir, device) -> Reference
+
+writes into ``out_dir`` (hloc's file names and layouts, see :mod:`splatpose.sfm.hloc_files`)::
+
+    features.h5      local features of every train image
+    pairs-db.txt     db pairs from the known poses (k nearest viewing directions)
+    matches.h5       matches of those pairs
+    database.db      the COLMAP database handed to the triangulator
+    sfm/             the COLMAP reconstruction (cameras, images at their known poses, points3D), binary
+    points.npz       xyz [N, 3] and rgb [N, 3] float32 of the points (what initialises the 3DGS model)
+    reference.json   summary; written last, so its presence means the folder is complete
+
+Each step skips what is already on disk, so an interrupted run resumes where it stopped and a rerun
+with a complete folder only reads ``points.npz``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pycolmap
+from omegaconf import DictConfig
+
+from splatpose.data.mad_sim import ClassData
+from splatpose.sfm import hloc_files
+from splatpose.sfm.config import check_sfm_config
+from splatpose.sfm.features import build_extractor, extract_features
+from splatpose.sfm.matchers import build_matcher, match_pairs, read_matches_of_pairs
+from splatpose.sfm.pairs import pairs_from_poses
+from splatpose.sfm.triangulation import (point_colors, posed_reconstruction, triangulate, triangulation_options,
+                                         verify_with_poses, write_database)
+
+log = logging.getLogger(__name__)
+
+FEATURES_FILE = "features.h5"
+PAIRS_FILE = "pairs-db.txt"
+MATCHES_FILE = "matches.h5"
+DATABASE_FILE = "database.db"
+RECONSTRUCTION_DIR = "sfm"
+POINTS_FILE = "points.npz"
+SUMMARY_FILE = "reference.json"
+
+
+@dataclass
+class Reference:
+    """A finished reference model.
+
+    points_xyz: float32 [N, 3] world coordinates of the triangulated points.
+    points_rgb: float32 [N, 3] their colours in [0, 1].
+    reconstruction_dir: COLMAP reconstruction (binary); image names are the train names.
+    db_names: train image names, in ``data.train`` order (COLMAP image id = index + 1).
+    image_root: the folder the db names are relative to (the class folder).
+    """
+
+    points_xyz: np.ndarray
+    points_rgb: np.ndarray
+    reconstruction_dir: Path
+    features_path: Path
+    pairs_path: Path
+    matches_path: Path
+    db_names: list[str]
+    image_root: Path
+    summary: dict = field(default_factory=dict)
+
+    def load_reconstruction(self) -> pycolmap.Reconstruction:
+        return pycolmap.Reconstruction(str(self.reconstruction_dir))
+
+
+def build_reference(data: ClassData, cfg: DictConfig, out_dir: Path, device: str) -> Reference:
+    """Build (or reuse) the reference model of ``data`` in ``out_dir``.
+
+    Args:
+        data: the class (train views with known poses are used; test images are not).
+        cfg: the ``sfm`` config node (feature, matcher, db_pairs, triangulation, max_keypoints, ...).
+        out_dir: the stage folder; files as listed in the module docstring.
+        device: "cpu" or "cuda[:i]" for the networks.
+    """
+    check_sfm_config(cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"features": out_dir / FEATURES_FILE, "pairs": out_dir / PAIRS_FILE,
+             "matches": out_dir / MATCHES_FILE, "sfm": out_dir / RECONSTRUCTION_DIR}
+    db_names = [view.name for view in data.train]
+    if (out_dir / SUMMARY_FILE).exists() and (out_dir / POINTS_FILE).exists():
+        log.info("SfM reference: reusing %s", out_dir)
+        return _load_reference(out_dir, paths, db_names, data.root)
+
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+    extractor = build_extractor(cfg.feature, cfg.max_keypoints, device)
+    extract_features(extractor, {view.name: view.path for view in data.train}, paths["features"],
+                     cfg.resize_max, device, batch_size=int(cfg.batch_size),
+                     resize_force=bool(cfg.resize_force))
+    del extractor
+    times["extract"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    pairs = pairs_from_poses(db_names, data.train_w2c, int(cfg.db_pairs.num_neighbors))
+    hloc_files.write_pairs(paths["pairs"], pairs)
+    features = hloc_files.read_all_features(paths["features"], db_names)
+    matcher = build_matcher(cfg.matcher, cfg.feature.name, device)
+    match_pairs(matcher, pairs, features, paths["matches"], progress="match db pairs")
+    del matcher
+    times["match"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    reconstruction = _triangulate(data, cfg.triangulation, features, pairs, paths, out_dir)
+    times["triangulate"] = time.perf_counter() - start
+
+    ids = sorted(reconstruction.points3D)
+    xyz = np.array([reconstruction.points3D[i].xyz for i in ids], dtype=np.float32).reshape(-1, 3)
+    colours = point_colors(reconstruction, data.root)
+    rgb = np.array([colours[i] for i in ids], dtype=np.float32).reshape(-1, 3)
+    if len(xyz) == 0:
+        raise RuntimeError(f"SfM reference for {data.root}: triangulation produced no 3D points from "
+                           f"{len(pairs)} db pairs; check that the train images overlap and the poses in "
+                           "transforms.json are right, or raise sfm.db_pairs.num_neighbors")
+    _save_points(out_dir / POINTS_FILE, xyz, rgb)
+    summary = {"num_points": len(xyz), "num_db_images": len(db_names), "num_db_pairs": len(pairs),
+               "mean_track_length": float(reconstruction.compute_mean_track_length()),
+               "mean_reprojection_error_px": float(reconstruction.compute_mean_reprojection_error()),
+               "seconds": {k: round(v, 3) for k, v in times.items()}}
+    hloc_files.write_text_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+    log.info("SfM reference: %d points, track length %.1f, reprojection error %.2f px", len(xyz),
+             summary["mean_track_length"], summary["mean_reprojection_error_px"])
+    return Reference(xyz, rgb, paths["sfm"], paths["features"], paths["pairs"], paths["matches"], db_names,
+                     data.root, summary)
+
+
+def _triangulate(data: ClassData, cfg: DictConfig, features: dict, pairs: list[tuple[str, str]],
+                 paths: dict[str, Path], out_dir: Path) -> pycolmap.Reconstruction:
+    """Verify the db matches against the known poses, then triangulate through a COLMAP database."""
+    w2c = {view.name: view.w2c for view in data.train}
+    raw = read_matches_of_pairs(paths["matches"], pairs)
+    verified = {}
+    for (a, b), matches in raw.items():
+        verified[(a, b)] = verify_with_poses(data.K, w2c[a], w2c[b], features[a]["keypoints"] + 0.5,
+                                             features[b]["keypoints"] + 0.5, matches,
+                                             float(cfg.max_epipolar_error))
+    kept = sum(len(m) for m in verified.values())
+    log.info("db matches: %d of %d agree with the known poses", kept, sum(len(m) for m in raw.values()))
+    reconstruction = posed_reconstruction(data)
+    database = out_dir / DATABASE_FILE
+    write_database(database, reconstruction, {n: f["keypoints"] for n, f in features.items()}, verified)
+    options = triangulation_options(float(cfg.max_reproj_error), float(cfg.min_angle_deg),
+                                    bool(cfg.keep_two_view_tracks))
+    tmp_dir = out_dir / f".{RECONSTRUCTION_DIR}.tmp"
+    result = triangulate(reconstruction, database, data.root, tmp_dir, options, float(cfg.max_reproj_error))
+    result.write(str(tmp_dir))
+    if paths["sfm"].exists():
+        for child in paths["sfm"].iterdir():
+            child.unlink()
+        paths["sfm"].rmdir()
+    tmp_dir.rename(paths["sfm"])
+    return result
+
+
+def _save_points(path: Path, xyz: np.ndarray, rgb: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, xyz=xyz, rgb=rgb)
+    tmp.replace(path)
+
+
+def _load_reference(out_dir: Path, paths: dict[str, Path], db_names: list[str], image_root: Path) -> Reference:
+    points = np.load(out_dir / POINTS_FILE)
+    summary = json.loads((out_dir / SUMMARY_FILE).read_text())
+    return Reference(points["xyz"].astype(np.float32), points["rgb"].astype(np.float32), paths["sfm"],
+                     paths["features"], paths["pairs"], paths["matches"], db_names, image_root, summary)

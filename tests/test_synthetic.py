@@ -10,12 +10,7 @@ from splatpose.data import list_classes, load_class, read_image, read_mask
 from splatpose.data.cameras import camera_center, intrinsics_from_fov_x, opengl_c2w_to_opencv_w2c, project_points
 from splatpose.data.mad_sim import DEFECT_TYPES
 from splatpose.data.offscreen import OffscreenRenderer
-from splatpose.data.synthetic import (
-    class_rng,
-    ensure_synthetic_dataset,
-    make_settings,
-)
-from splatpose.data.synthetic_scene import load_object
+from splatpose.data.synthetic import build_object, ensure_synthetic_dataset, make_settings
 
 CLASS = "01Ant"
 
@@ -46,7 +41,7 @@ def test_masks_are_exactly_the_pixels_the_defect_changed(tiny_root):
     image differs from a fresh defect-free render at the same (true) pose."""
     data = load_class(tiny_root, CLASS)
     settings = make_settings("tiny")
-    mesh, _ = load_object(CLASS, settings.edge_len, class_rng(settings, CLASS))
+    mesh, _, _ = build_object(settings, CLASS)
     masks = sorted(p.relative_to(tiny_root / CLASS).as_posix() for p in (tiny_root / CLASS).rglob("*_mask.png"))
     assert masks == sorted(f"ground_truth/{d}/000_mask.png" for d in DEFECT_TYPES)
     with OffscreenRenderer(settings.width, settings.height, settings.camera_angle_x) as renderer:

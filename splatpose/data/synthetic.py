@@ -45,7 +45,7 @@ from splatpose.data.synthetic_scene import MESHES, SolidTexture, add_burrs, add_
 log = logging.getLogger(__name__)
 
 # Bump when a change to the generator changes its output: cached datasets are then regenerated.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 DEFAULT_CLASSES = ("01Ant", "02Airplane", "03Nut")
 
 
@@ -53,7 +53,8 @@ DEFAULT_CLASSES = ("01Ant", "02Airplane", "03Nut")
 class GeneratorSettings:
     """Everything that determines the generated files (and therefore the cache key).
 
-    Lengths are in units of the object's bounding-sphere radius (every object is scaled to radius 1).
+    Lengths are in object units: every object is scaled so that 95% of its surface lies within
+    radius 1 of the origin (synthetic_scene.normalise).
     """
 
     seed: int = 0
@@ -63,14 +64,16 @@ class GeneratorSettings:
     n_train: int = 48
     n_test_good: int = 10
     n_test_per_defect: int = 5
-    train_distance: float = 3.2
+    train_distance: float = 3.0
     train_elevation_deg: tuple[float, float] = (-45.0, 75.0)
     # Test poses differ from train poses in elevation, distance (factor of train_distance) and roll.
     test_elevation_deg: tuple[float, float] = (-35.0, 70.0)
-    test_distance_factor: tuple[float, float] = (0.9, 1.2)
+    test_distance_factor: tuple[float, float] = (0.9, 1.15)
     test_roll_deg: float = 25.0
     test_target_jitter: float = 0.1            # the camera aims near, not exactly at, the centre
-    edge_len: float = 0.02                     # mesh refinement: sets how fine the texture is
+    edge_len: float = 0.02                     # mesh refinement (colours live on the vertices)
+    texture_patch_size: float = 0.25           # colour patches of the texture
+    texture_detail_size: float = 0.06          # its small cells: a few pixels wide at 200x200
     defect_size: float = 0.08                  # radius of stains and holes, height of burrs
     # A defect is kept only if it changes this many pixels (and at most this share of the object's).
     min_defect_pixels: int = 12
@@ -86,7 +89,7 @@ PRESETS: dict[str, dict] = {
     "small": {},
     # Closer to MAD-Sim (about 210 train views per class at 800x800); 400x400 keeps CPU runs possible.
     "mad_sim_like": {"width": 400, "height": 400, "n_train": 200, "n_test_good": 20, "n_test_per_defect": 10,
-                     "edge_len": 0.012},
+                     "edge_len": 0.012, "texture_detail_size": 0.04},
     # For tests and smoke runs: tiny images, a handful of views, coarse meshes (about 1 s per class).
     "tiny": {"width": 64, "height": 64, "n_train": 6, "n_test_good": 2, "n_test_per_defect": 1,
              "edge_len": 0.05, "defect_size": 0.15, "min_defect_pixels": 4, "max_defect_fraction": 0.15},
@@ -171,10 +174,18 @@ def class_rng(settings: GeneratorSettings, class_name: str) -> np.random.Generat
     return np.random.default_rng(np.random.SeedSequence([settings.seed, zlib.crc32(class_name.encode())]))
 
 
+def build_object(settings: GeneratorSettings, class_name: str):
+    """The defect-free object of a class, its texture, and the class's generator, advanced past them
+    (it draws the poses and defects next). Re-creates exactly the object generate_class used."""
+    rng = class_rng(settings, class_name)
+    mesh, texture = load_object(class_name, rng, settings.edge_len, settings.texture_patch_size,
+                                settings.texture_detail_size)
+    return mesh, texture, rng
+
+
 def generate_class(out_dir: Path, class_name: str, settings: GeneratorSettings) -> None:
     """Write one class in the MAD-Sim layout into ``out_dir`` (which must not exist yet)."""
-    rng = class_rng(settings, class_name)
-    mesh, texture = load_object(class_name, settings.edge_len, rng)
+    mesh, texture, rng = build_object(settings, class_name)
     train_c2w = train_poses(settings)
     n_test = settings.n_test_good + settings.n_test_per_defect * len(DEFECT_TYPES)
     out_dir.mkdir(parents=True)

@@ -43,13 +43,15 @@ def available_meshes() -> list[str]:
     return list(MESHES)
 
 
-def load_object(class_name: str, edge_len: float, rng: np.random.Generator) -> tuple[pv.PolyData, SolidTexture]:
+def load_object(class_name: str, rng: np.random.Generator, edge_len: float = 0.02, patch_size: float = 0.25,
+                detail_size: float = 0.06) -> tuple[pv.PolyData, SolidTexture]:
     """The defect-free object of a class: normalised, refined, with normals, colours and surface ids.
 
     Args:
         class_name: a key of MESHES.
-        edge_len: longest triangle edge after refinement, in units of the bounding-sphere radius.
         rng: the class's random generator (draws the colour pattern).
+        edge_len: longest triangle edge after refinement (object units, see ``normalise``).
+        patch_size, detail_size: typical size of the texture's colour patches and of its small cells.
     Returns:
         The mesh, a PolyData with point data ``Normals`` (float32 [N, 3]) and ``vertex_rgb`` (uint8
         [N, 3]) and cell data ``surface_id`` (int64 [M]), and its texture (to colour added geometry).
@@ -61,29 +63,52 @@ def load_object(class_name: str, edge_len: float, rng: np.random.Generator) -> t
     mesh = pv.PolyData(mesh.points, mesh.faces)  # drop the file's own arrays (e.g. texture coordinates)
     for axis, degrees in source.rotations:
         mesh = getattr(mesh, f"rotate_{axis}")(degrees, point=(0.0, 0.0, 0.0))
-    points = np.asarray(mesh.points, dtype=np.float64)
-    centre = 0.5 * (points.min(axis=0) + points.max(axis=0))
-    radius = np.linalg.norm(points - centre, axis=1).max()
-    mesh.points = ((points - centre) / radius).astype(np.float32)
-    mesh = mesh.subdivide_adaptive(max_edge_len=edge_len)
+    mesh = normalise(mesh).subdivide_adaptive(max_edge_len=edge_len)
     # Normals once, on the whole object: they stay attached to the vertices through every defect,
     # so the shading of untouched pixels never changes. Split at creases so hard edges stay hard.
     mesh = mesh.compute_normals(cell_normals=False, split_vertices=True, feature_angle=50.0,
                                 auto_orient_normals=False, consistent_normals=True)
-    texture = SolidTexture.on_surface(np.asarray(mesh.points, dtype=np.float64), rng)
+    texture = SolidTexture.on_surface(mesh, rng, patch_size, detail_size)
     mesh.point_data[VERTEX_RGB] = texture(mesh.points)
     mesh.cell_data[SURFACE_ID] = np.arange(mesh.n_cells, dtype=np.int64)
     return _only_arrays(mesh, point=["Normals", VERTEX_RGB], cell=[SURFACE_ID]), texture
+
+
+def normalise(mesh: pv.PolyData, quantile: float = 0.95) -> pv.PolyData:
+    """Centre the bounding box on the origin and scale so that ``quantile`` of the surface area lies
+    within radius 1. For compact objects that is about the bounding sphere; sparse ones (the ant's
+    legs, the airplane's wings) get larger, so that all classes fill similar parts of the image."""
+    points = np.asarray(mesh.points, dtype=np.float64)
+    centre = 0.5 * (points.min(axis=0) + points.max(axis=0))
+    points -= centre
+    sample = sample_surface(pv.PolyData(points, mesh.faces), np.random.default_rng(0), 20000)
+    radius = np.quantile(np.linalg.norm(sample, axis=1), quantile)
+    return pv.PolyData((points / radius).astype(np.float32), mesh.faces)
+
+
+def sample_surface(mesh: pv.PolyData, rng: np.random.Generator, n: int) -> np.ndarray:
+    """n points [n, 3] uniformly distributed over the area of a triangle mesh."""
+    triangles = np.asarray(mesh.points, dtype=np.float64)[mesh.regular_faces]          # [T, 3, 3]
+    areas = 0.5 * np.linalg.norm(np.cross(triangles[:, 1] - triangles[:, 0], triangles[:, 2] - triangles[:, 0]),
+                                 axis=1)
+    chosen = rng.choice(len(triangles), size=n, p=areas / areas.sum())
+    u, v = rng.uniform(size=(2, n))
+    flip = u + v > 1.0  # fold the unit square onto the triangle
+    u[flip], v[flip] = 1.0 - u[flip], 1.0 - v[flip]
+    t = triangles[chosen]
+    return t[:, 0] + u[:, None] * (t[:, 1] - t[:, 0]) + v[:, None] * (t[:, 2] - t[:, 0])
 
 
 @dataclass(frozen=True)
 class SolidTexture:
     """A seeded, non-repeating colour pattern defined in 3D: ``texture(points [N, 3]) -> uint8 RGB [N, 3]``.
 
-    Two levels of Voronoi cells seeded on the object's surface: large patches of random saturated
+    Two levels of Voronoi cells seeded uniformly over the object's surface: patches of random saturated
     colours, and inside them small cells of varying brightness. Cell borders and their junctions give
     feature detectors corners to latch onto everywhere on the object, and no two places look alike.
-    A function of 3D position, so it has no seams and extends to added geometry (burrs).
+    The cells are sized in object units, a few pixels wide at the default resolution: finer detail
+    would alias (there is no anti-aliasing) and change from view to view. A function of 3D position,
+    so it has no seams and extends to added geometry (burrs).
     """
 
     patch_sites: np.ndarray   # [P, 3] centres of the colour patches
@@ -92,16 +117,17 @@ class SolidTexture:
     brightness: np.ndarray    # [Q] brightness factor of each small cell
 
     @classmethod
-    def on_surface(cls, surface_points: np.ndarray, rng: np.random.Generator, n_patches: int = 300,
-                   n_details: int = 3000) -> SolidTexture:
-        """Seed the cells at random points of a (uniformly refined) surface [N, 3]."""
-        n = len(surface_points)
+    def on_surface(cls, mesh: pv.PolyData, rng: np.random.Generator, patch_size: float,
+                   detail_size: float) -> SolidTexture:
+        """Seed about area / size**2 cells of each level uniformly over the surface of a triangle mesh."""
+        area = float(mesh.area)
+        n_patches = max(8, int(round(area / patch_size**2)))
+        n_details = max(8, int(round(area / detail_size**2)))
         palette = _hsv_to_rgb(rng.uniform(0.0, 1.0, n_patches), rng.uniform(0.45, 1.0, n_patches),
                               rng.uniform(0.6, 1.0, n_patches))
-        return cls(patch_sites=surface_points[rng.choice(n, size=min(n, n_patches), replace=False)],
-                   palette=palette,
-                   detail_sites=surface_points[rng.choice(n, size=min(n, n_details), replace=False)],
-                   brightness=rng.uniform(0.65, 1.15, n_details))
+        return cls(patch_sites=sample_surface(mesh, rng, n_patches), palette=palette,
+                   detail_sites=sample_surface(mesh, rng, n_details),
+                   brightness=rng.uniform(0.6, 1.15, n_details))
 
     def __call__(self, points: np.ndarray) -> np.ndarray:
         points = np.asarray(points, dtype=np.float64)

@@ -30,10 +30,12 @@ from splatpose.data import resolve_dataset
 from splatpose.data.cameras import camera_center, center_error, rotation_error_deg
 from splatpose.data.mad_sim import ClassData, read_image, read_mask
 from splatpose.run_info import environment_info
-from splatpose.scoring import build_scorer
+from splatpose.scoring.anomaly_maps import build_scorer
 from splatpose.scoring.module import AnomalyScoringModule, QueryRenderPairs
 from splatpose.sfm import QueryPose, build_reference, check_sfm_config, localize_queries
-from splatpose.splat import load_gaussians, render, train_splats
+from splatpose.splat.ply import load_gaussians
+from splatpose.splat.rendering import render
+from splatpose.splat.train import train_splats
 from splatpose.stage_cache import StageCache, stage_key, write_json_atomic
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,15 @@ from splatpose.splat.rendering import render, resolve_backend
 from splatpose.splat.torch_rasterizer import project_gaussians, rasterize_torch
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: one thread avoids the stalls of two OpenMP threads on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, 0.0, 1.0)) -> np.ndarray:
     """World-to-camera (OpenCV axes) of a camera at ``eye`` looking at ``target``."""
     eye, target, up = (np.asarray(v, dtype=np.float64) for v in (eye, target, up))

@@ -1,0 +1,165 @@
+"""The Lightning module that fits Gaussians to posed images (3DGS training loop, gsplat style).
+
+One training step: render the batch's views, L1 + D-SSIM against the images, backward, one Adam
+step per parameter tensor, the means' exponential learning-rate decay, then the densification
+strategy (gsplat's ``DefaultStrategy`` or ``MCMCStrategy``, unchanged) may add, split or remove
+Gaussians. Because that changes tensor shapes, optimization is manual and a checkpoint's
+parameters are resized before its state is loaded (``on_load_checkpoint``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+import torch
+from gsplat.strategy import DefaultStrategy, MCMCStrategy
+from lightning.pytorch import LightningModule
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from splatpose.splat.gaussians import PARAMETER_NAMES, Gaussians
+from splatpose.splat.losses import exponential_decay_gamma, l1_dssim_loss, psnr, ssim
+from splatpose.splat.rendering import render, resolve_backend
+
+
+class GaussianSplatModule(LightningModule):
+    """Trains a :class:`Gaussians` scene.
+
+    Args:
+        gaussians: the initial scene
+        cfg: the ``splat`` config node (conf/splat/*.yaml): steps, lr.*, loss.*, sh_degree,
+            sh_degree_interval, strategy (a gsplat strategy ``_target_``), backend, absgrad,
+            antialiased
+        scene_scale: size of the camera rig; the means' learning rate and the strategy's 3D scale
+            thresholds are relative to it (as in gsplat's trainer)
+        width, height: image size of the training views
+        batch keys: ``image`` [B,H,W,3] uint8, ``w2c`` [B,4,4] (OpenCV), ``K`` [B,3,3]
+    """
+
+    def __init__(self, gaussians: Gaussians, cfg: DictConfig | dict, scene_scale: float, width: int,
+                 height: int):
+        super().__init__()
+        self.automatic_optimization = False  # densification changes the parameter shapes
+        self.cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(cfg), resolve=True))
+        self.scene_scale = float(scene_scale)
+        self.width, self.height = int(width), int(height)
+        self.splats = torch.nn.ParameterDict(
+            {name: torch.nn.Parameter(tensor.float().clone()) for name, tensor in gaussians.as_dict().items()})
+        self.strategy = hydra.utils.instantiate(self.cfg.strategy)
+        if isinstance(self.strategy, DefaultStrategy):
+            self.strategy_state = self.strategy.initialize_state(scene_scale=self.scene_scale)
+        else:
+            self.strategy_state = self.strategy.initialize_state()
+        self.save_hyperparameters({"splat": OmegaConf.to_container(self.cfg), "scene_scale": self.scene_scale,
+                                   "width": self.width, "height": self.height})
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def gaussians(self) -> Gaussians:
+        return Gaussians.from_dict(self.splats)
+
+    def active_sh_degree(self, step: int) -> int:
+        """SH degree ramp: one more band every ``sh_degree_interval`` steps, up to ``sh_degree``."""
+        return min(step // max(int(self.cfg.sh_degree_interval), 1), int(self.cfg.sh_degree))
+
+    def render_batch(self, batch: dict, sh_degree: int, **kwargs):
+        backend = resolve_backend(self.cfg.backend, self.device)
+        return render(self.gaussians, batch["w2c"], batch["K"], self.width, self.height,
+                      backend=backend, sh_degree=sh_degree, return_alpha=True, return_info=True,
+                      **kwargs)
+
+    def raw_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Parameter name -> its torch optimizer, the mapping gsplat's strategies edit in place."""
+        return {name: opt.optimizer for name, opt in zip(PARAMETER_NAMES, self.optimizers())}
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def configure_optimizers(self):
+        lr = self.cfg.lr
+        rates = {"means": lr.means * self.scene_scale, "quats": lr.quats, "scales": lr.scales,
+                 "opacities": lr.opacities, "sh0": lr.sh0, "shN": lr.shN}
+        # One Adam per tensor (gsplat's strategies require it); eps 1e-15 as in 3DGS.
+        optimizers = [torch.optim.Adam([{"params": [self.splats[name]], "lr": rates[name], "name": name}],
+                                       eps=1e-15) for name in PARAMETER_NAMES]
+        gamma = exponential_decay_gamma(lr.means, lr.means_final, int(self.cfg.steps))
+        means_schedule = torch.optim.lr_scheduler.ExponentialLR(optimizers[0], gamma=gamma)
+        return optimizers, [means_schedule]
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        step = self.global_step
+        images = batch["image"].float() / 255.0
+        rgb, _, info = self.render_batch(batch, self.active_sh_degree(step), absgrad=bool(self.cfg.absgrad))
+        optimizers = self.raw_optimizers()
+        self.strategy.step_pre_backward(self.splats, optimizers, self.strategy_state, step, info)
+
+        loss, parts = l1_dssim_loss(rgb, images, float(self.cfg.loss.ssim_weight))
+        loss = loss + self.regularization()
+        self.manual_backward(loss)
+
+        # Lightning counts one global step per LightningOptimizer.step(); stepping only the first
+        # through its wrapper keeps global_step == iteration (max_steps, checkpoints and resume
+        # rely on it). The others are plain torch optimizers, stepped directly.
+        wrapped = self.optimizers()
+        wrapped[0].step()
+        for optimizer in wrapped[1:]:
+            optimizer.optimizer.step()
+        for optimizer in optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        means_lr = self.lr_schedulers().get_last_lr()[0]
+        self.lr_schedulers().step()
+
+        if isinstance(self.strategy, MCMCStrategy):
+            self.strategy.step_post_backward(self.splats, optimizers, self.strategy_state, step, info,
+                                             lr=means_lr)
+        else:
+            self.strategy.step_post_backward(self.splats, optimizers, self.strategy_state, step, info,
+                                             packed=False)
+
+        batch_size = images.shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        self.log("train/l1", parts["l1"], batch_size=batch_size)
+        self.log("train/ssim", parts["ssim"], batch_size=batch_size)
+        self.log("train/num_gaussians", float(len(self.splats["means"])), prog_bar=True, batch_size=batch_size)
+        self.log("train/sh_degree", float(self.active_sh_degree(step)), batch_size=batch_size)
+        return loss.detach()
+
+    def regularization(self) -> Tensor:
+        """MCMC's opacity and scale penalties (weights 0 disable them)."""
+        total = self.splats["means"].new_zeros(())
+        if self.cfg.loss.get("opacity_reg", 0.0):
+            total = total + self.cfg.loss.opacity_reg * torch.sigmoid(self.splats["opacities"]).mean()
+        if self.cfg.loss.get("scale_reg", 0.0):
+            total = total + self.cfg.loss.scale_reg * torch.exp(self.splats["scales"]).mean()
+        return total
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        images = batch["image"].float() / 255.0
+        rgb, _, _ = self.render_batch(batch, self.active_sh_degree(self.global_step))
+        rgb = rgb.clamp(0, 1)
+        batch_size = images.shape[0]
+        self.log("val/psnr", psnr(rgb, images).mean(), prog_bar=True, batch_size=batch_size)
+        self.log("val/ssim", ssim(rgb.permute(0, 3, 1, 2), images.permute(0, 3, 1, 2)).mean(),
+                 batch_size=batch_size)
+        self.log("val/num_gaussians", float(len(self.splats["means"])), batch_size=batch_size)
+
+    def on_train_start(self) -> None:
+        # A resumed strategy state was loaded on the CPU; the strategy adds GPU gradients to it.
+        self.strategy_state = {k: v.to(self.device) if isinstance(v, Tensor) else v
+                               for k, v in self.strategy_state.items()}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["strategy_state"] = self.strategy_state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resize the parameters to the checkpoint's number of Gaussians before its state is loaded
+        (Lightning calls this before ``load_state_dict`` and before creating the optimizers)."""
+        state = checkpoint["state_dict"]
+        for name in PARAMETER_NAMES:
+            saved = state[f"splats.{name}"]
+            self.splats[name] = torch.nn.Parameter(torch.empty_like(saved, device=self.splats[name].device))
+        if "strategy_state" in checkpoint:
+            self.strategy_state = checkpoint["strategy_state"]
+

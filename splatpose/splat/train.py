@@ -1,0 +1,233 @@
+"""``train_splats``: the pipeline's splat stage (posed images + initial points -> a 3DGS PLY).
+
+Writes into ``out_dir``::
+
+    checkpoints/last.ckpt    Lightning checkpoint, every ``checkpoint_every`` steps (resume point)
+    point_cloud.ply          the trained Gaussians, standard 3DGS layout (written last)
+    splat_metrics.json       PSNR/SSIM on the held-out train views, Gaussian count, timings
+    holdout/<name>.png       renders of the held-out views beside their images (when eval.save_renders)
+
+A folder with ``point_cloud.ply`` and ``splat_metrics.json`` is finished and is returned as is; a
+folder with only a checkpoint belongs to an interrupted run, which resumes from it (same step,
+same Gaussians, same optimizer and strategy state).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from gsplat.strategy import MCMCStrategy
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from splatpose.data.mad_sim import ClassData, read_image
+from splatpose.splat.gaussians import (
+    Gaussians,
+    init_gaussians,
+    object_bounds_from_cameras,
+    random_points_in_sphere,
+    scene_scale_from_cameras,
+)
+from splatpose.splat.module import GaussianSplatModule
+from splatpose.splat.ply import save_ply
+
+log = logging.getLogger(__name__)
+
+PLY_NAME = "point_cloud.ply"
+METRICS_NAME = "splat_metrics.json"
+CHECKPOINT_DIR = "checkpoints"
+REQUIRED_KEYS = ("steps", "sh_degree", "sh_degree_interval", "backend", "lr", "loss", "strategy", "init", "eval",
+                 "checkpoint_every", "batch_size")
+
+
+@dataclass
+class PosedViews(Dataset):
+    """Train views in memory: images [V,H,W,3] uint8, w2c [V,4,4] float32 (OpenCV), K [3,3]."""
+
+    names: list[str]
+    images: torch.Tensor
+    w2c: torch.Tensor
+    K: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index], "w2c": self.w2c[index], "K": self.K, "index": index}
+
+    def subset(self, indices: list[int]) -> "PosedViews":
+        return PosedViews([self.names[i] for i in indices], self.images[indices], self.w2c[indices], self.K)
+
+
+def load_posed_views(data: ClassData) -> PosedViews:
+    """Read every train view of ``data`` (RGBA composited on white) into a :class:`PosedViews`."""
+    images = []
+    for view in data.train:
+        image = read_image(view.path)
+        if image.shape[:2] != (data.height, data.width):
+            raise ValueError(f"{view.path}: image is {image.shape[1]}x{image.shape[0]} but the class "
+                             f"{data.class_name} is {data.width}x{data.height}; all views must share one size")
+        images.append(np.round(image * 255.0).astype(np.uint8))
+    return PosedViews(names=[v.name for v in data.train],
+                      images=torch.from_numpy(np.stack(images)),
+                      w2c=torch.as_tensor(np.stack([v.w2c for v in data.train]), dtype=torch.float32),
+                      K=torch.as_tensor(data.K, dtype=torch.float32))
+
+
+def holdout_split(n_views: int, holdout_every: int) -> tuple[list[int], list[int]]:
+    """Every ``holdout_every``-th view (0, k, 2k, ...) is held out for evaluation; 0 holds out none."""
+    if holdout_every <= 0:
+        return list(range(n_views)), []
+    held = [i for i in range(n_views) if i % holdout_every == 0]
+    return [i for i in range(n_views) if i % holdout_every != 0], held
+
+
+def initial_gaussians(data: ClassData, points_xyz: np.ndarray | None, points_rgb: np.ndarray | None,
+                      cfg: DictConfig) -> Gaussians:
+    """Gaussians at the SfM points, or at random points inside the object's bounds when none are given."""
+    if points_xyz is None or len(points_xyz) == 0:
+        centre, radius = object_bounds_from_cameras(data.train_w2c, data.K, data.width, data.height)
+        points_xyz, points_rgb = random_points_in_sphere(centre, radius, int(cfg.init.num_random_points),
+                                                         seed=int(cfg.init.get("seed", 0)))
+        log.info("No initial points: %d random points in a sphere of radius %.3g around %s",
+                 len(points_xyz), radius, np.round(centre, 3))
+    elif points_rgb is None:
+        points_rgb = np.full_like(np.asarray(points_xyz, dtype=np.float32), 0.5)
+    return init_gaussians(points_xyz, points_rgb, sh_degree=int(cfg.sh_degree),
+                          init_opacity=float(cfg.init.opacity), init_scale=float(cfg.init.scale))
+
+
+def check_splat_config(cfg: DictConfig) -> None:
+    """Raise ValueError naming missing keys of the ``splat`` node (conf/splat/*.yaml)."""
+    missing = [key for key in REQUIRED_KEYS if key not in cfg]
+    if missing:
+        raise ValueError(f"the splat config lacks {missing}; start from conf/splat/fast.yaml or default.yaml")
+    if int(cfg.steps) <= 0:
+        raise ValueError(f"splat.steps={cfg.steps} must be positive")
+
+
+def train_splats(data: ClassData, points_xyz: np.ndarray | None, points_rgb: np.ndarray | None,
+                 cfg_splat: DictConfig | dict, out_dir: Path, trainer_kwargs: dict | None = None) -> Path:
+    """Fit Gaussians to the train views of ``data``; return the exported PLY.
+
+    Args:
+        data: the class (train views with poses, intrinsics, image size)
+        points_xyz: [N,3] initial points (SfM), or None for a random init inside the object bounds
+        points_rgb: [N,3] their colours in [0,1]
+        cfg_splat: the ``splat`` config node (conf/splat/{fast,default,mcmc}.yaml)
+        out_dir: folder for checkpoints, the PLY and metrics (resumed when it holds a checkpoint)
+        trainer_kwargs: Lightning ``Trainer`` arguments (accelerator, devices, logger, callbacks,
+            enable_progress_bar, ...); max_steps, validation cadence and checkpointing come from
+            ``cfg_splat`` and override them.
+
+    Returns: ``out_dir / "point_cloud.ply"``
+    """
+    cfg = cfg_splat if isinstance(cfg_splat, DictConfig) else OmegaConf.create(cfg_splat)
+    check_splat_config(cfg)
+    out_dir = Path(out_dir)
+    ply_path, metrics_path = out_dir / PLY_NAME, out_dir / METRICS_NAME
+    if ply_path.is_file() and metrics_path.is_file():
+        log.info("Splats already trained: %s", ply_path)
+        return ply_path
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    views = load_posed_views(data)
+    train_ids, holdout_ids = holdout_split(len(views), int(cfg.eval.holdout_every))
+    train_views = views.subset(train_ids)
+    eval_views = views.subset(holdout_ids) if holdout_ids else views.subset(train_ids[:: max(len(train_ids) // 8, 1)])
+    module = GaussianSplatModule(initial_gaussians(data, points_xyz, points_rgb, cfg), cfg,
+                                 scene_scale_from_cameras(train_views.w2c.double().numpy()),
+                                 data.width, data.height)
+
+    checkpoint_dir = out_dir / CHECKPOINT_DIR
+    resume_from = checkpoint_dir / "last.ckpt"
+    resume_from = resume_from if resume_from.is_file() else None
+    trainer = Trainer(**_trainer_arguments(cfg, trainer_kwargs, checkpoint_dir, out_dir, bool(holdout_ids)))
+    if isinstance(module.strategy, MCMCStrategy) and trainer.strategy.root_device.type != "cuda":
+        raise ValueError("splat=mcmc needs a CUDA device: gsplat's MCMCStrategy relocates Gaussians with "
+                         "a CUDA kernel; use splat=fast or splat=default on a CPU")
+    train_loader = DataLoader(train_views, batch_size=int(cfg.batch_size),
+                              sampler=RandomSampler(train_views, replacement=True,
+                                                    num_samples=int(cfg.steps) * int(cfg.batch_size)))
+    eval_loader = DataLoader(eval_views, batch_size=1)
+
+    start = time.perf_counter()
+    if resume_from:
+        log.info("Resuming splat training from %s", resume_from)
+    with warnings.catch_warnings():
+        # Expected here: in-memory tensors need no worker processes; a checkpoint holds the state
+        # after the step's optimizer update (what resuming needs); a resumed run finds its own
+        # checkpoint folder; the views are sampled at random, so a restarted epoch loses nothing.
+        for message in ("does not have many workers", "no pre-optimization state was saved",
+                        "exists and is not empty", "dataloader is not resumable"):
+            warnings.filterwarnings("ignore", message=f".*{message}.*")
+        trainer.fit(module, train_loader, eval_loader if holdout_ids else None, ckpt_path=resume_from)
+        train_seconds = time.perf_counter() - start
+        final = trainer.validate(module, eval_loader, verbose=False)[0]
+
+    gaussians = module.gaussians.detach()
+    save_ply(gaussians, ply_path)
+    if cfg.eval.get("save_renders", False):
+        save_holdout_renders(module, eval_views, out_dir / "holdout")
+    metrics = {
+        "psnr": float(final["val/psnr"]), "ssim": float(final["val/ssim"]),
+        "num_gaussians": len(gaussians), "steps": int(trainer.global_step),
+        "train_seconds": round(train_seconds, 2), "resumed": resume_from is not None,
+        "eval_views": eval_views.names, "eval_on": "holdout" if holdout_ids else "train",
+        "device": str(module.device), "backend": str(cfg.backend),
+        "width": data.width, "height": data.height, "num_train_views": len(train_views),
+    }
+    tmp = metrics_path.with_name(f".{METRICS_NAME}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    tmp.replace(metrics_path)
+    log.info("Splats: %d Gaussians, held-out PSNR %.2f dB, SSIM %.4f, %.1f s -> %s", len(gaussians),
+             metrics["psnr"], metrics["ssim"], train_seconds, ply_path)
+    return ply_path
+
+
+def _trainer_arguments(cfg: DictConfig, trainer_kwargs: dict | None, checkpoint_dir: Path, out_dir: Path,
+                       validate: bool) -> dict:
+    kwargs = dict(trainer_kwargs or {})
+    callbacks = list(kwargs.pop("callbacks", None) or [])
+    callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="step{step}", auto_insert_metric_name=False,
+                                     every_n_train_steps=int(cfg.checkpoint_every), save_top_k=1,
+                                     save_last=True))
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_model_summary", False)
+    kwargs.update(
+        callbacks=callbacks,
+        max_steps=int(cfg.steps),
+        default_root_dir=str(out_dir),
+        num_sanity_val_steps=0,
+        # validation every eval.every_n_steps steps, counted over the whole run (not per epoch)
+        val_check_interval=min(int(cfg.eval.every_n_steps), int(cfg.steps)) if validate else None,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1.0 if validate else 0,
+        enable_checkpointing=True,
+    )
+    return kwargs
+
+
+@torch.no_grad()
+def save_holdout_renders(module: GaussianSplatModule, views: PosedViews, folder: Path) -> None:
+    """For eyes: each held-out image beside its render, as PNG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(len(views)):
+        batch = {k: v[None].to(module.device) if torch.is_tensor(v) and k != "K" else v
+                 for k, v in views[i].items()}
+        batch["K"] = views.K[None].to(module.device)
+        rgb, _, _ = module.render_batch(batch, int(module.cfg.sh_degree))
+        render = (rgb[0].clamp(0, 1) * 255).round().byte().cpu().numpy()
+        side_by_side = np.concatenate([views.images[i].numpy(), render], axis=1)
+        Image.fromarray(side_by_side).save(folder / (views.names[i].replace("/", "_")))

@@ -83,6 +83,7 @@ def sweep_markdown(sweep_dir: Path, jobs: list[JobRecord], rows: list[Row]) -> s
              f"- Command: `{sweep_command(sweep_dir)}`",
              f"- Jobs: {len(jobs)} ({counts[OK]} ok, {counts[FAILED]} failed, {counts[NO_RESULT]} without result)",
              f"- Device: {', '.join(devices) or 'none finished'}",
+             f"- Wall time: {sweep_wall_time(jobs)}",
              f"- Aggregated: {time.strftime('%Y-%m-%d %H:%M %Z')}",
              "",
              "Metrics in %: mean over the runs (seeds) of a class, `± std` (sample std over seeds) where "
@@ -107,6 +108,17 @@ def sweep_markdown(sweep_dir: Path, jobs: list[JobRecord], rows: list[Row]) -> s
     else:
         parts.append("None.")
     return "\n".join(parts) + "\n"
+
+
+def sweep_wall_time(jobs: list[JobRecord]) -> str:
+    """From the first job's start to the last job's end (what a launcher's parallelism shortens)."""
+    starts = [j.started_at for j in jobs if j.started_at]
+    ends = [j.finished_at for j in jobs if j.finished_at]
+    if not starts or not ends:
+        return "unknown"
+    busy = sum(j.finished_at - j.started_at for j in jobs if j.started_at and j.finished_at)
+    wall = max(ends) - min(starts)
+    return f"{wall / 60:.1f} min for {busy / 60:.1f} min of jobs ({busy / max(wall, 1e-9):.1f} jobs at a time on average)"
 
 
 def sweep_command(sweep_dir: Path) -> str:

@@ -41,6 +41,12 @@ class JobRecord:
     results: dict | None = None
     error: str | None = None
     overrides: list[str] = field(default_factory=list)
+    # Wall-clock window of the job (epoch seconds; from the files run_task writes first and last).
+    started_at: float | None = None
+    finished_at: float | None = None
+    # The GPU its joblib worker leased and that worker's pid (gpu_lease.json), when pinned.
+    gpu: str | None = None
+    worker_pid: int | None = None
 
 
 def find_job_dirs(sweep_dir: Path) -> list[Path]:
@@ -69,9 +75,13 @@ def read_job(job_dir: Path) -> JobRecord:
     class_name = str((results or {}).get("class") or config.get("class") or factors.get("class", "?"))
     factors["class"] = class_name
     seed = config.get("seed")
+    lease = _load_json(job_dir / "gpu_lease.json")
     return JobRecord(dir=job_dir, num=int(hydra_cfg.get("job", {}).get("num", -1)), status=status,
                      class_name=class_name, seed=int(seed) if isinstance(seed, int) else None,
-                     factors=factors, results=results, error=error, overrides=list(overrides))
+                     factors=factors, results=results, error=error, overrides=list(overrides),
+                     started_at=_mtime(job_dir / "config_resolved.yaml"),
+                     finished_at=_mtime(job_dir / FAILURE) or _mtime(job_dir / RESULTS),
+                     gpu=lease.get("gpu"), worker_pid=lease.get("pid"))
 
 
 def read_sweep(sweep_dir: Path) -> list[JobRecord]:
@@ -91,6 +101,10 @@ def _outcome(job_dir: Path) -> tuple[str, dict | None, str | None]:
         return FAILED, None, str((results or {}).get("error") or f"unreadable or failed {results_path}")
     return NO_RESULT, None, ("no results.json nor failure.json: the job was killed (memory, time limit) "
                              "or is still running; see its run.log")
+
+
+def _mtime(path: Path) -> float | None:
+    return path.stat().st_mtime if path.exists() else None
 
 
 def _load_yaml(path: Path):

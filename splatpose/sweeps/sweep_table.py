@@ -197,7 +197,7 @@ def run_columns(jobs: list[JobRecord]) -> list[str]:
     return (["job", "status", "variant", "class", "seed", *METRICS, "localized"]
             + [f"{d}/{m}" for d in defects for m in METRICS]
             + [f"time_{s}" for s in STAGES] + [f"reused_{s}" for s in STAGES]
-            + ["device", "dir", "error"])
+            + ["device", "gpu", "worker_pid", "started_at", "wall_seconds", "dir", "error"])
 
 
 def run_records(jobs: list[JobRecord], columns: list[str]) -> list[list]:
@@ -207,7 +207,10 @@ def run_records(jobs: list[JobRecord], columns: list[str]) -> list[list]:
         results = job.results or {}
         values: dict = {"job": job.num, "status": job.status, "variant": variant_label(job, keys),
                         "class": job.class_name, "seed": job.seed, "dir": str(job.dir),
-                        "error": job.error or "", "device": results.get("device", "")}
+                        "error": job.error or "", "device": results.get("device", ""),
+                        "gpu": job.gpu, "worker_pid": job.worker_pid, "started_at": job.started_at,
+                        "wall_seconds": (job.finished_at - job.started_at
+                                         if job.started_at and job.finished_at else None)}
         values.update(job_values(job))
         for defect, metrics in (results.get("metrics", {}).get("per_defect") or {}).items():
             values.update({f"{defect}/{m}": metrics.get(m) for m in METRICS})

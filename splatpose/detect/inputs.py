@@ -1,0 +1,129 @@
+"""Reading the images a detector is given: which files, and whether each one is usable as it is.
+
+A detector sees whatever an inspection line or a user hands it. Each image is checked on its own,
+and a bad one becomes a per-image error or a flag, never an exception that stops the batch:
+
+- unreadable or truncated file -> error (the reader's message names the file);
+- another size than the run's camera -> with ``on_size_mismatch="resize"`` and the same aspect ratio
+  (within 1 %: the same camera at another resolution, so the intrinsics scale with it) it is resized
+  with antialiasing and flagged ``resized_from_WxH``; another aspect ratio, or
+  ``on_size_mismatch="reject"``, is an error that says what size is expected;
+- grayscale (a single-channel file, or three equal channels) -> scored, flagged ``grayscale``: the
+  renders are in colour, so colour differences raise the map everywhere on the object.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from splatpose.data.mad_sim import DatasetError, read_image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SIZE_POLICIES = ("resize", "reject")
+ASPECT_TOLERANCE = 0.01
+
+
+class InputError(ValueError):
+    """An input image that cannot be scored; the message says why and what would fix it."""
+
+
+@dataclass
+class LoadedImage:
+    """image: [3, H, W] float32 in [0, 1] (white background) at the run's size; flags: notes on the input."""
+
+    image: torch.Tensor
+    flags: list[str] = field(default_factory=list)
+
+
+def expand_inputs(inputs) -> list[Path]:
+    """Image paths from a glob pattern, a folder, a file, or a list of any of those (sorted, no repeats).
+
+    Raises:
+        InputError: when nothing matches, naming what was given.
+    """
+    if inputs is None:
+        raise InputError("inputs is not set; pass inputs='folder/*.png' (a glob, a folder, a file or a list)")
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    paths: list[Path] = []
+    for item in items:
+        item = str(Path(str(item)).expanduser())
+        if Path(item).is_dir():
+            paths += sorted(p for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif glob.has_magic(item):
+            paths += [Path(p) for p in sorted(glob.glob(item, recursive=True)) if Path(p).is_file()]
+        else:
+            paths.append(Path(item))  # a missing file becomes that image's error, not a failed run
+    unique = list(dict.fromkeys(paths))
+    if not unique:
+        raise InputError(f"inputs={inputs!r} matched no image files (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return unique
+
+
+def display_names(paths: list[Path]) -> list[str]:
+    """Names relative to the inputs' common folder ("test/Burrs/003.png"), unique and readable."""
+    resolved = [p.resolve() for p in paths]
+    parents = [str(p.parent) for p in resolved]
+    common = Path(os.path.commonpath(parents))
+    names = []
+    for path in resolved:
+        try:
+            names.append(path.relative_to(common).as_posix())
+        except ValueError:
+            names.append(path.name)
+    return names
+
+
+def load_input(source, width: int, height: int, on_size_mismatch: str = "resize") -> LoadedImage:
+    """Read one input (a path, or an already decoded [H, W, 3] float array in [0, 1]) for a run of
+    ``width`` x ``height``.
+
+    Raises:
+        InputError: unreadable file, or a size that cannot be used (see the module docstring).
+    """
+    if on_size_mismatch not in SIZE_POLICIES:
+        raise ValueError(f"detect.on_size_mismatch={on_size_mismatch!r} is unknown; choose one of "
+                         f"{', '.join(SIZE_POLICIES)}")
+    if isinstance(source, np.ndarray):
+        array = source
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=2)
+        if array.ndim != 3 or array.shape[2] != 3:
+            raise InputError(f"image array has shape {array.shape}; expected [H, W, 3] (or [H, W]) in [0, 1]")
+        array = array.astype(np.float32)
+    else:
+        try:
+            array = read_image(Path(source))
+        except DatasetError as error:
+            raise InputError(str(error)) from error
+    flags = []
+    if np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 1], array[..., 2]):
+        flags.append("grayscale")
+    image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    actual_h, actual_w = image.shape[-2:]
+    if (actual_w, actual_h) != (width, height):
+        image = _fit_size(image, width, height, on_size_mismatch, source)
+        flags.append(f"resized_from_{actual_w}x{actual_h}")
+    return LoadedImage(image=image, flags=flags)
+
+
+def _fit_size(image: torch.Tensor, width: int, height: int, policy: str, source) -> torch.Tensor:
+    actual_h, actual_w = image.shape[-2:]
+    what = f"{source}" if not isinstance(source, np.ndarray) else "image array"
+    if policy == "reject":
+        raise InputError(f"{what}: image is {actual_w}x{actual_h} but the run's camera is {width}x{height}; "
+                         "pass images of that size, or set detect.on_size_mismatch=resize to rescale images "
+                         "of the same aspect ratio")
+    if abs((actual_w / actual_h) / (width / height) - 1) > ASPECT_TOLERANCE:
+        raise InputError(f"{what}: image is {actual_w}x{actual_h} (aspect {actual_w / actual_h:.3f}) but the run's "
+                         f"camera is {width}x{height} (aspect {width / height:.3f}); another aspect ratio means "
+                         "another camera, whose intrinsics the run does not know: crop to the run's aspect "
+                         "ratio or capture with the run's camera")
+    return F.interpolate(image[None], size=(height, width), mode="bilinear", antialias=True,
+                         align_corners=False)[0].clamp(0, 1)

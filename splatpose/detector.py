@@ -1,0 +1,309 @@
+"""Real-time anomaly detection on new images with a finished evaluation run.
+
+    detector = Detector.from_run("outputs/runs/synthetic/01Ant/<time>")      # load once
+    detection = detector.detect("new_part.png")                              # one image
+    for d in detector.detect_stream(paths, batch_size=16): ...              # throughput
+
+Loading reads the run once: the SfM reference (db features on the device, 2D-3D tables, retrieval
+vocabulary) through :class:`splatpose.detect.localization.ImageLocalizer`, the Gaussians, the scorer
+backbone and the run's map normalisation. Per image (or per batch) it then runs
+
+    load -> extract -> retrieve -> match -> pnp -> [refine] -> render -> score
+
+and returns a :class:`Detection`: the anomaly map normalised with the evaluation run's fixed
+``map_range`` (not a per-batch min-max, so one image's score means the same alone or in a batch),
+the image score (max of the map), the pose, whether PnP localized it, its inliers, flags, and the
+seconds of every stage. A bad input (unreadable, unusable size) becomes a Detection with ``ok=False``
+and an error message; the rest of the batch goes on (:mod:`splatpose.detect.inputs`).
+
+On the evaluation run's own test images, with sequential matching and refinement off, the maps equal
+the evaluation's maps (tests/test_detector.py). ``python run.py task=detect`` calls :func:`detect_task`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from splatpose.detect.finished_run import FinishedRun, load_finished_run
+from splatpose.detect.inputs import InputError, LoadedImage, display_names, expand_inputs, load_input
+from splatpose.detect.localization import ImageLocalizer
+from splatpose.metrics import normalise_maps
+from splatpose.refine.pose_refinement import PoseRefiner
+from splatpose.scoring.anomaly_maps import build_scorer
+from splatpose.splat.ply import load_gaussians
+from splatpose.splat.rendering import render
+
+log = logging.getLogger(__name__)
+
+DEFAULTS_FILE = Path(__file__).resolve().parents[1] / "conf" / "detect" / "default.yaml"
+STAGES = ("load", "extract", "retrieve", "match", "pnp", "refine", "render", "score")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu' (as the pipeline resolves it)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device} was asked for but CUDA is not available; use device=cpu or auto")
+    return str(device)
+
+
+def default_detect_config() -> DictConfig:
+    """The ``detect`` node of conf/detect/default.yaml (what Hydra composes for task=detect)."""
+    return OmegaConf.load(DEFAULTS_FILE).detect
+
+
+@dataclass
+class Detection:
+    """The result for one input image.
+
+    anomaly_map: [S, S] float32, normalised with the run's map_range (0..1 on the evaluation's test
+        set; a new image may go beyond 1). None when ``ok`` is False.
+    score: max of anomaly_map; anomalous: score >= detect.threshold (None without a threshold).
+    localized: PnP succeeded; otherwise ``w2c`` is the fallback pose named by ``fallback`` and the map
+        is unreliable (flag "not_localized").
+    w2c: [4, 4] float64 world-to-camera (OpenCV) used for the render (after refinement, if any);
+        w2c_pnp: the pose before refinement.
+    flags: notes such as "grayscale", "resized_from_640x480", "not_localized".
+    times: seconds per stage (STAGES) and "total"; a batched stage's time is split over its images.
+    query, render: [H, W, 3] float32 images, kept only when asked (for overlays).
+    """
+
+    name: str
+    source: str
+    ok: bool = False
+    error: str | None = None
+    flags: list[str] = field(default_factory=list)
+    anomaly_map: np.ndarray | None = None
+    score: float | None = None
+    anomalous: bool | None = None
+    localized: bool = False
+    num_inliers: int = 0
+    num_matches: int = 0
+    fallback: str | None = None
+    w2c: np.ndarray | None = None
+    w2c_pnp: np.ndarray | None = None
+    retrieved: list[str] = field(default_factory=list)
+    refinement: dict | None = None
+    times: dict[str, float] = field(default_factory=dict)
+    query: np.ndarray | None = None
+    render: np.ndarray | None = None
+
+    def record(self) -> dict:
+        """JSON-able summary (poses as nested lists, no images or maps)."""
+        return {"name": self.name, "source": self.source, "ok": self.ok, "error": self.error,
+                "flags": self.flags, "score": self.score, "anomalous": self.anomalous,
+                "localized": self.localized, "num_inliers": self.num_inliers, "num_matches": self.num_matches,
+                "fallback": self.fallback, "retrieved": self.retrieved, "refinement": self.refinement,
+                "w2c": None if self.w2c is None else np.asarray(self.w2c).tolist(),
+                "w2c_pnp": None if self.w2c_pnp is None else np.asarray(self.w2c_pnp).tolist(),
+                "times": self.times}
+
+
+class Detector:
+    """Scores new images against one finished run; build once, call per image or per batch.
+
+    Args:
+        run: the finished run (:func:`splatpose.detect.finished_run.load_finished_run`).
+        cfg: the ``detect`` node (conf/detect/default.yaml; missing keys take those defaults).
+        device: "auto" | "cpu" | "cuda[:i]".
+    """
+
+    def __init__(self, run: FinishedRun, cfg: DictConfig | dict | None = None, device: str = "auto"):
+        start = time.perf_counter()
+        self.cfg = OmegaConf.merge(default_detect_config(), cfg or {})
+        self.run = run
+        self.device = resolve_device(device)
+        if self.device.startswith("cuda") and self.cfg.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.deterministic = False
+        self.width, self.height = run.width, run.height
+        self.lo, self.hi = run.map_range
+        self.localizer = ImageLocalizer(run.K, run.width, run.height, run.config.sfm, run.reference, run.db_w2c,
+                                        self.device, matching=self.cfg.matching,
+                                        pairs_per_call=self.cfg.pairs_per_call)
+        self.gaussians = load_gaussians(run.gaussians_ply, self.device)
+        self.scorer = build_scorer(run.config.scorer, self.device)
+        self.backend = self.cfg.render_backend or run.config.splat.get("backend", "auto")
+        self.K = torch.as_tensor(run.K, dtype=torch.float32, device=self.device)
+        self.refiner = None
+        if self.cfg.refine.enabled:
+            self.refiner = PoseRefiner(self.gaussians, run.K, run.width, run.height, self.cfg.refine,
+                                       backend=self.backend, scorer=self.scorer)
+        self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="detect-load")
+        self.setup_seconds = time.perf_counter() - start
+        log.info("Detector for %s/%s ready in %.1f s on %s (%d Gaussians, matching %s, refine %s)",
+                 run.config.dataset.name, run.class_name, self.setup_seconds, self.device, len(self.gaussians),
+                 "batched" if self.localizer.batched_matching else "sequential",
+                 "on" if self.refiner else "off")
+
+    @classmethod
+    def from_run(cls, run_dir: Path | str, cfg: DictConfig | dict | None = None, device: str = "auto") -> "Detector":
+        """A detector for the finished run in ``run_dir`` (the folder holding results.json)."""
+        return cls(load_finished_run(run_dir), cfg, device)
+
+    # ----------------------------------------------------------------------------------------------
+    # Entry points
+
+    def detect(self, source, name: str | None = None, keep_images: bool = False) -> Detection:
+        """One image: a file path, or a decoded [H, W, 3] float array in [0, 1]."""
+        return self.detect_batch([source], None if name is None else [name], keep_images)[0]
+
+    def detect_batch(self, sources: list, names: list[str] | None = None, keep_images: bool = False) -> list[Detection]:
+        """A batch of images (paths or arrays), processed together; one Detection per source, in order."""
+        loaded = [self._load(source) for source in sources]
+        return self._detect_loaded(sources, names, loaded, keep_images)
+
+    def detect_stream(self, sources: Iterable, names: list[str] | None = None, batch_size: int | None = None,
+                      keep_images: bool = False) -> Iterator[Detection]:
+        """Detections for many images, ``batch_size`` at a time (default ``detect.batch_size``).
+
+        The next batch's files are decoded in background threads while the current batch runs.
+        """
+        sources = list(sources)
+        names = names or [self._default_name(s, i) for i, s in enumerate(sources)]
+        size = int(batch_size or self.cfg.batch_size)
+        batches = [range(i, min(i + size, len(sources))) for i in range(0, len(sources), size)]
+        pending = self._prefetch([sources[i] for i in batches[0]]) if batches else []
+        for k, batch in enumerate(batches):
+            loaded = [future.result() for future in pending]
+            if k + 1 < len(batches):
+                pending = self._prefetch([sources[i] for i in batches[k + 1]])
+            yield from self._detect_loaded([sources[i] for i in batch], [names[i] for i in batch], loaded,
+                                           keep_images)
+
+    # ----------------------------------------------------------------------------------------------
+    # Stages
+
+    def _prefetch(self, sources: list) -> list:
+        return [self._loader.submit(self._load, source) for source in sources]
+
+    def _load(self, source) -> tuple[LoadedImage | InputError, float]:
+        start = time.perf_counter()
+        try:
+            result = load_input(source, self.width, self.height, self.cfg.on_size_mismatch)
+        except InputError as error:
+            result = error
+        return result, time.perf_counter() - start
+
+    @staticmethod
+    def _default_name(source, index: int) -> str:
+        return Path(source).name if isinstance(source, (str, Path)) else f"image_{index}"
+
+    def _detect_loaded(self, sources: list, names: list[str] | None, loaded: list, keep_images: bool) -> list[Detection]:
+        names = names or [self._default_name(s, i) for i, s in enumerate(sources)]
+        detections = [Detection(name=name, source=str(s) if isinstance(s, (str, Path)) else "<array>")
+                      for name, s in zip(names, sources)]
+        good = []
+        for detection, (result, seconds) in zip(detections, loaded):
+            detection.times["load"] = round(seconds, 6)
+            if isinstance(result, InputError):
+                detection.error = str(result)
+            else:
+                detection.flags += result.flags
+                good.append((detection, result))
+        if not good:
+            return detections
+        try:
+            self._run_stages(good, keep_images)
+        except Exception as error:  # one image's unexpected failure must not lose the batch's other images
+            if len(good) == 1:
+                log.exception("detection failed for %s", good[0][0].source)
+                good[0][0].error = f"{type(error).__name__}: {error}"
+                return detections
+            log.warning("a batch of %d images failed (%s: %s); scoring them one by one", len(good),
+                        type(error).__name__, error)
+            for detection, image in good:
+                detection.flags, detection.times = list(image.flags), {"load": detection.times["load"]}
+                try:
+                    self._run_stages([(detection, image)], keep_images)
+                except Exception as single_error:
+                    log.exception("detection failed for %s", detection.source)
+                    detection.error = f"{type(single_error).__name__}: {single_error}"
+        return detections
+
+    def _run_stages(self, items: list[tuple[Detection, LoadedImage]], keep_images: bool) -> None:
+        batch = len(items)
+        queries = torch.stack([image.image for _, image in items]).to(self.device)  # [B, 3, H, W]
+        poses = self.localizer.localize_images(queries, [d.name for d, _ in items])
+        w2c = np.stack([pose.w2c for pose in poses])
+        for b, ((detection, _), pose) in enumerate(zip(items, poses)):
+            detection.times.update(pose.times)
+            detection.localized, detection.fallback = bool(pose.success), pose.fallback
+            detection.num_inliers, detection.num_matches = int(pose.num_inliers), int(pose.num_matches)
+            detection.retrieved, detection.w2c_pnp = list(pose.retrieved), pose.w2c.copy()
+            if not pose.success:
+                detection.flags.append("not_localized")
+            detection.times["refine"] = 0.0
+            if self.refiner is not None and (pose.success or not self.cfg.refine.skip_unlocalized):
+                refinement = self.refiner.refine(queries[b], pose.w2c)
+                w2c[b] = refinement.w2c
+                detection.refinement = refinement.summary()
+                detection.times["refine"] = round(refinement.seconds, 6)
+
+        start = self._clock()
+        with torch.no_grad():
+            renders = render(self.gaussians, torch.as_tensor(w2c, dtype=torch.float32, device=self.device), self.K,
+                             self.width, self.height, backend=self.backend).clamp(0, 1)  # [B, H, W, 3]
+        render_seconds = self._clock() - start
+
+        start = self._clock()
+        raw = self.scorer(queries, renders.permute(0, 3, 1, 2))  # [B, S, S]
+        maps = normalise_maps(raw, self.lo, self.hi)
+        maps_np = maps.float().cpu().numpy()
+        score_seconds = self._clock() - start
+
+        threshold = self.cfg.threshold
+        renders_np = renders.cpu().numpy() if keep_images else None
+        for b, (detection, image) in enumerate(items):
+            detection.ok = True
+            detection.w2c = w2c[b].copy()
+            detection.anomaly_map = maps_np[b]
+            detection.score = float(maps_np[b].max())
+            detection.anomalous = None if threshold is None else bool(detection.score >= float(threshold))
+            detection.times["render"] = round(render_seconds / batch, 6)
+            detection.times["score"] = round(score_seconds / batch, 6)
+            detection.times["total"] = round(sum(detection.times.get(s, 0.0) for s in STAGES), 6)
+            if keep_images:
+                detection.query = image.image.permute(1, 2, 0).numpy()
+                detection.render = renders_np[b]
+
+    def _clock(self) -> float:
+        """perf_counter after the device's queued work is done (stage times on CUDA need the sync)."""
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False)
+
+
+def detect_task(cfg: DictConfig) -> dict:
+    """``python run.py task=detect run_dir=... inputs=...``: detect, write outputs, return the summary."""
+    from splatpose.detect.records import DetectionWriter
+
+    if not cfg.get("run_dir"):
+        raise ValueError("run_dir is not set; pass run_dir=<folder of a finished evaluation run> (the folder "
+                         "`python run.py` printed as 'Outputs: ...')")
+    paths = expand_inputs(cfg.get("inputs"))
+    names = display_names(paths)
+    detector = Detector.from_run(cfg.run_dir, cfg.get("detect"), device=cfg.get("device", "auto"))
+    writer = DetectionWriter(Path(cfg.paths.output_dir), detector)
+    start = time.perf_counter()
+    try:
+        for detection in detector.detect_stream(paths, names, keep_images=bool(detector.cfg.write_overlays)):
+            writer.add(detection)
+    finally:
+        detector.close()
+    summary = writer.close(wall_seconds=time.perf_counter() - start)
+    print(writer.console_summary())
+    return summary

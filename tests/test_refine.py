@@ -1,0 +1,147 @@
+"""Pose refinement: the SE(3) increment and the refiner on a small random Gaussian scene (CPU, seconds).
+
+The scene is its own ground truth: the target image is the scene rendered at a known pose, so a
+refiner that works must walk a perturbed start pose back towards it.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from scipy.spatial.transform import Rotation
+
+from splatpose.data.cameras import center_error, rotation_error_deg
+from splatpose.detector import default_detect_config
+from splatpose.refine import PoseRefiner, apply_increment, check_refine_config, se3_exp
+from splatpose.splat.gaussians import Gaussians, rgb_to_sh0
+from splatpose.splat.rendering import render
+
+SIZE = 64
+K = np.array([[70.0, 0.0, SIZE / 2], [0.0, 70.0, SIZE / 2], [0.0, 0.0, 1.0]])
+
+
+def random_scene(n: int = 400, seed: int = 0) -> Gaussians:
+    """Opaque, small, brightly coloured Gaussians in a unit cube around the origin: a textured blob."""
+    rng = np.random.default_rng(seed)
+    return Gaussians(
+        means=torch.as_tensor(rng.uniform(-0.5, 0.5, (n, 3)), dtype=torch.float32),
+        quats=torch.as_tensor(Rotation.random(n, random_state=seed).as_quat()[:, [3, 0, 1, 2]], dtype=torch.float32),
+        scales=torch.full((n, 3), math.log(0.06)),
+        opacities=torch.full((n,), 3.0),
+        sh0=rgb_to_sh0(torch.as_tensor(rng.random((n, 3)), dtype=torch.float32))[:, None],
+        shN=torch.zeros(n, 0, 3),
+    )
+
+
+def camera(distance: float = 2.5, yaw_deg: float = 20.0) -> np.ndarray:
+    """w2c [4, 4] of a camera on a circle around the origin, looking at it (OpenCV axes)."""
+    yaw = math.radians(yaw_deg)
+    centre = np.array([distance * math.sin(yaw), 0.3, -distance * math.cos(yaw)])
+    forward = -centre / np.linalg.norm(centre)
+    right = np.cross(forward, [0.0, -1.0, 0.0])
+    right /= np.linalg.norm(right)
+    down = np.cross(forward, right)
+    w2c = np.eye(4)
+    w2c[:3, :3] = np.stack([right, down, forward])
+    w2c[:3, 3] = -w2c[:3, :3] @ centre
+    return w2c
+
+
+def perturbed(w2c: np.ndarray, degrees: float, shift: float, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    axis = rng.normal(size=3)
+    xi = np.concatenate([shift * rng.normal(size=3) / math.sqrt(3), math.radians(degrees) * axis / np.linalg.norm(axis)])
+    return (se3_exp(torch.as_tensor(xi)) @ torch.as_tensor(w2c)).numpy()
+
+
+def refine_cfg(**overrides):
+    return OmegaConf.merge(default_detect_config().refine, {"enabled": True, "scale": 1.0, **overrides})
+
+
+def test_se3_exp_is_a_rotation_about_omega_and_a_shift_by_rho():
+    assert torch.allclose(se3_exp(torch.zeros(6, dtype=torch.float64)), torch.eye(4, dtype=torch.float64))
+    omega = np.array([0.1, -0.2, 0.3])
+    T = se3_exp(torch.as_tensor(np.concatenate([[0.0, 0.0, 0.0], omega]))).numpy()
+    np.testing.assert_allclose(T[:3, :3], Rotation.from_rotvec(omega).as_matrix(), atol=1e-12)
+    T = se3_exp(torch.tensor([0.1, 0.2, -0.3, 0.0, 0.0, 0.0], dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(T[:3, 3], [0.1, 0.2, -0.3], atol=1e-12)
+
+
+def test_increment_moves_the_camera_in_its_own_frame():
+    w2c = torch.as_tensor(camera(), dtype=torch.float64)
+    # +z in the camera frame moves the world towards the camera: the camera advances by 0.1 along its view axis
+    moved = apply_increment(torch.tensor([0.0, 0.0, -0.1, 0.0, 0.0, 0.0], dtype=torch.float64), w2c).numpy()
+    forward = w2c.numpy()[2, :3]
+    centre_before = -w2c.numpy()[:3, :3].T @ w2c.numpy()[:3, 3]
+    centre_after = -moved[:3, :3].T @ moved[:3, 3]
+    np.testing.assert_allclose(centre_after - centre_before, 0.1 * forward, atol=1e-12)
+
+
+def test_render_is_differentiable_in_the_pose():
+    scene = random_scene()
+    xi = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    rgb = render(scene, apply_increment(xi, torch.as_tensor(camera()))[None], torch.as_tensor(K, dtype=torch.float32),
+                 SIZE, SIZE, backend="torch")
+    rgb.mean().backward()
+    assert torch.isfinite(xi.grad).all() and xi.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss", ["l1", "l1_ssim"])
+def test_lbfgs_refinement_walks_a_perturbed_pose_back(loss):
+    scene = random_scene()
+    truth = camera()
+    target = render(scene, torch.as_tensor(truth, dtype=torch.float32)[None], torch.as_tensor(K, dtype=torch.float32),
+                    SIZE, SIZE, backend="torch")[0].permute(2, 0, 1).clamp(0, 1)
+    start = perturbed(truth, degrees=1.5, shift=0.04)
+    refiner = PoseRefiner(scene, K, SIZE, SIZE, refine_cfg(loss=loss, steps=20), backend="torch")
+    result = refiner.refine(target, start)
+    assert result.loss_end < 0.3 * result.loss_start
+    assert rotation_error_deg(result.w2c, truth) < 0.3 * rotation_error_deg(start, truth)
+    assert center_error(result.w2c, truth) < 0.3 * center_error(start, truth)
+
+
+def test_adam_refinement_lowers_the_loss():
+    scene = random_scene()
+    truth = camera()
+    target = render(scene, torch.as_tensor(truth, dtype=torch.float32)[None], torch.as_tensor(K, dtype=torch.float32),
+                    SIZE, SIZE, backend="torch")[0].permute(2, 0, 1).clamp(0, 1)
+    refiner = PoseRefiner(scene, K, SIZE, SIZE, refine_cfg(optimizer="adam", steps=8, lr=3e-3), backend="torch")
+    result = refiner.refine(target, perturbed(truth, degrees=1.5, shift=0.04))
+    assert result.steps == 8 and result.loss_end < 0.7 * result.loss_start
+
+
+def test_keep_best_never_returns_a_worse_pose_than_the_start():
+    scene = random_scene()
+    truth = camera()
+    target = render(scene, torch.as_tensor(truth, dtype=torch.float32)[None], torch.as_tensor(K, dtype=torch.float32),
+                    SIZE, SIZE, backend="torch")[0].permute(2, 0, 1).clamp(0, 1)
+    # Adam with a huge step size overshoots at once; keep_best must then return the start pose itself
+    refiner = PoseRefiner(scene, K, SIZE, SIZE, refine_cfg(optimizer="adam", steps=3, lr=0.5), backend="torch")
+    result = refiner.refine(target, truth)
+    assert result.loss_end <= result.loss_start
+    np.testing.assert_allclose(result.w2c, truth, atol=1e-9)
+
+
+def test_lower_render_scale_keeps_the_camera_geometry():
+    """At scale 0.5 the refiner renders a 32x32 image of the same view: a 2x2 box filter of the full one."""
+    scene = random_scene()
+    refiner = PoseRefiner(scene, K, SIZE, SIZE, refine_cfg(scale=0.5), backend="torch")
+    assert (refiner.width, refiner.height) == (SIZE // 2, SIZE // 2)
+    full = render(scene, torch.as_tensor(camera(), dtype=torch.float32)[None], torch.as_tensor(K, dtype=torch.float32),
+                  SIZE, SIZE, backend="torch")[0]
+    half = render(scene, torch.as_tensor(camera(), dtype=torch.float32)[None], refiner.K, 32, 32, backend="torch")[0]
+    pooled = torch.nn.functional.avg_pool2d(full.permute(2, 0, 1)[None], 2)[0].permute(1, 2, 0)
+    assert (half - pooled).abs().mean() < 0.05
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="detect.refine.loss='ncc' is unknown"):
+        check_refine_config(refine_cfg(loss="ncc"))
+    with pytest.raises(ValueError, match="detect.refine.optimizer='sgd' is unknown"):
+        check_refine_config(refine_cfg(optimizer="sgd"))
+    with pytest.raises(ValueError, match="detect.refine.steps must be >= 1"):
+        check_refine_config(refine_cfg(steps=0))
+    with pytest.raises(ValueError, match="detect.refine.loss=feature needs a scorer with a backbone"):
+        PoseRefiner(random_scene(), K, SIZE, SIZE, refine_cfg(loss="feature"), backend="torch", scorer=None)

@@ -13,6 +13,7 @@ exactly what transforms.json stores; the principal point is the image centre.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
@@ -20,6 +21,13 @@ import numpy as np
 # Without a display VTK would first try X11 and print a warning; EGL renders headless (needs the
 # Debian packages libegl1 and libgl1). Respect a choice the user made.
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+
+# Mesa's software OpenGL (llvmpipe) loads the system's LLVM when the first frame renders. triton
+# (installed with CUDA builds of torch, which imports it lazily) carries its own LLVM, and loading it
+# *after* Mesa's crashes the process with a segfault; loading it first is fine. So load it now, in
+# any process that may render. (The dataset generator also renders in a child process.)
+if importlib.util.find_spec("triton") is not None:
+    import triton  # noqa: F401
 
 import pyvista as pv  # noqa: E402  (after the environment variable above)
 from pyvista.plotting.themes import Theme  # noqa: E402

@@ -27,6 +27,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -137,11 +139,26 @@ def ensure_synthetic_dataset(root: Path, classes: list[str] | tuple[str, ...] = 
             tmp = dataset_root / f".tmp-{class_name}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             start = time.perf_counter()
-            generate_class(tmp, class_name, settings)
+            _generate_in_child_process(tmp, class_name, settings)
             os.rename(tmp, dataset_root / class_name)
             log.info("generated synthetic class %s in %.1f s into %s", class_name,
                      time.perf_counter() - start, dataset_root / class_name)
     return dataset_root
+
+
+def _generate_in_child_process(out_dir: Path, class_name: str, settings: GeneratorSettings) -> None:
+    """Run generate_class in a fresh Python process (``python -m splatpose.data.synthetic``).
+
+    Rendering loads Mesa's software OpenGL and with it the system's LLVM into the process; a library
+    with an LLVM of its own loaded later (triton, which torch imports lazily) then crashes the process.
+    The pipeline goes on to run torch after generating, so the rendering stays out of its process.
+    """
+    command = [sys.executable, "-m", "splatpose.data.synthetic", str(out_dir), class_name,
+               json.dumps(dataclasses.asdict(settings))]
+    result = subprocess.run(command)
+    if result.returncode != 0:
+        raise RuntimeError(f"generating synthetic class {class_name} into {out_dir} failed (exit code "
+                           f"{result.returncode}; its error is printed above). Command: {' '.join(command)}")
 
 
 @contextlib.contextmanager
@@ -301,3 +318,9 @@ def _save_png(path: Path, pixels: np.ndarray) -> None:
 
 def _write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    # The child process of _generate_in_child_process: OUT_DIR CLASS_NAME SETTINGS_JSON
+    _, out, name, settings_json = sys.argv
+    generate_class(Path(out), name, make_settings(**json.loads(settings_json)))

@@ -1,9 +1,9 @@
 """Objects and defects of the generated dataset: real meshes shipped in pyvista's wheel, coloured with a
 seeded solid texture, and the three MAD-Sim defect types applied to them.
 
-Every object is normalised to its bounding sphere (centre at the origin, radius 1, +z up) and refined
-so that no triangle edge is longer than ``edge_len``; colour lives on the vertices, so the refinement
-sets how fine the texture is. Each triangle carries a ``surface_id`` that survives the defects
+Every object is centred on the origin, +z up, scaled so that 95% of its surface lies within radius 1
+(``normalise``: the object units of all lengths here), and refined so that no triangle edge is longer
+than ``edge_len``: colour lives on the vertices, so the refinement bounds how fine the texture can be. Each triangle carries a ``surface_id`` that survives the defects
 (removed triangles take theirs along, added ones get new ids), which is what the id pass of the
 renderer compares to find the pixels a defect changed.
 """
@@ -39,10 +39,6 @@ MESHES: dict[str, MeshSource] = {
 }
 
 
-def available_meshes() -> list[str]:
-    return list(MESHES)
-
-
 def load_object(class_name: str, rng: np.random.Generator, edge_len: float = 0.02, patch_size: float = 0.25,
                 detail_size: float = 0.06) -> tuple[pv.PolyData, SolidTexture]:
     """The defect-free object of a class: normalised, refined, with normals, colours and surface ids.
@@ -71,7 +67,7 @@ def load_object(class_name: str, rng: np.random.Generator, edge_len: float = 0.0
     texture = SolidTexture.on_surface(mesh, rng, patch_size, detail_size)
     mesh.point_data[VERTEX_RGB] = texture(mesh.points)
     mesh.cell_data[SURFACE_ID] = np.arange(mesh.n_cells, dtype=np.int64)
-    return _only_arrays(mesh, point=["Normals", VERTEX_RGB], cell=[SURFACE_ID]), texture
+    return _renderable(mesh), texture
 
 
 def normalise(mesh: pv.PolyData, quantile: float = 0.95) -> pv.PolyData:
@@ -148,8 +144,8 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------
-# Defects. Each takes the defect-free object, a surface point (a vertex index) and a size (in units
-# of the bounding-sphere radius) and returns a new mesh; the input is never modified.
+# Defects. Each takes the defect-free object, a surface point (a vertex index) and a size (object
+# units) and returns a new mesh; the input is never modified.
 
 
 def add_stain(mesh: pv.PolyData, centre_vertex: int, radius: float, rng: np.random.Generator) -> pv.PolyData:
@@ -162,7 +158,7 @@ def add_stain(mesh: pv.PolyData, centre_vertex: int, radius: float, rng: np.rand
     rgb = stained.point_data[VERTEX_RGB].astype(np.float64) / 255.0
     rgb[inside] = 0.15 * rgb[inside] + 0.85 * stain_rgb
     stained.point_data[VERTEX_RGB] = np.round(rgb * 255.0).astype(np.uint8)
-    return _only_arrays(stained, point=["Normals", VERTEX_RGB], cell=[SURFACE_ID])
+    return _renderable(stained)
 
 
 def remove_part(mesh: pv.PolyData, centre_vertex: int, radius: float, rng: np.random.Generator) -> pv.PolyData:
@@ -175,9 +171,7 @@ def remove_part(mesh: pv.PolyData, centre_vertex: int, radius: float, rng: np.ra
     removed = np.zeros(mesh.n_cells, dtype=bool)
     for ball, r in zip(np.vstack([centre, balls]), np.concatenate([[radius], radii])):
         removed |= np.linalg.norm(centres - ball, axis=1) < r
-    # remove_cells keeps the point arrays but forgets which one holds the normals: restore it.
-    return _only_arrays(mesh.remove_cells(np.flatnonzero(removed)), point=["Normals", VERTEX_RGB],
-                        cell=[SURFACE_ID])
+    return _renderable(mesh.remove_cells(np.flatnonzero(removed)))
 
 
 def add_burrs(mesh: pv.PolyData, centre_vertex: int, radius: float, rng: np.random.Generator,
@@ -203,18 +197,17 @@ def add_burrs(mesh: pv.PolyData, centre_vertex: int, radius: float, rng: np.rand
                                                                   feature_angle=50.0)
     burrs.point_data[VERTEX_RGB] = texture(np.asarray(burrs.points))
     burrs.cell_data[SURFACE_ID] = mesh.n_cells + np.arange(burrs.n_cells, dtype=np.int64)
-    burrs = _only_arrays(burrs, point=["Normals", VERTEX_RGB], cell=[SURFACE_ID])
-    base = _only_arrays(mesh, point=["Normals", VERTEX_RGB], cell=[SURFACE_ID])
-    return _only_arrays(pv.merge([base, burrs], merge_points=False), point=["Normals", VERTEX_RGB],
-                        cell=[SURFACE_ID])
+    return _renderable(pv.merge([_renderable(mesh), _renderable(burrs)], merge_points=False))
 
 
-def _only_arrays(mesh: pv.PolyData, point: list[str], cell: list[str]) -> pv.PolyData:
-    out = pv.PolyData(mesh.points.copy(), mesh.faces.copy())
-    for name in point:
+def _renderable(mesh: pv.PolyData) -> pv.PolyData:
+    """A copy with exactly the arrays the renderer uses, and ``Normals`` marked as the normals:
+    pyvista filters (remove_cells, merge) keep the array but forget that role, and VTK would then
+    shade with normals of its own, changing pixels far from the defect."""
+    out = pv.PolyData(np.asarray(mesh.points).copy(), np.asarray(mesh.faces).copy())
+    for name in ("Normals", VERTEX_RGB):
         out.point_data[name] = np.asarray(mesh.point_data[name]).copy()
-    for name in cell:
-        out.cell_data[name] = np.asarray(mesh.cell_data[name]).copy()
+    out.cell_data[SURFACE_ID] = np.asarray(mesh.cell_data[SURFACE_ID]).copy()
     out.point_data.active_normals_name = "Normals"
     return out
 

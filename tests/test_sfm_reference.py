@@ -1,0 +1,151 @@
+"""SfM reference model and localization on a small generated class (CPU, about a minute in all).
+
+The files are read back with plain h5py against hloc's documented layout, the triangulated points
+are checked against the known train poses with the project's own projection (not COLMAP's), and
+queries that cannot be localized must come back flagged, with a fallback pose, without stopping the run.
+"""
+
+import dataclasses
+
+import h5py
+import numpy as np
+import pycolmap
+import pytest
+from PIL import Image
+
+from splatpose.data.cameras import project_points, rotation_error_deg
+from splatpose.data import mad_sim
+from splatpose.data.synthetic import ensure_synthetic_dataset
+from splatpose.sfm import FALLBACK_RETRIEVED, build_reference, check_sfm_config, localize_queries
+from splatpose.sfm.config import compose_sfm_config
+
+CLASS = "03Nut"  # a compact object: many features even at 128 px
+# Few, small views keep the whole module near a minute on two CPU cores.
+GENERATOR = dict(preset="small", width=160, height=160, n_train=16, n_test_good=2, n_test_per_defect=1)
+SFM = {"max_keypoints": 512, "resize_max": 320, "resize_force": True, "db_pairs": {"num_neighbors": 3},
+       "localization": {"top_k": 3}}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = ensure_synthetic_dataset(tmp_path_factory.getbasetemp() / "synthetic", [CLASS], **GENERATOR)
+    return mad_sim.load_class(root, CLASS)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return compose_sfm_config("aliked", "lightglue", "global", SFM)
+
+
+@pytest.fixture(scope="module")
+def reference(data, cfg, tmp_path_factory):
+    return build_reference(data, cfg, tmp_path_factory.mktemp("sfm"), "cpu")
+
+
+def test_features_h5_follows_hloc_layout(data, reference):
+    with h5py.File(reference.features_path, "r") as handle:
+        for view in data.train:
+            group = handle[view.name]  # nested groups "train" / "good" / "<i>.png", as hloc writes them
+            keypoints, descriptors = group["keypoints"][()], group["descriptors"][()]
+            assert keypoints.ndim == 2 and keypoints.shape[1] == 2 and len(keypoints) > 20
+            assert descriptors.shape == (128, len(keypoints)), "descriptors are stored D x N"
+            assert tuple(group["image_size"][()]) == (data.width, data.height)  # (W, H)
+            # hloc convention: pixel centres at integers, so every keypoint lies in [-0.5, W - 0.5]
+            assert keypoints.min() >= -0.5 and keypoints[:, 0].max() <= data.width - 0.5
+            assert np.allclose(np.linalg.norm(descriptors, axis=0), 1.0, atol=1e-3)
+
+
+def test_matches_h5_and_pairs_follow_hloc_layout(reference):
+    lines = reference.pairs_path.read_text().splitlines()
+    pairs = [tuple(line.split(" ")) for line in lines]
+    assert pairs and all(len(p) == 2 for p in pairs)
+    with h5py.File(reference.features_path, "r") as features, h5py.File(reference.matches_path, "r") as matches:
+        for name0, name1 in pairs:
+            group = matches[name0.replace("/", "-")][name1.replace("/", "-")]
+            matches0, scores0 = group["matches0"][()], group["matching_scores0"][()]
+            n0, n1 = len(features[name0]["keypoints"]), len(features[name1]["keypoints"])
+            assert matches0.shape == scores0.shape == (n0,)
+            assert matches0.min() >= -1 and matches0.max() < n1
+            matched = matches0 > -1
+            assert len(np.unique(matches0[matched])) == matched.sum(), "one-to-one matches"
+            assert (scores0[matched] > 0).all() and (scores0 <= 1).all()
+        assert sum((matches[a.replace("/", "-")][b.replace("/", "-")]["matches0"][()] > -1).sum()
+                   for a, b in pairs) > 10 * len(pairs)
+
+
+def test_triangulated_points_reproject_within_2px_on_the_views_that_see_them(data, reference):
+    reconstruction = pycolmap.Reconstruction(str(reference.reconstruction_dir))
+    assert reconstruction.num_points3D() == len(reference.points_xyz) > 100
+    views = {view.name: view for view in data.train}
+    with h5py.File(reference.features_path, "r") as features:
+        keypoints = {name: features[name]["keypoints"][()] for name in views}
+    checked = 0
+    for point in reconstruction.points3D.values():
+        assert point.track.length() >= 2
+        for element in point.track.elements:
+            name = reconstruction.image(element.image_id).name
+            uv, depth = project_points(point.xyz[None], views[name].w2c, data.K)
+            observed = keypoints[name][element.point2D_idx] + 0.5  # hloc -> COLMAP pixel centres
+            assert depth[0] > 0
+            assert np.linalg.norm(uv[0] - observed) <= 2.0, f"point {point.xyz} in {name}"
+            checked += 1
+    assert checked > 200
+    # colours come from the images (white background, textured object): in range and not all white
+    assert reference.points_rgb.shape == reference.points_xyz.shape
+    assert 0.0 <= reference.points_rgb.min() and reference.points_rgb.max() <= 1.0
+    assert reference.points_rgb.mean() < 0.9
+
+
+def test_a_rerun_reuses_the_reference(data, cfg, reference):
+    stamp = reference.matches_path.stat().st_mtime_ns
+    again = build_reference(data, cfg, reference.features_path.parent, "cpu")
+    assert reference.matches_path.stat().st_mtime_ns == stamp
+    np.testing.assert_array_equal(again.points_xyz, reference.points_xyz)
+
+
+def test_blank_and_noise_queries_are_flagged_and_the_run_completes(data, cfg, reference, tmp_path):
+    blank = tmp_path / "blank.png"
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.full((data.height, data.width, 3), 255, np.uint8)).save(blank)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (data.height, data.width, 3), dtype=np.uint8)).save(noise)
+    queries = [mad_sim.TestImage("test/good/blank.png", blank, "good", None),
+               mad_sim.TestImage("test/good/noise.png", noise, "good", None), *data.test]
+    poses = localize_queries(dataclasses.replace(data, test=queries), cfg, reference, tmp_path / "loc", "cpu")
+
+    assert [p.name for p in poses] == [q.name for q in queries]
+    for failed in poses[:2]:
+        assert not failed.success and failed.fallback == FALLBACK_RETRIEVED
+        db_poses = [v.w2c for v in data.train if v.name in failed.retrieved]
+        assert any(np.allclose(failed.w2c, w2c) for w2c in db_poses), "fallback = a retrieved db pose"
+    # 16 train views leave gaps, so not every real query has enough overlap; most do
+    localized = [p for p in poses[2:] if p.success]
+    assert len(localized) >= 3
+    for pose in localized:
+        assert pose.fallback is None and pose.num_inliers >= cfg.localization.min_inliers
+        assert rotation_error_deg(pose.w2c, data.test_poses[pose.name]) < 2.0
+        assert set(pose.times) == {"extract", "retrieve", "match", "pnp"}
+        assert len(pose.retrieved) == cfg.localization.top_k
+    # the results are on disk for a rerun, which reuses them
+    assert (tmp_path / "loc" / "query_poses.json").exists()
+    again = localize_queries(dataclasses.replace(data, test=queries), cfg, reference, tmp_path / "loc", "cpu")
+    np.testing.assert_array_equal(again[-1].w2c, poses[-1].w2c)
+
+
+def test_invalid_feature_matcher_pair_fails_with_the_valid_pairs():
+    bad = compose_sfm_config("aliked", "lighterglue")
+    with pytest.raises(ValueError, match="lighterglue: xfeat") as error:
+        check_sfm_config(bad)
+    assert "sfm/feature=aliked" in str(error.value) and "lightglue: aliked, disk, superpoint" in str(error.value)
+    with pytest.raises(ValueError, match="valid feature/matcher pairs"):
+        build_reference(None, compose_sfm_config("sift", "lightglue"), "/nonexistent", "cpu")
+
+
+def test_weights_that_no_package_ships_must_be_given_by_path(tmp_path):
+    with pytest.raises(ValueError, match="sfm.feature.weights"):
+        check_sfm_config(compose_sfm_config("superpoint", "nn_mutual"))
+    with pytest.raises(ValueError, match="sfm.matcher.weights"):
+        check_sfm_config(compose_sfm_config("superpoint", "lightglue",
+                                            overrides={"feature": {"weights": str(tmp_path / "sp.pth")}}))
+    with pytest.raises(ValueError, match="sfm.retrieval.weights"):
+        check_sfm_config(compose_sfm_config("aliked", "lightglue", "netvlad"))

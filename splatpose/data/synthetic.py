@@ -14,7 +14,7 @@ Per class (see shared/MAD_SIM_FORMAT.md for the layout it writes)::
 ``root/synthetic-<key>/`` (``key`` hashes the settings and the generator version) and returns that
 folder. Each class is generated into a hidden temporary folder and renamed into place when complete,
 under a file lock, so an interrupted or concurrent generation never leaves a half class that a later
-run would trust. Same settings, same seed -> byte-identical files.
+run would trust. Same settings, same seed -> byte-identical files (with the same VTK and Mesa).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from splatpose.data.synthetic_scene import MESHES, SolidTexture, add_burrs, add_
 log = logging.getLogger(__name__)
 
 # Bump when a change to the generator changes its output: cached datasets are then regenerated.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 DEFAULT_CLASSES = ("01Ant", "02Airplane", "03Nut")
 
 
@@ -74,7 +74,7 @@ class GeneratorSettings:
     test_roll_deg: float = 25.0
     test_target_jitter: float = 0.1            # the camera aims near, not exactly at, the centre
     edge_len: float = 0.02                     # mesh refinement (colours live on the vertices)
-    texture_patch_size: float = 0.25           # colour patches of the texture
+    texture_patch_size: float = 0.15           # colour patches of the texture
     texture_detail_size: float = 0.06          # its small cells: a few pixels wide at 200x200
     defect_size: float = 0.08                  # radius of stains and holes, height of burrs
     # A defect is kept only if it changes this many pixels (and at most this share of the object's).
@@ -119,7 +119,8 @@ def ensure_synthetic_dataset(root: Path, classes: list[str] | tuple[str, ...] = 
     Args:
         root: cache folder; the dataset lives in ``root/synthetic-<settings key>/``.
         classes: class names, keys of ``synthetic_scene.MESHES`` ("01Ant", "02Airplane", ...).
-        preset: "small" (CPU demo) or "mad_sim_like"; ``generator_settings`` override its fields.
+        preset: "small" (CPU demo), "mad_sim_like" or "tiny" (tests); ``generator_settings``
+            override its fields (see GeneratorSettings).
     Returns:
         The dataset root, to pass to ``mad_sim.load_class(root, class_name)``.
     """

@@ -123,7 +123,7 @@ class SolidTexture:
                               rng.uniform(0.6, 1.0, n_patches))
         return cls(patch_sites=sample_surface(mesh, rng, n_patches), palette=palette,
                    detail_sites=sample_surface(mesh, rng, n_details),
-                   brightness=rng.uniform(0.6, 1.15, n_details))
+                   brightness=rng.uniform(0.45, 1.2, n_details))
 
     def __call__(self, points: np.ndarray) -> np.ndarray:
         points = np.asarray(points, dtype=np.float64)
@@ -191,7 +191,7 @@ def add_burrs(mesh: pv.PolyData, centre_vertex: int, radius: float, rng: np.rand
         direction /= np.linalg.norm(direction)
         height = radius * rng.uniform(0.7, 1.3)
         spike = pv.Cone(center=points[root] + 0.45 * height * direction, direction=direction,
-                        height=height, radius=radius * rng.uniform(0.15, 0.3), resolution=8, capping=True)
+                        height=height, radius=radius * rng.uniform(0.25, 0.4), resolution=8, capping=True)
         spikes.append(spike.triangulate())
     burrs = pv.merge(spikes, merge_points=False).compute_normals(cell_normals=False, split_vertices=True,
                                                                   feature_angle=50.0)

@@ -3,6 +3,7 @@ the file it names and its fix."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +165,12 @@ def test_resolve_dataset_errors_name_the_fix(tiny_root, tmp_path):
                                   "preset": "tiny", "generator": {}})
     with pytest.raises(DatasetError, match=r"unknown class '01Gorilla' for dataset=synthetic; its classes: 01Ant"):
         resolve_dataset(synthetic, "01Gorilla")
+
+
+def test_resolve_synthetic_reuses_the_generated_class(tiny_root):
+    """The conf/dataset/synthetic.yaml shape: null generator fields keep the preset's values."""
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "dataset" / "synthetic.yaml")
+    cfg.root = str(tiny_root.parent)
+    cfg.preset = "tiny"
+    data = resolve_dataset(cfg, CLASS)
+    assert data.root == tiny_root / CLASS

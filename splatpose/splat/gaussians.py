@@ -20,7 +20,6 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 
 # Degree-0 SH basis value: colour = SH_C0 * sh0 + 0.5 for a view-independent Gaussian.
 SH_C0 = 0.28209479177387814
@@ -94,16 +93,30 @@ class Gaussians:
 def nearest_neighbour_distance(points: np.ndarray, k: int = 3) -> np.ndarray:
     """Mean distance of every point to its ``k`` nearest other points, [N] (as in 3DGS's init).
 
-    Duplicate points would give zero; they are floored at a small fraction of the median so
+    scipy's KD-tree; where scipy is not installed (a bare GPU box), a brute-force ``torch.cdist``
+    on the GPU. Duplicate points would give zero; they are floored at a tenth of the median so
     that no Gaussian starts with a degenerate (log 0) scale.
     """
     if len(points) < 2:
         return np.full(len(points), 0.01, dtype=np.float64)
     k = min(k, len(points) - 1)
-    distances, _ = cKDTree(points).query(points, k=k + 1)  # the first neighbour is the point itself
-    mean = distances[:, 1:].mean(axis=1)
+    try:
+        from scipy.spatial import cKDTree
+    except ImportError:
+        mean = _nearest_neighbour_distance_torch(points, k)
+    else:
+        distances, _ = cKDTree(points).query(points, k=k + 1)  # the first neighbour is the point itself
+        mean = distances[:, 1:].mean(axis=1)
     floor = max(float(np.median(mean)) * 0.1, 1e-7)
     return np.maximum(mean, floor)
+
+
+def _nearest_neighbour_distance_torch(points: np.ndarray, k: int, chunk: int = 4096) -> np.ndarray:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    xyz = torch.as_tensor(points, dtype=torch.float32, device=device)
+    means = [torch.cdist(xyz[start:start + chunk], xyz).topk(k + 1, dim=1, largest=False).values[:, 1:].mean(1)
+             for start in range(0, len(xyz), chunk)]
+    return torch.cat(means).double().cpu().numpy()
 
 
 def init_gaussians(points_xyz: np.ndarray, points_rgb: np.ndarray, sh_degree: int = 3,
@@ -137,45 +150,6 @@ def init_gaussians(points_xyz: np.ndarray, points_rgb: np.ndarray, sh_degree: in
         sh0=rgb_to_sh0(torch.as_tensor(np.clip(points_rgb, 0, 1), dtype=torch.float32))[:, None, :],
         shN=torch.zeros(n, num_sh_rest(sh_degree), 3),
     )
-
-
-def object_bounds_from_cameras(w2c: np.ndarray, K: np.ndarray, width: int, height: int,
-                               margin: float = 1.0) -> tuple[np.ndarray, float]:
-    """Centre and radius of a sphere that the cameras look at, from the poses alone.
-
-    The cameras of an object-centric capture all point at the object: the centre is the point
-    closest (least squares) to all optical axes, and the radius is what the narrowest field of
-    view sees at the median camera distance, times ``margin``.
-
-    Args:
-        w2c: [V, 4, 4] world-to-camera poses (OpenCV axes)
-        K: [3, 3] intrinsics
-
-    Returns: (centre [3], radius)
-    """
-    c2w = np.linalg.inv(w2c)
-    origins = c2w[:, :3, 3]
-    axes = c2w[:, :3, 2]  # OpenCV: +z looks forward
-    # Least-squares point nearest to all lines o + t*d: sum (I - d d^T) (x - o) = 0.
-    projectors = np.eye(3)[None] - axes[:, :, None] * axes[:, None, :]
-    centre = np.linalg.lstsq(projectors.sum(0), np.einsum("vij,vj->i", projectors, origins), rcond=None)[0]
-    distance = float(np.median(np.linalg.norm(origins - centre, axis=1)))
-    half_view = min(0.5 * width / K[0, 0], 0.5 * height / K[1, 1])  # tan of the half field of view
-    return centre, margin * distance * half_view / math.sqrt(1 + half_view ** 2)
-
-
-def random_points_in_sphere(centre: np.ndarray, radius: float, num_points: int,
-                            seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Uniform random points inside a sphere with random colours: the init when no SfM points exist.
-
-    Returns: (points_xyz [num_points, 3] float32, points_rgb [num_points, 3] float32 in [0,1])
-    """
-    rng = np.random.default_rng(seed)
-    directions = rng.normal(size=(num_points, 3))
-    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-    radii = radius * rng.random(num_points) ** (1 / 3)
-    xyz = centre[None] + directions * radii[:, None]
-    return xyz.astype(np.float32), rng.random((num_points, 3)).astype(np.float32)
 
 
 def scene_scale_from_cameras(w2c: np.ndarray) -> float:

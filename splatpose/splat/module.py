@@ -30,7 +30,7 @@ class GaussianSplatModule(LightningModule):
         gaussians: the initial scene
         cfg: the ``splat`` config node (conf/splat/*.yaml): steps, lr.*, loss.*, sh_degree,
             sh_degree_interval, strategy (a gsplat strategy ``_target_``), backend, absgrad,
-            antialiased
+            antialiased, init.*, eval.*
         scene_scale: size of the camera rig; the means' learning rate and the strategy's 3D scale
             thresholds are relative to it (as in gsplat's trainer)
         width, height: image size of the training views
@@ -68,6 +68,7 @@ class GaussianSplatModule(LightningModule):
         backend = resolve_backend(self.cfg.backend, self.device)
         return render(self.gaussians, batch["w2c"], batch["K"], self.width, self.height,
                       backend=backend, sh_degree=sh_degree, return_alpha=True, return_info=True,
+                      rasterize_mode="antialiased" if self.cfg.get("antialiased", False) else "classic",
                       **kwargs)
 
     def raw_optimizers(self) -> dict[str, torch.optim.Optimizer]:

@@ -64,7 +64,7 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, c
 def render(gaussians: Gaussians, w2c: Tensor, K: Tensor, width: int, height: int,
            backend: str = "auto", sh_degree: int | None = None,
            background: tuple[float, float, float] = WHITE, return_alpha: bool = False,
-           return_info: bool = False, absgrad: bool = False):
+           return_info: bool = False, absgrad: bool = False, rasterize_mode: str = "classic"):
     """Render a scene from B cameras on a plain background (white by default).
 
     Args:
@@ -75,6 +75,8 @@ def render(gaussians: Gaussians, w2c: Tensor, K: Tensor, width: int, height: int
         backend: "auto" | "gsplat" | "torch"
         sh_degree: SH degree to evaluate (default: all the scene has)
         background: RGB in [0,1]
+        absgrad: also accumulate ``info["means2d"].absgrad`` (AbsGS densification)
+        rasterize_mode: "classic" or "antialiased" (Mip-Splatting's 2D filter compensation)
 
     Returns: rgb [B,H,W,3] (not clamped; use ``.clamp(0, 1)`` for display), plus alpha
         [B,H,W,1] when ``return_alpha`` and the rasterizer's info dict when ``return_info``.
@@ -96,6 +98,7 @@ def render(gaussians: Gaussians, w2c: Tensor, K: Tensor, width: int, height: int
         gaussians.sh_coeffs,
         w2c.to(device=device, dtype=dtype),
         Ks.to(device=device, dtype=dtype),
-        width, height, backend=backend, sh_degree=degree, backgrounds=backgrounds, absgrad=absgrad)
+        width, height, backend=backend, sh_degree=degree, backgrounds=backgrounds, absgrad=absgrad,
+        rasterize_mode=rasterize_mode)
     outputs = (rgb,) + ((alpha,) if return_alpha else ()) + ((info,) if return_info else ())
     return outputs[0] if len(outputs) == 1 else outputs

@@ -274,11 +274,14 @@ def find_visible_pairs(means2d: Tensor, conics: Tensor, opacities: Tensor, depth
     for slab in _chunks_by_total(row_len, min(slab_budget, PAIR_CHUNK)):
         owner, y, x0, length = row_owner[slab], row_y[slab], row_x0[slab], row_len[slab]
         if ids:
-            open_rows = _rows_with_open_pixels(log_transmittance, owner // n_gaussians, y, x0, length,
-                                               width, height)
-            owner, y, x0, length = owner[open_rows], y[open_rows], x0[open_rows], length[open_rows]
+            is_open = log_transmittance > math.log(MIN_TRANSMITTANCE)
+            open_rows = _rows_with_open_pixels(is_open, owner // n_gaussians, y, x0, length, width, height)
+            owner, y, x0, length = _select(torch.nonzero(open_rows).squeeze(1), owner, y, x0, length)
         slab_ids, slab_pixels, slab_alphas = _alpha_pairs_in_rows(
             owner, y, x0, length, means2d, conics, opacities, n_gaussians, width, height)
+        if ids:  # pixels of open rows that are themselves saturated
+            slab_ids, slab_pixels, slab_alphas = _select(torch.nonzero(is_open[slab_pixels]).squeeze(1),
+                                                         slab_ids, slab_pixels, slab_alphas)
         log_transmittance.index_add_(0, slab_pixels, torch.log1p(-slab_alphas.double()))
         ids.append(slab_ids)
         pixels.append(slab_pixels)
@@ -286,14 +289,14 @@ def find_visible_pairs(means2d: Tensor, conics: Tensor, opacities: Tensor, depth
     ids, pixels, alphas = torch.cat(ids), torch.cat(pixels), torch.cat(alphas)
 
     pixels, order = torch.sort(pixels, stable=True)
-    ids, alphas = ids[order], alphas[order]
+    ids, alphas = _select(order, ids, alphas)
 
     # gsplat stops a pixel at the first Gaussian with T * (1 - alpha) <= 1e-4 and skips the rest.
     run_starts = _run_starts(pixels)
     inclusive = torch.cumsum(torch.log1p(-alphas.double()), dim=0)
     before_run = torch.cat([inclusive.new_zeros(1), inclusive])[run_starts]
     keep = (inclusive - before_run) > math.log(MIN_TRANSMITTANCE)
-    ids, pixels = ids[keep], pixels[keep]
+    ids, pixels = _select(torch.nonzero(keep).squeeze(1), ids, pixels)
     return ids, pixels, _run_starts(pixels)
 
 
@@ -320,25 +323,23 @@ def _pixel_rows_inside_ellipses(means2d: Tensor, conics: Tensor, opacities: Tens
     n_rows = (y1 - y0 + 1).clamp(min=0)
 
     owner = torch.repeat_interleave(torch.arange(len(n_rows), device=n_rows.device), n_rows)
-    y = y0[owner] + (torch.arange(owner.numel(), device=owner.device)
-                     - (torch.cumsum(n_rows, 0) - n_rows)[owner])
-    a, b, det, level = a[owner], b[owner], det[owner], level[owner]
-    mean_x = means2d[owner, 0]
-    v = y.to(means2d.dtype) + 0.5 - means2d[owner, 1]
+    y = y0.index_select(0, owner) + (torch.arange(owner.numel(), device=owner.device)
+                                     - (torch.cumsum(n_rows, 0) - n_rows).index_select(0, owner))
+    a, b, det, level = _select(owner, a, b, det, level)
+    mean_x, mean_y = _select(owner, means2d[:, 0], means2d[:, 1])
+    v = y.to(means2d.dtype) + 0.5 - mean_y
     root = torch.sqrt((2.0 * a * level - v * v * det).clamp(min=0.0))
     x0 = torch.ceil(mean_x + (-b * v - root) / a - 0.5).clamp(0, width - 1).long()
     x1 = torch.floor(mean_x + (-b * v + root) / a - 0.5).clamp(-1, width - 1).long()
     return owner, y, x0, (x1 - x0 + 1).clamp(min=0)
 
 
-def _rows_with_open_pixels(log_transmittance: Tensor, camera: Tensor, y: Tensor, x0: Tensor,
-                           length: Tensor, width: int, height: int) -> Tensor:
-    """Mask [R] of row spans with at least one pixel whose transmittance is still above 1e-4.
-
-    One prefix sum of the open-pixel indicator along x answers every span in O(1).
+def _rows_with_open_pixels(is_open: Tensor, camera: Tensor, y: Tensor, x0: Tensor, length: Tensor,
+                           width: int, height: int) -> Tensor:
+    """Mask [R] of row spans with at least one open pixel (``is_open`` [C*H*W]: transmittance
+    still above 1e-4). One prefix sum of the indicator along x answers every span in O(1).
     """
-    is_open = (log_transmittance > math.log(MIN_TRANSMITTANCE)).to(torch.int32).view(-1, width)
-    prefix = torch.nn.functional.pad(torch.cumsum(is_open, dim=1, dtype=torch.int32), (1, 0))
+    prefix = torch.nn.functional.pad(torch.cumsum(is_open.view(-1, width), dim=1, dtype=torch.int32), (1, 0))
     flat = prefix.view(-1)
     row_start = (camera * height + y) * (width + 1)
     return (flat[row_start + x0 + length] - flat[row_start + x0]) > 0
@@ -379,7 +380,13 @@ def _alpha_pairs_in_rows(owner: Tensor, y: Tensor, x0: Tensor, length: Tensor, m
     sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
     alphas = torch.clamp(opacities.index_select(0, pair_ids) * torch.exp(-sigma), max=MAX_ALPHA)
     keep = (sigma >= 0) & (alphas >= ALPHA_THRESHOLD)
-    return pair_ids[keep], pixels[keep], alphas[keep]
+    return _select(torch.nonzero(keep).squeeze(1), pair_ids, pixels, alphas)
+
+
+def _select(indices: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """``t[indices]`` for each tensor, via index_select (several times faster than advanced
+    indexing on a CPU, and a boolean mask would repeat its nonzero for every tensor)."""
+    return tuple(t.index_select(0, indices) for t in tensors)
 
 
 def _run_starts(sorted_keys: Tensor) -> Tensor:

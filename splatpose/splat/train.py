@@ -32,13 +32,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from splatpose.data.mad_sim import ClassData, read_image
-from splatpose.splat.gaussians import (
-    Gaussians,
-    init_gaussians,
-    object_bounds_from_cameras,
-    random_points_in_sphere,
-    scene_scale_from_cameras,
-)
+from splatpose.splat.gaussians import Gaussians, init_gaussians, scene_scale_from_cameras
+from splatpose.splat.initialization import initial_points
 from splatpose.splat.module import GaussianSplatModule
 from splatpose.splat.ply import save_ply
 
@@ -93,19 +88,15 @@ def holdout_split(n_views: int, holdout_every: int) -> tuple[list[int], list[int
     return [i for i in range(n_views) if i % holdout_every != 0], held
 
 
-def initial_gaussians(data: ClassData, points_xyz: np.ndarray | None, points_rgb: np.ndarray | None,
+def initial_gaussians(views: "PosedViews", points_xyz: np.ndarray | None, points_rgb: np.ndarray | None,
                       cfg: DictConfig) -> Gaussians:
-    """Gaussians at the SfM points, or at random points inside the object's bounds when none are given."""
-    if points_xyz is None or len(points_xyz) == 0:
-        centre, radius = object_bounds_from_cameras(data.train_w2c, data.K, data.width, data.height)
-        points_xyz, points_rgb = random_points_in_sphere(centre, radius, int(cfg.init.num_random_points),
-                                                         seed=int(cfg.init.get("seed", 0)))
-        log.info("No initial points: %d random points in a sphere of radius %.3g around %s",
-                 len(points_xyz), radius, np.round(centre, 3))
-    elif points_rgb is None:
-        points_rgb = np.full_like(np.asarray(points_xyz, dtype=np.float32), 0.5)
-    return init_gaussians(points_xyz, points_rgb, sh_degree=int(cfg.sh_degree),
-                          init_opacity=float(cfg.init.opacity), init_scale=float(cfg.init.scale))
+    """Gaussians at the SfM points, topped up with points inside the silhouettes (see initialization)."""
+    xyz, rgb = initial_points(points_xyz, points_rgb, views.images.numpy(), views.w2c.double().numpy(),
+                              views.K.double().numpy(), num_points=int(cfg.init.num_points),
+                              carve=bool(cfg.init.carve), background_threshold=float(cfg.init.background_threshold),
+                              seed=int(cfg.init.seed))
+    return init_gaussians(xyz, rgb, sh_degree=int(cfg.sh_degree), init_opacity=float(cfg.init.opacity),
+                          init_scale=float(cfg.init.scale))
 
 
 def check_splat_config(cfg: DictConfig) -> None:
@@ -146,7 +137,7 @@ def train_splats(data: ClassData, points_xyz: np.ndarray | None, points_rgb: np.
     train_ids, holdout_ids = holdout_split(len(views), int(cfg.eval.holdout_every))
     train_views = views.subset(train_ids)
     eval_views = views.subset(holdout_ids) if holdout_ids else views.subset(train_ids[:: max(len(train_ids) // 8, 1)])
-    module = GaussianSplatModule(initial_gaussians(data, points_xyz, points_rgb, cfg), cfg,
+    module = GaussianSplatModule(initial_gaussians(train_views, points_xyz, points_rgb, cfg), cfg,
                                  scene_scale_from_cameras(train_views.w2c.double().numpy()),
                                  data.width, data.height)
 

@@ -92,7 +92,7 @@ PRESETS: dict[str, dict] = {
     # Closer to MAD-Sim (about 210 train views per class at 800x800); 400x400 keeps CPU runs possible.
     "mad_sim_like": {"width": 400, "height": 400, "n_train": 200, "n_test_good": 20, "n_test_per_defect": 10,
                      "edge_len": 0.012, "texture_detail_size": 0.04},
-    # For tests and smoke runs: tiny images, a handful of views, coarse meshes (about 1 s per class).
+    # For tests and smoke runs: tiny images, a handful of views, coarse meshes (a few seconds per class).
     "tiny": {"width": 64, "height": 64, "n_train": 6, "n_test_good": 2, "n_test_per_defect": 1,
              "edge_len": 0.05, "defect_size": 0.15, "min_defect_pixels": 4, "max_defect_fraction": 0.15},
 }

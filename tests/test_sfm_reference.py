@@ -11,12 +11,13 @@ import h5py
 import numpy as np
 import pycolmap
 import pytest
+import torch
 from PIL import Image
 
 from splatpose.data.cameras import project_points, rotation_error_deg
 from splatpose.data import mad_sim
 from splatpose.data.synthetic import ensure_synthetic_dataset
-from splatpose.sfm import FALLBACK_RETRIEVED, build_reference, check_sfm_config, localize_queries
+from splatpose.sfm import FALLBACK_RETRIEVED, Localizer, build_reference, check_sfm_config, localize_queries
 from splatpose.sfm.config import compose_sfm_config
 
 CLASS = "03Nut"  # a compact object: many features even at 128 px
@@ -149,3 +150,16 @@ def test_weights_that_no_package_ships_must_be_given_by_path(tmp_path):
                                             overrides={"feature": {"weights": str(tmp_path / "sp.pth")}}))
     with pytest.raises(ValueError, match="sfm.retrieval.weights"):
         check_sfm_config(compose_sfm_config("aliked", "lightglue", "netvlad"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_localization_agrees_with_cpu(data, cfg, reference):
+    cpu = Localizer(data.K, data.width, data.height, cfg, reference, data.train_w2c, "cpu")
+    gpu = Localizer(data.K, data.width, data.height, cfg, reference, data.train_w2c, "cuda")
+    agreeing = 0
+    for test in data.test:
+        a, _ = cpu.localize(test.path, test.name)
+        b, _ = gpu.localize(test.path, test.name)
+        agreeing += a.success == b.success and (not a.success or rotation_error_deg(a.w2c, b.w2c) < 0.2)
+    assert agreeing >= len(data.test) - 1  # float differences may flip one borderline query

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -26,6 +26,8 @@ def compose_config(tmp_path, overrides=()):
                                            f"paths.cache_dir={tmp_path / 'cache'}", *overrides],
                       return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]  # read-only; ${hydra:...} resolves through HydraConfig from here on
         OmegaConf.resolve(cfg)
     return cfg
 
@@ -37,6 +39,8 @@ def test_every_option_of_every_group_composes(tmp_path, group, option, monkeypat
     if group == "sfm/feature":  # some features need their own matcher (checked by check_sfm_config)
         matcher = {"xfeat": "lighterglue", "sift": "nn_mutual"}.get(option, "nn_mutual")
         overrides.append(f"sfm/matcher={matcher}")
+    if group == "dataset" and option == "custom":  # a custom dataset has no default class
+        overrides += [f"dataset.root={tmp_path}", "class=widget"]
     if group == "sfm/matcher" and option == "lighterglue":
         overrides.append("sfm/feature=xfeat")
     cfg = compose_config(tmp_path, overrides)

@@ -11,7 +11,9 @@ for spec in gsplat:gsplat hydra:hydra_core omegaconf:omegaconf antlr4:antlr4_pyt
             jaxtyping:jaxtyping wadler_lindig:wadler_lindig rich:rich markdown_it:markdown_it_py mdurl:mdurl \
             pygments:pygments ninja:ninja pytest:pytest pluggy:pluggy iniconfig:iniconfig; do
   if ! python -c "import ${spec%%:*}" 2>/dev/null; then
-    missing+=("$(ls "$wheels/${spec##*:}"-*.whl)")
+    for wheel in "$wheels/${spec##*:}"-*.whl; do  # a wheel not carried is skipped
+      if [[ -e "$wheel" ]]; then missing+=("$wheel"); fi
+    done
   fi
 done
 if ((${#missing[@]})); then

@@ -15,6 +15,7 @@ import logging
 import math
 
 import numpy as np
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -52,47 +53,69 @@ def random_points_in_sphere(centre: np.ndarray, radius: float, num_points: int,
     return centre[None] + directions * (radius * rng.random(num_points) ** (1 / 3))[:, None]
 
 
-def project(points: np.ndarray, w2c: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def project(points: torch.Tensor, w2c: torch.Tensor, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel coordinates [V, N, 2] (COLMAP convention, pixel (i, j) centred at (j+0.5, i+0.5)) and
-    camera depths [V, N] of world points [N, 3] in V cameras."""
-    cam = np.einsum("vij,nj->vni", w2c[:, :3, :3], points) + w2c[:, None, :3, 3]
-    pixels = np.einsum("ij,vnj->vni", K, cam)
-    return pixels[..., :2] / pixels[..., 2:3], cam[..., 2]
+    camera depths [V, N] of world points [N, 3] in V cameras (w2c [V, 4, 4], K [3, 3])."""
+    cam = torch.matmul(points, w2c[:, :3, :3].transpose(1, 2)) + w2c[:, None, :3, 3]  # [V, N, 3]
+    pixels = torch.matmul(cam, K.T)
+    return pixels[..., :2] / pixels[..., 2:3].clamp(min=1e-9), cam[..., 2]
 
 
-def foreground_masks(images: np.ndarray, background_threshold: float = 0.96) -> np.ndarray:
+def foreground_masks(images: torch.Tensor, background_threshold: float = 0.96) -> torch.Tensor:
     """bool [V, H, W]: pixels that are not (near-)white background; images [V, H, W, 3] uint8."""
-    return (images.astype(np.float32) / 255.0).min(axis=-1) < background_threshold
+    return images.min(dim=-1).values < round(background_threshold * 255)
 
 
-def carve_by_silhouettes(points: np.ndarray, masks: np.ndarray, w2c: np.ndarray, K: np.ndarray,
-                         max_misses: int = 1) -> np.ndarray:
-    """Mask [N] of points that fall on foreground in all views but ``max_misses`` (a point outside
-    a view's image counts as foreground there: that view says nothing about it)."""
-    n_views, height, width = masks.shape
-    pixels, depth = project(points, w2c, K)
-    col, row = np.floor(pixels[..., 0]).astype(np.int64), np.floor(pixels[..., 1]).astype(np.int64)
+def pixel_lookup(pixels: torch.Tensor, depth: torch.Tensor, height: int, width: int):
+    """Integer pixel (row, col) [V, N] of projected points, clamped, and whether each is in the image."""
+    col, row = torch.floor(pixels[..., 0]).long(), torch.floor(pixels[..., 1]).long()
     inside = (depth > 0) & (col >= 0) & (col < width) & (row >= 0) & (row < height)
-    on_foreground = np.ones(inside.shape, dtype=bool)
-    views = np.nonzero(inside)
-    on_foreground[views] = masks[views[0], row[views], col[views]]
-    return (~on_foreground).sum(axis=0) <= max_misses
+    return row.clamp(0, height - 1), col.clamp(0, width - 1), inside
 
 
-def sample_colours(points: np.ndarray, images: np.ndarray, w2c: np.ndarray, K: np.ndarray) -> np.ndarray:
-    """Median colour [N, 3] in [0, 1] of each point over the views it projects into (occlusion is
-    ignored: a starting colour only)."""
+def carve_by_silhouettes(points: torch.Tensor, masks: torch.Tensor, w2c: torch.Tensor, K: torch.Tensor,
+                         max_misses: int = 1, views_per_pass: int = 8) -> torch.Tensor:
+    """Mask [N] of points that fall on foreground in all views but ``max_misses`` (a point outside
+    a view's image counts as foreground there: that view says nothing about it).
+
+    Views are checked a few at a time and a point is dropped as soon as it has missed too often,
+    so the bulk of the candidates (outside the hull) is only ever projected into a few views.
+    """
+    n_views, height, width = masks.shape
+    alive = torch.arange(len(points), device=points.device)
+    misses = torch.zeros(len(points), dtype=torch.int32, device=points.device)
+    for first in range(0, n_views, views_per_pass):
+        views = torch.arange(first, min(first + views_per_pass, n_views), device=points.device)
+        pixels, depth = project(points[alive], w2c[views], K)
+        row, col, inside = pixel_lookup(pixels, depth, height, width)
+        missed = ~(masks[views[:, None], row, col] | ~inside)
+        misses[alive] += missed.sum(dim=0, dtype=torch.int32)
+        alive = alive[misses[alive] <= max_misses]
+    keep = torch.zeros(len(points), dtype=torch.bool, device=points.device)
+    keep[alive] = True
+    return keep
+
+
+def sample_colours(points: torch.Tensor, images: torch.Tensor, w2c: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """Median colour [N, 3] in [0, 1] of each point over the views (occlusion is ignored: a
+    starting colour only)."""
     n_views, height, width, _ = images.shape
     pixels, depth = project(points, w2c, K)
-    col = np.clip(np.floor(pixels[..., 0]).astype(np.int64), 0, width - 1)
-    row = np.clip(np.floor(pixels[..., 1]).astype(np.int64), 0, height - 1)
-    colours = images[np.arange(n_views)[:, None], row, col].astype(np.float32) / 255.0  # [V, N, 3]
-    return np.median(colours, axis=0)
+    row, col, _ = pixel_lookup(pixels, depth, height, width)
+    colours = images[torch.arange(n_views, device=points.device)[:, None], row, col].float() / 255.0  # [V, N, 3]
+    return colours.median(dim=0).values
 
 
-def initial_points(points_xyz: np.ndarray | None, points_rgb: np.ndarray | None, images: np.ndarray,
-                   w2c: np.ndarray, K: np.ndarray, num_points: int, carve: bool = True,
-                   background_threshold: float = 0.96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def spread_subset(n: int, at_most: int) -> list[int]:
+    """At most ``at_most`` indices spread evenly over range(n)."""
+    return sorted(set(np.linspace(0, n - 1, min(n, at_most)).round().astype(int).tolist()))
+
+
+@torch.no_grad()
+def initial_points(points_xyz: np.ndarray | None, points_rgb: np.ndarray | None, images: torch.Tensor,
+                   w2c: torch.Tensor, K: torch.Tensor, num_points: int, carve: bool = True,
+                   background_threshold: float = 0.96, seed: int = 0, max_views: int = 32
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """The SfM points, topped up to ``num_points`` with points inside the visual hull.
 
     Args:
@@ -100,6 +123,7 @@ def initial_points(points_xyz: np.ndarray | None, points_rgb: np.ndarray | None,
         images: [V, H, W, 3] uint8 train views; w2c: [V, 4, 4] OpenCV; K: [3, 3]
         num_points: total wanted (SfM points are always all kept)
         carve: keep random points only inside the silhouettes (else anywhere in the sphere)
+        max_views: silhouettes of this many views (spread over all) carve; more add little
 
     Returns: (xyz [N, 3] float64, rgb [N, 3] float32 in [0, 1])
     """
@@ -110,15 +134,21 @@ def initial_points(points_xyz: np.ndarray | None, points_rgb: np.ndarray | None,
     if missing <= 0:
         return xyz, rgb
     height, width = images.shape[1:3]
-    centre, radius = object_bounds_from_cameras(w2c, K, width, height)
+    centre, radius = object_bounds_from_cameras(w2c.double().numpy(), K.double().numpy(), width, height)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = spread_subset(len(images), max_views)
+    images, w2c, K = images[chosen].to(device), w2c[chosen].float().to(device), K.float().to(device)
+    masks = foreground_masks(images, background_threshold)
     rng = np.random.default_rng(seed)
-    masks = foreground_masks(images, background_threshold) if carve else None
-    extra = np.zeros((0, 3))
-    for _ in range(8):  # the hull fills an unknown share of the sphere: sample until enough
-        candidates = random_points_in_sphere(centre, radius, 4 * missing, rng)
+    extra, acceptance = np.zeros((0, 3)), 1.0
+    for _ in range(4):  # the hull fills an unknown share of the sphere: sample, measure, sample more
+        wanted = missing - len(extra)
+        candidates = random_points_in_sphere(centre, radius, min(int(1.5 * wanted / acceptance) + 1000, 5_000_000), rng)
         if carve:
-            candidates = candidates[carve_by_silhouettes(candidates, masks, w2c, K)]
-        extra = np.concatenate([extra, candidates])[:missing]
+            keep = carve_by_silhouettes(torch.as_tensor(candidates, dtype=torch.float32, device=device), masks, w2c, K)
+            acceptance = max(float(keep.float().mean()), 1e-4)
+            candidates = candidates[keep.cpu().numpy()]
+        extra = np.concatenate([extra, candidates[:wanted]])
         if len(extra) == missing:
             break
     if carve and len(extra) == 0:
@@ -126,5 +156,5 @@ def initial_points(points_xyz: np.ndarray | None, points_rgb: np.ndarray | None,
         extra = random_points_in_sphere(centre, radius, missing, rng)
     log.info("Initial points: %d from SfM + %d random inside the %s (sphere radius %.3g)", len(xyz), len(extra),
              "visual hull" if carve else "sphere", radius)
-    return (np.concatenate([xyz, extra]),
-            np.concatenate([rgb, sample_colours(extra, images, w2c, K)]).astype(np.float32))
+    colours = sample_colours(torch.as_tensor(extra, dtype=torch.float32, device=device), images, w2c, K)
+    return np.concatenate([xyz, extra]), np.concatenate([rgb, colours.cpu().numpy()]).astype(np.float32)

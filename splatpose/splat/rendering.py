@@ -88,7 +88,8 @@ def render(gaussians: Gaussians, w2c: Tensor, K: Tensor, width: int, height: int
     if Ks.shape != (n_cameras, 3, 3):
         raise ValueError(f"K must be [3,3] or [{n_cameras},3,3] to match w2c, got {tuple(K.shape)}")
     dtype, device = gaussians.means.dtype, gaussians.means.device
-    backgrounds = torch.tensor(background, dtype=dtype, device=device).expand(n_cameras, 3)
+    # filled on the device: a tensor copied from host memory would wait for the GPU every step
+    backgrounds = torch.stack([torch.full((n_cameras,), float(v), dtype=dtype, device=device) for v in background], -1)
     degree = gaussians.sh_degree if sh_degree is None else min(sh_degree, gaussians.sh_degree)
     rgb, alpha, info = rasterize(
         gaussians.means,

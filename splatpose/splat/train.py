@@ -91,8 +91,8 @@ def holdout_split(n_views: int, holdout_every: int) -> tuple[list[int], list[int
 def initial_gaussians(views: "PosedViews", points_xyz: np.ndarray | None, points_rgb: np.ndarray | None,
                       cfg: DictConfig) -> Gaussians:
     """Gaussians at the SfM points, topped up with points inside the silhouettes (see initialization)."""
-    xyz, rgb = initial_points(points_xyz, points_rgb, views.images.numpy(), views.w2c.double().numpy(),
-                              views.K.double().numpy(), num_points=int(cfg.init.num_points),
+    xyz, rgb = initial_points(points_xyz, points_rgb, views.images, views.w2c, views.K,
+                              num_points=int(cfg.init.num_points),
                               carve=bool(cfg.init.carve), background_threshold=float(cfg.init.background_threshold),
                               seed=int(cfg.init.seed))
     return init_gaussians(xyz, rgb, sh_degree=int(cfg.sh_degree), init_opacity=float(cfg.init.opacity),
@@ -169,14 +169,15 @@ def train_splats(data: ClassData, points_xyz: np.ndarray | None, points_rgb: np.
 
     gaussians = module.gaussians.detach()
     save_ply(gaussians, ply_path)
+    device = trainer.strategy.root_device  # Lightning has moved the module back to the CPU by now
     if cfg.eval.get("save_renders", False):
-        save_holdout_renders(module, eval_views, out_dir / "holdout")
+        save_holdout_renders(module.to(device), eval_views, out_dir / "holdout")
     metrics = {
         "psnr": float(final["val/psnr"]), "ssim": float(final["val/ssim"]),
         "num_gaussians": len(gaussians), "steps": int(trainer.global_step),
         "train_seconds": round(train_seconds, 2), "resumed": resume_from is not None,
         "eval_views": eval_views.names, "eval_on": "holdout" if holdout_ids else "train",
-        "device": str(module.device), "backend": str(cfg.backend),
+        "device": str(device), "backend": str(cfg.backend),
         "width": data.width, "height": data.height, "num_train_views": len(train_views),
     }
     tmp = metrics_path.with_name(f".{METRICS_NAME}.{os.getpid()}.tmp")

@@ -23,7 +23,7 @@ from splatpose.sfm.config import compose_sfm_config
 CLASS = "03Nut"  # a compact object: many features even at 128 px
 # Few, small views keep the whole module near a minute on two CPU cores.
 GENERATOR = dict(preset="small", width=160, height=160, n_train=16, n_test_good=2, n_test_per_defect=1)
-SFM = {"max_keypoints": 512, "resize_max": 320, "resize_force": True, "db_pairs": {"num_neighbors": 3},
+SFM = {"max_keypoints": 384, "resize_max": 256, "resize_force": True, "db_pairs": {"num_neighbors": 3},
        "localization": {"top_k": 3}}
 
 

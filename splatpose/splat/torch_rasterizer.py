@@ -16,12 +16,15 @@ gsplat 1.5.3's CUDA kernels, so that both backends render the same image:
 - ``radii`` as gsplat computes them: the opacity-aware extent min(3.33, sqrt(2 ln(255 opacity)))
   standard deviations, zero for culled Gaussians.
 
-How it is fast on a CPU: the (Gaussian, pixel) pairs with alpha >= 1/255 are found without
-autograd from each Gaussian's bounding box, sorted by (pixel, depth) with one stable sort, and cut
-where the transmittance ends; only those pairs are then evaluated with autograd. Transmittance is
-an exclusive cumulative sum of log(1 - alpha) per pixel, done as one global cumulative sum minus
-its value at the start of each pixel's run (in float64, because the global sum is long), and
-colours are accumulated with ``index_add``. No per-tile padding, no Python loop over pixels.
+How it is fast on a CPU (about 0.1 s forward, 0.05 s backward for 15k Gaussians at 200x200 on
+one core): the (Gaussian, pixel) pairs with alpha >= 1/255 are enumerated without autograd, row
+by row inside each Gaussian's alpha = 1/255 ellipse, front to back in slabs, skipping rows whose
+pixels the slabs in front have already made opaque; one stable sort puts them in (pixel, depth)
+order and the transmittance cut drops the rest. Only those pairs are then evaluated with
+autograd. Transmittance is an exclusive cumulative sum of log(1 - alpha) per pixel, done as one
+global cumulative sum minus its value at the start of each pixel's run (in float64, because the
+global sum is long), and colours are accumulated with ``index_add``. No per-tile padding, no
+Python loop over pixels or Gaussians.
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ ALPHA_THRESHOLD = 1.0 / 255.0  # gsplat's ALPHA_THRESHOLD
 MAX_ALPHA = 0.999  # alpha clamp in gsplat's rasterize_to_pixels kernels
 MIN_TRANSMITTANCE = 1e-4  # a pixel is done once T would fall to this
 MAX_EXTENT_SIGMAS = 3.33  # gsplat's cap on the bounding-box half size, in standard deviations
-# Candidate pairs (bounding-box pixels) evaluated per chunk while searching for alpha >= 1/255;
-# bounds peak memory when a few Gaussians cover the whole image.
+# Most candidate pairs enumerated at once (per front-to-back slab): bounds peak memory when a few
+# Gaussians cover the whole image.
 PAIR_CHUNK = 1 << 22
 
 

@@ -32,7 +32,7 @@ from splatpose.data.mad_sim import ClassData, read_image, read_mask
 from splatpose.run_info import environment_info
 from splatpose.scoring.anomaly_maps import build_scorer
 from splatpose.scoring.module import AnomalyScoringModule, QueryRenderPairs
-from splatpose.sfm import QueryPose, build_reference, check_sfm_config, localize_queries
+from splatpose.sfm import QueryPose, build_reference, check_sfm_config, localize_queries, reference_settings
 from splatpose.splat.ply import load_gaussians
 from splatpose.splat.rendering import render
 from splatpose.splat.train import train_splats
@@ -108,10 +108,8 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None) -> dict:
              len(data.test), data.width, data.height, data.root)
     data_key = stage_key("data", {"dataset": cfg.dataset, "class": class_name})
 
-    # The reference model depends on features, matcher and db pairs, not on query retrieval.
-    reference_settings = {k: v for k, v in OmegaConf.to_container(cfg.sfm, resolve=True).items()
-                          if k != "retrieval"}
-    with timer("sfm", subject) as record, cache.stage("sfm", reference_settings, (data_key,)) as st:
+    # The reference model depends on features, matcher and db pairs, not on query retrieval/PnP.
+    with timer("sfm", subject) as record, cache.stage("sfm", reference_settings(cfg.sfm), (data_key,)) as st:
         record["reused"] = st.reused
         reference = build_reference(data, cfg.sfm, st.dir, device)
         st.summary = {"num_points": int(len(reference.points_xyz))}

@@ -36,7 +36,8 @@ def device_description(accelerator: str) -> str:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}"
+    return (f"{cpu}, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 
 
 def main() -> None:

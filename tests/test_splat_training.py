@@ -133,3 +133,10 @@ def test_training_fits_the_views(tiny_class, tmp_path):
     metrics = json.loads((tmp_path / METRICS_NAME).read_text())
     assert metrics["eval_on"] == "holdout" and len(metrics["eval_views"]) == 3
     assert metrics["psnr"] > 20.0, metrics  # far above the grey start
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_mcmc_preset_refuses_a_cpu_with_a_clear_message(tiny_class, tmp_path):
+    cfg = OmegaConf.merge(OmegaConf.load(CONF / "mcmc.yaml"), OmegaConf.from_dotlist(["init.num_points=200"]))
+    with pytest.raises(ValueError, match="splat=mcmc needs a CUDA device"):
+        train_splats(tiny_class, None, None, cfg, tmp_path, trainer_kwargs())

@@ -151,7 +151,7 @@ def test_variants_are_the_factors_that_vary_besides_class_and_seed():
 
 # ------------------------------------------------------------------------------ real multiruns
 
-def run_sweep(sweep_dir: Path, cache_dir: Path, *overrides: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_sweep(sweep_dir: Path, cache_dir: Path, *overrides: str, timeout: int = 1800) -> subprocess.CompletedProcess:
     """``python run.py experiment=smoke_sweep ...`` as a user types it; returns the finished process."""
     env = {**os.environ, "SPLATPOSE_CACHE": str(cache_dir), "WANDB_MODE": "offline",
            "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1"}
@@ -161,23 +161,61 @@ def run_sweep(sweep_dir: Path, cache_dir: Path, *overrides: str, timeout: int = 
     return done
 
 
+def joblib_on_two_pretend_gpus(sweep_dir: Path) -> list[str]:
+    """joblib with 2 workers, pinned to a pool of two GPU ids (on a CPU machine nothing uses them)."""
+    return ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "++sweep.gpus=[0,1]",
+            f"++sweep.gpu_lease_dir={sweep_dir.parent / 'leases'}"]
+
+
+def _job_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir())
+
+
+def assert_workers_never_share_a_gpu(sweep_dir: Path) -> None:
+    leases = [json.loads((d / "gpu_lease.json").read_text()) for d in _job_dirs(sweep_dir)]
+    gpu_of_worker = {}
+    for lease in leases:
+        assert gpu_of_worker.setdefault(lease["pid"], lease["gpu"]) == lease["gpu"]  # a worker keeps its GPU
+    assert len(set(gpu_of_worker.values())) == len(gpu_of_worker)  # two workers never hold one GPU
+    assert set(gpu_of_worker.values()) <= {"0", "1"}
+
+
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("sweep_cache")
 
 
+def test_joblib_sweep_of_broken_jobs_records_each_error_and_pins_gpus(tmp_path, cache_dir):
+    """The sweep machinery end to end, cheaply: 4 jobs that fail at the data stage.
+
+    Each failure is recorded and listed by the aggregation, the sweep command still exits 0, every
+    joblib worker held its own GPU, and a rerun retries failed jobs instead of skipping them.
+    """
+    sweep_dir = tmp_path / "sweep"
+    run_sweep(sweep_dir, cache_dir, "class=NoSuchClass,NoSuchEither", *joblib_on_two_pretend_gpus(sweep_dir))
+    summary = aggregate_sweep(sweep_dir, wandb_mode="disabled")
+    assert [(j.class_name, j.status) for j in summary.jobs] == [("NoSuchClass", FAILED)] * 2 + [("NoSuchEither", FAILED)] * 2
+    assert all("unknown class" in j.error for j in summary.jobs)
+    markdown = summary.markdown.read_text()
+    assert "## Failed jobs (4)" in markdown and "No job finished" in markdown
+    assert_workers_never_share_a_gpu(sweep_dir)
+
+    first_failures = {d.name: (d / "failure.json").stat().st_mtime_ns for d in _job_dirs(sweep_dir)}
+    done = run_sweep(sweep_dir, cache_dir, "class=NoSuchClass,NoSuchEither", *joblib_on_two_pretend_gpus(sweep_dir))
+    assert "Skipped (finished earlier)" not in done.stdout
+    assert all((sweep_dir / name / "failure.json").stat().st_mtime_ns > mtime
+               for name, mtime in first_failures.items())
+
+
+# The acceptance sweeps compute SfM and splats for 4 (class, pair) jobs: several CPU minutes on
+# 2 cores, so they run with `pytest -m slow tests/test_sweeps.py`.
+
 @pytest.fixture(scope="module")
-def joblib_sweep(tmp_path_factory, cache_dir) -> tuple[Path, subprocess.CompletedProcess, float]:
-    """The smoke sweep through joblib, 2 workers, each pinned to one of two (pretend) GPUs."""
+def joblib_sweep(tmp_path_factory, cache_dir) -> Path:
+    """The smoke sweep (2 classes x 2 pairs) through joblib, 2 workers on two (pretend) GPUs."""
     sweep_dir = tmp_path_factory.mktemp("joblib") / "sweep"
-    start = time.perf_counter()
-    done = run_sweep(sweep_dir, cache_dir, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                     "++sweep.gpus=[0,1]", f"++sweep.gpu_lease_dir={sweep_dir.parent / 'leases'}")
-    return sweep_dir, done, time.perf_counter() - start
-
-
-def _job_dirs(sweep_dir: Path) -> list[Path]:
-    return sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir())
+    run_sweep(sweep_dir, cache_dir, *joblib_on_two_pretend_gpus(sweep_dir))
+    return sweep_dir
 
 
 def assert_smoke_table(sweep_dir: Path) -> None:
@@ -199,41 +237,34 @@ def assert_smoke_table(sweep_dir: Path) -> None:
     assert list(summary.wandb_dir.glob("*.wandb")), "the W&B summary run wrote no offline log"
 
 
+@pytest.mark.slow
 def test_joblib_sweep_of_two_classes_and_two_pairs_gives_the_table(joblib_sweep):
-    sweep_dir, _, _ = joblib_sweep
-    assert [p.name for p in _job_dirs(sweep_dir)] == [
+    assert [p.name for p in _job_dirs(joblib_sweep)] == [
         "0_01Ant_xfeat-lighterglue", "1_01Ant_aliked-lightglue",
         "2_02Airplane_xfeat-lighterglue", "3_02Airplane_aliked-lightglue"]
-    assert_smoke_table(sweep_dir)
+    assert_smoke_table(joblib_sweep)
+    assert_workers_never_share_a_gpu(joblib_sweep)
 
 
-def test_joblib_jobs_running_at_once_never_share_a_gpu(joblib_sweep):
-    sweep_dir, _, _ = joblib_sweep
-    leases = [json.loads((d / "gpu_lease.json").read_text()) for d in _job_dirs(sweep_dir)]
-    gpu_of_worker = {}
-    for lease in leases:
-        assert gpu_of_worker.setdefault(lease["pid"], lease["gpu"]) == lease["gpu"]  # a worker keeps its GPU
-    assert len(set(gpu_of_worker.values())) == len(gpu_of_worker)  # two workers never hold one GPU
-    assert set(gpu_of_worker.values()) <= {"0", "1"}
-
-
+@pytest.mark.slow
 def test_rerunning_a_sweep_skips_the_finished_jobs(joblib_sweep, cache_dir):
-    sweep_dir, _, _ = joblib_sweep
-    before = {d.name: (d / "results.json").stat().st_mtime_ns for d in _job_dirs(sweep_dir)}
-    done = run_sweep(sweep_dir, cache_dir, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                     "++sweep.gpus=[0,1]", f"++sweep.gpu_lease_dir={sweep_dir.parent / 'leases'}")
+    before = {d.name: (d / "results.json").stat().st_mtime_ns for d in _job_dirs(joblib_sweep)}
+    done = run_sweep(joblib_sweep, cache_dir, *joblib_on_two_pretend_gpus(joblib_sweep))
     assert done.stdout.count("Skipped (finished earlier)") == 4
-    after = {d.name: (d / "results.json").stat().st_mtime_ns for d in _job_dirs(sweep_dir)}
+    after = {d.name: (d / "results.json").stat().st_mtime_ns for d in _job_dirs(joblib_sweep)}
     assert after == before
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep_gives_the_same_table(tmp_path, cache_dir, joblib_sweep):
+    """Through submitit's local executor (the Slurm code path on one machine); stages come from the cache."""
     sweep_dir = tmp_path / "sweep"
-    run_sweep(sweep_dir, cache_dir, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=15")
+    run_sweep(sweep_dir, cache_dir, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=30")
     assert (sweep_dir / ".submitit").is_dir()  # the jobs really went through submitit
     assert_smoke_table(sweep_dir)
 
 
+@pytest.mark.slow
 def test_a_broken_job_is_listed_and_the_others_still_give_rows(tmp_path, cache_dir, joblib_sweep):
     sweep_dir = tmp_path / "sweep"
     run_sweep(sweep_dir, cache_dir, "class=01Ant,NoSuchClass", "+experiment/sfm_pair=xfeat_lighterglue")

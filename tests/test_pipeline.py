@@ -1,0 +1,57 @@
+"""The end-to-end run as a user starts it: `python run.py`, then a rerun with another scorer.
+
+Both runs use debug=fast (128 px generated images, few views and steps) so the chain is real but
+short; the second run must reuse every stage but scoring from the stage cache.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(tmp_path: Path, name: str, *overrides: str) -> tuple[Path, str]:
+    out_dir = tmp_path / name
+    env = {**os.environ, "SPLATPOSE_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "run.py", "debug=fast", f"hydra.run.dir={out_dir}", *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out_dir, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    return run_cli(tmp_path_factory.mktemp("pipeline"), "first")
+
+
+def test_run_writes_results_panels_and_wandb(first_run):
+    out_dir, log = first_run
+    results = json.loads((out_dir / "results.json").read_text())
+    for key in ("pixel_auroc", "aupro", "image_auroc"):
+        assert key in results["metrics"]
+    assert set(results["timings"]) >= {"data", "sfm", "localize", "splat", "render", "score", "total"}
+    assert results["localization"]["num_queries"] == len(list((out_dir / "panels").rglob("*.png")))
+    assert (out_dir / "per_image.csv").read_text().count("\n") == results["localization"]["num_queries"] + 1
+    assert f"Outputs: {out_dir.resolve()}" in log
+    offline_runs = list((out_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    assert list(offline_runs[0].glob("*.wandb")), "the offline run holds no logged data"
+    assert list(offline_runs[0].rglob("media/images/*.png")), "no panels were logged to W&B"
+
+
+def test_scorer_change_reuses_sfm_and_splats(first_run):
+    out_dir, _ = first_run
+    second, log = run_cli(out_dir.parent, "second", "scorer=pixel", "logger=csv")
+    timings = json.loads((second / "results.json").read_text())["timings"]
+    for stage in ("sfm", "localize", "splat", "render"):
+        assert timings[stage]["reused"], f"{stage} was recomputed although only the scorer changed"
+        assert f"[{stage}] reusing cached result" in log
+    first_total = json.loads((out_dir / "results.json").read_text())["timings"]["total"]["seconds"]
+    assert timings["total"]["seconds"] < 0.5 * first_total

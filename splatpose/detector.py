@@ -16,6 +16,11 @@ the image score (max of the map), the pose, whether PnP localized it, its inlier
 seconds of every stage. A bad input (unreadable, unusable size) becomes a Detection with ``ok=False``
 and an error message; the rest of the batch goes on (:mod:`splatpose.detect.inputs`).
 
+On a GPU, LightGlue matches a batch's (query, db image) pairs in one padded pass
+(``detect.matching``), the scorer replays a CUDA graph (``detect.cuda_graphs``), and in batched mode
+files are decoded and PnP problems solved in threads (``detect.load_workers``, ``detect.pnp_workers``).
+Latency and throughput: experiments/bench_detector.py, experiments/results/detector_*.md.
+
 On the evaluation run's own test images, with sequential matching and refinement off, the maps equal
 the evaluation's maps (tests/test_detector.py). ``python run.py task=detect`` calls :func:`detect_task`.
 """
@@ -131,7 +136,7 @@ class Detector:
         self.lo, self.hi = run.map_range
         self.localizer = ImageLocalizer(run.K, run.width, run.height, run.config.sfm, run.reference, run.db_w2c,
                                         self.device, matching=self.cfg.matching,
-                                        pairs_per_call=self.cfg.pairs_per_call)
+                                        pairs_per_call=self.cfg.pairs_per_call, pnp_workers=self.cfg.pnp_workers)
         self.gaussians = load_gaussians(run.gaussians_ply, self.device)
         self.scorer = build_scorer(run.config.scorer, self.device)
         use_graphs = self.device.startswith("cuda") and self.cfg.cuda_graphs
@@ -142,7 +147,7 @@ class Detector:
         if self.cfg.refine.enabled:
             self.refiner = PoseRefiner(self.gaussians, run.K, run.width, run.height, self.cfg.refine,
                                        backend=self.backend, scorer=self.scorer)
-        self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="detect-load")
+        self._loader = ThreadPoolExecutor(max_workers=int(self.cfg.load_workers), thread_name_prefix="detect-load")
         self.setup_seconds = time.perf_counter() - start
         log.info("Detector for %s/%s ready in %.1f s on %s (%d Gaussians, matching %s, refine %s)",
                  run.config.dataset.name, run.class_name, self.setup_seconds, self.device, len(self.gaussians),
@@ -296,6 +301,8 @@ class Detector:
 
     def close(self) -> None:
         self._loader.shutdown(wait=False)
+        if self.localizer.pnp_pool is not None:
+            self.localizer.pnp_pool.shutdown(wait=False)
 
 
 def detect_task(cfg: DictConfig) -> dict:

@@ -18,6 +18,7 @@ Per-query times of a batched stage are the batch's time divided by the batch siz
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -47,12 +48,14 @@ def use_batched_matching(matching: str, device: str, matcher) -> bool:
 
 class ImageLocalizer(Localizer):
     """A :class:`Localizer` over decoded images, single or batched (arguments as Localizer's, plus
-    ``matching`` and ``pairs_per_call``: LightGlue pairs per forward pass when batched)."""
+    ``matching``; ``pairs_per_call``: LightGlue pairs per forward pass when batched; ``pnp_workers``:
+    threads solving the PnP problems of a batch at once, as pycolmap releases the GIL while it solves)."""
 
-    def __init__(self, *args, matching: str = "auto", pairs_per_call: int = 32, **kwargs):
+    def __init__(self, *args, matching: str = "auto", pairs_per_call: int = 32, pnp_workers: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.batched_matching = use_batched_matching(matching, self.device, self.matcher)
         self.pairs_per_call = int(pairs_per_call)
+        self.pnp_pool = ThreadPoolExecutor(int(pnp_workers), "pnp") if int(pnp_workers) > 1 else None
 
     def resize_for_features(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> the size features are extracted at (hloc's resize_max rule, as
@@ -99,15 +102,17 @@ class ImageLocalizer(Localizer):
         matches = self._match(features, retrieved)
         match = time.perf_counter() - start
 
-        poses = []
-        for b in range(batch):
+        def solve(b: int) -> QueryPose:
             start = time.perf_counter()
             pose = self._pose_from_matches(names[b], features[b], retrieved[b], matches[b])
-            pose.times = {"extract": extract / batch, "retrieve": retrieve / batch, "match": match / batch,
-                          "pnp": time.perf_counter() - start}
-            pose.times = {k: round(v, 6) for k, v in pose.times.items()}
-            poses.append(pose)
-        return poses
+            pose.times = {k: round(v, 6) for k, v in {"extract": extract / batch, "retrieve": retrieve / batch,
+                                                       "match": match / batch,
+                                                       "pnp": time.perf_counter() - start}.items()}
+            return pose
+
+        if self.pnp_pool is not None and batch > 1:
+            return list(self.pnp_pool.map(solve, range(batch)))
+        return [solve(b) for b in range(batch)]
 
     def _match(self, features: list[dict], retrieved: list[np.ndarray]) -> list[dict[str, tuple]]:
         """Per query, db name -> (matches0, scores0) for each retrieved db image."""

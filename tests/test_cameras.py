@@ -97,3 +97,28 @@ def test_projection_matches_the_vtk_render():
             seen = np.array([cols.mean() + 0.5, rows.mean() + 0.5])
             uv, _ = project_points(centre[None], opengl_c2w_to_opencv_w2c(c2w), K)
             np.testing.assert_allclose(seen, uv[0], atol=0.35)
+
+
+def test_supersampling_keeps_the_id_pass_and_antialiases_the_colour_pass():
+    """The id pass reads each pixel's centre whatever the supersampling (so masks stay exact), while
+    the colour pass gains blended silhouette pixels, as a real camera gives them."""
+    pv = pytest.importorskip("pyvista")
+    from splatpose.data.offscreen import SURFACE_ID, VERTEX_RGB, OffscreenRenderer
+
+    sphere = pv.Sphere(radius=0.5, theta_resolution=32, phi_resolution=32)
+    sphere.cell_data[SURFACE_ID] = np.arange(sphere.n_cells)
+    sphere.point_data[VERTEX_RGB] = np.tile(np.array([[20, 40, 200]], np.uint8), (sphere.n_points, 1))
+    c2w = _random_c2w(np.random.default_rng(5))
+    renders = {}
+    for factor in (1, 3):
+        with OffscreenRenderer(96, 80, 0.6911, supersample=factor) as renderer:
+            renders[factor] = renderer.render_surface_ids(sphere, c2w), renderer.render_rgb(sphere, c2w)
+    (ids_1, rgb_1), (ids_3, rgb_3) = renders[1], renders[3]
+    assert (ids_1 >= 0).sum() > 200, "the sphere should be visible"
+    assert (ids_1 != ids_3).mean() < 0.002, "the id pass should not depend on the supersampling"
+    blue = rgb_3[..., 2].astype(int) - rgb_3[..., 0].astype(int)   # 0 on white, large on the sphere
+    aliased_blue = rgb_1[..., 2].astype(int) - rgb_1[..., 0].astype(int)
+    is_blend = lambda b: (b > 5) & (b < 0.6 * np.median(b[ids_1 >= 0]))  # noqa: E731
+    assert is_blend(blue).sum() > 3 * max(1, is_blend(aliased_blue).sum()), "silhouette pixels should blend"
+    with pytest.raises(ValueError, match="odd"):
+        OffscreenRenderer(16, 16, 0.7, supersample=2)

@@ -44,7 +44,7 @@ def test_masks_are_exactly_the_pixels_the_defect_changed(tiny_root):
     mesh, _, _ = build_object(settings, CLASS)
     masks = sorted(p.relative_to(tiny_root / CLASS).as_posix() for p in (tiny_root / CLASS).rglob("*_mask.png"))
     assert masks == sorted(f"ground_truth/{d}/000_mask.png" for d in DEFECT_TYPES)
-    with OffscreenRenderer(settings.width, settings.height, settings.camera_angle_x) as renderer:
+    with OffscreenRenderer(settings.width, settings.height, settings.camera_angle_x, settings.supersample) as renderer:
         for image in data.test:
             c2w = np.asarray(json.loads((tiny_root / CLASS / "test_poses.json").read_text())["poses"][image.name])
             clean = renderer.render_rgb(mesh, c2w)

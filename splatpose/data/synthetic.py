@@ -47,7 +47,7 @@ from splatpose.data.synthetic_scene import MESHES, SolidTexture, add_burrs, add_
 log = logging.getLogger(__name__)
 
 # Bump when a change to the generator changes its output: cached datasets are then regenerated.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 DEFAULT_CLASSES = ("01Ant", "02Airplane", "03Nut")
 
 
@@ -73,6 +73,7 @@ class GeneratorSettings:
     test_distance_factor: tuple[float, float] = (0.9, 1.15)
     test_roll_deg: float = 25.0
     test_target_jitter: float = 0.1            # the camera aims near, not exactly at, the centre
+    supersample: int = 3                       # anti-aliasing of the colour pass (odd; 1 = off)
     edge_len: float = 0.02                     # mesh refinement (colours live on the vertices)
     texture_patch_size: float = 0.15           # colour patches of the texture
     texture_detail_size: float = 0.06          # its small cells: a few pixels wide at 200x200
@@ -207,7 +208,8 @@ def generate_class(out_dir: Path, class_name: str, settings: GeneratorSettings) 
     train_c2w = train_poses(settings)
     n_test = settings.n_test_good + settings.n_test_per_defect * len(DEFECT_TYPES)
     out_dir.mkdir(parents=True)
-    with OffscreenRenderer(settings.width, settings.height, settings.camera_angle_x) as renderer, \
+    with OffscreenRenderer(settings.width, settings.height, settings.camera_angle_x,
+                           settings.supersample) as renderer, \
             tqdm(total=len(train_c2w) + n_test, desc=f"generating {class_name}", unit="img",
                  leave=False) as progress:
         frames = []

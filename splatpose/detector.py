@@ -16,12 +16,13 @@ the image score (max of the map), the pose, whether PnP localized it, its inlier
 seconds of every stage. A bad input (unreadable, unusable size) becomes a Detection with ``ok=False``
 and an error message; the rest of the batch goes on (:mod:`splatpose.detect.inputs`).
 
-On a GPU, LightGlue matches a batch's (query, db image) pairs in one padded pass
-(``detect.matching``), the scorer replays a CUDA graph (``detect.cuda_graphs``), and in batched mode
-files are decoded and PnP problems solved in threads (``detect.load_workers``, ``detect.pnp_workers``).
+On a GPU, ALIKED, LightGlue (at fixed padded shapes, ``detect.matching: static``) and the scorer
+replay CUDA graphs (``detect.cuda_graphs``; each falls back to eager execution when capture fails,
+and :meth:`Detector.paths` says what ran), and in batched mode files are decoded and PnP problems
+solved in threads (``detect.load_workers``, ``detect.pnp_workers``).
 Latency and throughput: experiments/bench_detector.py, experiments/results/detector_*.md.
 
-On the evaluation run's own test images, with sequential matching and refinement off, the maps equal
+On the evaluation run's own test images, with sequential matching and the run's own refinement, the maps equal
 the evaluation's maps (tests/test_detector.py). ``python run.py task=detect`` calls :func:`detect_task`.
 """
 
@@ -136,23 +137,27 @@ class Detector:
         self.lo, self.hi = run.map_range
         self.localizer = ImageLocalizer(run.K, run.width, run.height, run.config.sfm, run.reference, run.db_w2c,
                                         self.device, matching=self.cfg.matching,
-                                        pairs_per_call=self.cfg.pairs_per_call, pnp_workers=self.cfg.pnp_workers)
+                                        pairs_per_call=self.cfg.pairs_per_call, pnp_workers=self.cfg.pnp_workers,
+                                        static_lengths=self.cfg.static_lengths,
+                                        lightglue_precision=self.cfg.lightglue_precision,
+                                        cuda_graphs=self.cfg.cuda_graphs)
         self.gaussians = load_gaussians(run.gaussians_ply, self.device)
         self.scorer = build_scorer(run.config.scorer, self.device)
         use_graphs = self.device.startswith("cuda") and self.cfg.cuda_graphs
         self.score_maps = GraphedScorer(self.scorer) if use_graphs else self.scorer
         self.backend = self.cfg.render_backend or run.config.splat.get("backend", "auto")
         self.K = torch.as_tensor(run.K, dtype=torch.float32, device=self.device)
+        # The run's own refinement unless overridden (runs made before the refine stage existed: none).
+        self.refine_cfg = self.cfg.refine if self.cfg.refine is not None else run.config.get("refine")
         self.refiner = None
-        if self.cfg.refine.enabled:
-            self.refiner = PoseRefiner(self.gaussians, run.K, run.width, run.height, self.cfg.refine,
+        if self.refine_cfg is not None and self.refine_cfg.enabled:
+            self.refiner = PoseRefiner(self.gaussians, run.K, run.width, run.height, self.refine_cfg,
                                        backend=self.backend, scorer=self.scorer)
         self._loader = ThreadPoolExecutor(max_workers=int(self.cfg.load_workers), thread_name_prefix="detect-load")
         self.setup_seconds = time.perf_counter() - start
         log.info("Detector for %s/%s ready in %.1f s on %s (%d Gaussians, matching %s, refine %s)",
                  run.config.dataset.name, run.class_name, self.setup_seconds, self.device, len(self.gaussians),
-                 "batched" if self.localizer.batched_matching else "sequential",
-                 "on" if self.refiner else "off")
+                 self.localizer.matching_path, "on" if self.refiner else "off")
 
     @classmethod
     def from_run(cls, run_dir: Path | str, cfg: DictConfig | dict | None = None, device: str = "auto") -> "Detector":
@@ -252,7 +257,7 @@ class Detector:
             if not pose.success:
                 detection.flags.append("not_localized")
             detection.times["refine"] = 0.0
-            if self.refiner is not None and (pose.success or not self.cfg.refine.skip_unlocalized):
+            if self.refiner is not None and (pose.success or not self.refine_cfg.skip_unlocalized):
                 refinement = self.refiner.refine(queries[b], pose.w2c)
                 w2c[b] = refinement.w2c
                 detection.refinement = refinement.summary()
@@ -280,6 +285,12 @@ class Detector:
             if keep_images:
                 detection.query = image.image.permute(1, 2, 0).numpy()
                 detection.render = renders_np[b]
+
+    def paths(self) -> dict[str, str]:
+        """Which implementation ran each accelerated stage (a fast path that failed says so)."""
+        graphed = isinstance(self.score_maps, GraphedScorer) and not self.score_maps.failed
+        return {"extract": self.localizer.extract_path, "matching": self.localizer.matching_path,
+                "score": "cuda_graph" if graphed else "eager"}
 
     def render_references(self, w2c: np.ndarray) -> torch.Tensor:
         """Defect-free renders at poses w2c [B, 4, 4] (OpenCV world-to-camera): [B, H, W, 3] in [0, 1]."""

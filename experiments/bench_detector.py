@@ -1,9 +1,13 @@
 """Detector latency and throughput on a finished run: file in -> map out, warm, per stage, batched.
 
-1. Per query: after ``--warmup`` queries, ``--queries`` images (the run's test images, cycled) go
-   through ``Detector.detect(path)`` one at a time; the wall time of each call (decode, localize,
-   render, score, map back on the host) gives the median and p95, and the detector's own stage
-   clock gives each stage's median and p95.
+1. Per query, for each ``--matching`` variant (auto, sequential, batched, static, static:fp16 ...):
+   after ``--warmup`` queries, ``--queries`` images (the run's test images, cycled) go through
+   ``Detector.detect(path)`` one at a time; the wall time of each call (decode, localize, render,
+   score, map back on the host) gives the median and p95, and the detector's own stage clock gives
+   each stage's median and p95. Then each test image once more: localized count and pose errors
+   against the true test poses (generated data), and the largest map difference against the first
+   variant's maps, so a faster path that localizes worse shows it. Each entry records the path that
+   ran (``Detector.paths()``: static LightGlue replayed from CUDA graphs, or its fallback).
 2. Batched: ``Detector.detect_stream`` over ``--throughput-images`` images per batch size; images/s.
 3. The floor: each stage's kernel alone, warm (median of ``--repeats``): ALIKED on one image,
    LightGlue on one query's top-k pairs (one padded pass and pair by pair), a render of the run's
@@ -33,12 +37,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from splatpose.data import resolve_dataset
+from splatpose.data.cameras import camera_center, center_error, rotation_error_deg
 from splatpose.data.mad_sim import read_image
 from splatpose.detect.batched_lightglue import match_pairs_batched
 from splatpose.detect.cuda_graphs import GraphedScorer
 from splatpose.detector import STAGES, Detector
+from splatpose.refine import default_refine_config
 from splatpose.sfm.retrieval import rank_database
 from splatpose.splat.gaussians import Gaussians
 from splatpose.splat.rendering import render
@@ -56,10 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--throughput-images", type=int, default=256, help="images per batched measurement")
     parser.add_argument("--repeats", type=int, default=50, help="repeats per floor measurement")
-    parser.add_argument("--matching", nargs="+", default=["auto"], help="detect.matching modes to time per query")
+    parser.add_argument("--matching", nargs="+", default=["auto"],
+                        help="detect.matching variants to time per query: a mode, or static:<precision>")
     parser.add_argument("--refine-queries", type=int, default=0,
-                        help="also time this many queries with detect.refine.enabled=true (0: skip)")
+                        help="also time this many queries with refinement on (conf/refine/lbfgs.yaml; 0: skip)")
     parser.add_argument("--inputs", nargs="*", help="image files to cycle (default: the run's test images)")
+    parser.add_argument("--throughput-matching", default="auto", help="matching variant of the batched and floor runs")
+    parser.add_argument("--quality-images", type=int, default=None,
+                        help="test images per variant for the pose and map comparison (default: all)")
     parser.add_argument("--overrides", type=json.loads, default={},
                         help='detect settings as JSON, e.g. \'{"cuda_graphs": false}\'')
     return parser.parse_args(argv)
@@ -117,6 +128,38 @@ def single_query_latency(detector: Detector, paths: list[Path], queries: int, wa
             "localized": localized, "queries": queries}
 
 
+def use_matching(detector: Detector, variant: str) -> None:
+    """Switch the detector's matching to ``variant``: "auto" | "sequential" | "batched" | "static[:fp16]"."""
+    mode, _, precision = variant.partition(":")
+    localizer = detector.localizer
+    if mode in ("static", "auto") and precision and precision != localizer.static_options["precision"]:
+        localizer.static_options["precision"] = precision
+        localizer.static = None  # rebuilt at the new precision (fresh graphs)
+    localizer.set_matching(mode)
+
+
+def pose_quality(detector: Detector, tests: list, true_poses: dict | None, reference_maps: dict | None) -> dict:
+    """Each test image once: localized count, pose errors against the true poses (localized queries),
+    and the largest map difference against ``reference_maps`` (name -> map) when given."""
+    maps, rotation, center, localized = {}, [], [], 0
+    for test in tests:
+        detection = detector.detect(test.path, test.name)
+        maps[test.name] = detection.anomaly_map
+        localized += detection.localized
+        truth = (true_poses or {}).get(test.name)
+        if detection.localized and truth is not None:
+            rotation.append(float(rotation_error_deg(detection.w2c, truth)))
+            center.append(float(center_error(detection.w2c, truth) / max(np.linalg.norm(camera_center(truth)), 1e-9)))
+    out = {"images": len(tests), "localized": localized, "maps": maps}
+    if rotation:
+        out.update(median_rotation_error_deg=round(float(np.median(rotation)), 4),
+                   max_rotation_error_deg=round(float(np.max(rotation)), 4),
+                   median_center_error_rel=round(float(np.median(center)), 6))
+    if reference_maps:
+        out["max_map_difference"] = float(max(np.abs(maps[n] - reference_maps[n]).max() for n in maps))
+    return out
+
+
 def batched_throughput(detector: Detector, paths: list[Path], batch_size: int, images: int) -> dict:
     sources = [paths[i % len(paths)] for i in range(max(images, batch_size))]
     list(detector.detect_stream(sources[: 2 * batch_size], batch_size=batch_size))  # warm-up (graphs, cuDNN)
@@ -149,6 +192,10 @@ def floor(detector: Detector, paths: list[Path], repeats: int) -> dict:
     resized = localizer.resize_for_features(image)
     out["extract"] = median_call_ms(lambda: localizer.extractor(resized), device, repeats)
     out["extract"]["resolution"] = list(resized.shape[-2:])
+    out["extract"]["path"] = localizer.extract_path
+    eager_extractor = getattr(localizer.extractor, "extractor", None)  # GraphedAliked's wrapped extractor
+    if eager_extractor is not None:
+        out["extract_eager"] = median_call_ms(lambda: eager_extractor(resized), device, repeats)
     features = localizer.extractor(resized)[0]
     features["image_size"] = np.array([image.shape[-1], image.shape[-2]])
     ranked = rank_database(localizer.retrieval.describe(None, features), localizer.db_global)[: localizer.top_k]
@@ -158,6 +205,10 @@ def floor(detector: Detector, paths: list[Path], repeats: int) -> dict:
     if hasattr(localizer.matcher, "model"):
         out["match_topk_one_pass"] = median_call_ms(lambda: match_pairs_batched(localizer.matcher.model, pairs),
                                                     device, repeats)
+        if localizer.static is not None:
+            out["match_topk_static"] = median_call_ms(lambda: localizer.static.match([prepared], [list(ranked)]),
+                                                      device, repeats)
+            out["match_topk_static"]["path"] = localizer.static.path
     out["match_topk_pairwise"] = median_call_ms(lambda: [localizer.matcher(a, b) for a, b in pairs], device, repeats)
     detection = detector.detect(paths[0])
     w2c = torch.as_tensor(detection.w2c, dtype=torch.float32, device=device)[None]
@@ -198,8 +249,8 @@ def run_description(detector: Detector) -> dict:
             "retrieval": sfm.retrieval.name, "top_k": int(sfm.localization.top_k),
             "max_keypoints": int(sfm.max_keypoints), "resize_max": sfm.get("resize_max"),
             "resize_force": sfm.get("resize_force"), "scorer": detector.run.config.scorer.name,
-            "render_backend": detector.backend, "matching": "batched" if detector.localizer.batched_matching else "sequential",
-            "cuda_graphs": bool(detector.cfg.cuda_graphs), "refine": bool(detector.cfg.refine.enabled)}
+            "render_backend": detector.backend, "matching": detector.localizer.matching_path,
+            "cuda_graphs": bool(detector.cfg.cuda_graphs), "refine": detector.refiner is not None}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -210,26 +261,38 @@ def main(argv: list[str] | None = None) -> dict:
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "torch": torch.__version__,
               "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     start = time.perf_counter()
-    detector = Detector.from_run(args.run_dir, {**args.overrides, "matching": args.matching[0]}, device=args.device)
+    detector = Detector.from_run(args.run_dir, args.overrides, device=args.device)
+    use_matching(detector, args.matching[0])
     report["setup_seconds"] = round(time.perf_counter() - start, 3)
     report["run"] = run_description(detector)
-    paths = [Path(p) for p in args.inputs] if args.inputs else \
-        [t.path for t in resolve_dataset(detector.run.config.dataset, detector.run.class_name).test]
+    data = resolve_dataset(detector.run.config.dataset, detector.run.class_name)
+    paths = [Path(p) for p in args.inputs] if args.inputs else [t.path for t in data.test]
     report["num_distinct_inputs"] = len(paths)
     print(json.dumps(report["run"]), flush=True)
 
-    for mode in args.matching:
-        detector.localizer.batched_matching = mode == "batched" or (mode == "auto" and args.device.startswith("cuda"))
-        guarded(report, f"single_{mode}", lambda: single_query_latency(detector, paths, args.queries, args.warmup))
-    detector.localizer.batched_matching = args.matching[0] == "batched" or (
-        args.matching[0] == "auto" and args.device.startswith("cuda"))
+    reference_maps = None
+    for variant in args.matching:
+        def timed():
+            use_matching(detector, variant)
+            entry = single_query_latency(detector, paths, args.queries, args.warmup)
+            quality = pose_quality(detector, data.test[: args.quality_images], data.test_poses, reference_maps)
+            entry["quality"] = {k: v for k, v in quality.items() if k != "maps"}
+            entry["paths"] = detector.paths()
+            entry["maps"] = quality["maps"]
+            return entry
+        guarded(report, f"single_{variant}", timed)
+        reference_maps = reference_maps or report[f"single_{variant}"].pop("maps", None)
+        report[f"single_{variant}"].pop("maps", None)
+    use_matching(detector, args.throughput_matching)
+    report["throughput_paths"] = detector.paths()
     for size in args.batch_sizes:
         guarded(report, f"batched_{size}", lambda: batched_throughput(detector, paths, size, args.throughput_images))
     guarded(report, "floor", lambda: floor(detector, paths, args.repeats))
     if args.refine_queries:
         def refined():
-            refining = Detector(detector.run, {**args.overrides, "matching": args.matching[0],
-                                               "refine": {"enabled": True}}, device=args.device)
+            refine = OmegaConf.to_container(default_refine_config())  # conf/refine/lbfgs.yaml
+            refining = Detector(detector.run, {**args.overrides, "refine": refine}, device=args.device)
+            use_matching(refining, args.throughput_matching)
             return single_query_latency(refining, paths, args.refine_queries, warmup=2)
         guarded(report, "single_refine", refined)
     detector.close()
@@ -273,10 +336,23 @@ def markdown(report: dict) -> str:
                                 for s in STAGES)
             lines.append(f"| {key[7:]} | {entry['queries']} | {entry['localized']} | {_cell(entry['wall'])} | "
                          f"{_cell(entry['wall'], 'p95_ms')} | {stages} |")
-        lines += ["", "Stage cells: median (p95); a stage's time includes waiting for its device work.", ""]
+        lines += ["", "Stage cells: median (p95); a stage's time includes waiting for its device work.", "",
+                  "Each variant once over the test images: localized, pose error against the true poses (localized "
+                  "queries), largest map difference against the first variant's maps, and the path that ran.", "",
+                  "| mode | localized | median rotation error (deg) | max (deg) | median centre error (rel) | "
+                  "max map difference | extract path | matching path | score path |", "|---|---|---|---|---|---|---|---|---|"]
+        for key in singles:
+            quality, paths = report[key].get("quality", {}), report[key].get("paths", {})
+            if quality:
+                lines.append(f"| {key[7:]} | {quality['localized']}/{quality['images']} | "
+                             f"{quality.get('median_rotation_error_deg', '-')} | {quality.get('max_rotation_error_deg', '-')} | "
+                             f"{quality.get('median_center_error_rel', '-')} | {quality.get('max_map_difference', '-')} | "
+                             f"{paths.get('extract')} | {paths.get('matching')} | {paths.get('score')} |")
+        lines.append("")
     batched = [report[k] for k in report if k.startswith("batched_")]
     if batched:
-        lines += ["## Batched throughput", "", "| batch size | images | seconds | images/s |", "|---|---|---|---|"]
+        lines += ["## Batched throughput", "", f"paths: {report.get('throughput_paths')}", "",
+                  "| batch size | images | seconds | images/s |", "|---|---|---|---|"]
         for entry in batched:
             if "error" in entry:
                 lines.append(f"| failed: {entry['error']} | | | |")

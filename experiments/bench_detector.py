@@ -68,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--refine-queries", type=int, default=0,
                         help="also time this many queries with refinement on (conf/refine/lbfgs.yaml; 0: skip)")
     parser.add_argument("--inputs", nargs="*", help="image files to cycle (default: the run's test images)")
+    parser.add_argument("--no-floor", action="store_true", help="skip the floor section")
     parser.add_argument("--throughput-matching", default="auto", help="matching variant of the batched and floor runs")
     parser.add_argument("--quality-images", type=int, default=None,
                         help="test images per variant for the pose and map comparison (default: all)")
@@ -124,6 +125,7 @@ def single_query_latency(detector: Detector, paths: list[Path], queries: int, wa
         localized += detection.localized
         for stage, seconds in detection.times.items():
             stages[stage].append(seconds)
+        stages["unaccounted"].append(walls[-1] - detection.times["total"])  # Python and bookkeeping
     return {"wall": percentiles_ms(walls), "stages": {s: percentiles_ms(v) for s, v in stages.items()},
             "localized": localized, "queries": queries}
 
@@ -164,10 +166,14 @@ def batched_throughput(detector: Detector, paths: list[Path], batch_size: int, i
     sources = [paths[i % len(paths)] for i in range(max(images, batch_size))]
     list(detector.detect_stream(sources[: 2 * batch_size], batch_size=batch_size))  # warm-up (graphs, cuDNN)
     start = time.perf_counter()
-    count = sum(d.ok for d in detector.detect_stream(sources, batch_size=batch_size))
+    detections = list(detector.detect_stream(sources, batch_size=batch_size))
     seconds = time.perf_counter() - start
-    return {"batch_size": batch_size, "images": len(sources), "ok": count, "seconds": round(seconds, 3),
-            "images_per_second": round(len(sources) / seconds, 2)}
+    # per image: a batched stage's time split over its images; load overlaps the previous batch
+    stages = {stage: round(1000 * float(np.median([d.times.get(stage, 0.0) for d in detections])), 3)
+              for stage in STAGES}
+    return {"batch_size": batch_size, "images": len(sources), "ok": sum(d.ok for d in detections),
+            "seconds": round(seconds, 3), "images_per_second": round(len(sources) / seconds, 2),
+            "median_ms_per_image": stages}
 
 
 def tiled_gaussians(gaussians: Gaussians, count: int, seed: int = 0) -> Gaussians:
@@ -287,7 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
     report["throughput_paths"] = detector.paths()
     for size in args.batch_sizes:
         guarded(report, f"batched_{size}", lambda: batched_throughput(detector, paths, size, args.throughput_images))
-    guarded(report, "floor", lambda: floor(detector, paths, args.repeats))
+    if not args.no_floor:
+        guarded(report, "floor", lambda: floor(detector, paths, args.repeats))
     if args.refine_queries:
         def refined():
             refine = OmegaConf.to_container(default_refine_config())  # conf/refine/lbfgs.yaml
@@ -325,15 +332,15 @@ def markdown(report: dict) -> str:
     singles = [k for k in report if k.startswith("single_")]
     if singles:
         lines += ["## Per query (file in -> map out, warm), milliseconds", "",
-                  "| mode | queries | localized | wall median | wall p95 | " + " | ".join(STAGES) + " |",
-                  "|---|---|---|---|---|" + "---|" * len(STAGES)]
+                  "| mode | queries | localized | wall median | wall p95 | " + " | ".join(STAGES) + " | unaccounted |",
+                  "|---|---|---|---|---|" + "---|" * (len(STAGES) + 1)]
         for key in singles:
             entry = report[key]
             if "error" in entry:
                 lines.append(f"| {key[7:]} | failed: {entry['error']} |")
                 continue
             stages = " | ".join(f"{_cell(entry['stages'].get(s))} ({_cell(entry['stages'].get(s), 'p95_ms')})"
-                                for s in STAGES)
+                                for s in (*STAGES, "unaccounted"))
             lines.append(f"| {key[7:]} | {entry['queries']} | {entry['localized']} | {_cell(entry['wall'])} | "
                          f"{_cell(entry['wall'], 'p95_ms')} | {stages} |")
         lines += ["", "Stage cells: median (p95); a stage's time includes waiting for its device work.", "",
@@ -352,13 +359,15 @@ def markdown(report: dict) -> str:
     batched = [report[k] for k in report if k.startswith("batched_")]
     if batched:
         lines += ["## Batched throughput", "", f"paths: {report.get('throughput_paths')}", "",
-                  "| batch size | images | seconds | images/s |", "|---|---|---|---|"]
+                  "| batch size | images | seconds | images/s | per image, median ms: " + " / ".join(STAGES) + " |",
+                  "|---|---|---|---|---|"]
         for entry in batched:
             if "error" in entry:
                 lines.append(f"| failed: {entry['error']} | | | |")
             else:
+                per_image = " / ".join(str(entry.get("median_ms_per_image", {}).get(s, "-")) for s in STAGES)
                 lines.append(f"| {entry['batch_size']} | {entry['images']} | {entry['seconds']} | "
-                             f"{entry['images_per_second']} |")
+                             f"{entry['images_per_second']} | {per_image} |")
         lines.append("")
     floor_entry = report.get("floor", {})
     if floor_entry:

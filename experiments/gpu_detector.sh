@@ -6,7 +6,8 @@
 #
 #   run(command="bash experiments/gpu_detector.sh", carry=[".gpu"], timeout_s=480)
 #
-# $OUT gets gpu_detector.log, eval_results.json, detector.json, detector.md and pytest_gpu.txt.
+# $OUT gets gpu_detector.log, eval_results.json, detector.json, detector.md, pytest_gpu.txt and, with
+# NATIVE_SIZE=1 (default) and time left, eval_native_results.json and detector_native.json.
 # Variables: DETECT_SECONDS (whole script, default 450), SPLAT_STEPS (300), QUERIES (60),
 # MATCHING (the variants, default "sequential auto static:fp16 batched"; the first is the maps reference), BENCH_ARGS (more bench_detector args).
 set -u -o pipefail
@@ -73,4 +74,17 @@ cp "$WORK/bench/detector.json" "$WORK/bench/detector.md" "$OUT/" 2>/dev/null
 bounded 90 python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" "$REPO/tests/test_static_lightglue.py" "$REPO/tests/test_static_aliked.py" \
   > "$OUT/pytest_gpu.txt" 2>&1
 tail -n 5 "$OUT/pytest_gpu.txt"
+# The same class with SfM at the images' own size (sfm.resize_max=null: no 400 -> 600 upscale), a
+# config the evaluation would have to be run with; timed if the call has time left.
+if [ "${NATIVE_SIZE:-1}" = 1 ]; then
+  bounded 150 python3 "$REPO/run.py" dataset=custom dataset.root="$CARRY/data" class="$CLASS" device=cuda \
+    trainer=gpu logger=none scorer.weights_path="$WORK/lite0_fp16.pth" paths.cache_dir="$WORK/cache" \
+    splat.steps="$SPLAT_STEPS" sfm.resize_max=null sfm.resize_force=false hydra.run.dir="$WORK/run_native" \
+    && cp "$WORK/run_native/results.json" "$OUT/eval_native_results.json" \
+    && bounded 90 python3 "$REPO/experiments/bench_detector.py" --run-dir "$WORK/run_native" --device cuda \
+      --queries 40 --warmup 10 --batch-sizes 32 --throughput-images 256 --matching auto --no-floor \
+      --out "$WORK/bench_native" \
+    && cp "$WORK/bench_native/detector.json" "$OUT/detector_native.json"
+fi
+
 echo "=== done in $(( $(date +%s) - START )) s"

@@ -52,7 +52,7 @@ from splatpose.splat.rendering import render
 log = logging.getLogger(__name__)
 
 DEFAULTS_FILE = Path(__file__).resolve().parents[1] / "conf" / "detect" / "default.yaml"
-STAGES = ("load", "extract", "retrieve", "match", "pnp", "refine", "render", "score")
+STAGES = ("load", "upload", "extract", "retrieve", "match", "pnp", "refine", "render", "score")
 
 
 def resolve_device(device: str) -> str:
@@ -81,7 +81,9 @@ class Detection:
     w2c: [4, 4] float64 world-to-camera (OpenCV) used for the render (after refinement, if any);
         w2c_pnp: the pose before refinement.
     flags: notes such as "grayscale", "resized_from_640x480", "not_localized".
-    times: seconds per stage (STAGES) and "total"; a batched stage's time is split over its images.
+    times: seconds per stage (STAGES) and "total" (their sum); "stages_wall": the wall time from upload to
+        maps (all stages but load, with what no stage clock covers); a batched stage's time is split
+        over its images.
     query, render: [H, W, 3] float32 images, kept only when asked (for overlays).
     """
 
@@ -246,10 +248,13 @@ class Detector:
 
     def _run_stages(self, items: list[tuple[Detection, LoadedImage]], keep_images: bool) -> None:
         batch = len(items)
-        queries = torch.stack([image.image for _, image in items]).to(self.device)  # [B, 3, H, W]
+        run_start = start = time.perf_counter()
+        queries = self._upload([image.image for _, image in items])  # [B, 3, H, W]
+        upload_seconds = self._clock() - start
         poses = self.localizer.localize_images(queries, [d.name for d, _ in items])
         w2c = np.stack([pose.w2c for pose in poses])
         for b, ((detection, _), pose) in enumerate(zip(items, poses)):
+            detection.times["upload"] = round(upload_seconds / batch, 6)
             detection.times.update(pose.times)
             detection.localized, detection.fallback = bool(pose.success), pose.fallback
             detection.num_inliers, detection.num_matches = int(pose.num_inliers), int(pose.num_matches)
@@ -282,6 +287,8 @@ class Detector:
             detection.times["render"] = round(render_seconds / batch, 6)
             detection.times["score"] = round(score_seconds / batch, 6)
             detection.times["total"] = round(sum(detection.times.get(s, 0.0) for s in STAGES), 6)
+            # wall time from upload to maps on the host, per image: total minus this is load plus bookkeeping
+            detection.times["stages_wall"] = round((time.perf_counter() - run_start) / batch, 6)
             if keep_images:
                 detection.query = image.image.permute(1, 2, 0).numpy()
                 detection.render = renders_np[b]
@@ -291,6 +298,17 @@ class Detector:
         graphed = isinstance(self.score_maps, GraphedScorer) and not self.score_maps.failed
         return {"extract": self.localizer.extract_path, "matching": self.localizer.matching_path,
                 "score": "cuda_graph" if graphed else "eager"}
+
+    def _upload(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """[3, H, W] images (views of decoded [H, W, 3] arrays) -> one [B, 3, H, W] tensor on the device.
+
+        Stacked and copied in the decoder's [H, W, 3] layout, which is contiguous, and transposed on the
+        device: making [3, H, W] contiguous on the host first is a strided copy of every pixel.
+        """
+        if not self.device.startswith("cuda"):
+            return torch.stack(images)
+        channels_last = torch.stack([image.permute(1, 2, 0) for image in images]).to(self.device)
+        return channels_last.permute(0, 3, 1, 2).contiguous()
 
     def render_references(self, w2c: np.ndarray) -> torch.Tensor:
         """Defect-free renders at poses w2c [B, 4, 4] (OpenCV world-to-camera): [B, H, W, 3] in [0, 1]."""

@@ -9,7 +9,7 @@
 # $OUT gets gpu_detector.log, eval_results.json, detector.json, detector.md, pytest_gpu.txt and, with
 # NATIVE_SIZE=1 (default) and time left, eval_native_results.json and detector_native.json.
 # Variables: DETECT_SECONDS (whole script, default 450), SPLAT_STEPS (300), QUERIES (60),
-# MATCHING (the variants, default "sequential auto static:fp16 batched"; the first is the maps reference), BENCH_ARGS (more bench_detector args).
+# MATCHING (the variants, default "sequential auto static:tf32 static:fp16 batched"; the first is the maps reference), BENCH_ARGS (more bench_detector args).
 set -u -o pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,7 +19,7 @@ WORK=${WORK:-/tmp/gpu_detector_work}
 DETECT_SECONDS=${DETECT_SECONDS:-450}
 SPLAT_STEPS=${SPLAT_STEPS:-300}
 QUERIES=${QUERIES:-60}
-MATCHING=${MATCHING:-"sequential auto static:fp16 batched"}
+MATCHING=${MATCHING:-"sequential auto static:tf32 static:fp16 batched"}
 BENCH_ARGS=${BENCH_ARGS:-}
 SITE=$WORK/site
 mkdir -p "$OUT" "$WORK" "$SITE"

@@ -90,7 +90,7 @@ def test_buckets_and_chunks():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("precision, agreement, atol", [("fp32", 0.98, 2e-2), ("fp16", 0.95, 0.1)])
+@pytest.mark.parametrize("precision, agreement, atol", [("fp32", 0.98, 2e-2), ("tf32", 0.95, 0.1), ("fp16", 0.95, 0.1)])
 def test_static_lightglue_cuda_graph_matches_like_lightglue(precision, agreement, atol):
     matcher, queries, db = prepared_images("cuda")
     static = StaticLightGlue(matcher.model, db, precision=precision)
@@ -99,3 +99,12 @@ def test_static_lightglue_cuda_graph_matches_like_lightglue(precision, agreement
         results = static.match(queries, retrieved)
     assert static.path == f"static+cuda_graph ({precision})" and len(static.graphs) == 1
     assert_like_lightglue(matcher, queries, db, retrieved, results, agreement, atol)
+
+
+def test_tf32_precision_leaves_the_process_setting_alone():
+    matcher, queries, db = prepared_images("cpu", seeds=(0,), keypoints=(150,))
+    before = torch.backends.cuda.matmul.allow_tf32
+    StaticLightGlue(matcher.model, db, precision="tf32").match(queries, [[0]])
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    with pytest.raises(ValueError, match="lightglue_precision='bf16' is unknown"):
+        StaticLightGlue(matcher.model, db, precision="bf16")

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 Prepared = dict[str, torch.Tensor]
 DEFAULT_LENGTHS = (256, 512, 768, 1024)
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "tf32", "fp16")
 WARMUP_CALLS = 2  # eager calls on a side stream before capture: SDPA and cuBLAS pick their kernels
 
 
@@ -175,7 +175,8 @@ class StaticLightGlue:
         db_prepared: the db images' prepared features, in db order.
         lengths: the query lengths (keypoints) a query is padded up to; the db side is padded to the
             bucket of its longest image.
-        precision: "fp32", or "fp16" (autocast, as LightGlue's own ``mp`` option).
+        precision: "fp32", "tf32" (TensorFloat-32 matrix products) or "fp16" (autocast, as LightGlue's
+            own ``mp`` option).
         cuda_graphs: capture and replay CUDA graphs on a CUDA device.
     """
 
@@ -231,10 +232,23 @@ class StaticLightGlue:
                 pair += 1
         return results
 
+    @contextlib.contextmanager
     def _autocast(self):
+        """fp16: autocast (LightGlue's ``mp``); tf32: TensorFloat-32 matrix products, switched on only
+        while LightGlue runs or is captured (a graph keeps the kernels it was captured with), so the
+        rest of the process keeps full fp32; fp32: as it is (flash attention runs in fp16 either way)."""
         if self.precision == "fp16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.float16)
-        return contextlib.nullcontext()
+            with torch.autocast(device_type=self.device.type, dtype=torch.float16):
+                yield
+        elif self.precision == "tf32":
+            previous = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                yield
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = previous
+        else:
+            yield
 
     @torch.inference_mode()
     def _eager(self, desc0, enc0, count0, pair_query, pair_db) -> torch.Tensor:

@@ -134,7 +134,8 @@ def use_matching(detector: Detector, variant: str) -> None:
     """Switch the detector's matching to ``variant``: "auto" | "sequential" | "batched" | "static[:fp16]"."""
     mode, _, precision = variant.partition(":")
     localizer = detector.localizer
-    if mode in ("static", "auto") and precision and precision != localizer.static_options["precision"]:
+    precision = precision or str(detector.cfg.lightglue_precision)  # no suffix: the configured precision
+    if mode in ("static", "auto") and precision != localizer.static_options["precision"]:
         localizer.static_options["precision"] = precision
         localizer.static = None  # rebuilt at the new precision (fresh graphs)
     localizer.set_matching(mode)

@@ -22,6 +22,9 @@ QUERIES=${QUERIES:-60}
 MATCHING=${MATCHING:-"sequential auto static:tf32 static:fp16 batched"}
 BENCH_ARGS=${BENCH_ARGS:-}
 SITE=$WORK/site
+# A warm machine keeps /tmp from an earlier call: its stage cache may hold another data version's SfM
+# folder under the same key (seen 15:18 UTC), so start from an empty cache; keep gsplat's build.
+rm -rf "$WORK/cache" "$WORK/run_eval" "$WORK/run_native" "$WORK/bench" "$WORK/bench_native"
 mkdir -p "$OUT" "$WORK" "$SITE"
 exec > >(tee -a "$OUT/gpu_detector.log") 2>&1
 
@@ -78,7 +81,7 @@ tail -n 5 "$OUT/pytest_gpu.txt"
 # config the evaluation would have to be run with; timed if the call has time left.
 if [ "${NATIVE_SIZE:-1}" = 1 ]; then
   bounded 150 python3 "$REPO/run.py" dataset=custom dataset.root="$CARRY/data" class="$CLASS" device=cuda \
-    trainer=gpu logger=none scorer.weights_path="$WORK/lite0_fp16.pth" paths.cache_dir="$WORK/cache" \
+    trainer=gpu logger=none refine=off scorer.weights_path="$WORK/lite0_fp16.pth" paths.cache_dir="$WORK/cache" \
     splat.steps="$SPLAT_STEPS" sfm.resize_max=null sfm.resize_force=false hydra.run.dir="$WORK/run_native" \
     && cp "$WORK/run_native/results.json" "$OUT/eval_native_results.json" \
     && bounded 90 python3 "$REPO/experiments/bench_detector.py" --run-dir "$WORK/run_native" --device cuda \

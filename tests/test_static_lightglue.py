@@ -48,8 +48,10 @@ def assert_like_lightglue(matcher, queries, db, retrieved, static_results, agree
         for d, (matches0, scores0) in zip(retrieved[q], per_query):
             expected0, expected_scores = matcher(queries[q], db[d])
             assert matches0.shape == expected0.shape and matches0.dtype == np.int64
-            assert np.mean(matches0 == expected0) >= agreement, (q, d)
-            np.testing.assert_allclose(scores0, expected_scores, atol=atol)
+            same = matches0 == expected0
+            assert np.mean(same) >= agreement, (q, d)
+            # a borderline match that flips in float16 has a score far from LightGlue's; compare the rest
+            np.testing.assert_allclose(scores0[same], expected_scores[same], atol=atol)
             matched += int((expected0 > -1).sum())
     assert matched > 100, "the pairs must have real matches for the comparison to mean anything"
 
@@ -90,7 +92,7 @@ def test_buckets_and_chunks():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("precision, agreement, atol", [("fp32", 0.98, 2e-2), ("tf32", 0.95, 0.1), ("fp16", 0.95, 0.1)])
+@pytest.mark.parametrize("precision, agreement, atol", [("fp32", 0.98, 2e-2), ("tf32", 0.95, 5e-2), ("fp16", 0.95, 5e-2)])
 def test_static_lightglue_cuda_graph_matches_like_lightglue(precision, agreement, atol):
     matcher, queries, db = prepared_images("cuda")
     static = StaticLightGlue(matcher.model, db, precision=precision)

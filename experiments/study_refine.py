@@ -36,15 +36,16 @@ from omegaconf import OmegaConf
 from splatpose.data import resolve_dataset
 from splatpose.data.cameras import camera_center, center_error, rotation_error_deg
 from splatpose.data.mad_sim import read_image, read_mask
-from splatpose.detector import Detector, default_detect_config
+from splatpose.detector import Detector
 from splatpose.metrics import evaluate
-from splatpose.refine import PoseRefiner
+from splatpose.refine import PoseRefiner, default_refine_config
 
-# name -> detect.refine overrides
+# name -> overrides of conf/refine/lbfgs.yaml
 SETTINGS = {
     "lbfgs l1 x20 @0.5": {"loss": "l1", "steps": 20, "scale": 0.5},
     "lbfgs l1_ssim x20 @0.5": {"loss": "l1_ssim", "steps": 20, "scale": 0.5},
     "lbfgs l1 x20 @1.0": {"loss": "l1", "steps": 20, "scale": 1.0},
+    "lbfgs l1 x10 @1.0": {"loss": "l1", "steps": 10, "scale": 1.0},
     "lbfgs feature x10 @1.0": {"loss": "feature", "steps": 10, "scale": 1.0},
     "adam l1 x20 @0.5": {"optimizer": "adam", "lr": 3e-3, "loss": "l1", "steps": 20, "scale": 0.5},
 }
@@ -76,7 +77,8 @@ def maps_at(detector: Detector, queries: torch.Tensor, poses: list[np.ndarray], 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    detector = Detector.from_run(args.run_dir, {"matching": "sequential"}, device=args.device)
+    # PnP poses only: the rows below refine them themselves.
+    detector = Detector.from_run(args.run_dir, {"matching": "sequential", "refine": {"enabled": False}}, device=args.device)
     data = resolve_dataset(detector.run.config.dataset, detector.run.class_name)
     if not data.test_poses:
         raise SystemExit(f"{data.root}: no test_poses.json; the study needs generated data with true poses")
@@ -103,7 +105,7 @@ def main(argv=None) -> dict:
     rows = [row("pnp (no refinement)", pnp, None)]
     print(json.dumps(rows[-1]), flush=True)
     for label in args.settings:
-        cfg = OmegaConf.merge(default_detect_config().refine, {"enabled": True}, SETTINGS[label])
+        cfg = OmegaConf.merge(default_refine_config(), SETTINGS[label])
         refiner = PoseRefiner(detector.gaussians, detector.run.K, detector.width, detector.height, cfg,
                               backend=detector.backend, scorer=detector.scorer)
         poses, seconds = dict(pnp), []

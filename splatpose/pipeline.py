@@ -1,6 +1,7 @@
 """The evaluation pipeline of one class, stage by stage, with the stage cache.
 
-    data ─► sfm (reference model) ─► localize (query poses) ─► splat (3DGS) ─► render ─► score + evaluate
+    data ─► sfm (reference model) ─► localize (query poses) ─► splat (3DGS) ─► refine (poses through
+    the splats) ─► render ─► score + evaluate
 
 Each stage is a plain function of its package (``splatpose.data``, ``.sfm``, ``.splat``,
 ``.scoring``); this module only wires them, decides what is reused from the cache, times every stage
@@ -29,6 +30,7 @@ from splatpose.callbacks.evaluation import Evaluation, flatten_metrics
 from splatpose.data import resolve_dataset
 from splatpose.data.cameras import camera_center, center_error, rotation_error_deg
 from splatpose.data.mad_sim import ClassData, read_image, read_mask
+from splatpose.refine.queries import RefinedPose, refine_query_poses
 from splatpose.run_info import environment_info
 from splatpose.scoring.anomaly_maps import build_scorer
 from splatpose.scoring.module import AnomalyScoringModule, QueryRenderPairs
@@ -106,7 +108,7 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None) -> dict:
         data = resolve_dataset(cfg.dataset, class_name)
     log.info("Class %s: %d train views, %d test images (%dx%d) from %s", class_name, len(data.train),
              len(data.test), data.width, data.height, data.root)
-    data_key = stage_key("data", {"dataset": cfg.dataset, "class": class_name})
+    data_key = stage_key("data", {"dataset": cfg.dataset, "class": class_name, "files": data.fingerprint()})
 
     # The reference model depends on features, matcher and db pairs, not on query retrieval/PnP.
     with timer("sfm", subject) as record, cache.stage("sfm", reference_settings(cfg.sfm), (data_key,)) as st:
@@ -128,11 +130,18 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None) -> dict:
                            trainer_kwargs=splat_trainer_kwargs(cfg, loggers))
     log.info("Gaussians: %s", ply)
 
-    with timer("render", subject) as record, cache.stage("render", {"backend": cfg.splat.get("backend", "auto")},
-                                                          (sp.key, loc.key)) as rd:
+    backend = cfg.splat.get("backend", "auto")
+    refine_settings = {"refine": cfg.refine, "backend": backend,
+                       "scorer": cfg.scorer if cfg.refine.get("loss") == "feature" else None}
+    with timer("refine", subject) as record, cache.stage("refine", refine_settings, (sp.key, loc.key)) as rf:
+        record["reused"] = rf.reused
+        scorer = build_scorer(cfg.scorer, device) if cfg.refine.get("loss") == "feature" else None
+        refined = refine_query_poses(data, poses, cfg.refine, ply, rf.dir, device, backend=backend, scorer=scorer)
+    refinement = refinement_summary(data, refined)
+
+    with timer("render", subject) as record, cache.stage("render", {"backend": backend}, (sp.key, rf.key)) as rd:
         record["reused"] = rd.reused
-        renders = render_pseudo_references(data, poses, ply, rd.dir / "renders.npz", device,
-                                           backend=cfg.splat.get("backend", "auto"))
+        renders = render_pseudo_references(data, refined, ply, rd.dir / "renders.npz", device, backend=backend)
 
     with timer("score", subject):
         evaluation = score_and_evaluate(cfg, data, renders, loggers, device)
@@ -142,15 +151,16 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None) -> dict:
         "metrics": evaluation.metrics,
         "map_range": list(evaluation.map_range),
         "localization": localization,
+        "refinement": refinement,
         "timings": {**timer.stages, "total": {"seconds": round(time.perf_counter() - total_start, 3)}},
         "stage_dirs": {"sfm": str(st.dir), "localize": str(loc.dir), "splat": str(sp.dir),
-                       "render": str(rd.dir)},
+                       "refine": str(rf.dir), "render": str(rd.dir)},
         "gaussians_ply": str(ply),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "environment": environment_info(device),
     }
     write_json_atomic(out_dir / "results.json", results)
-    write_per_image_csv(out_dir / "per_image.csv", evaluation, poses, localization)
+    write_per_image_csv(out_dir / "per_image.csv", evaluation, localization, refinement)
     log_run_summary(loggers, results)
     return results
 
@@ -189,9 +199,29 @@ def localization_summary(data: ClassData, poses: list[QueryPose]) -> dict:
     return summary
 
 
-def render_pseudo_references(data: ClassData, poses: list[QueryPose], ply: Path, cache_file: Path,
+def refinement_summary(data: ClassData, refined: list[RefinedPose]) -> dict:
+    """How many poses were refined, at what cost, and (with true test poses) the errors after it."""
+    per_query = {}
+    for pose in refined:
+        entry = {"refined": pose.refined, **(pose.refinement or {})}
+        truth = (data.test_poses or {}).get(pose.name)
+        if truth is not None and pose.refined:
+            entry["rotation_error_deg"] = float(rotation_error_deg(pose.w2c, truth))
+            entry["center_error_rel"] = float(center_error(pose.w2c, truth) / max(np.linalg.norm(camera_center(truth)),
+                                                                                   1e-9))
+        per_query[pose.name] = entry
+    done = [e for e in per_query.values() if e["refined"]]
+    summary = {"num_refined": len(done), "per_query": per_query,
+               "median_seconds": float(np.median([e["seconds"] for e in done])) if done else 0.0}
+    if done and "rotation_error_deg" in done[0]:
+        summary["median_rotation_error_deg"] = float(np.median([e["rotation_error_deg"] for e in done]))
+        summary["median_center_error_rel"] = float(np.median([e["center_error_rel"] for e in done]))
+    return summary
+
+
+def render_pseudo_references(data: ClassData, poses: list[RefinedPose], ply: Path, cache_file: Path,
                              device: str, backend: str = "auto") -> np.ndarray:
-    """Render the defect-free splats at every query's localized pose.
+    """Render the defect-free splats at every query's pose (refined, or as localized).
 
     Returns: [N, H, W, 3] float32 in [0,1], in the order of ``poses``; cached in ``cache_file``.
     """
@@ -230,30 +260,34 @@ def score_and_evaluate(cfg: DictConfig, data: ClassData, renders: np.ndarray, lo
     return module.evaluation
 
 
-def write_per_image_csv(path: Path, evaluation: Evaluation, poses: list[QueryPose],
-                        localization: dict) -> None:
-    per_query = localization["per_query"]
+def write_per_image_csv(path: Path, evaluation: Evaluation, localization: dict, refinement: dict) -> None:
+    """One row per test image: label, score, localization, and the pose errors before and after refinement."""
     fields = ["name", "defect", "label", "score", "localized", "fallback", "num_inliers",
-              "rotation_error_deg", "center_error_rel"]
+              "rotation_error_deg", "center_error_rel", "refined", "refined_rotation_error_deg",
+              "refined_center_error_rel"]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for i, name in enumerate(evaluation.names):
-            q = per_query.get(name, {})
+            q = localization["per_query"].get(name, {})
+            r = refinement["per_query"].get(name, {})
             writer.writerow({"name": name, "defect": evaluation.defects[i],
                              "label": int(evaluation.labels[i]), "score": f"{evaluation.scores[i]:.6f}",
                              "localized": q.get("success"), "fallback": q.get("fallback") or "",
                              "num_inliers": q.get("num_inliers"),
                              "rotation_error_deg": q.get("rotation_error_deg", ""),
-                             "center_error_rel": q.get("center_error_rel", "")})
+                             "center_error_rel": q.get("center_error_rel", ""),
+                             "refined": r.get("refined", False),
+                             "refined_rotation_error_deg": r.get("rotation_error_deg", ""),
+                             "refined_center_error_rel": r.get("center_error_rel", "")})
 
 
 def log_run_summary(loggers: list, results: dict) -> None:
     """Per-stage timings and localization numbers to every logger (metrics were logged by the evaluator)."""
     summary = {f"time/{stage}": t["seconds"] for stage, t in results["timings"].items()}
-    loc = results["localization"]
-    summary.update({f"localization/{k}": v for k, v in loc.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    for section in ("localization", "refinement"):
+        summary.update({f"{section}/{k}": v for k, v in results[section].items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
     for logger in loggers:
         logger.log_metrics(summary)
         logger.log_hyperparams({"class": results["class"], "dataset": results["dataset"]})

@@ -89,9 +89,13 @@ def test_maps_equal_the_evaluation_maps_on_its_test_images(evaluation, detector)
     assert all(d.ok for d in detections), [d.error for d in detections]
 
     stored_poses = json.loads((Path(results["stage_dirs"]["localize"]) / "query_poses.json").read_text())
-    for detection, stored in zip(detections, stored_poses):
-        assert detection.name == stored["name"] and detection.localized == stored["success"]
-        np.testing.assert_allclose(detection.w2c, np.asarray(stored["w2c"]), atol=1e-9)
+    refined_poses = json.loads((Path(results["stage_dirs"]["refine"]) / "refined_poses.json").read_text())
+    assert any(r["refinement"] for r in refined_poses), "the run refines its poses (refine=lbfgs, the default)"
+    for detection, stored, refined in zip(detections, stored_poses, refined_poses):
+        assert detection.name == stored["name"] == refined["name"] and detection.localized == stored["success"]
+        np.testing.assert_allclose(detection.w2c_pnp, np.asarray(stored["w2c"]), atol=1e-9)
+        # The detector refines as the run did, from the same PnP pose against the same image.
+        np.testing.assert_allclose(detection.w2c, np.asarray(refined["w2c"]), atol=1e-7)
 
     expected = evaluation_maps(results, data, cfg)
     maps = np.stack([d.anomaly_map for d in detections])
@@ -107,14 +111,16 @@ def test_maps_equal_the_evaluation_maps_on_its_test_images(evaluation, detector)
 @pytest.mark.slow
 def test_single_images_and_batches_agree(evaluation, detector):
     """Up to float rounding: ALIKED's convolutions round differently for another batch size, which moves
-    keypoints by about 1e-5 px and poses by about 1e-7."""
+    keypoints by about 1e-5 px and PnP poses by about 1e-7; refinement's line searches carry that
+    to about 1e-5 in the refined pose, far below anything visible in the map."""
     _, _, data, _ = evaluation
     tests = data.test[:3]
     batch = detector.detect_batch([t.path for t in tests])
     for test, batched in zip(tests, batch):
         single = detector.detect(test.path)
         assert single.localized == batched.localized
-        np.testing.assert_allclose(single.w2c, batched.w2c, atol=1e-5)
+        np.testing.assert_allclose(single.w2c_pnp, batched.w2c_pnp, atol=1e-5)
+        np.testing.assert_allclose(single.w2c, batched.w2c, atol=2e-4)
         assert np.abs(single.anomaly_map - batched.anomaly_map).max() < 1e-3
         assert set(single.times) >= {"load", "extract", "retrieve", "match", "pnp", "refine", "render", "score",
                                      "total"}
@@ -122,8 +128,9 @@ def test_single_images_and_batches_agree(evaluation, detector):
 
 @pytest.mark.slow
 def test_bad_inputs_give_per_image_errors_or_flags_and_the_batch_goes_on(evaluation, detector, tmp_path):
-    _, _, data, _ = evaluation
-    good = data.test[0].path
+    _, results, data, _ = evaluation
+    localized = results["localization"]["per_query"]
+    good = next(t.path for t in data.test if localized[t.name]["success"])
     image = Image.open(good).convert("RGB")
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(good.read_bytes()[:200])

@@ -36,7 +36,7 @@ def test_run_writes_results_panels_and_wandb(first_run):
     results = json.loads((out_dir / "results.json").read_text())
     for key in ("pixel_auroc", "aupro", "image_auroc"):
         assert key in results["metrics"]
-    assert set(results["timings"]) >= {"data", "sfm", "localize", "splat", "render", "score", "total"}
+    assert set(results["timings"]) >= {"data", "sfm", "localize", "splat", "refine", "render", "score", "total"}
     assert results["localization"]["num_queries"] == len(list((out_dir / "panels").rglob("*.png")))
     assert (out_dir / "per_image.csv").read_text().count("\n") == results["localization"]["num_queries"] + 1
     assert f"Outputs: {out_dir.resolve()}" in log
@@ -50,7 +50,7 @@ def test_scorer_change_reuses_sfm_and_splats(first_run):
     out_dir, _ = first_run
     second, log = run_cli(out_dir.parent, "second", "scorer=pixel", "logger=csv")
     timings = json.loads((second / "results.json").read_text())["timings"]
-    for stage in ("sfm", "localize", "splat", "render"):
+    for stage in ("sfm", "localize", "splat", "refine", "render"):
         assert timings[stage]["reused"], f"{stage} was recomputed although only the scorer changed"
         assert f"[{stage}] reusing cached result" in log
     first_total = json.loads((out_dir / "results.json").read_text())["timings"]["total"]["seconds"]

@@ -13,8 +13,7 @@ from omegaconf import OmegaConf
 from scipy.spatial.transform import Rotation
 
 from splatpose.data.cameras import center_error, rotation_error_deg
-from splatpose.detector import default_detect_config
-from splatpose.refine import PoseRefiner, apply_increment, check_refine_config, se3_exp
+from splatpose.refine import PoseRefiner, apply_increment, check_refine_config, default_refine_config, se3_exp
 from splatpose.splat.gaussians import Gaussians, rgb_to_sh0
 from splatpose.splat.rendering import render
 
@@ -57,7 +56,7 @@ def perturbed(w2c: np.ndarray, degrees: float, shift: float, seed: int = 1) -> n
 
 
 def refine_cfg(**overrides):
-    return OmegaConf.merge(default_detect_config().refine, {"enabled": True, "scale": 1.0, **overrides})
+    return OmegaConf.merge(default_refine_config(), {"enabled": True, "scale": 1.0, **overrides})
 
 
 def test_se3_exp_is_a_rotation_about_omega_and_a_shift_by_rho():
@@ -137,13 +136,13 @@ def test_lower_render_scale_keeps_the_camera_geometry():
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ValueError, match="detect.refine.loss='ncc' is unknown"):
+    with pytest.raises(ValueError, match="refine.loss='ncc' is unknown"):
         check_refine_config(refine_cfg(loss="ncc"))
-    with pytest.raises(ValueError, match="detect.refine.optimizer='sgd' is unknown"):
+    with pytest.raises(ValueError, match="refine.optimizer='sgd' is unknown"):
         check_refine_config(refine_cfg(optimizer="sgd"))
-    with pytest.raises(ValueError, match="detect.refine.steps must be >= 1"):
+    with pytest.raises(ValueError, match="refine.steps must be >= 1"):
         check_refine_config(refine_cfg(steps=0))
-    with pytest.raises(ValueError, match="detect.refine.loss=feature needs a scorer with a backbone"):
+    with pytest.raises(ValueError, match="refine.loss=feature needs a scorer with a backbone"):
         PoseRefiner(random_scene(), K, SIZE, SIZE, refine_cfg(loss="feature"), backend="torch", scorer=None)
 
 
@@ -160,3 +159,44 @@ def test_refinement_through_gsplat_on_cuda():
     result = PoseRefiner(scene, K, SIZE, SIZE, refine_cfg(steps=20), backend="gsplat").refine(target, start)
     assert rotation_error_deg(result.w2c, truth) < 0.3 * rotation_error_deg(start, truth)
     assert center_error(result.w2c, truth) < 0.3 * center_error(start, truth)
+
+
+def test_refine_stage_refines_localized_queries_keeps_fallbacks_and_reuses_its_file(tmp_path):
+    """The pipeline's refine stage: a localized query's pose moves towards the truth, a fallback pose
+    is rendered as is (and marked not refined), and a finished stage folder is reused without rendering."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from splatpose.refine import refine_query_poses
+    from splatpose.sfm.localization import QueryPose
+    from splatpose.splat.ply import save_ply
+
+    scene = random_scene()
+    ply = save_ply(scene, tmp_path / "scene.ply")
+    truths = [camera(yaw_deg=20.0), camera(yaw_deg=-35.0)]
+    tests = []
+    for i, truth in enumerate(truths):
+        rgb = render(scene, torch.as_tensor(truth, dtype=torch.float32)[None], torch.as_tensor(K, dtype=torch.float32),
+                     SIZE, SIZE, backend="torch")[0].clamp(0, 1)
+        path = tmp_path / f"{i}.png"
+        Image.fromarray((rgb.numpy() * 255).round().astype(np.uint8)).save(path)
+        tests.append(SimpleNamespace(path=path))
+    data = SimpleNamespace(K=K, width=SIZE, height=SIZE, test=tests)
+    starts = [perturbed(truth, degrees=1.5, shift=0.04, seed=i) for i, truth in enumerate(truths)]
+    poses = [QueryPose("0.png", starts[0], success=True, num_inliers=50, num_matches=60, retrieved=[]),
+             QueryPose("1.png", starts[1], success=False, num_inliers=3, num_matches=5, retrieved=[],
+                       fallback="retrieved_db_pose")]
+
+    refined = refine_query_poses(data, poses, refine_cfg(steps=20), ply, tmp_path / "stage", "cpu", backend="torch")
+    assert refined[0].refined and refined[0].refinement["steps"] > 0
+    assert rotation_error_deg(refined[0].w2c, truths[0]) < 0.3 * rotation_error_deg(starts[0], truths[0])
+    assert not refined[1].refined and np.array_equal(refined[1].w2c, starts[1])
+
+    ply.unlink()  # a reused stage must not need the scene
+    again = refine_query_poses(data, poses, refine_cfg(steps=20), ply, tmp_path / "stage", "cpu", backend="torch")
+    assert [r.refinement for r in again] == [r.refinement for r in refined]
+    np.testing.assert_array_equal(again[0].w2c, refined[0].w2c)
+
+    off = refine_query_poses(data, poses, refine_cfg(enabled=False), ply, None, "cpu")
+    assert not any(r.refined for r in off) and np.array_equal(off[0].w2c, starts[0])

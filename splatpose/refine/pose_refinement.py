@@ -44,7 +44,7 @@ from splatpose.splat.rendering import render
 
 REFINE_LOSSES = ("l1", "l1_ssim", "feature")
 REFINE_OPTIMIZERS = ("lbfgs", "adam")
-# Adam's step size decays exponentially to this fraction of detect.refine.lr over the steps.
+# Adam's step size decays exponentially to this fraction of refine.lr over the steps.
 ADAM_FINAL_LR_FRACTION = 0.05
 # A query pixel darker than this in some channel is object, not white background.
 BACKGROUND_LEVEL = 0.98
@@ -75,16 +75,16 @@ class Refinement:
 
 
 def check_refine_config(cfg: DictConfig) -> None:
-    """Raise ValueError naming the ``detect.refine`` key and the fix for an unusable setting."""
+    """Raise ValueError naming the ``refine`` key and the fix for an unusable setting."""
     if cfg.loss not in REFINE_LOSSES:
-        raise ValueError(f"detect.refine.loss={cfg.loss!r} is unknown; choose one of {', '.join(REFINE_LOSSES)}")
+        raise ValueError(f"refine.loss={cfg.loss!r} is unknown; choose one of {', '.join(REFINE_LOSSES)}")
     if cfg.optimizer not in REFINE_OPTIMIZERS:
-        raise ValueError(f"detect.refine.optimizer={cfg.optimizer!r} is unknown; choose one of "
+        raise ValueError(f"refine.optimizer={cfg.optimizer!r} is unknown; choose one of "
                          f"{', '.join(REFINE_OPTIMIZERS)}")
     if int(cfg.steps) < 1:
-        raise ValueError(f"detect.refine.steps must be >= 1 (or set detect.refine.enabled=false), got {cfg.steps}")
+        raise ValueError(f"refine.steps must be >= 1 (or set refine.enabled=false), got {cfg.steps}")
     if not 0 < float(cfg.scale) <= 1:
-        raise ValueError(f"detect.refine.scale must be in (0, 1] (render size relative to the image), got {cfg.scale}")
+        raise ValueError(f"refine.scale must be in (0, 1] (render size relative to the image), got {cfg.scale}")
 
 
 class PoseRefiner:
@@ -93,7 +93,7 @@ class PoseRefiner:
     Args:
         gaussians: the scene (on ``device``).
         K: [3, 3] intrinsics of the full-size image; width, height its size.
-        cfg: the ``detect.refine`` node (optimizer, steps, lr, loss, ssim_weight, scale, keep_best).
+        cfg: the ``refine`` node (optimizer, steps, lr, loss, ssim_weight, scale, keep_best).
         backend: renderer backend ("auto" | "gsplat" | "torch"); both are differentiable in the pose.
         scorer: the anomaly scorer whose backbone the ``feature`` loss uses (None otherwise).
     """
@@ -102,7 +102,7 @@ class PoseRefiner:
                  backend: str = "auto", scorer: AnomalyScorer | None = None):
         check_refine_config(cfg)
         if cfg.loss == "feature" and (scorer is None or scorer.backbone is None):
-            raise ValueError("detect.refine.loss=feature needs a scorer with a backbone (scorer=efficientnet_lite0 "
+            raise ValueError("refine.loss=feature needs a scorer with a backbone (scorer=efficientnet_lite0 "
                              "or efficientnet_b4); use loss=l1 with the pixel scorer")
         self.gaussians, self.cfg, self.backend, self.scorer = gaussians, cfg, backend, scorer
         self.device = gaussians.means.device
@@ -165,7 +165,9 @@ class PoseRefiner:
 
     def _target(self, query: Tensor) -> Tensor:
         """[3, H, W] -> [1, 3, h, w] at the refinement resolution."""
-        target = query[None].to(self.device, torch.float32)
+        # Contiguous: a permuted view would change the loss's summation order, and L-BFGS amplifies
+        # such last-bit differences, so the same image must give the same pose in every caller.
+        target = query[None].to(self.device, torch.float32).contiguous()
         if target.shape[-2:] != (self.height, self.width):
             target = F.interpolate(target, size=(self.height, self.width), mode="bilinear", antialias=True,
                                    align_corners=False)

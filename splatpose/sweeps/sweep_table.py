@@ -19,7 +19,7 @@ from splatpose.sweeps.sweep_jobs import OK, JobRecord
 METRICS = ("pixel_auroc", "aupro", "image_auroc")
 METRIC_TITLES = {"pixel_auroc": "Pixel AUROC", "aupro": "AUPRO", "image_auroc": "Image AUROC",
                  "localized": "Localized"}
-STAGES = ("data", "sfm", "localize", "splat", "render", "score", "total")
+STAGES = ("data", "sfm", "localize", "splat", "refine", "render", "score", "total")
 # Shown when nothing varies but the class (or the seed): the factors a reader wants to know.
 DEFAULT_LABEL_KEYS = ("sfm/feature", "sfm/matcher", "scorer")
 NOT_VARIANT_KEYS = ("class", "seed")

@@ -174,3 +174,13 @@ def test_resolve_synthetic_reuses_the_generated_class(tiny_root):
     cfg.preset = "tiny"
     data = resolve_dataset(cfg, CLASS)
     assert data.root == tiny_root / CLASS
+
+
+def test_fingerprint_changes_when_a_file_changes(broken):
+    """The stage cache keys on the fingerprint: replacing an image must not reuse results of the old one."""
+    root, class_dir = broken
+    before = load_class(root, CLASS).fingerprint()
+    assert load_class(root, CLASS).fingerprint() == before, "same files, same fingerprint"
+    image = class_dir / "train" / "good" / "0.png"
+    Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)
+    assert load_class(root, CLASS).fingerprint() != before

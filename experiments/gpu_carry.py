@@ -17,7 +17,11 @@ script packs what is missing, as small as it honestly goes:
   the layers the scorer never runs (the stages after its deepest feature level and the head) set to
   zero so that they compress to nothing; the strict loader still sees every key and shape, and the
   features computed are those of the float16-rounded weights;
-- ``data/``: a generated 400x400 class (01Ant, mad_sim_like with 40 train views, 25 test images).
+- ``data/``: generated 400x400 classes (mad_sim_like: 200 train views, 20 good + 10 per defect test
+  images; by default 01Ant and 02Airplane, which fit the 64 MiB carry together);
+- ``gsplat_cuda.so.xz`` (optional, ``--gsplat-so``): gsplat's CUDA extension as an earlier device run
+  compiled it (experiments/gpu_splat_check.py brings it back): the suite loads it instead of spending
+  75-100 s compiling on every fresh machine (experiments/gpu_site/sitecustomize.py).
 
     python experiments/gpu_carry.py --out .gpu
 """
@@ -43,7 +47,7 @@ PURE_WHEELS = ("gsplat-1.5.3", "hydra_core-1.3.8", "omegaconf-2.3.1")
 DOWNLOADS = ("plyfile==1.1.5", "kornia==0.9.0")  # pure Python: fetched with pip download
 KORNIA_RS = "kornia_rs==0.2.0"  # compiled: the cp312 manylinux wheel
 LIGHTGLUE_WEIGHTS = ("aliked-n16.pth", "aliked_lightglue.pth")
-DATASET = dict(classes=["01Ant"], preset="mad_sim_like", n_train=40, n_test_good=10, n_test_per_defect=5)
+DATASET = dict(classes=["01Ant", "02Airplane"], preset="mad_sim_like")
 
 
 def pip_download(spec: str, dest: Path, platform_args: bool = False) -> Path:
@@ -148,14 +152,28 @@ def pack_dataset(out: Path) -> Path:
     return target
 
 
+def pack_gsplat_so(so: Path | None, out: Path) -> Path:
+    if so is None:
+        raise SystemExit("--gsplat-so is needed for the gsplat_so step")
+    target = out / "gsplat_cuda.so.xz"
+    target.write_bytes(lzma.compress(so.read_bytes(), preset=9))
+    return target
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(".gpu"))
-    parser.add_argument("--only", nargs="*", choices=["site", "pycolmap", "lightglue", "xfeat", "lite0", "data"])
+    parser.add_argument("--only", nargs="*", choices=["site", "pycolmap", "lightglue", "xfeat", "lite0", "data",
+                                                      "gsplat_so"])
+    parser.add_argument("--gsplat-so", type=Path, default=None,
+                        help="gsplat_cuda.so compiled by an earlier device run (same torch, gsplat and GPU)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     steps = {"site": pack_site, "pycolmap": lambda out: shutil.copy2(PYCOLMAP, out / PYCOLMAP.name),
-             "lightglue": pack_lightglue, "xfeat": pack_xfeat, "lite0": pack_lite0, "data": pack_dataset}
+             "lightglue": pack_lightglue, "xfeat": pack_xfeat, "lite0": pack_lite0, "data": pack_dataset,
+             "gsplat_so": lambda out: pack_gsplat_so(args.gsplat_so, out)}
+    if args.gsplat_so is None and not args.only:
+        steps.pop("gsplat_so")
     for name in args.only or steps:
         print(f"{name}: {steps[name](args.out)}", flush=True)
     sizes = subprocess.run(["du", "-sh", *[str(p) for p in sorted(args.out.iterdir())]], capture_output=True, text=True)

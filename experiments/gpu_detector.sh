@@ -59,6 +59,12 @@ for packed in weights.glob("*.xz"):
     packed.unlink()
 lite0.write_bytes(lzma.decompress(lite0_xz.read_bytes()))
 EOF
+# gsplat's CUDA build carried from an earlier device run (gpu_carry.py --gsplat-so): loaded by
+# experiments/gpu_site/sitecustomize.py instead of a 75-100 s JIT build.
+if [ -f "$CARRY/gsplat_cuda.so.xz" ]; then
+  xz -dc "$CARRY/gsplat_cuda.so.xz" > "$WORK/.gsplat_cuda.so.partial" && mv "$WORK/.gsplat_cuda.so.partial" "$WORK/gsplat_cuda.so"
+  export PYTHONPATH=$PYTHONPATH:$REPO/experiments/gpu_site GSPLAT_PRECOMPILED=$WORK/gsplat_cuda.so
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 CLASS=$(ls "$CARRY/data" | head -n 1)
 echo "class $CLASS, $(nproc) CPU cores"

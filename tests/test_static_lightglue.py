@@ -50,8 +50,11 @@ def assert_like_lightglue(matcher, queries, db, retrieved, static_results, agree
             assert matches0.shape == expected0.shape and matches0.dtype == np.int64
             same = matches0 == expected0
             assert np.mean(same) >= agreement, (q, d)
-            # a borderline match that flips in float16 has a score far from LightGlue's; compare the rest
-            np.testing.assert_allclose(scores0[same], expected_scores[same], atol=atol)
+            # A borderline match that flips in float16 has a score far from LightGlue's, and so does a
+            # keypoint that is mutual in one and not the other below the filter threshold (both -1,
+            # scores 0 and ~0.08, seen on the H100): compare the scores of the matches both agree on.
+            both = same & (expected0 > -1)
+            np.testing.assert_allclose(scores0[both], expected_scores[both], atol=atol)
             matched += int((expected0 > -1).sum())
     assert matched > 100, "the pairs must have real matches for the comparison to mean anything"
 

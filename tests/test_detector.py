@@ -28,6 +28,7 @@ from splatpose.detector import Detector, detect_task
 from splatpose.metrics import normalise_maps
 from splatpose.scoring.anomaly_maps import build_scorer
 from splatpose.sfm.matchers import build_matcher
+from textures import textured_pair  # tests/textures.py
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASS = "03Nut"  # compact and textured: plenty of keypoints at 128 px
@@ -258,18 +259,6 @@ def test_expand_inputs(tmp_path):
     assert [p.name for p in expand_inputs(tmp_path)] == ["a.png", "b.png"]
     with pytest.raises(InputError, match="matched no image files"):
         expand_inputs(str(tmp_path / "*.jpg"))
-
-
-def textured_pair(size: int = 320, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A smooth random texture and the same texture rotated by 8 degrees and shifted: [1, 3, S, S] each."""
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.rand(1, 3, size // 8, size // 8, generator=generator)
-    image = torch.nn.functional.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-    cos, sin = float(np.cos(np.radians(8.0))), float(np.sin(np.radians(8.0)))
-    theta = torch.tensor([[[cos, -sin, 0.05], [sin, cos, -0.03]]], dtype=torch.float32)
-    grid = torch.nn.functional.affine_grid(theta, list(image.shape), align_corners=False)
-    warped = torch.nn.functional.grid_sample(image, grid, padding_mode="border", align_corners=False)
-    return image, warped
 
 
 @pytest.mark.gpu

@@ -14,17 +14,7 @@ from splatpose.detect.static_lightglue import StaticLightGlue, _chunks, bucket_l
 from splatpose.sfm.config import compose_sfm_config
 from splatpose.sfm.features import build_extractor
 from splatpose.sfm.matchers import build_matcher
-
-
-def textured_pair(size: int, seed: int) -> torch.Tensor:
-    """A smooth random texture and the same texture rotated by 8 degrees and shifted: [2, 3, S, S]."""
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.rand(1, 3, size // 8, size // 8, generator=generator)
-    image = torch.nn.functional.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-    cos, sin = float(np.cos(np.radians(8.0))), float(np.sin(np.radians(8.0)))
-    theta = torch.tensor([[[cos, -sin, 0.05], [sin, cos, -0.03]]], dtype=torch.float32)
-    grid = torch.nn.functional.affine_grid(theta, list(image.shape), align_corners=False)
-    return torch.cat([image, torch.nn.functional.grid_sample(image, grid, padding_mode="border", align_corners=False)])
+from textures import textured_pair  # tests/textures.py
 
 
 def prepared_images(device: str, seeds=(0, 1, 2), keypoints=(300, 200, 250)):
@@ -35,7 +25,7 @@ def prepared_images(device: str, seeds=(0, 1, 2), keypoints=(300, 200, 250)):
     queries, db = [], []
     for seed, count in zip(seeds, keypoints):
         extractor = build_extractor(cfg.feature, count, device)  # different lengths exercise the padding
-        for side, feats in zip((queries, db), extractor(textured_pair(256, seed).to(device))):
+        for side, feats in zip((queries, db), extractor(torch.cat(textured_pair(256, seed)).to(device))):
             feats["image_size"] = np.array([256, 256])
             side.append(matcher.prepare(feats))
     return matcher, queries, db

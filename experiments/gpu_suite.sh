@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything CUDA of the project, in phases that each fit one device call: set up from the carried
 # folder, then
+#   profile   host time of a splat=default training step (cProfile), with and without host syncs;
+#   fast_sweep  splat=fast variants on carried 200x200 classes (carry/small), for the CPU preset;
 #   splat     splat=default training on the carried 400x400 classes, 3 runs each (median time, held-out
 #             PSNR, Gaussians), gsplat vs torch backend agreement on the trained scenes, GPU tests;
 #   pipeline  the evaluation pipeline on 01Ant with splat=default (SfM, localization, gsplat, refine,
@@ -101,10 +103,35 @@ step setup 150 setup || { printf '%s\n' "${SUMMARY[@]}"; exit 1; }
 SO_ARGS=()
 [ -f "$WORK/gsplat_cuda.so" ] && SO_ARGS=(--gsplat-so "$WORK/gsplat_cuda.so")
 
+if [[ " $PHASES " == *" profile "* ]]; then
+  # host time of a training step: the device-side densification statistics against gsplat's own
+  for target in splatpose.splat.strategy.DeviceStatsDefaultStrategy gsplat.strategy.DefaultStrategy; do
+    step "profile_${target##*.}" 90 python3 "$REPO/experiments/profile_splat_step.py" --data "$CARRY/data" \
+      --class-name "${PROFILE_CLASS:-02Airplane}" --steps 1500 --set "strategy._target_=$target" \
+      --out "$OUT/profile/${target##*.}.txt"
+  done
+fi
+
+if [[ " $PHASES " == *" fast_sweep "* ]]; then
+  # splat=fast variants on the carried 200x200 classes (small preset), gsplat standing in for the
+  # CPU's torch rasterizer (they agree to > 100 dB); the winner is confirmed on the CPU.
+  step fast_sweep 300 python3 "$REPO/experiments/splat_preset_sweep.py" --data "$CARRY/small" \
+    --classes 03Nut 01Ant 02Airplane --preset fast --out "$OUT/fast_sweep.json" \
+    --variant base \
+    --variant sh0x4 lr.sh0=1e-2 \
+    --variant grow1e-4 strategy.grow_grad2d=1e-4 \
+    --variant every50 strategy.refine_every=50 strategy.refine_start_iter=50 \
+    --variant points20k init.num_points=20000 \
+    --variant l1only loss.ssim_weight=0 \
+    --variant lrx2 lr.means=3.2e-4 lr.scales=1e-2 lr.sh0=5e-3 lr.opacities=0.1 \
+    --variant combo lr.sh0=1e-2 strategy.grow_grad2d=1e-4 strategy.refine_every=50 strategy.refine_start_iter=50 \
+    --variant steps1000 steps=1000 sh_degree_interval=250 strategy.refine_stop_iter=800
+fi
+
 if [[ " $PHASES " == *" splat "* ]]; then
   step splat_check 480 python3 "$REPO/experiments/gpu_splat_check.py" --data "$CARRY/data" \
     --classes ${SPLAT_CLASSES:-01Ant 02Airplane} --preset default --runs "${SPLAT_RUNS:-3}" --out "$OUT/splat" \
-    "${SO_ARGS[@]}"
+    "${SO_ARGS[@]}" ${SPLAT_ARGS:-}
 fi
 
 if [[ " $PHASES " == *" pipeline "* ]]; then

@@ -21,6 +21,7 @@ from torch import Tensor
 from splatpose.splat.gaussians import PARAMETER_NAMES, Gaussians
 from splatpose.splat.losses import exponential_decay_gamma, l1_dssim_loss, psnr, ssim
 from splatpose.splat.rendering import render, resolve_backend
+from splatpose.splat.views import PosedViews
 
 
 class GaussianSplatModule(LightningModule):
@@ -34,16 +35,23 @@ class GaussianSplatModule(LightningModule):
         scene_scale: size of the camera rig; the means' learning rate and the strategy's 3D scale
             thresholds are relative to it (as in gsplat's trainer)
         width, height: image size of the training views
-        batch keys: ``image`` [B,H,W,3] uint8, ``w2c`` [B,4,4] (OpenCV), ``K`` [B,3,3]
+        views: the training views ([V,H,W,3] uint8 images, [V,4,4] w2c, [3,3] K), kept on the module's
+            device for the whole fit: a training batch is a list of view indices, so no step copies an
+            image from the host (a copy from pageable memory also waits for the GPU to drain)
+        validation batch keys: ``image`` [B,H,W,3] uint8, ``w2c`` [B,4,4] (OpenCV), ``K`` [B,3,3]
     """
 
     def __init__(self, gaussians: Gaussians, cfg: DictConfig | dict, scene_scale: float, width: int,
-                 height: int):
+                 height: int, views: PosedViews):
         super().__init__()
         self.automatic_optimization = False  # densification changes the parameter shapes
         self.cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(cfg), resolve=True))
         self.scene_scale = float(scene_scale)
         self.width, self.height = int(width), int(height)
+        # non-persistent: moved with the module, never written into checkpoints
+        self.register_buffer("view_images", views.images, persistent=False)
+        self.register_buffer("view_w2c", views.w2c.float(), persistent=False)
+        self.register_buffer("view_K", views.K.float(), persistent=False)
         self.splats = torch.nn.ParameterDict(
             {name: torch.nn.Parameter(tensor.float().clone()) for name, tensor in gaussians.as_dict().items()})
         self.strategy = hydra.utils.instantiate(self.cfg.strategy)
@@ -90,8 +98,14 @@ class GaussianSplatModule(LightningModule):
         means_schedule = torch.optim.lr_scheduler.ExponentialLR(optimizers[0], gamma=gamma)
         return optimizers, [means_schedule]
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def views_batch(self, indices: list[int]) -> dict:
+        """The batch of train views ``indices`` (Python ints: indexing with them needs no host sync)."""
+        return {"image": torch.stack([self.view_images[i] for i in indices]),
+                "w2c": torch.stack([self.view_w2c[i] for i in indices]), "K": self.view_K}
+
+    def training_step(self, batch: list[int], batch_idx: int) -> Tensor:
         step = self.global_step
+        batch = self.views_batch(batch)
         images = batch["image"].float() / 255.0
         rgb, _, info = self.render_batch(batch, self.active_sh_degree(step), absgrad=bool(self.cfg.absgrad))
         wrapped = self.optimizers()

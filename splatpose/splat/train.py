@@ -19,7 +19,6 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +28,13 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler
 
 from splatpose.data.mad_sim import ClassData, read_image
 from splatpose.splat.gaussians import Gaussians, init_gaussians, scene_scale_from_cameras
 from splatpose.splat.initialization import initial_points
 from splatpose.splat.module import GaussianSplatModule
+from splatpose.splat.views import PosedViews
 from splatpose.splat.ply import save_ply
 
 log = logging.getLogger(__name__)
@@ -44,25 +44,6 @@ METRICS_NAME = "splat_metrics.json"
 CHECKPOINT_DIR = "checkpoints"
 REQUIRED_KEYS = ("steps", "sh_degree", "sh_degree_interval", "backend", "lr", "loss", "strategy", "init", "eval",
                  "checkpoint_every", "batch_size")
-
-
-@dataclass
-class PosedViews(Dataset):
-    """Train views in memory: images [V,H,W,3] uint8, w2c [V,4,4] float32 (OpenCV), K [3,3]."""
-
-    names: list[str]
-    images: torch.Tensor
-    w2c: torch.Tensor
-    K: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"image": self.images[index], "w2c": self.w2c[index], "K": self.K, "index": index}
-
-    def subset(self, indices: list[int]) -> "PosedViews":
-        return PosedViews([self.names[i] for i in indices], self.images[indices], self.w2c[indices], self.K)
 
 
 def load_posed_views(data: ClassData) -> PosedViews:
@@ -88,7 +69,7 @@ def holdout_split(n_views: int, holdout_every: int) -> tuple[list[int], list[int
     return [i for i in range(n_views) if i % holdout_every != 0], held
 
 
-def initial_gaussians(views: "PosedViews", points_xyz: np.ndarray | None, points_rgb: np.ndarray | None,
+def initial_gaussians(views: PosedViews, points_xyz: np.ndarray | None, points_rgb: np.ndarray | None,
                       cfg: DictConfig) -> Gaussians:
     """Gaussians at the SfM points, topped up with points inside the silhouettes (see initialization)."""
     xyz, rgb = initial_points(points_xyz, points_rgb, views.images, views.w2c, views.K,
@@ -139,7 +120,7 @@ def train_splats(data: ClassData, points_xyz: np.ndarray | None, points_rgb: np.
     eval_views = views.subset(holdout_ids) if holdout_ids else views.subset(train_ids[:: max(len(train_ids) // 8, 1)])
     module = GaussianSplatModule(initial_gaussians(train_views, points_xyz, points_rgb, cfg), cfg,
                                  scene_scale_from_cameras(train_views.w2c.double().numpy()),
-                                 data.width, data.height)
+                                 data.width, data.height, train_views)
 
     checkpoint_dir = out_dir / CHECKPOINT_DIR
     resume_from = checkpoint_dir / "last.ckpt"
@@ -148,8 +129,10 @@ def train_splats(data: ClassData, points_xyz: np.ndarray | None, points_rgb: np.
     if isinstance(module.strategy, MCMCStrategy) and trainer.strategy.root_device.type != "cuda":
         raise ValueError("splat=mcmc needs a CUDA device: gsplat's MCMCStrategy relocates Gaussians with "
                          "a CUDA kernel; use splat=fast or splat=default on a CPU")
-    train_loader = DataLoader(train_views, batch_size=int(cfg.batch_size),
-                              sampler=RandomSampler(train_views, replacement=True,
+    # Training batches are lists of view indices: the module holds the views on its device.
+    view_indices = range(len(train_views))
+    train_loader = DataLoader(view_indices, batch_size=int(cfg.batch_size), collate_fn=list,
+                              sampler=RandomSampler(view_indices, replacement=True,
                                                     num_samples=int(cfg.steps) * int(cfg.batch_size)))
     eval_loader = DataLoader(eval_views, batch_size=1)
 

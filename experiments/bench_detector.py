@@ -41,7 +41,7 @@ from omegaconf import OmegaConf
 
 from splatpose.data import resolve_dataset
 from splatpose.data.cameras import camera_center, center_error, rotation_error_deg
-from splatpose.data.mad_sim import read_image
+from splatpose.data.mad_sim import decode_pixels, read_image
 from splatpose.detect.batched_lightglue import match_pairs_batched
 from splatpose.detect.cuda_graphs import GraphedScorer
 from splatpose.detector import STAGES, Detector
@@ -195,6 +195,8 @@ def floor(detector: Detector, paths: list[Path], repeats: int) -> dict:
     """Each stage's work alone, warm."""
     device, localizer = detector.device, detector.localizer
     out = {"decode": median_call_ms(lambda: read_image(paths[0]), "cpu", repeats)}
+    if device.startswith("cuda"):
+        out.update(upload_floor(paths[0], device, repeats))
     image = torch.from_numpy(read_image(paths[0])).permute(2, 0, 1)[None].to(device)
     resized = localizer.resize_for_features(image)
     out["extract"] = median_call_ms(lambda: localizer.extractor(resized), device, repeats)
@@ -240,6 +242,22 @@ def floor(detector: Detector, paths: list[Path], repeats: int) -> dict:
         prepared_pair = detector.scorer.prepare(torch.cat([image, rgb]))
         with torch.inference_mode():
             out["backbone_only"] = median_call_ms(lambda: detector.scorer.backbone(prepared_pair), device, repeats)
+    return out
+
+
+def upload_floor(path: Path, device: str, repeats: int) -> dict:
+    """One image to the GPU: float32 from pageable and from page-locked memory, and the decoded uint8
+    pixels from page-locked memory (what the detector sends), with their bandwidths."""
+    pixels = decode_pixels(path)
+    floats = torch.from_numpy(read_image(path))
+    sources = {"upload_float_pageable": floats, "upload_float_pinned": floats.pin_memory(),
+               "upload_uint8_pinned": torch.from_numpy(pixels).pin_memory()}
+    out = {}
+    for name, tensor in sources.items():
+        entry = median_call_ms(lambda: tensor.to(device, non_blocking=True), device, repeats)
+        entry["bytes"] = tensor.numel() * tensor.element_size()
+        entry["GB_per_s"] = round(entry["bytes"] / (entry["median_ms"] * 1e6), 3)
+        out[name] = entry
     return out
 
 

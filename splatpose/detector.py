@@ -29,6 +29,7 @@ the evaluation's maps (tests/test_detector.py). ``python run.py task=detect`` ca
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from splatpose.detect.cuda_graphs import GraphedScorer
 from splatpose.detect.finished_run import FinishedRun, load_finished_run
-from splatpose.detect.inputs import InputError, LoadedImage, display_names, expand_inputs, load_input
+from splatpose.detect.inputs import (InputError, LoadedImage, display_names, expand_inputs, load_input,
+                                     pixels_to_float_torch)
 from splatpose.detect.localization import ImageLocalizer
 from splatpose.metrics import normalise_maps
 from splatpose.refine.pose_refinement import PoseRefiner
@@ -62,6 +64,15 @@ def resolve_device(device: str) -> str:
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device} was asked for but CUDA is not available; use device=cpu or auto")
     return str(device)
+
+
+def worker_threads(setting) -> int:
+    """detect.load_workers / pnp_workers: a number, or "auto": one per CPU core, at most 8."""
+    if setting == "auto":
+        return max(1, min(8, os.cpu_count() or 1))
+    if int(setting) < 1:
+        raise ValueError(f"worker threads must be >= 1 or auto, got {setting!r}")
+    return int(setting)
 
 
 def default_detect_config() -> DictConfig:
@@ -139,7 +150,7 @@ class Detector:
         self.lo, self.hi = run.map_range
         self.localizer = ImageLocalizer(run.K, run.width, run.height, run.config.sfm, run.reference, run.db_w2c,
                                         self.device, matching=self.cfg.matching,
-                                        pairs_per_call=self.cfg.pairs_per_call, pnp_workers=self.cfg.pnp_workers,
+                                        pairs_per_call=self.cfg.pairs_per_call, pnp_workers=worker_threads(self.cfg.pnp_workers),
                                         static_lengths=self.cfg.static_lengths,
                                         lightglue_precision=self.cfg.lightglue_precision,
                                         cuda_graphs=self.cfg.cuda_graphs)
@@ -157,7 +168,8 @@ class Detector:
                                        backend=self.backend, scorer=self.scorer)
         self._staging: dict[tuple, torch.Tensor] = {}  # page-locked upload buffers per batch shape
         self._pinning_failed = False
-        self._loader = ThreadPoolExecutor(max_workers=int(self.cfg.load_workers), thread_name_prefix="detect-load")
+        self._loader = ThreadPoolExecutor(max_workers=worker_threads(self.cfg.load_workers),
+                                          thread_name_prefix="detect-load")
         self.setup_seconds = time.perf_counter() - start
         log.info("Detector for %s/%s ready in %.1f s on %s (%d Gaussians, matching %s, refine %s)",
                  run.config.dataset.name, run.class_name, self.setup_seconds, self.device, len(self.gaussians),
@@ -251,7 +263,7 @@ class Detector:
     def _run_stages(self, items: list[tuple[Detection, LoadedImage]], keep_images: bool) -> None:
         batch = len(items)
         run_start = start = time.perf_counter()
-        queries = self._upload([image.image for _, image in items])  # [B, 3, H, W]
+        queries = self._upload([image for _, image in items])  # [B, 3, H, W] float32
         upload_seconds = self._clock() - start
         poses = self.localizer.localize_images(queries, [d.name for d, _ in items])
         w2c = np.stack([pose.w2c for pose in poses])
@@ -280,6 +292,7 @@ class Detector:
 
         threshold = self.cfg.threshold
         renders_np = renders.cpu().numpy() if keep_images else None
+        queries_np = queries.permute(0, 2, 3, 1).cpu().numpy() if keep_images else None
         for b, (detection, image) in enumerate(items):
             detection.ok = True
             detection.w2c = w2c[b].copy()
@@ -292,7 +305,7 @@ class Detector:
             # wall time from upload to maps on the host, per image: total minus this is load plus bookkeeping
             detection.times["stages_wall"] = round((time.perf_counter() - run_start) / batch, 6)
             if keep_images:
-                detection.query = image.image.permute(1, 2, 0).numpy()
+                detection.query = queries_np[b]
                 detection.render = renders_np[b]
 
     def paths(self) -> dict[str, str]:
@@ -301,32 +314,39 @@ class Detector:
         return {"extract": self.localizer.extract_path, "matching": self.localizer.matching_path,
                 "score": "cuda_graph" if graphed else "eager"}
 
-    def _upload(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """[3, H, W] images (views of decoded [H, W, 3] arrays) -> one [B, 3, H, W] tensor on the device.
+    def _upload(self, images: list[LoadedImage]) -> torch.Tensor:
+        """Loaded images -> one [B, 3, H, W] float32 tensor on the device, white background.
 
-        Stacked in the decoder's [H, W, 3] layout, which is contiguous (making [3, H, W] contiguous on the
-        host is a strided copy of every pixel), into a page-locked buffer kept per batch shape, copied
-        from there and transposed on the device. A copy from pageable memory ran at about 0.4 GB/s on the
-        H100 host (6 ms per 400^2 image, experiments/results/detector_h100_2026-11-24.md).
+        Files at the run's size travel as the decoded uint8 pixels (a quarter of the float bytes),
+        through a page-locked buffer kept per batch shape, and become floats on the device
+        (``pixels_to_float_torch``, equal to the CPU's ``read_image`` to the bit). On the H100 host a
+        float32 400^2 image took 6 ms to upload (experiments/results/detector_h100_2026-11-24.md).
+        Arrays and resized images (float already) are stacked and copied as they are.
         """
+        shapes = {None if image.pixels is None else image.pixels.shape for image in images}
+        if len(shapes) != 1 or None in shapes:
+            return torch.stack([image.float_image() for image in images]).to(self.device)
+        pixels = self._staged([image.pixels for image in images])
+        return pixels_to_float_torch(pixels.to(self.device, non_blocking=True)).permute(0, 3, 1, 2).contiguous()
+
+    def _staged(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """The arrays stacked into one tensor: in a page-locked buffer on CUDA (copies from pageable memory
+        are slow and synchronous), in a fresh one on the CPU."""
+        shape = (len(arrays), *arrays[0].shape)
         if not self.device.startswith("cuda"):
-            return torch.stack(images)
-        channels_last = [image.permute(1, 2, 0) for image in images]
-        shape = (len(images), *channels_last[0].shape)
+            return torch.from_numpy(np.stack(arrays))
         staging = self._staging.get(shape)
         if staging is None and not self._pinning_failed:
             try:
-                staging = self._staging[shape] = torch.empty(shape, dtype=torch.float32).pin_memory()
+                staging = self._staging[shape] = torch.empty(shape, dtype=torch.uint8).pin_memory()
             except RuntimeError as error:  # no page-locked memory to be had: copy from pageable memory
                 log.warning("page-locked upload buffer unavailable (%s); uploading from pageable memory", error)
                 self._pinning_failed = True
         if staging is None:
-            batch = torch.stack(channels_last).to(self.device)
-        else:
-            torch.stack(channels_last, out=staging)
-            # the caller synchronises (stage clock) before the buffer is filled again
-            batch = staging.to(self.device, non_blocking=True)
-        return batch.permute(0, 3, 1, 2).contiguous()
+            return torch.from_numpy(np.stack(arrays))
+        # the caller synchronises (stage clock) before the buffer is filled again
+        np.stack(arrays, out=staging.numpy())
+        return staging
 
     def render_references(self, w2c: np.ndarray) -> torch.Tensor:
         """Defect-free renders at poses w2c [B, 4, 4] (OpenCV world-to-camera): [B, H, W, 3] in [0, 1]."""

@@ -23,7 +23,7 @@ from splatpose.data import resolve_dataset
 from splatpose.data.mad_sim import read_image
 from splatpose.detect.batched_lightglue import match_pairs_batched
 from splatpose.detect.finished_run import RunFolderError, load_finished_run
-from splatpose.detect.inputs import InputError, expand_inputs, load_input
+from splatpose.detect.inputs import InputError, expand_inputs, load_input, pixels_to_float_torch
 from splatpose.detector import Detector, detect_task
 from splatpose.metrics import normalise_maps
 from splatpose.scoring.anomaly_maps import build_scorer
@@ -170,11 +170,12 @@ def test_load_input_checks_size_aspect_and_colour(tmp_path):
     (tmp_path / "truncated.png").write_bytes((tmp_path / "same.png").read_bytes()[:100])
 
     same = load_input(tmp_path / "same.png", 128, 96)
-    assert same.image.shape == (3, 96, 128) and same.flags == []
+    assert same.float_image().shape == (3, 96, 128) and same.flags == []
+    assert same.pixels.dtype == np.uint8  # a file at the run's size is uploaded as its decoded bytes
     larger = load_input(tmp_path / "larger.png", 128, 96)
-    assert larger.image.shape == (3, 96, 128) and larger.flags == ["resized_from_256x192"]
+    assert larger.float_image().shape == (3, 96, 128) and larger.flags == ["resized_from_256x192"]
     gray = load_input(tmp_path / "gray.png", 128, 96)
-    assert gray.flags == ["grayscale"] and gray.image.shape == (3, 96, 128)
+    assert gray.flags == ["grayscale"] and gray.float_image().shape == (3, 96, 128)
     with pytest.raises(InputError, match="aspect 1.000.*crop to the run's aspect ratio"):
         load_input(tmp_path / "square.png", 128, 96)
     with pytest.raises(InputError, match="truncated.png"):
@@ -185,6 +186,20 @@ def test_load_input_checks_size_aspect_and_colour(tmp_path):
         load_input(tmp_path / "same.png", 128, 96, on_size_mismatch="crop")
     array = load_input(np.zeros((96, 128), np.float32), 128, 96)  # a decoded single-channel array
     assert array.flags == ["grayscale"]
+
+
+def test_pixels_become_the_floats_read_image_gives(tmp_path):
+    """The detector's conversion (on its device) equals read_image to the bit, RGBA composited."""
+    rng = np.random.default_rng(1)
+    rgba = (rng.random((40, 50, 4)) * 255).astype(np.uint8)
+    rgba[..., 3][:10] = 255  # opaque rows, transparent and half-transparent pixels elsewhere
+    rgba[..., 3][10:20] = 0
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "rgb.png")
+    for name in ("rgba.png", "rgb.png"):
+        loaded = load_input(tmp_path / name, 50, 40)
+        converted = pixels_to_float_torch(torch.from_numpy(loaded.pixels))
+        assert torch.equal(converted, torch.from_numpy(read_image(tmp_path / name)))
 
 
 @pytest.mark.slow

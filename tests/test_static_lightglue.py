@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from splatpose.detect.static_lightglue import StaticLightGlue, _chunks, bucket_length
+from splatpose.detect.static_lightglue import StaticLightGlue, _chunks, bucket_length, pad_features, static_forward
 from splatpose.sfm.config import compose_sfm_config
 from splatpose.sfm.features import build_extractor
 from splatpose.sfm.matchers import build_matcher
@@ -67,6 +67,35 @@ def test_static_lightglue_stops_pairs_early_as_lightglue_does():
     assert stop < matcher.model.conf.n_layers, "this pair must stop early to test adaptive depth"
     static = StaticLightGlue(matcher.model, db)
     assert_like_lightglue(matcher, queries, db, [[0]], static.match(queries, [[0]]), agreement=0.99, atol=1e-3)
+
+
+def test_a_call_pads_the_db_only_to_its_own_longest_image(monkeypatch):
+    """Matching against short db images uses a shorter prefix of the padded db, with the same matches."""
+    matcher, queries, db = prepared_images("cpu")
+    static = StaticLightGlue(matcher.model, db, lengths=(128, 256, 384))
+    lengths = []
+    eager = static._eager
+    monkeypatch.setattr(static, "_eager", lambda *args: lengths.append(args[-1]) or eager(*args))
+    counts = [f["keypoints"].shape[1] for f in db]
+    short = int(np.argmin(counts))
+    results = static.match([queries[short]], [[short]])
+    assert lengths == [bucket_length(counts[short], (128, 256, 384))] and lengths[0] < static.db_desc.shape[1]
+    assert_like_lightglue(matcher, [queries[short]], db, [[short]], results, agreement=0.99, atol=1e-3)
+
+
+def test_skipping_layers_after_every_pair_stopped_changes_nothing():
+    """The early exit (after the layer where the last pair stopped) equals running every layer."""
+    matcher, queries, db = prepared_images("cpu", seeds=(0, 1), keypoints=(300, 250))
+    stops = [int(matcher.model({"image0": queries[i], "image1": db[i]})["stop"]) for i in (0, 1)]
+    assert max(stops) < matcher.model.conf.n_layers, "the pairs must stop early for the exit to be taken"
+    static = StaticLightGlue(matcher.model, db)
+    keypoints0, desc0, count0 = pad_features(queries, 512)
+    inputs = (desc0, matcher.model.posenc(keypoints0), count0, torch.tensor([0, 1]), torch.tensor([0, 1]))
+    early = static._eager(*inputs, static.db_desc.shape[1])
+    with torch.inference_mode():
+        every_layer = static_forward(matcher.model, static.assignment, *inputs[:3], static.db_desc, static.db_enc,
+                                     static.db_count, *inputs[3:])
+    assert torch.equal(early, every_layer)
 
 
 def test_a_query_without_keypoints_has_no_matches():

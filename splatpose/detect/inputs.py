@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from splatpose.data.mad_sim import DatasetError, read_image
+from splatpose.data.mad_sim import DatasetError, decode_pixels, pixels_to_float
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SIZE_POLICIES = ("resize", "reject")
@@ -36,10 +36,43 @@ class InputError(ValueError):
 
 @dataclass
 class LoadedImage:
-    """image: [3, H, W] float32 in [0, 1] (white background) at the run's size; flags: notes on the input."""
+    """One usable input at the run's size, with notes on it (``flags``). Either ``pixels``, the file's
+    decoded uint8 [H, W, 3|4] (RGBA: composited onto white later; the detector uploads these, a
+    quarter of the float bytes, and converts them on its device), or ``image``, float32 [3, H, W] in
+    [0, 1] on a white background (arrays, resized files)."""
 
-    image: torch.Tensor
+    pixels: np.ndarray | None = None
+    image: torch.Tensor | None = None
     flags: list[str] = field(default_factory=list)
+
+    def float_image(self) -> torch.Tensor:
+        """[3, H, W] float32 in [0, 1], white background."""
+        if self.image is not None:
+            return self.image
+        return torch.from_numpy(pixels_to_float(self.pixels)).permute(2, 0, 1)
+
+
+def pixels_to_float_torch(pixels: torch.Tensor) -> torch.Tensor:
+    """``splatpose.data.mad_sim.pixels_to_float`` on a device, equal to the bit: uint8 [..., 3|4] ->
+    float32 [..., 3]. The division is a lookup in numpy's own table of k / 255 (a device division by a
+    constant may multiply by its reciprocal, which rounds differently); the composite is the same
+    float32 multiply and add, and with alpha 255 it returns the colour unchanged, as numpy's shortcut."""
+    table = _unit_table(pixels.device)
+    rgb = table[pixels[..., :3].long()]
+    if pixels.shape[-1] == 3:
+        return rgb
+    alpha = table[pixels[..., 3:].long()]
+    return rgb * alpha + (1.0 - alpha)
+
+
+_UNIT_TABLES: dict[str, torch.Tensor] = {}
+
+
+def _unit_table(device: torch.device) -> torch.Tensor:
+    key = str(device)
+    if key not in _UNIT_TABLES:
+        _UNIT_TABLES[key] = torch.from_numpy(np.arange(256).astype(np.float32) / 255.0).to(device)
+    return _UNIT_TABLES[key]
 
 
 def expand_inputs(inputs) -> list[Path]:
@@ -97,21 +130,21 @@ def load_input(source, width: int, height: int, on_size_mismatch: str = "resize"
             array = np.repeat(array[..., None], 3, axis=2)
         if array.ndim != 3 or array.shape[2] != 3:
             raise InputError(f"image array has shape {array.shape}; expected [H, W, 3] (or [H, W]) in [0, 1]")
-        array = array.astype(np.float32)
+        loaded = LoadedImage(image=torch.from_numpy(np.ascontiguousarray(array.astype(np.float32))).permute(2, 0, 1))
     else:
         try:
-            array = read_image(Path(source))
+            loaded = LoadedImage(pixels=decode_pixels(Path(source)))
         except DatasetError as error:
             raise InputError(str(error)) from error
-    flags = []
-    if np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 1], array[..., 2]):
-        flags.append("grayscale")
-    image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
-    actual_h, actual_w = image.shape[-2:]
+    channels = [loaded.pixels[..., c] for c in range(3)] if loaded.image is None else list(loaded.image.numpy())
+    if np.array_equal(channels[0], channels[1]) and np.array_equal(channels[1], channels[2]):
+        loaded.flags.append("grayscale")
+    actual_h, actual_w = channels[0].shape
     if (actual_w, actual_h) != (width, height):
-        image = _fit_size(image, width, height, on_size_mismatch, source)
-        flags.append(f"resized_from_{actual_w}x{actual_h}")
-    return LoadedImage(image=image, flags=flags)
+        loaded.image = _fit_size(loaded.float_image(), width, height, on_size_mismatch, source)
+        loaded.pixels = None
+        loaded.flags.append(f"resized_from_{actual_w}x{actual_h}")
+    return loaded
 
 
 def _fit_size(image: torch.Tensor, width: int, height: int, policy: str, source) -> torch.Tensor:

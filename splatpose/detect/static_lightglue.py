@@ -5,12 +5,14 @@ layer (adaptive depth asks the host whether to stop), and each new keypoint coun
 an H100 it cost 31 ms per query (median, p95 154 ms) for a few ms of arithmetic
 (experiments/results/detector_h100_2026-11-24.md). Here every shape is fixed in advance:
 
-- the db side is padded once, at load, to one length (its longest image, rounded up to a bucket);
+- the db side is padded once, at load, to one length (its longest image, rounded up to a bucket), and
+  each call uses the prefix that holds its own db images (the bucket of their longest);
 - a query is padded to the smallest bucket of ``lengths`` that holds it (a handful of shapes);
-- adaptive depth runs on the device: every pair goes through all layers, but a pair that LightGlue
-  would have stopped keeps its descriptors from the layer where it stopped, and its assignment uses
-  that layer's head (the heads' weights are stacked and picked per pair). No host sync, and the
-  matches are the ones LightGlue gives each pair alone, up to float rounding;
+- adaptive depth runs per pair on the device: a pair that LightGlue would have stopped keeps its
+  descriptors from the layer where it stopped, and its assignment uses that layer's head (the heads'
+  weights are stacked and picked per pair), so the matches are the ones LightGlue gives each pair
+  alone, up to float rounding. Each layer is its own graph; after each, the host reads one byte
+  (have all pairs stopped?) and skips the remaining layers, as LightGlue's own early stop does;
 - padding is kept out of every attention by LightGlue's own masked layer path (``masked_forward``)
   and out of the assignment's softmaxes by masks.
 
@@ -18,9 +20,9 @@ Point pruning (adaptive width) is not done: LightGlue itself prunes on a GPU onl
 keypoints per image (1536 with flash attention), so with the default ``max_keypoints: 1024`` the two
 agree on a GPU. On the CPU LightGlue prunes always; compare with pruning off there.
 
-One forward pass per (queries, pairs, query length) is captured as a CUDA graph on first use and
-replayed after; when capture fails, or on the CPU, the same function runs eagerly.
-:attr:`StaticLightGlue.path` says which ran.
+The forward pass per (queries, pairs, query length) is captured as CUDA graphs on first use (set-up,
+one per layer, assignment) and replayed after; when capture fails, or on the CPU, the same functions
+run eagerly. :attr:`StaticLightGlue.path` says which ran.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -106,9 +109,55 @@ def positional_encoding(model: LightGlue, keypoints: torch.Tensor) -> torch.Tens
     return model.posenc(keypoints)
 
 
+def start_pairs(model: LightGlue, desc0, enc0, count0, desc1, enc1, count1, pair_query, pair_db) -> dict:
+    """The state of B pairs before LightGlue's first layer (see ``static_forward`` for the arguments)."""
+    d0, n0 = desc0.index_select(0, pair_query), count0.index_select(0, pair_query)
+    d1, n1 = desc1.index_select(0, pair_db), count1.index_select(0, pair_db)
+    valid0 = torch.arange(d0.shape[1], device=d0.device)[None] < n0[:, None]  # [B, N0]
+    valid1 = torch.arange(d1.shape[1], device=d1.device)[None] < n1[:, None]  # [B, N1]
+    batch = d0.shape[0]
+    return {"d0": model.input_proj(d0), "d1": model.input_proj(d1),
+            "enc0": enc0.index_select(1, pair_query), "enc1": enc1.index_select(1, pair_db),
+            "valid0": valid0, "valid1": valid1, "points": (n0 + n1).float(),
+            "stopped": torch.zeros(batch, dtype=torch.bool, device=d0.device),
+            "stop_layer": torch.full((batch,), model.conf.n_layers - 1, dtype=torch.long, device=d0.device)}
+
+
+def run_layer(model: LightGlue, state: dict, layer: int) -> None:
+    """LightGlue's layer ``layer`` on every pair, updating ``state`` in place (fixed buffers, so that
+    each layer can be its own CUDA graph and the host can stop after any of them)."""
+    valid0, valid1 = state["valid0"], state["valid1"]
+    mask0, mask1 = valid0[:, None, :, None], valid1[:, None, :, None]  # masked_forward's [B, 1, N, 1]
+    new0, new1 = model.transformers[layer].masked_forward(state["d0"], state["d1"], state["enc0"], state["enc1"],
+                                                          mask0, mask1)
+    # padded rows carry no information; zeroing them keeps them finite over the layers (float16)
+    new0, new1 = new0.masked_fill(~valid0[..., None], 0), new1.masked_fill(~valid1[..., None], 0)
+    frozen = state["stopped"][:, None, None]  # a pair that stopped keeps the descriptors of its stop layer
+    state["d0"].copy_(torch.where(frozen, state["d0"], new0))
+    state["d1"].copy_(torch.where(frozen, state["d1"], new1))
+    if layer == model.conf.n_layers - 1 or model.conf.depth_confidence <= 0:
+        return
+    # LightGlue's check_if_stop, per pair over its own keypoints
+    token0, token1 = model.token_confidence[layer](state["d0"], state["d1"])
+    threshold = model.confidence_thresholds[layer]
+    unconfident = ((token0 < threshold) & valid0).sum(1) + ((token1 < threshold) & valid1).sum(1)
+    stops = ~state["stopped"] & (1.0 - unconfident.float() / state["points"] > model.conf.depth_confidence)
+    # full_like, not a Python number: torch.where copies a number to the GPU, which capture forbids
+    state["stop_layer"].copy_(torch.where(stops, torch.full_like(state["stop_layer"], layer), state["stop_layer"]))
+    state["stopped"] |= stops
+
+
+def finish_pairs(model: LightGlue, assignment: "StackedAssignment", state: dict) -> torch.Tensor:
+    """Matches from each pair's descriptors at its stop layer: [2, B, N0] (matches0, scores0)."""
+    scores = assignment(state["d0"], state["d1"], state["stop_layer"], state["valid0"], state["valid1"])
+    matches0, scores0 = mutual_matches(scores, model.conf.filter_threshold)
+    return torch.stack([matches0.float(), scores0])
+
+
 def static_forward(model: LightGlue, assignment: StackedAssignment, desc0, enc0, count0, desc1, enc1, count1,
                    pair_query, pair_db) -> torch.Tensor:
-    """LightGlue over B pairs at fixed shapes, without a host sync.
+    """LightGlue over B pairs at fixed shapes, without a host sync: every pair goes through every layer
+    (one that stopped keeps its descriptors).
 
     Args:
         desc0, enc0, count0: queries: descriptors [Q, N0, D], positional encodings [2, Q, 1, N0, d]
@@ -118,38 +167,10 @@ def static_forward(model: LightGlue, assignment: StackedAssignment, desc0, enc0,
     Returns:
         [2, B, N0] float32: matches0 (index into the db image's keypoints, -1 unmatched) and scores0.
     """
-    conf = model.conf
-    d0, n0 = desc0.index_select(0, pair_query), count0.index_select(0, pair_query)
-    d1, n1 = desc1.index_select(0, pair_db), count1.index_select(0, pair_db)
-    enc0, enc1 = enc0.index_select(1, pair_query), enc1.index_select(1, pair_db)
-    valid0 = torch.arange(d0.shape[1], device=d0.device)[None] < n0[:, None]  # [B, N0]
-    valid1 = torch.arange(d1.shape[1], device=d1.device)[None] < n1[:, None]  # [B, N1]
-    mask0, mask1 = valid0[:, None, :, None], valid1[:, None, :, None]  # masked_forward's [B, 1, N, 1]
-    d0, d1 = model.input_proj(d0), model.input_proj(d1)
-
-    batch = d0.shape[0]
-    stopped = torch.zeros(batch, dtype=torch.bool, device=d0.device)
-    stop_layer = torch.full((batch,), conf.n_layers - 1, dtype=torch.long, device=d0.device)
-    points = (n0 + n1).float()
-    for layer in range(conf.n_layers):
-        new0, new1 = model.transformers[layer].masked_forward(d0, d1, enc0, enc1, mask0, mask1)
-        # padded rows carry no information; zeroing them keeps them finite over the layers (float16)
-        new0, new1 = new0.masked_fill(~valid0[..., None], 0), new1.masked_fill(~valid1[..., None], 0)
-        frozen = stopped[:, None, None]  # a pair that stopped keeps the descriptors of its stop layer
-        d0, d1 = torch.where(frozen, d0, new0), torch.where(frozen, d1, new1)
-        if layer == conf.n_layers - 1 or conf.depth_confidence <= 0:
-            continue
-        # LightGlue's check_if_stop, per pair over its own keypoints
-        token0, token1 = model.token_confidence[layer](d0, d1)
-        threshold = model.confidence_thresholds[layer]
-        unconfident = ((token0 < threshold) & valid0).sum(1) + ((token1 < threshold) & valid1).sum(1)
-        stops = ~stopped & (1.0 - unconfident.float() / points > conf.depth_confidence)
-        # full_like, not a Python number: torch.where copies a number to the GPU, which capture forbids
-        stop_layer = torch.where(stops, torch.full_like(stop_layer, layer), stop_layer)
-        stopped = stopped | stops
-
-    matches0, scores0 = mutual_matches(assignment(d0, d1, stop_layer, valid0, valid1), conf.filter_threshold)
-    return torch.stack([matches0.float(), scores0])
+    state = start_pairs(model, desc0, enc0, count0, desc1, enc1, count1, pair_query, pair_db)
+    for layer in range(model.conf.n_layers):
+        run_layer(model, state, layer)
+    return finish_pairs(model, assignment, state)
 
 
 def mutual_matches(scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +210,7 @@ class StaticLightGlue:
         self.assignment = StackedAssignment(model)
         longest = max([f["keypoints"].shape[1] for f in db_prepared] + [1])
         self.db_kpts, self.db_desc, counts = pad_features(db_prepared, bucket_length(longest, self.lengths))
-        self.db_count = counts.to(self.device)
+        self.db_count, self.db_counts = counts.to(self.device), counts.tolist()
         with torch.inference_mode(), self._autocast():
             self.db_enc = positional_encoding(model, self.db_kpts)
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
@@ -224,7 +245,9 @@ class StaticLightGlue:
         indices = torch.tensor([*count0.tolist(), *pair_query, *pair_db], dtype=torch.long).to(self.device)
         q_count, b_count = len(runnable), len(pair_query)
         inputs = (desc0, enc0, indices[:q_count], indices[q_count:q_count + b_count], indices[q_count + b_count:])
-        out = self._forward(*inputs).cpu().numpy()  # [2, B, N0]
+        # the db side at the bucket of the longest db image of this call (a prefix of the padded db)
+        db_length = bucket_length(max(self.db_counts[d] for d in pair_db), self.lengths)
+        out = self._forward(*inputs, db_length=db_length).cpu().numpy()  # [2, B, N0]
         pair = 0
         for q in runnable:
             for r in range(len(retrieved[q])):
@@ -250,44 +273,87 @@ class StaticLightGlue:
         else:
             yield
 
-    @torch.inference_mode()
-    def _eager(self, desc0, enc0, count0, pair_query, pair_db) -> torch.Tensor:
-        with self._autocast():
-            return static_forward(self.model, self.assignment, desc0, enc0, count0, self.db_desc, self.db_enc,
-                                  self.db_count, pair_query, pair_db)
+    def _db(self, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The padded db (descriptors, encodings, counts) cut to ``length`` keypoints: padding is at the
+        end, so this is the db padded to ``length`` (which must hold every db image the call matches)."""
+        return self.db_desc[:, :length], self.db_enc[..., :length, :], self.db_count
 
-    def _forward(self, desc0, enc0, count0, pair_query, pair_db) -> torch.Tensor:
+    @torch.inference_mode()
+    def _eager(self, desc0, enc0, count0, pair_query, pair_db, db_length: int) -> torch.Tensor:
+        with self._autocast():
+            state = start_pairs(self.model, desc0, enc0, count0, *self._db(db_length), pair_query, pair_db)
+            for layer in range(self.model.conf.n_layers):
+                run_layer(self.model, state, layer)
+                if layer < self.model.conf.n_layers - 1 and bool(state["stopped"].all()):
+                    break
+            return finish_pairs(self.model, self.assignment, state)
+
+    def _forward(self, desc0, enc0, count0, pair_query, pair_db, db_length: int) -> torch.Tensor:
         inputs = (desc0, enc0, count0, pair_query, pair_db)
         if not self.use_graphs:
-            return self._eager(*inputs)
-        key = (tuple(desc0.shape), len(pair_query))
+            return self._eager(*inputs, db_length)
+        key = (tuple(desc0.shape), len(pair_query), db_length)
         if key not in self.graphs:
             try:
-                self.graphs[key] = self._capture(*inputs)
+                self.graphs[key] = self._capture(*inputs, db_length=db_length)
             except RuntimeError as error:  # a kernel that cannot be captured: stay eager, say so once
                 log.warning("CUDA graph capture of LightGlue failed (%s); matching eagerly at static shapes", error)
                 self.use_graphs = False
                 self.path = f"static eager ({self.precision}; graph capture failed: {type(error).__name__})"
                 torch.cuda.synchronize(self.device)
-                return self._eager(*inputs)
-        static_inputs, graph, output = self.graphs[key]
-        for buffer, value in zip(static_inputs, inputs):
+                return self._eager(*inputs, db_length)
+        captured = self.graphs[key]
+        for buffer, value in zip(captured.inputs, inputs):
             buffer.copy_(value)
-        graph.replay()
-        return output
+        captured.start.replay()
+        last = len(captured.layers) - 1
+        for layer, graph in enumerate(captured.layers):
+            graph.replay()
+            # LightGlue's adaptive depth: once every pair has stopped, the later layers would only
+            # carry the frozen descriptors over; one byte read back per layer skips them.
+            if layer < last and bool(captured.state["stopped"].all()):
+                break
+        captured.finish.replay()
+        return captured.output
 
-    def _capture(self, *inputs) -> tuple:
+    def _capture(self, *inputs, db_length: int) -> "CapturedPairs":
+        """One graph for the pairs' set-up, one per layer and one for the assignment, over fixed
+        buffers (the layer graphs update the pairs' state in place) and one shared memory pool."""
         static_inputs = tuple(value.clone() for value in inputs)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_CALLS):
-                self._eager(*static_inputs)
+                self._eager(*static_inputs, db_length)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = self._eager(*static_inputs)
-        return static_inputs, graph, output
+
+        def capture(function, pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool), torch.inference_mode(), self._autocast():
+                result = function()
+            return graph, result
+
+        desc0, enc0, count0, pair_query, pair_db = static_inputs
+        start, state = capture(lambda: start_pairs(self.model, desc0, enc0, count0, *self._db(db_length),
+                                                   pair_query, pair_db))
+        pool = start.pool()
+        layers = [capture(lambda layer=layer: run_layer(self.model, state, layer), pool)[0]
+                  for layer in range(self.model.conf.n_layers)]
+        finish, output = capture(lambda: finish_pairs(self.model, self.assignment, state), pool)
+        return CapturedPairs(static_inputs, state, start, layers, finish, output)
+
+
+@dataclass
+class CapturedPairs:
+    """LightGlue at one (query length, pairs) shape as CUDA graphs: inputs and state are the fixed
+    buffers the graphs read and write; ``output`` is where ``finish`` writes [2, B, N0]."""
+
+    inputs: tuple
+    state: dict
+    start: torch.cuda.CUDAGraph
+    layers: list
+    finish: torch.cuda.CUDAGraph
+    output: torch.Tensor
 
 
 def _chunks(pairs_per_query: list[int], pairs_per_call: int) -> list[list[int]]:

@@ -69,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also time this many queries with refinement on (conf/refine/lbfgs.yaml; 0: skip)")
     parser.add_argument("--inputs", nargs="*", help="image files to cycle (default: the run's test images)")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor section")
-    parser.add_argument("--throughput-matching", default="auto", help="matching variant of the batched and floor runs")
+    parser.add_argument("--throughput-matching", nargs="+", default=["auto"],
+                        help="matching variants of the batched runs (the first also for the floor and refine runs)")
     parser.add_argument("--quality-images", type=int, default=None,
                         help="test images per variant for the pose and map comparison (default: all)")
     parser.add_argument("--overrides", type=json.loads, default={},
@@ -308,17 +309,20 @@ def main(argv: list[str] | None = None) -> dict:
         guarded(report, f"single_{variant}", timed)
         reference_maps = reference_maps or report[f"single_{variant}"].pop("maps", None)
         report[f"single_{variant}"].pop("maps", None)
-    use_matching(detector, args.throughput_matching)
-    report["throughput_paths"] = detector.paths()
-    for size in args.batch_sizes:
-        guarded(report, f"batched_{size}", lambda: batched_throughput(detector, paths, size, args.throughput_images))
+    for variant in args.throughput_matching:
+        use_matching(detector, variant)
+        for size in args.batch_sizes:
+            guarded(report, f"batched_{variant}_{size}",
+                    lambda: {"matching": variant, "paths": detector.paths(),
+                             **batched_throughput(detector, paths, size, args.throughput_images)})
+    use_matching(detector, args.throughput_matching[0])
     if not args.no_floor:
         guarded(report, "floor", lambda: floor(detector, paths, args.repeats))
     if args.refine_queries:
         def refined():
             refine = OmegaConf.to_container(default_refine_config())  # conf/refine/lbfgs.yaml
             refining = Detector(detector.run, {**args.overrides, "refine": refine}, device=args.device)
-            use_matching(refining, args.throughput_matching)
+            use_matching(refining, args.throughput_matching[0])
             return single_query_latency(refining, paths, args.refine_queries, warmup=2)
         guarded(report, "single_refine", refined)
     detector.close()
@@ -377,15 +381,16 @@ def markdown(report: dict) -> str:
         lines.append("")
     batched = [report[k] for k in report if k.startswith("batched_")]
     if batched:
-        lines += ["## Batched throughput", "", f"paths: {report.get('throughput_paths')}", "",
-                  "| batch size | images | seconds | images/s | per image, median ms: " + " / ".join(STAGES) + " |",
-                  "|---|---|---|---|---|"]
+        lines += ["## Batched throughput", "",
+                  "| matching (path) | batch size | images | seconds | images/s | per image, median ms: " + " / ".join(STAGES) + " |",
+                  "|---|---|---|---|---|---|"]
         for entry in batched:
             if "error" in entry:
-                lines.append(f"| failed: {entry['error']} | | | |")
+                lines.append(f"| failed: {entry['error']} | | | | |")
             else:
                 per_image = " / ".join(str(entry.get("median_ms_per_image", {}).get(s, "-")) for s in STAGES)
-                lines.append(f"| {entry['batch_size']} | {entry['images']} | {entry['seconds']} | "
+                path = entry.get("paths", {}).get("matching", "")
+                lines.append(f"| {entry.get('matching', '')} ({path}) | {entry['batch_size']} | {entry['images']} | {entry['seconds']} | "
                              f"{entry['images_per_second']} | {per_image} |")
         lines.append("")
     floor_entry = report.get("floor", {})

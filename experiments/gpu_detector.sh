@@ -8,7 +8,8 @@
 #
 # $OUT gets gpu_detector.log, eval_results.json, detector.json, detector.md, pytest_gpu.txt and, with
 # NATIVE_SIZE=1 (default) and time left, eval_native_results.json and detector_native.json.
-# Variables: DETECT_SECONDS (whole script, default 450), SPLAT_STEPS (300), QUERIES (60),
+# Variables: DETECT_SECONDS (whole script, default 450), SPLAT_STEPS (300), QUERIES (60), WARMUP (10),
+# NATIVE_ARGS (bench arguments of the native-size run, default --matching auto),
 # MATCHING (the variants, default "sequential auto static:tf32 static:fp16 batched"; the first is the maps reference), BENCH_ARGS (more bench_detector args).
 set -u -o pipefail
 
@@ -76,7 +77,7 @@ bounded 240 python3 "$REPO/run.py" dataset=custom dataset.root="$CARRY/data" cla
 
 # shellcheck disable=SC2086  # MATCHING and BENCH_ARGS are lists of words
 bounded 240 python3 "$REPO/experiments/bench_detector.py" --run-dir "$WORK/run_eval" --device cuda \
-  --queries "$QUERIES" --warmup 10 --batch-sizes 8 32 --throughput-images 256 --matching $MATCHING \
+  --queries "$QUERIES" --warmup "${WARMUP:-10}" --batch-sizes 8 32 --throughput-images 256 --matching $MATCHING \
   --repeats 30 --out "$WORK/bench" $BENCH_ARGS
 cp "$WORK/bench/detector.json" "$WORK/bench/detector.md" "$OUT/" 2>/dev/null
 
@@ -91,7 +92,7 @@ if [ "${NATIVE_SIZE:-1}" = 1 ]; then
     splat.steps="$SPLAT_STEPS" sfm.resize_max=null sfm.resize_force=false hydra.run.dir="$WORK/run_native" \
     && cp "$WORK/run_native/results.json" "$OUT/eval_native_results.json" \
     && bounded 90 python3 "$REPO/experiments/bench_detector.py" --run-dir "$WORK/run_native" --device cuda \
-      --queries 40 --warmup 10 --batch-sizes 32 --throughput-images 256 --matching auto --no-floor \
+      --queries 40 --warmup "${WARMUP:-10}" --batch-sizes 32 --throughput-images 256 --no-floor ${NATIVE_ARGS:---matching auto} \
       --out "$WORK/bench_native" \
     && cp "$WORK/bench_native/detector.json" "$OUT/detector_native.json"
 fi

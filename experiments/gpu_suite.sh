@@ -114,18 +114,14 @@ fi
 
 if [[ " $PHASES " == *" fast_sweep "* ]]; then
   # splat=fast variants on the carried 200x200 classes (small preset), gsplat standing in for the
-  # CPU's torch rasterizer (they agree to > 100 dB); the winner is confirmed on the CPU.
+  # CPU's torch rasterizer (they agree to > 100 dB); a choice is confirmed on the CPU. The two rounds
+  # that chose today's preset (their variants were relative to the earlier preset; each JSON's
+  # "command" lists them): experiments/results/splat_fast_sweep_h100_2026-11-24.md.
   step fast_sweep 300 python3 "$REPO/experiments/splat_preset_sweep.py" --data "$CARRY/small" \
     --classes 03Nut 01Ant 02Airplane --preset fast --out "$OUT/fast_sweep.json" \
     --variant base \
-    --variant sh0x4 lr.sh0=1e-2 \
-    --variant grow1e-4 strategy.grow_grad2d=1e-4 \
-    --variant every50 strategy.refine_every=50 strategy.refine_start_iter=50 \
-    --variant points20k init.num_points=20000 \
-    --variant l1only loss.ssim_weight=0 \
-    --variant lrx2 lr.means=3.2e-4 lr.scales=1e-2 lr.sh0=5e-3 lr.opacities=0.1 \
-    --variant combo lr.sh0=1e-2 strategy.grow_grad2d=1e-4 strategy.refine_every=50 strategy.refine_start_iter=50 \
-    --variant steps1000 steps=1000 sh_degree_interval=250 strategy.refine_stop_iter=800
+    --variant steps700 steps=700 sh_degree_interval=175 strategy.refine_stop_iter=550 \
+    --variant paper_rates lr.means=1.6e-4 lr.scales=5e-3 lr.sh0=2.5e-3 lr.opacities=5e-2
 fi
 
 if [[ " $PHASES " == *" splat "* ]]; then

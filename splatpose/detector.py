@@ -319,9 +319,10 @@ class Detector:
 
         Files at the run's size travel as the decoded uint8 pixels (a quarter of the float bytes),
         through a page-locked buffer kept per batch shape, and become floats on the device
-        (``pixels_to_float_torch``, equal to the CPU's ``read_image`` to the bit). On the H100 host a
-        float32 400^2 image took 6 ms to upload (experiments/results/detector_h100_2026-11-24.md).
-        Arrays and resized images (float already) are stacked and copied as they are.
+        (``pixels_to_float_torch``, equal to the CPU's ``read_image`` to the bit): the upload stage took
+        6 ms per 400^2 image as float32 staged on the host, 0.4 ms so
+        (experiments/results/detector_h100_2026-11-24.md). Arrays and resized images (float already) are
+        stacked and copied as they are.
         """
         shapes = {None if image.pixels is None else image.pixels.shape for image in images}
         if len(shapes) != 1 or None in shapes:

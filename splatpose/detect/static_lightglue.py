@@ -20,7 +20,7 @@ Point pruning (adaptive width) is not done: LightGlue itself prunes on a GPU onl
 keypoints per image (1536 with flash attention), so with the default ``max_keypoints: 1024`` the two
 agree on a GPU. On the CPU LightGlue prunes always; compare with pruning off there.
 
-The forward pass per (queries, pairs, query length) is captured as CUDA graphs on first use (set-up,
+The forward pass per (query length, db length, pairs) is captured as CUDA graphs on first use (set-up,
 one per layer, assignment) and replayed after; when capture fails, or on the CPU, the same functions
 run eagerly. :attr:`StaticLightGlue.path` says which ran.
 """

@@ -37,7 +37,13 @@ OVERRIDES = ["debug=fast", "logger=none", "device=cpu", f"class={CLASS}", "datas
              "dataset.generator.width=128", "dataset.generator.height=128", "dataset.generator.n_train=16",
              "dataset.generator.n_test_good=2", "dataset.generator.n_test_per_defect=1",
              "sfm.max_keypoints=512", "sfm.resize_max=256", "sfm.resize_force=true", "sfm.db_pairs.num_neighbors=4",
-             "sfm.localization.top_k=3", "splat.steps=30"]
+             "sfm.localization.top_k=3", "splat.steps=30", "splat.lr.means=1.6e-4", "splat.lr.scales=5e-3",
+             "splat.lr.sh0=2.5e-3", "splat.lr.opacities=5e-2"]
+# The paper's learning rates for this 30-step scene: with splat=fast's doubled rates the 30-step splats
+# are rough enough that a 1e-7 pose difference (float rounding between the detector's and the localize
+# stage's feature extraction) crosses the rasterizer's alpha thresholds during refinement, and maps
+# differed by 2e-4 (single image vs batch: refined poses 4e-4 apart). The check is of the computation,
+# so it runs on a scene where rounding stays rounding.
 SEQUENTIAL = {"matching": "sequential"}
 
 

@@ -390,7 +390,8 @@ def markdown(report: dict) -> str:
             else:
                 per_image = " / ".join(str(entry.get("median_ms_per_image", {}).get(s, "-")) for s in STAGES)
                 path = entry.get("paths", {}).get("matching", "")
-                lines.append(f"| {entry.get('matching', '')} ({path}) | {entry['batch_size']} | {entry['images']} | {entry['seconds']} | "
+                lines.append(f"| {entry.get('matching', '')} ({path}) | {entry['batch_size']} | {entry['images']} | "
+                             f"{entry['seconds']} | "
                              f"{entry['images_per_second']} | {per_image} |")
         lines.append("")
     floor_entry = report.get("floor", {})

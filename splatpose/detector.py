@@ -150,7 +150,8 @@ class Detector:
         self.lo, self.hi = run.map_range
         self.localizer = ImageLocalizer(run.K, run.width, run.height, run.config.sfm, run.reference, run.db_w2c,
                                         self.device, matching=self.cfg.matching,
-                                        pairs_per_call=self.cfg.pairs_per_call, pnp_workers=worker_threads(self.cfg.pnp_workers),
+                                        pairs_per_call=self.cfg.pairs_per_call,
+                                        pnp_workers=worker_threads(self.cfg.pnp_workers),
                                         static_lengths=self.cfg.static_lengths,
                                         lightglue_precision=self.cfg.lightglue_precision,
                                         cuda_graphs=self.cfg.cuda_graphs)

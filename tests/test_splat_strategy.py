@@ -44,7 +44,7 @@ def test_device_stats_equal_gsplat_statistics_and_densification():
         torch.testing.assert_close(mine["grad2d"], theirs["grad2d"], rtol=1e-6, atol=0)
         assert torch.equal(mine["count"], theirs["count"])
         assert mine["count"][:10].sum() == 0  # the invisible Gaussians
-        # gsplat writes each camera in turn (the last wins), this keeps the larger: >= and equal where one camera sees it
+        # gsplat writes each camera in turn (the last wins), this keeps the larger of the cameras'
         assert (mine["radii"] >= theirs["radii"]).all()
     assert len(ours["means"]) != 60  # the refine step grew or pruned
     assert ours["means"].shape == reference["means"].shape  # the same Gaussians grown and pruned

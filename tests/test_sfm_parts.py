@@ -144,6 +144,15 @@ def test_vlad_retrieval_ranks_the_image_with_the_same_descriptors_first():
     assert np.allclose(np.linalg.norm(db, axis=1), 1.0)
     query = {"descriptors": images[4]["descriptors"][:60] + 0.05 * rng.normal(size=(60, 32)).astype(np.float32)}
     assert rank_database(retrieval.describe(None, query), db)[0] == 4
+    # VLAD by its definition: residuals to the nearest centre summed per centre, each centre's sum
+    # L2-normalised, signed square root, L2-normalised
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # noqa: E731
+    desc = unit(images[2]["descriptors"])
+    nearest = np.argmax(desc @ retrieval.centres.T, axis=1)
+    sums = np.stack([(desc[nearest == c] - retrieval.centres[c]).sum(0) for c in range(8)])
+    expected = unit(sums).ravel()
+    expected = unit(np.sign(expected) * np.sqrt(np.abs(expected)))
+    assert np.allclose(db[2], expected, atol=1e-6)
     blank = retrieval.describe(None, {"descriptors": np.zeros((0, 32), np.float32)})
     assert len(rank_database(blank, db)) == 6  # no keypoints: still a (useless) ranking, no crash
 
@@ -170,3 +179,12 @@ def test_superpoint_loads_magicleap_parameter_names_strictly(tmp_path):
         SuperPoint.from_weights(path)
     with pytest.raises(FileNotFoundError, match="sfm.feature.weights"):
         SuperPoint.from_weights(tmp_path / "missing.pth")
+
+
+def test_localization_settings_are_checked_before_any_work():
+    from splatpose.sfm.config import check_sfm_config, compose_sfm_config
+
+    check_sfm_config(compose_sfm_config())  # the defaults are valid
+    for key in ("top_k", "ransac_min_num_trials"):
+        with pytest.raises(ValueError, match=f"sfm.localization.{key} must be >= 1, got 0"):
+            check_sfm_config(compose_sfm_config(overrides={"localization": {key: 0}}))

@@ -89,7 +89,11 @@ class VladRetrieval:
         vlad = np.zeros((k, dim), dtype=np.float32)
         if len(desc):
             nearest = np.argmax(desc @ self.centres.T, axis=1)  # unit vectors: max cosine = min distance
-            np.add.at(vlad, nearest, desc - self.centres[nearest])
+            # sum of residuals per centre as one product with the assignment matrix (np.add.at's
+            # unbuffered scatter took 2 of a query's 2.5 ms)
+            assignment = np.zeros((k, len(desc)), dtype=np.float32)
+            assignment[nearest, np.arange(len(desc))] = 1.0
+            vlad = assignment @ desc - assignment.sum(axis=1, keepdims=True) * self.centres
         vlad = _unit(vlad).ravel()
         vlad = np.sign(vlad) * np.sqrt(np.abs(vlad))
         return _unit(vlad[None])[0]

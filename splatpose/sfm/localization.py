@@ -121,6 +121,10 @@ class Localizer:
         self.estimation = pycolmap.AbsolutePoseEstimationOptions()
         self.estimation.ransac.max_error = float(cfg.localization.ransac_max_error)
         self.estimation.ransac.random_seed = 0  # reproducible poses run to run
+        # absent in runs made before the setting existed: pycolmap's default, as those runs used
+        min_trials = cfg.localization.get("ransac_min_num_trials")
+        if min_trials is not None:
+            self.estimation.ransac.min_num_trials = int(min_trials)
         self.refinement = pycolmap.AbsolutePoseRefinementOptions()
 
     def _db_image(self, reference: Reference, name: str) -> torch.Tensor | None:

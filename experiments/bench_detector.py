@@ -42,6 +42,7 @@ from omegaconf import OmegaConf
 from splatpose.data import resolve_dataset
 from splatpose.data.cameras import camera_center, center_error, rotation_error_deg
 from splatpose.data.mad_sim import decode_pixels, read_image
+from splatpose.detect.inputs import decode_file
 from splatpose.detect.batched_lightglue import match_pairs_batched
 from splatpose.detect.cuda_graphs import GraphedScorer
 from splatpose.detector import STAGES, Detector
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also time this many queries with refinement on (conf/refine/lbfgs.yaml; 0: skip)")
     parser.add_argument("--inputs", nargs="*", help="image files to cycle (default: the run's test images)")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor section")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="single queries to run under torch.profiler after the timed ones: writes "
+                             "profile_device.txt and profile_host.txt (operators and kernels by time)")
     parser.add_argument("--throughput-matching", nargs="+", default=["auto"],
                         help="matching variants of the batched runs (the first also for the floor and refine runs)")
     parser.add_argument("--quality-images", type=int, default=None,
@@ -195,7 +199,8 @@ def tiled_gaussians(gaussians: Gaussians, count: int, seed: int = 0) -> Gaussian
 def floor(detector: Detector, paths: list[Path], repeats: int) -> dict:
     """Each stage's work alone, warm."""
     device, localizer = detector.device, detector.localizer
-    out = {"decode": median_call_ms(lambda: read_image(paths[0]), "cpu", repeats)}
+    out = {"decode": median_call_ms(lambda: decode_file(paths[0]), "cpu", repeats),  # the detector's decoder
+           "decode_pil": median_call_ms(lambda: decode_pixels(paths[0]), "cpu", repeats)}
     if device.startswith("cuda"):
         out.update(upload_floor(paths[0], device, repeats))
     image = torch.from_numpy(read_image(paths[0])).permute(2, 0, 1)[None].to(device)
@@ -244,6 +249,27 @@ def floor(detector: Detector, paths: list[Path], repeats: int) -> dict:
         with torch.inference_mode():
             out["backbone_only"] = median_call_ms(lambda: detector.scorer.backbone(prepared_pair), device, repeats)
     return out
+
+
+def profile_queries(detector: Detector, paths: list[Path], queries: int, out: Path) -> dict:
+    """``queries`` single detections under torch.profiler (host operators, and device kernels on CUDA,
+    those replayed from CUDA graphs included): tables of the top operators by device and by host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if detector.device.startswith("cuda") else [])
+    for path in paths[:3]:  # warm
+        detector.detect(path)
+    with profile(activities=activities) as profiler:
+        for i in range(queries):
+            detector.detect(paths[i % len(paths)])
+    table = profiler.key_averages()
+    files = {"profile_host.txt": table.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)}
+    if detector.device.startswith("cuda"):
+        files["profile_device.txt"] = table.table(sort_by="self_device_time_total", row_limit=50,
+                                                  max_name_column_width=70)
+    for name, text in files.items():
+        (out / name).write_text(f"{queries} single queries, {detector.paths()}\n{text}")
+    return {"queries": queries, "files": sorted(files)}
 
 
 def upload_floor(path: Path, device: str, repeats: int) -> dict:
@@ -318,6 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
     use_matching(detector, args.throughput_matching[0])
     if not args.no_floor:
         guarded(report, "floor", lambda: floor(detector, paths, args.repeats))
+    if args.profile:
+        guarded(report, "profile", lambda: profile_queries(detector, paths, args.profile, args.out))
     if args.refine_queries:
         def refined():
             refine = OmegaConf.to_container(default_refine_config())  # conf/refine/lbfgs.yaml

@@ -7,9 +7,10 @@
 #   run(command="bash experiments/gpu_detector.sh", carry=[".gpu"], timeout_s=480)
 #
 # $OUT gets gpu_detector.log, eval_results.json, detector.json, detector.md, pytest_gpu.txt and, with
-# NATIVE_SIZE=1 (default) and time left, eval_native_results.json and detector_native.json.
+# ALT_RUN=1 (default) and time left, eval_alt_results.json and detector_alt.json (a second run).
 # Variables: DETECT_SECONDS (whole script, default 450), SPLAT_STEPS (300), QUERIES (60), WARMUP (10),
-# NATIVE_ARGS (bench arguments of the native-size run, default --matching auto),
+# EVAL_OVERRIDES (more run.py overrides of the first run), ALT_OVERRIDES (the second run's, default
+# SfM at the images' own size), ALT_ARGS (its bench arguments, default --matching auto), ALT_QUERIES (40),
 # MATCHING (the variants, default "sequential auto static:tf32 static:fp16 batched"; the first is the maps reference), BENCH_ARGS (more bench_detector args).
 set -u -o pipefail
 
@@ -25,7 +26,7 @@ BENCH_ARGS=${BENCH_ARGS:-}
 SITE=$WORK/site
 # A warm machine keeps /tmp from an earlier call: its stage cache may hold another data version's SfM
 # folder under the same key (seen 15:18 UTC), so start from an empty cache; keep gsplat's build.
-rm -rf "$WORK/cache" "$WORK/run_eval" "$WORK/run_native" "$WORK/bench" "$WORK/bench_native"
+rm -rf "$WORK/cache" "$WORK/run_eval" "$WORK/run_alt" "$WORK/bench" "$WORK/bench_alt"
 mkdir -p "$OUT" "$WORK" "$SITE"
 exec > >(tee -a "$OUT/gpu_detector.log") 2>&1
 
@@ -70,9 +71,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 CLASS=$(ls "$CARRY/data" | head -n 1)
 echo "class $CLASS, $(nproc) CPU cores"
 
+# shellcheck disable=SC2086  # EVAL_OVERRIDES is a list of words
 bounded 240 python3 "$REPO/run.py" dataset=custom dataset.root="$CARRY/data" class="$CLASS" device=cuda trainer=gpu \
   logger=none refine=off scorer.weights_path="$WORK/lite0_fp16.pth" paths.cache_dir="$WORK/cache" splat.steps="$SPLAT_STEPS" \
-  hydra.run.dir="$WORK/run_eval" && cp "$WORK/run_eval/results.json" "$OUT/eval_results.json" \
+  ${EVAL_OVERRIDES:-} hydra.run.dir="$WORK/run_eval" && cp "$WORK/run_eval/results.json" "$OUT/eval_results.json" \
   || bounded 60 python3 "$REPO/experiments/timing_run.py" --run-dir "$WORK/run_eval" --cache "$WORK/cache"
 
 # shellcheck disable=SC2086  # MATCHING and BENCH_ARGS are lists of words
@@ -84,17 +86,19 @@ cp "$WORK/bench/detector.json" "$WORK/bench/detector.md" "$OUT/" 2>/dev/null
 bounded 90 python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" "$REPO/tests/test_static_lightglue.py" "$REPO/tests/test_static_aliked.py" \
   > "$OUT/pytest_gpu.txt" 2>&1
 tail -n 5 "$OUT/pytest_gpu.txt"
-# The same class with SfM at the images' own size (sfm.resize_max=null: no 400 -> 600 upscale), a
-# config the evaluation would have to be run with; timed if the call has time left.
-if [ "${NATIVE_SIZE:-1}" = 1 ]; then
+# A second run of the same class with other settings (ALT_OVERRIDES; default: SfM at the images' own
+# size, sfm.resize_max=null: no 400 -> 600 upscale), timed and its accuracy kept, if the call has time left.
+ALT_OVERRIDES=${ALT_OVERRIDES:-"sfm.resize_max=null sfm.resize_force=false"}
+if [ "${ALT_RUN:-1}" = 1 ]; then
+  # shellcheck disable=SC2086  # ALT_OVERRIDES and ALT_ARGS are lists of words
   bounded 150 python3 "$REPO/run.py" dataset=custom dataset.root="$CARRY/data" class="$CLASS" device=cuda \
     trainer=gpu logger=none refine=off scorer.weights_path="$WORK/lite0_fp16.pth" paths.cache_dir="$WORK/cache" \
-    splat.steps="$SPLAT_STEPS" sfm.resize_max=null sfm.resize_force=false hydra.run.dir="$WORK/run_native" \
-    && cp "$WORK/run_native/results.json" "$OUT/eval_native_results.json" \
-    && bounded 90 python3 "$REPO/experiments/bench_detector.py" --run-dir "$WORK/run_native" --device cuda \
-      --queries 40 --warmup "${WARMUP:-10}" --batch-sizes 32 --throughput-images 256 --no-floor ${NATIVE_ARGS:---matching auto} \
-      --out "$WORK/bench_native" \
-    && cp "$WORK/bench_native/detector.json" "$OUT/detector_native.json"
+    splat.steps="$SPLAT_STEPS" $ALT_OVERRIDES hydra.run.dir="$WORK/run_alt" \
+    && cp "$WORK/run_alt/results.json" "$OUT/eval_alt_results.json" \
+    && bounded 90 python3 "$REPO/experiments/bench_detector.py" --run-dir "$WORK/run_alt" --device cuda \
+      --queries "${ALT_QUERIES:-40}" --warmup "${WARMUP:-10}" --batch-sizes 32 --throughput-images 256 --no-floor \
+      ${ALT_ARGS:---matching auto} --out "$WORK/bench_alt" \
+    && cp "$WORK/bench_alt/detector.json" "$OUT/detector_alt.json"
 fi
 
 echo "=== done in $(( $(date +%s) - START )) s"

@@ -23,8 +23,7 @@ from splatpose.data import resolve_dataset
 from splatpose.data.mad_sim import read_image
 from splatpose.detect.batched_lightglue import match_pairs_batched
 from splatpose.detect.finished_run import RunFolderError, load_finished_run
-from splatpose.data.mad_sim import decode_pixels
-from splatpose.detect.inputs import InputError, decode_file, expand_inputs, load_input, pixels_to_float_torch
+from splatpose.detect.inputs import InputError, expand_inputs, load_input, pixels_to_float_torch
 from splatpose.detector import Detector, detect_task
 from splatpose.metrics import normalise_maps
 from splatpose.scoring.anomaly_maps import build_scorer
@@ -193,33 +192,6 @@ def test_load_input_checks_size_aspect_and_colour(tmp_path):
         load_input(tmp_path / "same.png", 128, 96, on_size_mismatch="crop")
     array = load_input(np.zeros((96, 128), np.float32), 128, 96)  # a decoded single-channel array
     assert array.flags == ["grayscale"]
-
-
-def test_decode_file_gives_the_pixels_the_evaluation_reads(tmp_path):
-    """The detector's PNG decoder (libpng through torchvision for 8-bit RGB/RGBA) gives decode_pixels'
-    pixels for every kind of file, and a damaged file is an InputError naming it, wherever it is cut."""
-    rng = np.random.default_rng(2)
-    rgba = (rng.random((30, 40, 4)) * 255).astype(np.uint8)
-    Image.fromarray(rgba).save(tmp_path / "rgba.png")
-    Image.fromarray(rgba[..., :3]).save(tmp_path / "rgb.png")
-    Image.fromarray(rgba[..., :3]).save(tmp_path / "keyed.png", transparency=tuple(int(v) for v in rgba[0, 0, :3]))
-    Image.fromarray(rgba[..., 0]).save(tmp_path / "gray.png")
-    Image.fromarray(rgba[..., :3]).convert("P").save(tmp_path / "palette.png")
-    Image.fromarray((rgba[..., 0].astype(np.uint16) * 257)).save(tmp_path / "gray16.png")
-    Image.fromarray(rgba[..., :3]).save(tmp_path / "photo.jpg", quality=90)
-    for path in sorted(tmp_path.iterdir()):
-        expected = decode_pixels(path)
-        got = decode_file(path)
-        assert got.dtype == np.uint8 and np.array_equal(got, expected), path.name
-    assert decode_file(tmp_path / "keyed.png")[0, 0, 3] == 0  # the colour key became transparency
-
-    data = (tmp_path / "rgb.png").read_bytes()
-    for cut in (20, 40, 60, len(data) // 2, 3 * len(data) // 4):  # inside the header, inside the pixel data
-        (tmp_path / "cut.png").write_bytes(data[:cut])
-        with pytest.raises(InputError, match="cut.png"):
-            decode_file(tmp_path / "cut.png")
-    with pytest.raises(InputError, match="missing.png: image file not found"):
-        decode_file(tmp_path / "missing.png")
 
 
 def test_pixels_become_the_floats_read_image_gives(tmp_path):

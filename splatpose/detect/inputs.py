@@ -10,32 +10,20 @@ and a bad one becomes a per-image error or a flag, never an exception that stops
   ``on_size_mismatch="reject"``, is an error that says what size is expected;
 - grayscale (a single-channel file, or three equal channels) -> scored, flagged ``grayscale``: the
   renders are in colour, so colour differences raise the map everywhere on the object.
-
-8-bit RGB and RGBA PNGs (what cameras and the benchmark write) are decoded by torchvision's libpng
-binding, 1.5x faster than PIL's decoder here and free of the GIL, to the same pixels; every other
-file goes through :func:`splatpose.data.mad_sim.decode_pixels` (PIL), as the evaluation reads it.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_png
 
 from splatpose.data.mad_sim import DatasetError, decode_pixels, pixels_to_float
-
-# torchvision 0.29 (pinned with torch) warns that its image codecs will move to TorchCodec; until a
-# pinned pair drops them, decode_png is the fastest PNG decoder installed. One filter, not a
-# catch_warnings per call (not thread-safe, and images load in threads).
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SIZE_POLICIES = ("resize", "reject")
@@ -144,7 +132,10 @@ def load_input(source, width: int, height: int, on_size_mismatch: str = "resize"
             raise InputError(f"image array has shape {array.shape}; expected [H, W, 3] (or [H, W]) in [0, 1]")
         loaded = LoadedImage(image=torch.from_numpy(np.ascontiguousarray(array.astype(np.float32))).permute(2, 0, 1))
     else:
-        loaded = LoadedImage(pixels=decode_file(Path(source)))
+        try:
+            loaded = LoadedImage(pixels=decode_pixels(Path(source)))
+        except DatasetError as error:
+            raise InputError(str(error)) from error
     channels = [loaded.pixels[..., c] for c in range(3)] if loaded.image is None else list(loaded.image.numpy())
     if np.array_equal(channels[0], channels[1]) and np.array_equal(channels[1], channels[2]):
         loaded.flags.append("grayscale")
@@ -154,46 +145,6 @@ def load_input(source, width: int, height: int, on_size_mismatch: str = "resize"
         loaded.pixels = None
         loaded.flags.append(f"resized_from_{actual_w}x{actual_h}")
     return loaded
-
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# IHDR colour types decoded by the fast path: 2 truecolour (RGB), 6 truecolour with alpha (RGBA).
-FAST_PNG_COLOUR_TYPES = (2, 6)
-
-
-def decode_file(path: Path) -> np.ndarray:
-    """A file's uint8 pixels [H, W, 3] (opaque RGB) or [H, W, 4] (RGBA), exactly as ``decode_pixels``
-    gives them.
-
-    Raises:
-        InputError: missing, unreadable or truncated file (the message names it).
-    """
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        missing = isinstance(error, FileNotFoundError)
-        raise InputError(f"{path}: {'image file not found' if missing else f'unreadable ({error})'}") from error
-    if _fast_png(data):
-        try:
-            pixels = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.UNCHANGED)
-            return pixels.permute(1, 2, 0).numpy()
-        except RuntimeError:
-            pass  # damaged: PIL's decoder says what is wrong with it
-    try:
-        return decode_pixels(path)
-    except DatasetError as error:
-        raise InputError(str(error)) from error
-
-
-def _fast_png(data: bytes) -> bool:
-    """An 8-bit RGB or RGBA PNG without a tRNS chunk (a transparent colour key, which PIL turns into
-    alpha and libpng's unchanged mode does not)."""
-    if len(data) < 33 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
-        return False
-    bit_depth, colour_type = data[24], data[25]
-    first_data = data.find(b"IDAT")
-    return (bit_depth == 8 and colour_type in FAST_PNG_COLOUR_TYPES and first_data > 0
-            and data.find(b"tRNS", 33, first_data) < 0)
 
 
 def _fit_size(image: torch.Tensor, width: int, height: int, policy: str, source) -> torch.Tensor:

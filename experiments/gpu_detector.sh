@@ -81,7 +81,7 @@ bounded 240 python3 "$REPO/run.py" dataset=custom dataset.root="$CARRY/data" cla
 bounded 240 python3 "$REPO/experiments/bench_detector.py" --run-dir "$WORK/run_eval" --device cuda \
   --queries "$QUERIES" --warmup "${WARMUP:-10}" --batch-sizes 8 32 --throughput-images 256 --matching $MATCHING \
   --repeats 30 --out "$WORK/bench" $BENCH_ARGS
-cp "$WORK/bench/detector.json" "$WORK/bench/detector.md" "$OUT/" 2>/dev/null
+cp "$WORK/bench/detector.json" "$WORK/bench/detector.md" "$WORK"/bench/profile_*.txt "$OUT/" 2>/dev/null
 
 bounded 90 python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" "$REPO/tests/test_static_lightglue.py" "$REPO/tests/test_static_aliked.py" \
   > "$OUT/pytest_gpu.txt" 2>&1

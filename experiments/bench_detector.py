@@ -151,8 +151,11 @@ def use_matching(detector: Detector, variant: str) -> None:
     localizer.top_k = int(top_k) if top_k else int(detector.run.config.sfm.localization.top_k)
     precision = precision or str(detector.cfg.lightglue_precision)  # no suffix: the configured precision
     if mode in ("static", "auto") and precision != localizer.static_options["precision"]:
+        # one StaticLightGlue per precision, kept: interleaved rounds must not capture graphs again
+        kept = detector.__dict__.setdefault("_static_by_precision", {})
+        kept[localizer.static_options["precision"]] = localizer.static
         localizer.static_options["precision"] = precision
-        localizer.static = None  # rebuilt at the new precision (fresh graphs)
+        localizer.static = kept.get(precision)  # None: built at the new precision by set_matching
     localizer.set_matching(mode)
 
 

@@ -33,6 +33,7 @@ exec > >(tee -a "$OUT/gpu_detector.log") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$SITE:$REPO WANDB_MODE=disabled
 export TORCH_CUDA_ARCH_LIST=9.0 TORCH_EXTENSIONS_DIR=$WORK/torch_extensions  # gsplat's JIT build: Hopper only
 START=$(date +%s)
+FAILED=""
 
 left() { echo $((START + DETECT_SECONDS - $(date +%s))); }
 
@@ -41,11 +42,12 @@ bounded() {
   local limit=$1
   shift
   ((limit > $(left))) && limit=$(left)
-  ((limit < 10)) && { echo "=== skipped (deadline): $*"; return 1; }
+  ((limit < 10)) && { echo "=== skipped (deadline): $*"; FAILED="$FAILED [skipped: ${*:1:3}]"; return 1; }
   echo "=== [$(date -u +%H:%M:%S)] limit ${limit}s: $*"
   timeout "$limit" "$@"
   local rc=$?
   echo "=== rc=$rc"
+  ((rc == 0)) || FAILED="$FAILED [${*:1:3}]"
   return $rc
 }
 
@@ -102,3 +104,5 @@ if [ "${ALT_RUN:-1}" = 1 ]; then
 fi
 
 echo "=== done in $(( $(date +%s) - START )) s"
+# a failed step fails the call (the evaluation run's fallback to timing_run.py still counts as one)
+[ -z "$FAILED" ] || { echo "=== failed steps:$FAILED"; exit 1; }

@@ -4,8 +4,8 @@ A query's localization time is mostly LightGlue over its ``top_k`` retrieved db 
 over the 2D-3D correspondences they give. This study localizes every test image of one class once
 against its ``--max-k`` most similar db images (features and matches computed once), then, from those
 matches, solves PnP for every ``top_k`` in ``--top-k`` (the first k of the same ranking: what
-``sfm.localization.top_k=k`` computes) and for a few PnP option sets (``PNP_VARIANTS``; features and matches are cached next to
-``--out`` for reruns), and reports per variant
+``sfm.localization.top_k=k`` computes) and for a few PnP option sets (``PNP_VARIANTS``; features and
+matches are cached next to ``--out`` for reruns), and reports per variant
 the localized fraction, the rotation and camera-centre errors against the true poses, the 2D-3D
 correspondences handed to PnP, and the PnP time (median of ``--pnp-repeats`` solves per query).
 Matching time scales with the number of pairs (``top_k``); the detector's latency benchmark
@@ -38,9 +38,10 @@ from splatpose.sfm.features import load_image_tensor, to_original_pixels
 from splatpose.sfm.retrieval import rank_database
 from splatpose.sfm.triangulation import w2c_from_rigid
 
-# PnP option sets compared, on top of the localizer's own (RANSAC max_error from the config, seed 0):
-# "ransac" sets RANSACOptions fields, "refine" AbsolutePoseRefinementOptions fields; "refine": None
-# skips the final non-linear refinement (estimate_absolute_pose: LO-RANSAC's pose).
+# PnP option sets compared, each on pycolmap's defaults ("default": RANSAC floor of 100 trials, as before
+# sfm.localization.ransac_min_num_trials) with the config's RANSAC max_error and seed 0: "ransac" sets
+# RANSACOptions fields, "refine" AbsolutePoseRefinementOptions fields; "refine": None skips the final
+# non-linear refinement (estimate_absolute_pose: LO-RANSAC's pose).
 PNP_VARIANTS = {
     "default": {},
     "min_trials_30": {"ransac": {"min_num_trials": 30}},

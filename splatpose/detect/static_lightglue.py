@@ -360,7 +360,8 @@ class StaticLightGlue:
             run_layer(self.model, state, layer)
             all_stopped.copy_(state["stopped"].all())
 
-        layers = [capture(lambda layer=layer: layer_and_flag(layer), pool)[0] for layer in range(self.model.conf.n_layers)]
+        layers = [capture(lambda layer=layer: layer_and_flag(layer), pool)[0]
+                  for layer in range(self.model.conf.n_layers)]
         finish, output = capture(lambda: finish_pairs(self.model, self.assignment, state), pool)
         host_stopped = torch.zeros(len(layers), dtype=torch.bool).pin_memory()
         copied = [torch.cuda.Event() for _ in layers]

@@ -51,6 +51,7 @@ from splatpose.splat.gaussians import Gaussians
 from splatpose.splat.rendering import render
 
 FLOOR_GAUSSIANS = 200_000
+KEPT_STATIC: dict[tuple[int, str], object] = {}  # (localizer id, precision) -> its StaticLightGlue
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -152,10 +153,9 @@ def use_matching(detector: Detector, variant: str) -> None:
     precision = precision or str(detector.cfg.lightglue_precision)  # no suffix: the configured precision
     if mode in ("static", "auto") and precision != localizer.static_options["precision"]:
         # one StaticLightGlue per precision, kept: interleaved rounds must not capture graphs again
-        kept = detector.__dict__.setdefault("_static_by_precision", {})
-        kept[localizer.static_options["precision"]] = localizer.static
+        KEPT_STATIC[(id(localizer), localizer.static_options["precision"])] = localizer.static
         localizer.static_options["precision"] = precision
-        localizer.static = kept.get(precision)  # None: built at the new precision by set_matching
+        localizer.static = KEPT_STATIC.get((id(localizer), precision))  # None: set_matching builds one
     localizer.set_matching(mode)
 
 

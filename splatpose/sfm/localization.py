@@ -180,8 +180,9 @@ class Localizer:
         pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
         # unique rows through one int64 key per row (query keypoint major, as np.unique(axis=0) orders
         # them), 10x faster than np.unique's row sort
-        keys = np.unique(pairs[:, 0] * len(self.points_xyz) + pairs[:, 1])
-        return keys // len(self.points_xyz), keys % len(self.points_xyz), np.array(per_db)
+        num_points = len(self.points_xyz)
+        query_idx, point_ids = np.divmod(np.unique(pairs[:, 0] * num_points + pairs[:, 1]), num_points)
+        return query_idx, point_ids, np.array(per_db)
 
     def _estimate_pose(self, name: str, keypoints: np.ndarray, query_idx: np.ndarray,
                        point_ids: np.ndarray) -> QueryPose:

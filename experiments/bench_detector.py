@@ -51,7 +51,7 @@ from splatpose.splat.gaussians import Gaussians
 from splatpose.splat.rendering import render
 
 FLOOR_GAUSSIANS = 200_000
-KEPT_STATIC: dict[tuple[int, str], object] = {}  # (localizer id, precision) -> its StaticLightGlue
+KEPT_STATIC: dict[tuple, object] = {}  # (localizer id, precision, compile) -> its StaticLightGlue
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=50, help="repeats per floor measurement")
     parser.add_argument("--matching", nargs="+", default=["auto"],
                         help="detect.matching variants to time per query: a mode, or static:<precision>; "
-                             "@k matches with the k best db images (e.g. auto@3)")
+                             "+compile or +plain: LightGlue's steps compiled or not; @k matches with the k best "
+                             "db images (e.g. auto@3, static:fp16+compile)")
     parser.add_argument("--refine-queries", type=int, default=0,
                         help="also time this many queries with refinement on (conf/refine/lbfgs.yaml; 0: skip)")
     parser.add_argument("--inputs", nargs="*", help="image files to cycle (default: the run's test images)")
@@ -144,18 +145,22 @@ def single_query_latency(detector: Detector, paths: list[Path], queries: int, wa
 
 def use_matching(detector: Detector, variant: str) -> None:
     """Switch the detector's matching to ``variant``: "auto" | "sequential" | "batched" | "static[:fp16]",
-    optionally "@k": match each query with its k best db images instead of the run's top_k (a
-    localization setting of the run, tried here without another run)."""
+    optionally "+compile" or "+plain" (LightGlue's steps compiled by torch.compile, or not), optionally
+    "@k": match each query with its k best db images instead of the run's top_k (a localization setting
+    of the run, tried here without another run)."""
     variant, _, top_k = variant.partition("@")
+    variant, plus, compiled = variant.partition("+")
     mode, _, precision = variant.partition(":")
     localizer = detector.localizer
     localizer.top_k = int(top_k) if top_k else int(detector.run.config.sfm.localization.top_k)
-    precision = precision or str(detector.cfg.lightglue_precision)  # no suffix: the configured precision
-    if mode in ("static", "auto") and precision != localizer.static_options["precision"]:
-        # one StaticLightGlue per precision, kept: interleaved rounds must not capture graphs again
-        KEPT_STATIC[(id(localizer), localizer.static_options["precision"])] = localizer.static
-        localizer.static_options["precision"] = precision
-        localizer.static = KEPT_STATIC.get((id(localizer), precision))  # None: set_matching builds one
+    options = {"precision": precision or str(detector.cfg.lightglue_precision),  # no suffix: as configured
+               "compile": compiled == "compile" if plus else bool(detector.cfg.lightglue_compile)}
+    current = {key: localizer.static_options[key] for key in options}
+    if mode in ("static", "auto") and options != current:
+        # one StaticLightGlue per setting, kept: interleaved rounds must not capture graphs again
+        KEPT_STATIC[(id(localizer), *current.values())] = localizer.static
+        localizer.static_options.update(options)
+        localizer.static = KEPT_STATIC.get((id(localizer), *options.values()))  # None: set_matching builds one
     localizer.set_matching(mode)
 
 

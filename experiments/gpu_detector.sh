@@ -11,7 +11,8 @@
 # Variables: DETECT_SECONDS (whole script, default 450), SPLAT_STEPS (300), QUERIES (60), WARMUP (10),
 # EVAL_OVERRIDES (more run.py overrides of the first run), ALT_OVERRIDES (the second run's, default
 # SfM at the images' own size), ALT_ARGS (its bench arguments, default --matching auto), ALT_QUERIES (40),
-# MATCHING (the variants, default "sequential auto static:tf32 static:fp16 batched"; the first is the maps reference), BENCH_ARGS (more bench_detector args).
+# MATCHING (the variants, default "sequential auto static:tf32 static:fp16 batched"; the first is the maps reference), BENCH_ARGS (more bench_detector args),
+# BENCH_SECONDS (the bench's limit, default 240), TEST_SECONDS (the GPU tests', default 90).
 set -u -o pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -80,12 +81,12 @@ bounded 240 python3 "$REPO/run.py" dataset=custom dataset.root="$CARRY/data" cla
   || bounded 60 python3 "$REPO/experiments/timing_run.py" --run-dir "$WORK/run_eval" --cache "$WORK/cache"
 
 # shellcheck disable=SC2086  # MATCHING and BENCH_ARGS are lists of words
-bounded 240 python3 "$REPO/experiments/bench_detector.py" --run-dir "$WORK/run_eval" --device cuda \
+bounded "${BENCH_SECONDS:-240}" python3 "$REPO/experiments/bench_detector.py" --run-dir "$WORK/run_eval" --device cuda \
   --queries "$QUERIES" --warmup "${WARMUP:-10}" --batch-sizes 8 32 --throughput-images 256 --matching $MATCHING \
   --repeats 30 --out "$WORK/bench" $BENCH_ARGS
 cp "$WORK/bench/detector.json" "$WORK/bench/detector.md" "$WORK"/bench/profile_*.txt "$OUT/" 2>/dev/null
 
-bounded 90 python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" --tb=short "$REPO/tests/test_static_lightglue.py" "$REPO/tests/test_static_aliked.py" \
+bounded "${TEST_SECONDS:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" --tb=short "$REPO/tests/test_static_lightglue.py" "$REPO/tests/test_static_aliked.py" \
   > "$OUT/pytest_gpu.txt" 2>&1
 tail -n 30 "$OUT/pytest_gpu.txt"
 # A second run of the same class with other settings (ALT_OVERRIDES; default: SfM at the images' own

@@ -154,6 +154,7 @@ class Detector:
                                         pnp_workers=worker_threads(self.cfg.pnp_workers),
                                         static_lengths=self.cfg.static_lengths,
                                         lightglue_precision=self.cfg.lightglue_precision,
+                                        lightglue_compile=self.cfg.lightglue_compile,
                                         cuda_graphs=self.cfg.cuda_graphs)
         self.gaussians = load_gaussians(run.gaussians_ply, self.device)
         self.scorer = build_scorer(run.config.scorer, self.device)

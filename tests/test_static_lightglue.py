@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from splatpose.detect.static_lightglue import StaticLightGlue, _chunks, bucket_length, pad_features, static_forward
+from splatpose.detect.static_lightglue import (StaticLightGlue, _chunks, bucket_length, compiled_steps, pad_features,
+                                               static_forward)
 from splatpose.sfm.config import compose_sfm_config
 from splatpose.sfm.features import build_extractor
 from splatpose.sfm.matchers import build_matcher
@@ -93,9 +94,33 @@ def test_skipping_layers_after_every_pair_stopped_changes_nothing():
     inputs = (desc0, matcher.model.posenc(keypoints0), count0, torch.tensor([0, 1]), torch.tensor([0, 1]))
     early = static._eager(*inputs, static.db_desc.shape[1])
     with torch.inference_mode():
-        every_layer = static_forward(matcher.model, static.assignment, *inputs[:3], static.db_desc, static.db_enc,
+        every_layer = static_forward(matcher.model, static.heads, *inputs[:3], static.db_desc, static.db_enc,
                                      static.db_count, *inputs[3:])
     assert torch.equal(early, every_layer)
+
+
+def test_compiled_steps_trace_whole_and_serve_every_layer():
+    """torch.compile traces each step whole (fullgraph: no graph break falls back to Python) and one
+    compiled layer step serves every layer: a per-layer recompilation would cost seconds per layer and
+    shape on the GPU. Traced with the eager backend here (the CPU needs no compiler); the GPU test runs
+    TorchInductor."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    matcher, queries, db = prepared_images("cpu", seeds=(0, 1), keypoints=(300, 250))
+    plain = StaticLightGlue(matcher.model, db)
+    expected = plain.match(queries, [[0, 1], [1, 0]])
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = StaticLightGlue(matcher.model, db)
+    compiled.steps = compiled_steps(backend="eager")
+    results = compiled.match(queries, [[0, 1], [1, 0]])
+    assert compiled.layers_run >= 3
+    assert counters["stats"]["unique_graphs"] <= 4  # set-up, layer (with and without the stop check), assignment
+    for per_query, expected_query in zip(results, expected):
+        for (matches0, scores0), (expected0, expected_scores) in zip(per_query, expected_query):
+            np.testing.assert_array_equal(matches0, expected0)
+            np.testing.assert_allclose(scores0, expected_scores, atol=1e-6)
 
 
 def test_a_query_without_keypoints_has_no_matches():
@@ -127,6 +152,23 @@ def test_static_lightglue_cuda_graph_matches_like_lightglue(precision, agreement
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision, agreement, atol", [("fp32", 0.98, 2e-2), ("fp16", 0.95, 5e-2)])
+def test_compiled_cuda_graphs_match_like_lightglue(precision, agreement, atol):
+    """TorchInductor's fused steps, captured as CUDA graphs, still give LightGlue's matches, at two query
+    lengths (one compilation, dynamic shapes)."""
+    matcher, queries, db = prepared_images("cuda")
+    static = StaticLightGlue(matcher.model, db, precision=precision, compile=True)
+    for retrieved in ([[0, 1, 2], [1, 0, 2], [2, 0, 1]], [[1, 2]]):
+        chosen = [0, 1, 2] if len(retrieved) == 3 else [1]
+        for _ in range(2):  # capture, then replay
+            results = static.match([queries[q] for q in chosen], retrieved)
+        assert static.path == f"static+cuda_graph ({precision}, compiled)", static.path
+        assert_like_lightglue(matcher, [queries[q] for q in chosen], db, retrieved, results, agreement, atol)
+    assert len(static.graphs) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graph_replay_stops_early_with_the_every_layer_result():
     """The graphs' early exit (the host reads each layer's stop byte one layer late) gives what running
     every layer gives, and is taken: fewer layers run than LightGlue has."""
@@ -138,7 +180,7 @@ def test_graph_replay_stops_early_with_the_every_layer_result():
     with torch.inference_mode():
         inputs = (desc0, matcher.model.posenc(keypoints0), count0.cuda(), torch.tensor([0, 1], device="cuda"),
                   torch.tensor([0, 1], device="cuda"))
-        every_layer = static_forward(matcher.model, static.assignment, *inputs[:3], static.db_desc, static.db_enc,
+        every_layer = static_forward(matcher.model, static.heads, *inputs[:3], static.db_desc, static.db_enc,
                                      static.db_count, *inputs[3:])
     for _ in range(2):  # capture, then replay
         replayed = static._forward(*inputs, db_length=static.db_desc.shape[1]).clone()

@@ -60,17 +60,17 @@ class ImageLocalizer(Localizer):
     """A :class:`Localizer` over decoded images, single or batched (arguments as Localizer's, plus
     ``matching``; ``pairs_per_call``: LightGlue pairs per forward pass when batched or static;
     ``pnp_workers``: threads solving the PnP problems of a batch at once, as pycolmap releases the GIL
-    while it solves; ``static_lengths``, ``lightglue_precision``, ``cuda_graphs``: the static path's
-    query lengths, precision and graph replay, see :class:`StaticLightGlue`)."""
+    while it solves; ``static_lengths``, ``lightglue_precision``, ``cuda_graphs``, ``lightglue_compile``:
+    the static path's query lengths, precision, graph replay and compilation, see :class:`StaticLightGlue`)."""
 
     def __init__(self, *args, matching: str = "auto", pairs_per_call: int = 32, pnp_workers: int = 1,
                  static_lengths=DEFAULT_LENGTHS, lightglue_precision: str = "fp32", cuda_graphs: bool = True,
-                 **kwargs):
+                 lightglue_compile: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.pairs_per_call = int(pairs_per_call)
         self.pnp_pool = ThreadPoolExecutor(int(pnp_workers), "pnp") if int(pnp_workers) > 1 else None
         self.static_options = {"lengths": tuple(static_lengths), "precision": lightglue_precision,
-                               "cuda_graphs": bool(cuda_graphs)}
+                               "cuda_graphs": bool(cuda_graphs), "compile": bool(lightglue_compile)}
         self.static: StaticLightGlue | None = None
         self.static_failure: str | None = None
         self.set_matching(matching)

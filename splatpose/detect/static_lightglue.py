@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,19 +70,24 @@ def pad_features(features: list[Prepared], length: int) -> tuple[torch.Tensor, t
     return keypoints, descriptors, counts
 
 
-class StackedAssignment(torch.nn.Module):
-    """LightGlue's per-layer match-assignment heads stacked, so each pair can use the head of the layer
-    at which it stopped: ``forward(desc0, desc1, layer, valid0, valid1)`` -> log assignment without
-    the dustbins [B, N0, N1] (padding at -inf)."""
+class LayerHeads(torch.nn.Module):
+    """LightGlue's per-layer heads as tensors on the device: the match-assignment heads stacked, so each
+    pair can use the head of the layer at which it stopped (``forward(desc0, desc1, layer, valid0,
+    valid1)`` -> log assignment without the dustbins [B, N0, N1], padding at -inf), and each layer's
+    index and adaptive-depth threshold as 0-d tensors, so that one compiled layer step serves every
+    layer (a Python number would be a constant of the compiled code: one compilation per layer)."""
 
     def __init__(self, model: LightGlue):
         super().__init__()
         heads = model.log_assignment
+        device = heads[0].final_proj.weight.device
         with torch.no_grad():
             self.final_weight = torch.stack([h.final_proj.weight for h in heads])  # [L, D, D]
             self.final_bias = torch.stack([h.final_proj.bias for h in heads])  # [L, D]
             self.match_weight = torch.stack([h.matchability.weight[0] for h in heads])  # [L, D]
             self.match_bias = torch.stack([h.matchability.bias[0] for h in heads])  # [L]
+        self.layer_index = torch.arange(model.conf.n_layers, device=device)
+        self.threshold = model.confidence_thresholds.to(device)  # LightGlue's buffer, [L]
 
     def forward(self, desc0, desc1, layer, valid0, valid1) -> torch.Tensor:
         weight = self.final_weight[layer].transpose(1, 2).to(desc0.dtype)  # [B, D, D]
@@ -127,38 +133,45 @@ def start_pairs(model: LightGlue, desc0, enc0, count0, desc1, enc1, count1, pair
             "stop_layer": torch.full((batch,), model.conf.n_layers - 1, dtype=torch.long, device=d0.device)}
 
 
-def run_layer(model: LightGlue, state: dict, layer: int) -> None:
+def run_layer(model: LightGlue, heads: LayerHeads, state: dict, layer: int, step=None) -> None:
     """LightGlue's layer ``layer`` on every pair, updating ``state`` in place (fixed buffers, so that
-    each layer can be its own CUDA graph and the host can stop after any of them)."""
+    each layer can be its own CUDA graph and the host can stop after any of them). ``step``:
+    ``layer_step`` or a compiled version of it."""
+    decides_stop = layer < model.conf.n_layers - 1 and model.conf.depth_confidence > 0
+    (step or layer_step)(model.transformers[layer], model.token_confidence[layer] if decides_stop else None, state,
+                         heads.layer_index[layer], heads.threshold[layer], model.conf.depth_confidence)
+
+
+def layer_step(transformer, token_confidence, state: dict, layer_index: torch.Tensor, threshold: torch.Tensor,
+               depth_confidence: float) -> None:
+    """One LightGlue layer (``transformer``) on every pair, then, with a ``token_confidence`` head,
+    LightGlue's check_if_stop per pair over its own keypoints; ``layer_index``, ``threshold``: this
+    layer's, 0-d tensors."""
     valid0, valid1 = state["valid0"], state["valid1"]
     mask0, mask1 = valid0[:, None, :, None], valid1[:, None, :, None]  # masked_forward's [B, 1, N, 1]
-    new0, new1 = model.transformers[layer].masked_forward(state["d0"], state["d1"], state["enc0"], state["enc1"],
-                                                          mask0, mask1)
+    new0, new1 = transformer.masked_forward(state["d0"], state["d1"], state["enc0"], state["enc1"], mask0, mask1)
     # padded rows carry no information; zeroing them keeps them finite over the layers (float16)
     new0, new1 = new0.masked_fill(~valid0[..., None], 0), new1.masked_fill(~valid1[..., None], 0)
     frozen = state["stopped"][:, None, None]  # a pair that stopped keeps the descriptors of its stop layer
     state["d0"].copy_(torch.where(frozen, state["d0"], new0))
     state["d1"].copy_(torch.where(frozen, state["d1"], new1))
-    if layer == model.conf.n_layers - 1 or model.conf.depth_confidence <= 0:
+    if token_confidence is None:
         return
-    # LightGlue's check_if_stop, per pair over its own keypoints
-    token0, token1 = model.token_confidence[layer](state["d0"], state["d1"])
-    threshold = model.confidence_thresholds[layer]
+    token0, token1 = token_confidence(state["d0"], state["d1"])
     unconfident = ((token0 < threshold) & valid0).sum(1) + ((token1 < threshold) & valid1).sum(1)
-    stops = ~state["stopped"] & (1.0 - unconfident.float() / state["points"] > model.conf.depth_confidence)
-    # full_like, not a Python number: torch.where copies a number to the GPU, which capture forbids
-    state["stop_layer"].copy_(torch.where(stops, torch.full_like(state["stop_layer"], layer), state["stop_layer"]))
+    stops = ~state["stopped"] & (1.0 - unconfident.float() / state["points"] > depth_confidence)
+    state["stop_layer"].copy_(torch.where(stops, layer_index, state["stop_layer"]))
     state["stopped"] |= stops
 
 
-def finish_pairs(model: LightGlue, assignment: "StackedAssignment", state: dict) -> torch.Tensor:
+def finish_pairs(heads: LayerHeads, state: dict, filter_threshold: float) -> torch.Tensor:
     """Matches from each pair's descriptors at its stop layer: [2, B, N0] (matches0, scores0)."""
-    scores = assignment(state["d0"], state["d1"], state["stop_layer"], state["valid0"], state["valid1"])
-    matches0, scores0 = mutual_matches(scores, model.conf.filter_threshold)
+    scores = heads(state["d0"], state["d1"], state["stop_layer"], state["valid0"], state["valid1"])
+    matches0, scores0 = mutual_matches(scores, filter_threshold)
     return torch.stack([matches0.float(), scores0])
 
 
-def static_forward(model: LightGlue, assignment: StackedAssignment, desc0, enc0, count0, desc1, enc1, count1,
+def static_forward(model: LightGlue, heads: LayerHeads, desc0, enc0, count0, desc1, enc1, count1,
                    pair_query, pair_db) -> torch.Tensor:
     """LightGlue over B pairs at fixed shapes, without a host sync: every pair goes through every layer
     (one that stopped keeps its descriptors).
@@ -173,8 +186,8 @@ def static_forward(model: LightGlue, assignment: StackedAssignment, desc0, enc0,
     """
     state = start_pairs(model, desc0, enc0, count0, desc1, enc1, count1, pair_query, pair_db)
     for layer in range(model.conf.n_layers):
-        run_layer(model, state, layer)
-    return finish_pairs(model, assignment, state)
+        run_layer(model, heads, state, layer)
+    return finish_pairs(heads, state, model.conf.filter_threshold)
 
 
 def mutual_matches(scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,6 +205,27 @@ def mutual_matches(scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor
     return torch.where(valid, matches0, torch.full_like(matches0, -1)), scores0
 
 
+@dataclass(frozen=True)
+class Steps:
+    """The three functions of a forward pass: LightGlue's set-up, one layer, the assignment; plain, or
+    compiled by torch.compile (``compiled_steps``)."""
+
+    start: Callable = start_pairs
+    layer: Callable = layer_step
+    finish: Callable = finish_pairs
+    compiled: bool = False
+
+
+def compiled_steps(backend: str = "inductor") -> Steps:
+    """The steps compiled by TorchInductor, each into a few fused kernels (``backend="eager"``: traced
+    only, which the CPU tests use). Dynamic shapes: one compilation serves every padded length and pair
+    count (the CUDA graphs stay one per shape), and every layer shares one compiled layer step (its
+    index and threshold are tensors, ``LayerHeads``). Nothing compiles here: a step's first call does."""
+    options = {"fullgraph": True, "dynamic": True, "backend": backend}
+    return Steps(torch.compile(start_pairs, **options), torch.compile(layer_step, **options),
+                 torch.compile(finish_pairs, **options), compiled=True)
+
+
 class StaticLightGlue:
     """Matches queries to db images with LightGlue at fixed shapes, replayed from CUDA graphs on a GPU.
 
@@ -203,24 +237,30 @@ class StaticLightGlue:
         precision: "fp32", "tf32" (TensorFloat-32 matrix products) or "fp16" (autocast, as LightGlue's
             own ``mp`` option).
         cuda_graphs: capture and replay CUDA graphs on a CUDA device.
+        compile: on a CUDA device, compile the set-up, layer and assignment steps with torch.compile
+            (TorchInductor) before they are captured: it fuses each layer's many small kernels, which
+            bound the graphs' replay. The first call of each shape takes seconds longer; a failed
+            compilation falls back to the plain steps and says so in ``path``.
     """
 
     def __init__(self, model: LightGlue, db_prepared: list[Prepared], lengths=DEFAULT_LENGTHS,
-                 precision: str = "fp32", cuda_graphs: bool = True):
+                 precision: str = "fp32", cuda_graphs: bool = True, compile: bool = False):
         if precision not in PRECISIONS:
             raise ValueError(f"detect.lightglue_precision={precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
         self.model, self.lengths, self.precision = model, tuple(int(n) for n in lengths), precision
         self.device = next(model.parameters()).device
-        self.assignment = StackedAssignment(model)
+        self.heads = LayerHeads(model)
         longest = max([f["keypoints"].shape[1] for f in db_prepared] + [1])
         self.db_kpts, self.db_desc, counts = pad_features(db_prepared, bucket_length(longest, self.lengths))
         self.db_count, self.db_counts = counts.to(self.device), counts.tolist()
         with torch.inference_mode(), self._autocast():
             self.db_enc = positional_encoding(model, self.db_kpts)
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.steps = compiled_steps() if compile and self.device.type == "cuda" else Steps()
         self.graphs: dict[tuple, tuple] = {}
         self.layers_run = 0  # LightGlue layers the last forward pass ran (adaptive depth)
-        self.path = f"static+cuda_graph ({precision})" if self.use_graphs else f"static eager ({precision})"
+        how = precision + (", compiled" if self.steps.compiled else "")
+        self.path = f"static+cuda_graph ({how})" if self.use_graphs else f"static eager ({how})"
 
     def match(self, queries: list[Prepared], retrieved: list[list[int]], pairs_per_call: int = 32
               ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
@@ -286,14 +326,14 @@ class StaticLightGlue:
     @torch.inference_mode()
     def _eager(self, desc0, enc0, count0, pair_query, pair_db, db_length: int) -> torch.Tensor:
         with self._autocast():
-            state = start_pairs(self.model, desc0, enc0, count0, *self._db(db_length), pair_query, pair_db)
+            state = self.steps.start(self.model, desc0, enc0, count0, *self._db(db_length), pair_query, pair_db)
             self.layers_run = self.model.conf.n_layers
             for layer in range(self.model.conf.n_layers):
-                run_layer(self.model, state, layer)
+                run_layer(self.model, self.heads, state, layer, self.steps.layer)
                 if layer < self.model.conf.n_layers - 1 and bool(state["stopped"].all()):
                     self.layers_run = layer + 1
                     break
-            return finish_pairs(self.model, self.assignment, state)
+            return self.steps.finish(self.heads, state, self.model.conf.filter_threshold)
 
     def _forward(self, desc0, enc0, count0, pair_query, pair_db, db_length: int) -> torch.Tensor:
         inputs = (desc0, enc0, count0, pair_query, pair_db)
@@ -333,16 +373,30 @@ class StaticLightGlue:
         captured.finish.replay()
         return captured.output
 
-    def _capture(self, *inputs, db_length: int) -> "CapturedPairs":
-        """One graph for the pairs' set-up, one per layer and one for the assignment, over fixed
-        buffers (the layer graphs update the pairs' state in place) and one shared memory pool."""
-        static_inputs = tuple(value.clone() for value in inputs)
+    def _warm_up(self, inputs: tuple, db_length: int) -> None:
+        """Eager calls on a side stream before capture: SDPA and cuBLAS pick their kernels, and compiled
+        steps compile (a capture must not be the first call)."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_CALLS):
-                self._eager(*static_inputs, db_length)
+                self._eager(*inputs, db_length)
         torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def _capture(self, *inputs, db_length: int) -> "CapturedPairs":
+        """One graph for the pairs' set-up, one per layer and one for the assignment, over fixed
+        buffers (the layer graphs update the pairs' state in place) and one shared memory pool."""
+        static_inputs = tuple(value.clone() for value in inputs)
+        try:
+            self._warm_up(static_inputs, db_length)  # compiles the steps, when compiled
+        except Exception as error:  # noqa: BLE001 - any compiler failure: run the plain steps instead
+            if not self.steps.compiled:
+                raise
+            log.warning("torch.compile of LightGlue's steps failed (%s: %s); capturing the plain steps",
+                        type(error).__name__, error)
+            self.steps = Steps()
+            self.path = f"static+cuda_graph ({self.precision}; compile failed: {type(error).__name__})"
+            self._warm_up(static_inputs, db_length)
 
         def capture(function, pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
             graph = torch.cuda.CUDAGraph()
@@ -351,18 +405,18 @@ class StaticLightGlue:
             return graph, result
 
         desc0, enc0, count0, pair_query, pair_db = static_inputs
-        start, state = capture(lambda: start_pairs(self.model, desc0, enc0, count0, *self._db(db_length),
-                                                   pair_query, pair_db))
+        start, state = capture(lambda: self.steps.start(self.model, desc0, enc0, count0, *self._db(db_length),
+                                                        pair_query, pair_db))
         pool = start.pool()
         all_stopped = torch.zeros((), dtype=torch.bool, device=self.device)
 
         def layer_and_flag(layer: int) -> None:
-            run_layer(self.model, state, layer)
+            run_layer(self.model, self.heads, state, layer, self.steps.layer)
             all_stopped.copy_(state["stopped"].all())
 
         layers = [capture(lambda layer=layer: layer_and_flag(layer), pool)[0]
                   for layer in range(self.model.conf.n_layers)]
-        finish, output = capture(lambda: finish_pairs(self.model, self.assignment, state), pool)
+        finish, output = capture(lambda: self.steps.finish(self.heads, state, self.model.conf.filter_threshold), pool)
         host_stopped = torch.zeros(len(layers), dtype=torch.bool).pin_memory()
         copied = [torch.cuda.Event() for _ in layers]
         return CapturedPairs(static_inputs, state, start, layers, finish, output, all_stopped, host_stopped, copied)

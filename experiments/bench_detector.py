@@ -43,6 +43,7 @@ from splatpose.data import resolve_dataset
 from splatpose.data.cameras import camera_center, center_error, rotation_error_deg
 from splatpose.data.mad_sim import decode_pixels, read_image
 from splatpose.detect.batched_lightglue import match_pairs_batched
+from splatpose.detect.inputs import load_input
 from splatpose.detect.cuda_graphs import GraphedScorer
 from splatpose.detector import STAGES, Detector
 from splatpose.refine import default_refine_config
@@ -217,7 +218,9 @@ def tiled_gaussians(gaussians: Gaussians, count: int, seed: int = 0) -> Gaussian
 def floor(detector: Detector, paths: list[Path], repeats: int) -> dict:
     """Each stage's work alone, warm."""
     device, localizer = detector.device, detector.localizer
-    out = {"decode": median_call_ms(lambda: decode_pixels(paths[0]), "cpu", repeats)}  # the detector's decoder
+    out = {"decode": median_call_ms(lambda: decode_pixels(paths[0]), "cpu", repeats),  # the detector's decoder
+           # the load stage: decode and the input checks (grayscale, size)
+           "load": median_call_ms(lambda: load_input(paths[0], detector.width, detector.height), "cpu", repeats)}
     if device.startswith("cuda"):
         out.update(upload_floor(paths[0], device, repeats))
     image = torch.from_numpy(read_image(paths[0])).permute(2, 0, 1)[None].to(device)

@@ -324,13 +324,14 @@ class StaticLightGlue:
         return self.db_desc[:, :length], self.db_enc[..., :length, :], self.db_count
 
     @torch.inference_mode()
-    def _eager(self, desc0, enc0, count0, pair_query, pair_db, db_length: int) -> torch.Tensor:
+    def _eager(self, desc0, enc0, count0, pair_query, pair_db, db_length: int, every_layer: bool = False
+               ) -> torch.Tensor:
         with self._autocast():
             state = self.steps.start(self.model, desc0, enc0, count0, *self._db(db_length), pair_query, pair_db)
             self.layers_run = self.model.conf.n_layers
             for layer in range(self.model.conf.n_layers):
                 run_layer(self.model, self.heads, state, layer, self.steps.layer)
-                if layer < self.model.conf.n_layers - 1 and bool(state["stopped"].all()):
+                if not every_layer and layer < self.model.conf.n_layers - 1 and bool(state["stopped"].all()):
                     self.layers_run = layer + 1
                     break
             return self.steps.finish(self.heads, state, self.model.conf.filter_threshold)
@@ -374,13 +375,15 @@ class StaticLightGlue:
         return captured.output
 
     def _warm_up(self, inputs: tuple, db_length: int) -> None:
-        """Eager calls on a side stream before capture: SDPA and cuBLAS pick their kernels, and compiled
-        steps compile (a capture must not be the first call)."""
+        """Eager calls through every layer on a side stream before capture: SDPA and cuBLAS pick their
+        kernels, and compiled steps compile, the last layer's variant too. Compiling inside a capture
+        invalidates it, and a failed capture can leave the allocator handing out memory that other
+        graphs own (seen on the H100: ALIKED and LightGlue graphs replayed garbage after one)."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_CALLS):
-                self._eager(*inputs, db_length)
+                self._eager(*inputs, db_length, every_layer=True)
         torch.cuda.current_stream(self.device).wait_stream(side)
 
     def _capture(self, *inputs, db_length: int) -> "CapturedPairs":
@@ -400,7 +403,10 @@ class StaticLightGlue:
 
         def capture(function, pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), torch.inference_mode(), self._autocast():
+            # compiled steps must not compile here (see _warm_up): a step that would raises instead
+            no_compiling = (torch.compiler.set_stance("fail_on_recompile") if self.steps.compiled
+                            else contextlib.nullcontext())
+            with torch.cuda.graph(graph, pool=pool), torch.inference_mode(), self._autocast(), no_compiling:
                 result = function()
             return graph, result
 

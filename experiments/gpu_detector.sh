@@ -12,7 +12,7 @@
 # EVAL_OVERRIDES (more run.py overrides of the first run), ALT_OVERRIDES (the second run's, default
 # SfM at the images' own size), ALT_ARGS (its bench arguments, default --matching auto), ALT_QUERIES (40),
 # MATCHING (the variants, default "sequential auto static:tf32 static:fp16 batched"; the first is the maps reference), BENCH_ARGS (more bench_detector args),
-# BENCH_SECONDS (the bench's limit, default 240), TEST_SECONDS (the GPU tests', default 90).
+# BENCH_SECONDS (the bench's limit, default 240), TEST_SECONDS (the GPU tests', default 90), TESTS=0 (skip them).
 set -u -o pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -86,9 +86,13 @@ bounded "${BENCH_SECONDS:-240}" python3 "$REPO/experiments/bench_detector.py" --
   --repeats 30 --out "$WORK/bench" $BENCH_ARGS
 cp "$WORK/bench/detector.json" "$WORK/bench/detector.md" "$WORK"/bench/profile_*.txt "$OUT/" 2>/dev/null
 
-bounded "${TEST_SECONDS:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" --tb=short "$REPO/tests/test_static_lightglue.py" "$REPO/tests/test_static_aliked.py" \
-  > "$OUT/pytest_gpu.txt" 2>&1
-tail -n 30 "$OUT/pytest_gpu.txt"
+# TorchInductor compiles in this process (no worker pool): with its workers, pytest hung at exit on the
+# H100 after every test had passed (seen 22:48 UTC)
+if [ "${TESTS:-1}" = 1 ]; then
+  TORCHINDUCTOR_COMPILE_THREADS=1 bounded "${TEST_SECONDS:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" \
+    --tb=short "$REPO/tests/test_static_lightglue.py" "$REPO/tests/test_static_aliked.py" > "$OUT/pytest_gpu.txt" 2>&1
+  tail -n 30 "$OUT/pytest_gpu.txt"
+fi
 # A second run of the same class with other settings (ALT_OVERRIDES; default: SfM at the images' own
 # size, sfm.resize_max=null: no 400 -> 600 upscale), timed and its accuracy kept, if the call has time left.
 ALT_OVERRIDES=${ALT_OVERRIDES:-"sfm.resize_max=null sfm.resize_force=false"}

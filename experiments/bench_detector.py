@@ -44,7 +44,6 @@ from splatpose.data.cameras import camera_center, center_error, rotation_error_d
 from splatpose.data.mad_sim import decode_pixels, read_image
 from splatpose.detect.batched_lightglue import match_pairs_batched
 from splatpose.detect.inputs import load_input
-from splatpose.detect.static_aliked import GraphedAliked
 from splatpose.detect.cuda_graphs import GraphedScorer
 from splatpose.detector import STAGES, Detector
 from splatpose.refine import default_refine_config
@@ -54,9 +53,6 @@ from splatpose.splat.rendering import render
 
 FLOOR_GAUSSIANS = 200_000
 KEPT_STATIC: dict[tuple, object] = {}  # (localizer id, precision, compile) -> its StaticLightGlue
-KEPT_ALIKED: dict[tuple, object] = {}  # (localizer id, compiled) -> its GraphedAliked
-# variant suffixes: which parts torch.compile compiles (LightGlue, ALIKED); none: as configured
-COMPILE_SUFFIXES = {"compile": (True, True), "lgcompile": (True, False), "plain": (False, False)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,8 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=50, help="repeats per floor measurement")
     parser.add_argument("--matching", nargs="+", default=["auto"],
                         help="detect.matching variants to time per query: a mode, or static:<precision>; "
-                             "+compile, +lgcompile, +plain: LightGlue and ALIKED compiled, LightGlue only, neither; "
-                             "@k matches with the k best db images (e.g. auto@3, static:fp16+plain)")
+                             "+compile or +plain: LightGlue's steps compiled or not; @k matches with the k best "
+                             "db images (e.g. auto@3, static:fp16+compile)")
     parser.add_argument("--refine-queries", type=int, default=0,
                         help="also time this many queries with refinement on (conf/refine/lbfgs.yaml; 0: skip)")
     parser.add_argument("--inputs", nargs="*", help="image files to cycle (default: the run's test images)")
@@ -150,22 +146,16 @@ def single_query_latency(detector: Detector, paths: list[Path], queries: int, wa
 
 def use_matching(detector: Detector, variant: str) -> None:
     """Switch the detector's matching to ``variant``: "auto" | "sequential" | "batched" | "static[:fp16]",
-    optionally "+compile", "+lgcompile" or "+plain" (LightGlue and ALIKED compiled by torch.compile,
-    LightGlue only, neither; no suffix: as configured), optionally
+    optionally "+compile" or "+plain" (LightGlue's steps compiled by torch.compile, or not), optionally
     "@k": match each query with its k best db images instead of the run's top_k (a localization setting
     of the run, tried here without another run)."""
     variant, _, top_k = variant.partition("@")
     variant, plus, compiled = variant.partition("+")
-    if plus and compiled not in COMPILE_SUFFIXES:
-        raise ValueError(f"unknown suffix +{compiled}; choose one of {', '.join(COMPILE_SUFFIXES)}")
     mode, _, precision = variant.partition(":")
     localizer = detector.localizer
     localizer.top_k = int(top_k) if top_k else int(detector.run.config.sfm.localization.top_k)
-    compile_lightglue, compile_aliked = COMPILE_SUFFIXES.get(compiled) or (detector.cfg.lightglue_compile,
-                                                                            detector.cfg.aliked_compile)
-    use_aliked(localizer, bool(compile_aliked))
     options = {"precision": precision or str(detector.cfg.lightglue_precision),  # no suffix: as configured
-               "compile": bool(compile_lightglue)}
+               "compile": compiled == "compile" if plus else bool(detector.cfg.lightglue_compile)}
     current = {key: localizer.static_options[key] for key in options}
     if mode in ("static", "auto") and options != current:
         # one StaticLightGlue per setting, kept: interleaved rounds must not capture graphs again
@@ -173,16 +163,6 @@ def use_matching(detector: Detector, variant: str) -> None:
         localizer.static_options.update(options)
         localizer.static = KEPT_STATIC.get((id(localizer), *options.values()))  # None: set_matching builds one
     localizer.set_matching(mode)
-
-
-def use_aliked(localizer, compiled: bool) -> None:
-    """Switch the static ALIKED to its compiled or plain parts (each kept once made, as the LightGlues)."""
-    extractor = localizer.extractor
-    if not isinstance(extractor, GraphedAliked) or extractor.parts.compiled == compiled:
-        return
-    KEPT_ALIKED[(id(localizer), extractor.parts.compiled)] = extractor
-    localizer.extractor = KEPT_ALIKED.get((id(localizer), compiled)) or GraphedAliked(extractor.extractor,
-                                                                                        compile=compiled)
 
 
 def pose_quality(detector: Detector, tests: list, true_poses: dict | None, reference_maps: dict | None) -> dict:

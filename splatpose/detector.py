@@ -155,7 +155,6 @@ class Detector:
                                         static_lengths=self.cfg.static_lengths,
                                         lightglue_precision=self.cfg.lightglue_precision,
                                         lightglue_compile=self.cfg.lightglue_compile,
-                                        aliked_compile=self.cfg.aliked_compile,
                                         cuda_graphs=self.cfg.cuda_graphs)
         self.gaussians = load_gaussians(run.gaussians_ply, self.device)
         self.scorer = build_scorer(run.config.scorer, self.device)

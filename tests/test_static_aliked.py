@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from splatpose.detect.static_aliked import GraphedAliked, compiled_parts
+from splatpose.detect.static_aliked import GraphedAliked
 from splatpose.sfm.config import compose_sfm_config
 from splatpose.sfm.features import build_extractor
 
@@ -38,27 +38,14 @@ def test_static_aliked_gives_alikeds_own_features():
     assert_same_features(extractor(images), static(images), atol=1e-4)
 
 
-def test_compiled_parts_trace_whole():
-    """torch.compile traces both parts whole (fullgraph): traced with the eager backend here (no compiler
-    on the CPU), the features are ALIKED's own; the GPU test runs TorchInductor."""
-    cfg = compose_sfm_config("aliked", "lightglue", "global")
-    extractor = build_extractor(cfg.feature, 256, "cpu")
-    images = textured_images()
-    static = GraphedAliked(extractor)
-    static.parts = compiled_parts(backend="eager")
-    assert_same_features(extractor(images), static(images), atol=1e-4)
-    assert static.path == "static eager"  # the first-shape check against ALIKED's forward passed
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("compile", [False, True])
-def test_static_aliked_cuda_graph_gives_alikeds_own_features(compile):
+def test_static_aliked_cuda_graph_gives_alikeds_own_features():
     cfg = compose_sfm_config("aliked", "lightglue", "global")
     extractor = build_extractor(cfg.feature, 512, "cuda")
     images = textured_images().cuda()
-    static = GraphedAliked(extractor, compile=compile)
+    static = GraphedAliked(extractor)
     for _ in range(2):  # capture, then replay
         features = static(images)
-    assert static.path == "static+cuda_graph" + (" (compiled)" if compile else "") and len(static.graphs) == 1
+    assert static.path == "static+cuda_graph" and len(static.graphs) == 1
     assert_same_features(extractor(images), features, atol=2e-3)

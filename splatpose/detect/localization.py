@@ -61,12 +61,11 @@ class ImageLocalizer(Localizer):
     ``matching``; ``pairs_per_call``: LightGlue pairs per forward pass when batched or static;
     ``pnp_workers``: threads solving the PnP problems of a batch at once, as pycolmap releases the GIL
     while it solves; ``static_lengths``, ``lightglue_precision``, ``cuda_graphs``, ``lightglue_compile``:
-    the static path's query lengths, precision, graph replay and compilation, see :class:`StaticLightGlue`;
-    ``aliked_compile``: compile the static ALIKED's graphed parts, see :class:`GraphedAliked`)."""
+    the static path's query lengths, precision, graph replay and compilation, see :class:`StaticLightGlue`)."""
 
     def __init__(self, *args, matching: str = "auto", pairs_per_call: int = 32, pnp_workers: int = 1,
                  static_lengths=DEFAULT_LENGTHS, lightglue_precision: str = "fp32", cuda_graphs: bool = True,
-                 lightglue_compile: bool = False, aliked_compile: bool = False, **kwargs):
+                 lightglue_compile: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.pairs_per_call = int(pairs_per_call)
         self.pnp_pool = ThreadPoolExecutor(int(pnp_workers), "pnp") if int(pnp_workers) > 1 else None
@@ -76,7 +75,7 @@ class ImageLocalizer(Localizer):
         self.static_failure: str | None = None
         self.set_matching(matching)
         if isinstance(self.extractor, AlikedExtractor) and cuda_graphs and str(self.device).startswith("cuda"):
-            self.extractor = GraphedAliked(self.extractor, compile=aliked_compile)
+            self.extractor = GraphedAliked(self.extractor)
 
     @property
     def extract_path(self) -> str:

@@ -16,16 +16,17 @@ after them are two graphs. The first replay of each shape is checked against ALI
 a difference turns the graphs off (and, if the eager batched heads differ too, the extractor falls
 back to ALIKED's own forward), so a wrong fast path cannot survive its first image.
 
+Compiling the two graphed parts with torch.compile (TorchInductor fuses each batch norm with its
+activation) was tried on the H100: its features differed from ALIKED's own enough for that check to
+reject them (keypoints near the detection threshold come and go), so ALIKED is not compiled.
+
 The detection threshold of :class:`splatpose.sfm.features.AlikedExtractor` (which keypoints to keep)
 changes the count per image, so it is applied on the host after the graph.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -142,32 +143,13 @@ def decode_and_detect(model: ALIKED, x1, x2, x3, x4, top_k: int, constants: Alik
     return constants.image_wh * (keypoints + 1) / 2.0, descriptors, scores
 
 
-@dataclass(frozen=True)
-class Parts:
-    """The two captured parts of the forward pass (before and after the deformable blocks): plain, or
-    compiled by torch.compile (``compiled_parts``)."""
-
-    encode: Callable = encode_fine
-    decode: Callable = decode_and_detect
-    compiled: bool = False
-
-
-def compiled_parts(backend: str = "inductor") -> Parts:
-    """The parts compiled by TorchInductor: each batch-norm and activation after a convolution becomes
-    one fused kernel (batch norm alone was the largest kernel of a query on the H100, 0.8 ms). Shapes:
-    static at the first batch size, dynamic from the second on (two compilations per part at most).
-    Nothing compiles here: a part's first call does."""
-    options = {"fullgraph": True, "backend": backend}
-    return Parts(torch.compile(encode_fine, **options), torch.compile(decode_and_detect, **options), compiled=True)
-
-
-def aliked_topk(model: ALIKED, images: torch.Tensor, top_k: int, constants: AlikedConstants, parts: Parts = Parts()
+def aliked_topk(model: ALIKED, images: torch.Tensor, top_k: int, constants: AlikedConstants
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ALIKED's forward in top-k mode, without graphs: keypoints [B, K, 2] (pixels of ``images``),
-    descriptors [B, K, D], scores [B, K]."""
-    x1, x2, x3_input = parts.encode(model, images)
+    """ALIKED's forward in top-k mode, eagerly: keypoints [B, K, 2] (pixels of ``images``), descriptors
+    [B, K, D], scores [B, K]."""
+    x1, x2, x3_input = encode_fine(model, images)
     x3, x4 = encode_deformable(model, x3_input)
-    return parts.decode(model, x1, x2, x3, x4, top_k, constants)
+    return decode_and_detect(model, x1, x2, x3, x4, top_k, constants)
 
 
 def same_features(expected: list[Features], actual: list[Features], atol: float = 1e-2) -> bool:
@@ -186,10 +168,9 @@ class GraphedAliked:
     """An :class:`AlikedExtractor` (same call, same features) whose network runs at fixed shapes, from two
     CUDA graphs per input shape on a GPU (the deformable blocks eager between them); eager (the same
     functions) when capture fails, and ALIKED's own forward when the batched heads disagree with it.
-    With ``compile`` (CUDA only), the two graphed parts are compiled by torch.compile before capture;
-    a compilation that fails falls back to the plain parts. :attr:`path` says which ran."""
+    :attr:`path` says which ran."""
 
-    def __init__(self, extractor: AlikedExtractor, cuda_graphs: bool = True, compile: bool = False):
+    def __init__(self, extractor: AlikedExtractor, cuda_graphs: bool = True):
         head = extractor.model.desc_head
         if head.conv2D or head.mask:
             raise ValueError("GraphedAliked supports ALIKED's descriptor head without conv2D and mask (every "
@@ -199,12 +180,10 @@ class GraphedAliked:
         self.device = next(self.model.parameters()).device
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.use_static = True
-        self.parts = compiled_parts() if compile and self.device.type == "cuda" else Parts()
         self.graphs: dict[tuple, tuple] = {}
         self.constants: dict[tuple, AlikedConstants] = {}
         self.checked: set[tuple] = set()
-        self.path = ("static+cuda_graph" if self.use_graphs else "static eager") + (
-            " (compiled)" if self.parts.compiled else "")
+        self.path = "static+cuda_graph" if self.use_graphs else "static eager"
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> list[Features]:
@@ -250,7 +229,7 @@ class GraphedAliked:
 
     def _forward(self, images: torch.Tensor) -> tuple:
         if not self.use_graphs:
-            return aliked_topk(self.model, images, self.top_k, self._constants(images), self.parts)
+            return aliked_topk(self.model, images, self.top_k, self._constants(images))
         key = tuple(images.shape)
         if key not in self.graphs:
             try:
@@ -260,7 +239,7 @@ class GraphedAliked:
                 self.use_graphs = False
                 self.path = f"static eager (graph capture failed: {type(error).__name__})"
                 torch.cuda.synchronize(self.device)
-                return aliked_topk(self.model, images, self.top_k, self._constants(images), self.parts)
+                return aliked_topk(self.model, images, self.top_k, self._constants(images))
         static_images, encoder, static_deformable, heads, outputs = self.graphs[key]
         static_images.copy_(images)
         encoder.replay()
@@ -274,32 +253,14 @@ class GraphedAliked:
         """Two graphs: the encoder before the deformable blocks, and the heads after them. Warm-up runs on
         the current stream: the deformable kernels run on the legacy default stream, which orders with it."""
         constants, static_images = self._constants(images), images.clone()
-        try:
-            self._warm_up(static_images, constants)  # compiles the parts, when compiled
-        except Exception as error:  # noqa: BLE001 - any compiler failure: capture the plain parts instead
-            if not self.parts.compiled:
-                raise
-            log.warning("torch.compile of ALIKED failed (%s: %s); capturing the plain parts", type(error).__name__,
-                        error)
-            self.parts = Parts()
-            self.path = f"static+cuda_graph (compile failed: {type(error).__name__})"
-            self._warm_up(static_images, constants)
+        for _ in range(WARMUP_CALLS):
+            aliked_topk(self.model, static_images, self.top_k, constants)
         encoder = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(encoder), self._no_compiling():
-            x1, x2, x3_input = self.parts.encode(self.model, static_images)
+        with torch.cuda.graph(encoder):
+            x1, x2, x3_input = encode_fine(self.model, static_images)
         encoder.replay()
         x3, x4 = (t.clone() for t in encode_deformable(self.model, x3_input))
         heads = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(heads), self._no_compiling():
-            outputs = self.parts.decode(self.model, x1, x2, x3, x4, self.top_k, constants)
+        with torch.cuda.graph(heads):
+            outputs = decode_and_detect(self.model, x1, x2, x3, x4, self.top_k, constants)
         return static_images, encoder, (x3_input, x3, x4), heads, outputs
-
-    def _no_compiling(self):
-        """Compiled parts must not compile inside a capture (see StaticLightGlue._warm_up): one that would
-        raises instead."""
-        return torch.compiler.set_stance("fail_on_recompile") if self.parts.compiled else contextlib.nullcontext()
-
-    def _warm_up(self, images: torch.Tensor, constants: AlikedConstants) -> None:
-        """Calls before capture: cuDNN picks its algorithms, compiled parts compile."""
-        for _ in range(WARMUP_CALLS):
-            aliked_topk(self.model, images, self.top_k, constants, self.parts)

@@ -2,17 +2,18 @@
 # The detector's latency on the GPU in ONE device call, slimmer than gpu_suite.sh: set up from the
 # carried folder, make a run folder (the real pipeline with a short splat schedule: the detector's
 # latency does not depend on how well the splats are trained), time the detector's matching variants,
-# run the static-LightGlue GPU tests.
+# run the user's task=detect command on it, run the static-LightGlue and static-ALIKED GPU tests.
 #
 #   run(command="bash experiments/gpu_detector.sh", carry=[".gpu"], timeout_s=480)
 #
-# $OUT gets gpu_detector.log, eval_results.json, detector.json, detector.md, pytest_gpu.txt and, with
+# $OUT gets gpu_detector.log, eval_results.json, detector.json, detector.md, detect_summary.json, pytest_gpu.txt and, with
 # ALT_RUN=1 (default) and time left, eval_alt_results.json and detector_alt.json (a second run).
 # Variables: DETECT_SECONDS (whole script, default 450), SPLAT_STEPS (300), QUERIES (60), WARMUP (10),
 # EVAL_OVERRIDES (more run.py overrides of the first run), ALT_OVERRIDES (the second run's, default
 # SfM at the images' own size), ALT_ARGS (its bench arguments, default --matching auto), ALT_QUERIES (40),
 # MATCHING (the variants, default "sequential auto static:tf32 static:fp16 batched"; the first is the maps reference), BENCH_ARGS (more bench_detector args),
-# BENCH_SECONDS (the bench's limit, default 240), TEST_SECONDS (the GPU tests', default 90), TESTS=0 (skip them).
+# BENCH_SECONDS (the bench's limit, default 240), TEST_SECONDS (the GPU tests', default 90), TESTS=0 (skip them),
+# DETECT_CLI=0 (skip the task=detect run), CLI_SECONDS (its limit, default 180).
 set -u -o pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -86,6 +87,15 @@ bounded "${BENCH_SECONDS:-240}" python3 "$REPO/experiments/bench_detector.py" --
   --repeats 30 --out "$WORK/bench" $BENCH_ARGS
 cp "$WORK/bench/detector.json" "$WORK/bench/detector.md" "$WORK"/bench/profile_*.txt "$OUT/" 2>/dev/null
 
+# The user's command on the same run, in a fresh process: task=detect over the test images, one image per
+# batch (its first queries compile LightGlue's steps; the wall time includes that and the process's exit)
+if [ "${DETECT_CLI:-1}" = 1 ]; then
+  CLI_START=$(date +%s)
+  bounded "${CLI_SECONDS:-180}" python3 "$REPO/run.py" task=detect run_dir="$WORK/run_eval" \
+    "inputs='$CARRY/data/$CLASS/test/*/*.png'" device=cuda logger=none hydra.run.dir="$WORK/run_detect" \
+    detect.batch_size=1 && cp "$WORK/run_detect/summary.json" "$OUT/detect_summary.json"
+  echo "=== task=detect: $(($(date +%s) - CLI_START)) s from start to exit"
+fi
 # TorchInductor compiles in this process (no worker pool): with its workers, pytest hung at exit on the
 # H100 after every test had passed (seen 22:48 UTC)
 if [ "${TESTS:-1}" = 1 ]; then

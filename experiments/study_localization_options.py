@@ -50,6 +50,8 @@ PNP_VARIANTS = {
     "refine_iters_10": {"refine": {"max_num_iterations": 10}},
     "refine_iters_5": {"refine": {"max_num_iterations": 5}},
     "min_trials_30+refine_iters_10": {"ransac": {"min_num_trials": 30}, "refine": {"max_num_iterations": 10}},
+    "min_trials_30+refine_iters_3": {"ransac": {"min_num_trials": 30}, "refine": {"max_num_iterations": 3}},
+    "min_trials_30+refine_iters_2": {"ransac": {"min_num_trials": 30}, "refine": {"max_num_iterations": 2}},
 }
 
 

@@ -43,7 +43,7 @@ def check_sfm_config(cfg: DictConfig) -> None:
                          "checkpoint), or use sfm/retrieval=global")
     if int(cfg.max_keypoints) < 1:
         raise ValueError(f"sfm.max_keypoints must be >= 1, got {cfg.max_keypoints}")
-    for key in ("top_k", "ransac_min_num_trials"):
+    for key in ("top_k", "ransac_min_num_trials", "refine_max_iterations"):
         value = cfg.localization.get(key)
         if value is not None and int(value) < 1:
             raise ValueError(f"sfm.localization.{key} must be >= 1, got {value}")

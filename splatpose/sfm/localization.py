@@ -126,6 +126,9 @@ class Localizer:
         if min_trials is not None:
             self.estimation.ransac.min_num_trials = int(min_trials)
         self.refinement = pycolmap.AbsolutePoseRefinementOptions()
+        refine_iterations = cfg.localization.get("refine_max_iterations")
+        if refine_iterations is not None:
+            self.refinement.max_num_iterations = int(refine_iterations)
 
     def _db_image(self, reference: Reference, name: str) -> torch.Tensor | None:
         if not self.retrieval.needs_images:

@@ -44,7 +44,6 @@ from splatpose.data.cameras import camera_center, center_error, rotation_error_d
 from splatpose.data.mad_sim import decode_pixels, read_image
 from splatpose.detect.batched_lightglue import match_pairs_batched
 from splatpose.detect.inputs import load_input
-from splatpose.detect.static_aliked import GraphedAliked
 from splatpose.detect.cuda_graphs import GraphedScorer
 from splatpose.detector import STAGES, Detector
 from splatpose.refine import default_refine_config
@@ -54,7 +53,6 @@ from splatpose.splat.rendering import render
 
 FLOOR_GAUSSIANS = 200_000
 KEPT_STATIC: dict[tuple, object] = {}  # (localizer id, precision, compile) -> its StaticLightGlue
-KEPT_ALIKED: dict[tuple, object] = {}  # (localizer id, batch norms folded) -> its GraphedAliked
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,8 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=50, help="repeats per floor measurement")
     parser.add_argument("--matching", nargs="+", default=["auto"],
                         help="detect.matching variants to time per query: a mode, or static:<precision>; "
-                             "+compile: LightGlue's steps compiled; +plain: not, and ALIKED's batch norms not "
-                             "folded; @k matches with the k best db images (e.g. auto@3, static:fp16+plain)")
+                             "+compile or +plain: LightGlue's steps compiled or not; @k matches with the k best "
+                             "db images (e.g. auto@3, static:fp16+compile)")
     parser.add_argument("--refine-queries", type=int, default=0,
                         help="also time this many queries with refinement on (conf/refine/lbfgs.yaml; 0: skip)")
     parser.add_argument("--inputs", nargs="*", help="image files to cycle (default: the run's test images)")
@@ -148,8 +146,7 @@ def single_query_latency(detector: Detector, paths: list[Path], queries: int, wa
 
 def use_matching(detector: Detector, variant: str) -> None:
     """Switch the detector's matching to ``variant``: "auto" | "sequential" | "batched" | "static[:fp16]",
-    optionally "+compile" (LightGlue's steps compiled by torch.compile) or "+plain" (not compiled, and
-    ALIKED's batch norms not folded: the detector of session 4), optionally
+    optionally "+compile" or "+plain" (LightGlue's steps compiled by torch.compile, or not), optionally
     "@k": match each query with its k best db images instead of the run's top_k (a localization setting
     of the run, tried here without another run)."""
     variant, _, top_k = variant.partition("@")
@@ -166,16 +163,6 @@ def use_matching(detector: Detector, variant: str) -> None:
         localizer.static_options.update(options)
         localizer.static = KEPT_STATIC.get((id(localizer), *options.values()))  # None: set_matching builds one
     localizer.set_matching(mode)
-    use_folded_aliked(localizer, folded=not (plus and compiled == "plain"))
-
-
-def use_folded_aliked(localizer, folded: bool) -> None:
-    """The static ALIKED with its batch norms folded (the default) or not; each kept once made."""
-    extractor = localizer.extractor
-    if not isinstance(extractor, GraphedAliked) or (extractor.model is not extractor.extractor.model) == folded:
-        return
-    KEPT_ALIKED[(id(localizer), not folded)] = extractor
-    localizer.extractor = KEPT_ALIKED.get((id(localizer), folded)) or GraphedAliked(extractor.extractor, fold=folded)
 
 
 def pose_quality(detector: Detector, tests: list, true_poses: dict | None, reference_maps: dict | None) -> dict:

@@ -208,13 +208,13 @@ class GraphedAliked:
     functions) when capture fails, and ALIKED's own forward when the batched heads disagree with it.
     :attr:`path` says which ran."""
 
-    def __init__(self, extractor: AlikedExtractor, cuda_graphs: bool = True, fold: bool = True):
+    def __init__(self, extractor: AlikedExtractor, cuda_graphs: bool = True):
         head = extractor.model.desc_head
         if head.conv2D or head.mask:
             raise ValueError("GraphedAliked supports ALIKED's descriptor head without conv2D and mask (every "
                              "released ALIKED model); use the AlikedExtractor itself")
         self.extractor, self.threshold = extractor, extractor.threshold
-        self.model = fold_batch_norms(extractor.model) if fold else extractor.model
+        self.model = fold_batch_norms(extractor.model)
         self.top_k = int(self.model.conf.max_num_keypoints)
         self.device = next(self.model.parameters()).device
         self.use_graphs = cuda_graphs and self.device.type == "cuda"

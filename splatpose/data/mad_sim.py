@@ -155,15 +155,22 @@ PNG_RGB8, PNG_RGBA8 = 2, 6  # IHDR colour types with bit depth 8
 
 def spng_decodes_exactly(data: bytes) -> bool:
     """Whether libspng's automatic format gives what ``decode_pixels`` promises for this file: an 8-bit
-    RGB PNG without a transparent colour (tRNS chunk, which libspng's default decode ignores) or an 8-bit
-    RGBA PNG. The IHDR chunk comes first in every PNG: width, height, bit depth (byte 24), colour type
-    (byte 25); tRNS must come before the first IDAT."""
+    RGBA PNG, or an 8-bit RGB PNG without a transparent colour (a tRNS chunk, which libspng's default
+    decode ignores). The IHDR chunk comes first in every PNG: width, height, bit depth (byte 24), colour
+    type (byte 25); a tRNS chunk comes before the first IDAT, so the chunks are walked up to there."""
     if len(data) < 33 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR" or data[24] != 8:
         return False
     if data[25] == PNG_RGBA8:
         return True
-    first_idat = data.find(b"IDAT")
-    return data[25] == PNG_RGB8 and data.find(b"tRNS", 0, first_idat if first_idat >= 0 else len(data)) < 0
+    if data[25] != PNG_RGB8:
+        return False
+    offset = len(PNG_SIGNATURE)
+    while offset + 8 <= len(data):  # each chunk: 4-byte length, 4-byte type, data, 4-byte CRC
+        length, kind = int.from_bytes(data[offset:offset + 4], "big"), data[offset + 4:offset + 8]
+        if kind in (b"IDAT", b"tRNS"):
+            return kind == b"IDAT"
+        offset += 12 + length
+    return False  # no image data: let Pillow say what is wrong
 
 
 def pixels_to_float(pixels: np.ndarray) -> np.ndarray:

@@ -23,7 +23,10 @@ agree on a GPU. On the CPU LightGlue prunes always; compare with pruning off the
 
 The forward pass per (query length, db length, pairs) is captured as CUDA graphs on first use (set-up,
 one per layer, assignment) and replayed after; when capture fails, or on the CPU, the same functions
-run eagerly. :attr:`StaticLightGlue.path` says which ran.
+run eagerly. A replayed graph is still about a hundred small kernels per layer, so on a GPU the three
+steps are first compiled by torch.compile (``compile``): TorchInductor fuses them, and LightGlue's
+stage took 4.5-5.1 instead of 7.5-8.2 ms per query on the H100 (experiments/results/detector_h100_*.md).
+:attr:`StaticLightGlue.path` says which ran.
 """
 
 from __future__ import annotations
@@ -239,8 +242,9 @@ class StaticLightGlue:
         cuda_graphs: capture and replay CUDA graphs on a CUDA device.
         compile: on a CUDA device, compile the set-up, layer and assignment steps with torch.compile
             (TorchInductor) before they are captured: it fuses each layer's many small kernels, which
-            bound the graphs' replay. The first call of each shape takes seconds longer; a failed
-            compilation falls back to the plain steps and says so in ``path``.
+            bound the graphs' replay. The first shapes of a process take up to a minute (later ones,
+            and later processes with TorchInductor's disk cache, seconds); a failed compilation falls
+            back to the plain steps and says so in ``path``.
     """
 
     def __init__(self, model: LightGlue, db_prepared: list[Prepared], lengths=DEFAULT_LENGTHS,
@@ -390,6 +394,9 @@ class StaticLightGlue:
         """One graph for the pairs' set-up, one per layer and one for the assignment, over fixed
         buffers (the layer graphs update the pairs' state in place) and one shared memory pool."""
         static_inputs = tuple(value.clone() for value in inputs)
+        if self.steps.compiled:
+            log.info("LightGlue for %d pairs of %d keypoints: compiling its steps and capturing them (the first "
+                     "shapes of a process take up to a minute, later ones seconds)", len(inputs[3]), inputs[0].shape[1])
         try:
             self._warm_up(static_inputs, db_length)  # compiles the steps, when compiled
         except Exception as error:  # noqa: BLE001 - any compiler failure: run the plain steps instead

@@ -1,6 +1,7 @@
 """Real-time anomaly detection on new images with a finished evaluation run.
 
     detector = Detector.from_run("outputs/runs/synthetic/01Ant/<time>")      # load once
+    detector.warm_up()                                                       # GPU: compile and capture now
     detection = detector.detect("new_part.png")                              # one image
     for d in detector.detect_stream(paths, batch_size=16): ...              # throughput
 
@@ -173,6 +174,7 @@ class Detector:
         self._loader = ThreadPoolExecutor(max_workers=worker_threads(self.cfg.load_workers),
                                           thread_name_prefix="detect-load")
         self.setup_seconds = time.perf_counter() - start
+        self.warm_up_seconds = 0.0
         log.info("Detector for %s/%s ready in %.1f s on %s (%d Gaussians, matching %s, refine %s)",
                  run.config.dataset.name, run.class_name, self.setup_seconds, self.device, len(self.gaussians),
                  self.localizer.matching_path, "on" if self.refiner else "off")
@@ -211,6 +213,22 @@ class Detector:
                 pending = self._prefetch([sources[i] for i in batches[k + 1]])
             yield from self._detect_loaded([sources[i] for i in batch], [names[i] for i in batch], loaded,
                                            keep_images)
+
+    def warm_up(self, batch_size: int = 1) -> list[Detection]:
+        """Detect renders of the run's first db views once, so that the CUDA graphs are captured and
+        LightGlue's steps compiled before the first real image: on a fresh GPU machine that takes about
+        a minute, which would otherwise land on the first image (on the CPU it costs one detection).
+        Returns those detections (the log says how many localized: renders of well-trained splats
+        localize near their db views' poses)."""
+        start = time.perf_counter()
+        views = [i % len(self.run.db_w2c) for i in range(batch_size)]
+        renders = self.render_references(self.run.db_w2c[views]).cpu().numpy()
+        names = [f"warm-up/{self.run.reference.db_names[i]}" for i in views]
+        detections = self.detect_batch(list(renders), names)
+        self.warm_up_seconds = time.perf_counter() - start
+        log.info("Detector warmed up in %.1f s on renders of %d db views (%d localized; paths: %s)",
+                 self.warm_up_seconds, len(detections), sum(d.localized for d in detections), self.paths())
+        return detections
 
     # ----------------------------------------------------------------------------------------------
     # Stages
@@ -385,6 +403,10 @@ def detect_task(cfg: DictConfig) -> dict:
     paths = expand_inputs(cfg.get("inputs"))
     names = display_names(paths)
     detector = Detector.from_run(cfg.run_dir, cfg.get("detect"), device=cfg.get("device", "auto"))
+    if detector.cfg.warm_up:
+        print("Warming up: capturing CUDA graphs and compiling LightGlue on a GPU (about a minute on a fresh "
+              "machine, seconds after) ..." if detector.device.startswith("cuda") else "Warming up ...", flush=True)
+        detector.warm_up(int(detector.cfg.batch_size))
     writer = DetectionWriter(Path(cfg.paths.output_dir), detector)
     start = time.perf_counter()
     try:

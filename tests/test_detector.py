@@ -226,6 +226,7 @@ def test_detect_task_writes_detections_overlays_and_maps(evaluation, tmp_path):
     assert maps["maps"].shape == (len(data.test), 224, 224)
     written = json.loads((out / "summary.json").read_text())
     assert written["seconds_per_stage"]["match"]["median"] > 0
+    assert written["warm_up_seconds"] > 0  # renders of db views went through first, and are not in the outputs
     assert written["map_range"] == list(load_finished_run(run_dir).map_range)
 
 

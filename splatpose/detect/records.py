@@ -83,6 +83,7 @@ class DetectionWriter:
             "num_anomalous": None if self.detector.cfg.threshold is None else sum(bool(r["anomalous"]) for r in ok),
             "threshold": self.detector.cfg.threshold,
             "setup_seconds": round(self.detector.setup_seconds, 3),
+            "warm_up_seconds": round(self.detector.warm_up_seconds, 3),
             "wall_seconds": round(wall_seconds, 3),
             "images_per_second": round(len(self.records) / wall_seconds, 3) if wall_seconds > 0 else None,
             "seconds_per_stage": {stage: _percentiles([r["times"].get(stage, 0.0) for r in ok])

@@ -63,6 +63,7 @@ def test_fast_decoder_takes_only_the_files_it_decodes_as_pillow_does(tmp_path, m
     with Image.open(path) as im:
         pillow = np.asarray(im if im.mode == "RGB" and "transparency" not in im.info else im.convert("RGBA"))
     np.testing.assert_array_equal(decode_pixels(path), pillow)
+    np.testing.assert_array_equal(decode_pixels(path, fast=False), pillow)  # Pillow only (background threads)
 
 
 def test_corrupt_png_is_a_clear_error_not_garbage(tmp_path):

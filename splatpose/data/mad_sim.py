@@ -117,14 +117,16 @@ def read_image(path: Path) -> np.ndarray:
     return pixels_to_float(decode_pixels(path))
 
 
-def decode_pixels(path: Path) -> np.ndarray:
+def decode_pixels(path: Path, fast: bool = True) -> np.ndarray:
     """Decode an image to uint8 [H, W, 3] (opaque RGB) or [H, W, 4] (RGBA: anything with transparency,
     and every other mode); ``pixels_to_float`` makes the float image ``read_image`` returns.
 
-    8-bit RGB and RGBA PNGs, what renderers and cameras write, go through libspng (pyspng): 3x faster
-    than Pillow (1.2 vs 3.6 ms per 400^2 test image on the dev CPU) and, PNG being lossless, the same
-    pixels. Every other file, and any file libspng refuses, goes through Pillow, whose errors name the
-    problem.
+    With ``fast``, 8-bit RGB and RGBA PNGs, what renderers and cameras write, go through libspng
+    (pyspng): 3x faster than Pillow (1.2 vs 3.6 ms per 400^2 test image on the dev CPU) and, PNG being
+    lossless, the same pixels. Every other file, any file libspng refuses, and every file without
+    ``fast`` go through Pillow, whose errors name the problem. libspng holds the GIL while it decodes
+    and Pillow does not: threads that decode in the background, beside a thread that runs the GPU,
+    pass ``fast=False``.
 
     Raises DatasetError for missing, unreadable or truncated files.
     """
@@ -135,7 +137,7 @@ def decode_pixels(path: Path) -> np.ndarray:
         raise DatasetError(f"{path}: image file not found") from e
     except OSError as e:
         raise DatasetError(f"{path}: unreadable image file ({e})") from e
-    if spng_decodes_exactly(data):
+    if fast and spng_decodes_exactly(data):
         try:
             return pyspng.load(data)
         except RuntimeError:

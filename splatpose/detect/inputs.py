@@ -114,9 +114,10 @@ def display_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def load_input(source, width: int, height: int, on_size_mismatch: str = "resize") -> LoadedImage:
+def load_input(source, width: int, height: int, on_size_mismatch: str = "resize", fast_decode: bool = True
+               ) -> LoadedImage:
     """Read one input (a path, or an already decoded [H, W, 3] float array in [0, 1]) for a run of
-    ``width`` x ``height``.
+    ``width`` x ``height``; ``fast_decode``: see ``decode_pixels``'s ``fast``.
 
     Raises:
         InputError: unreadable file, or a size that cannot be used (see the module docstring).
@@ -133,7 +134,7 @@ def load_input(source, width: int, height: int, on_size_mismatch: str = "resize"
         loaded = LoadedImage(image=torch.from_numpy(np.ascontiguousarray(array.astype(np.float32))).permute(2, 0, 1))
     else:
         try:
-            loaded = LoadedImage(pixels=decode_pixels(Path(source)))
+            loaded = LoadedImage(pixels=decode_pixels(Path(source), fast=fast_decode))
         except DatasetError as error:
             raise InputError(str(error)) from error
     channels = [loaded.pixels[..., c] for c in range(3)] if loaded.image is None else list(loaded.image.numpy())

@@ -394,9 +394,9 @@ class StaticLightGlue:
         """One graph for the pairs' set-up, one per layer and one for the assignment, over fixed
         buffers (the layer graphs update the pairs' state in place) and one shared memory pool."""
         static_inputs = tuple(value.clone() for value in inputs)
-        if self.steps.compiled:
-            log.info("LightGlue for %d pairs of %d keypoints: compiling its steps and capturing them (the first "
-                     "shapes of a process take up to a minute, later ones seconds)", len(inputs[3]), inputs[0].shape[1])
+        if self.steps.compiled:  # the first shapes of a process compile (up to a minute), later ones only capture
+            log.log(logging.INFO if not self.graphs else logging.DEBUG, "LightGlue for %d pairs of %d keypoints: "
+                    "compiling its steps and capturing them", len(inputs[3]), inputs[0].shape[1])
         try:
             self._warm_up(static_inputs, db_length)  # compiles the steps, when compiled
         except Exception as error:  # noqa: BLE001 - any compiler failure: run the plain steps instead

@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1,
                         help="split the timed queries into this many rounds over all --matching variants")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--background-decoders", nargs="+", default=["pillow"], choices=["pillow", "libspng"],
+                        help="what detect_stream's threads decode with in the batched runs (A/B: both)")
+    parser.add_argument("--decoder-rounds", type=int, default=1, help="rounds over --background-decoders")
     parser.add_argument("--throughput-images", type=int, default=256, help="images per batched measurement")
     parser.add_argument("--repeats", type=int, default=50, help="repeats per floor measurement")
     parser.add_argument("--matching", nargs="+", default=["auto"],
@@ -195,7 +198,7 @@ def batched_throughput(detector: Detector, paths: list[Path], batch_size: int, i
     seconds = time.perf_counter() - start
     # per image: a batched stage's time split over its images; load overlaps the previous batch
     stages = {stage: round(1000 * float(np.median([d.times.get(stage, 0.0) for d in detections])), 3)
-              for stage in STAGES}
+              for stage in (*STAGES, "stages_wall")}
     return {"batch_size": batch_size, "images": len(sources), "ok": sum(d.ok for d in detections),
             "seconds": round(seconds, 3), "images_per_second": round(len(sources) / seconds, 2),
             "median_ms_per_image": stages}
@@ -373,9 +376,14 @@ def main(argv: list[str] | None = None) -> dict:
     for variant in args.throughput_matching:
         use_matching(detector, variant)
         for size in args.batch_sizes:
-            guarded(report, f"batched_{variant}_{size}",
-                    lambda: {"matching": variant, "paths": detector.paths(),
-                             **batched_throughput(detector, paths, size, args.throughput_images)})
+            for round_index in range(args.decoder_rounds):
+                for decoder in args.background_decoders:  # interleaved, as the single-query rounds
+                    detector.background_fast_decode = decoder == "libspng"
+                    suffix = "" if args.background_decoders == ["pillow"] else f"_{decoder}_r{round_index}"
+                    guarded(report, f"batched_{variant}_{size}{suffix}",
+                            lambda: {"matching": variant, "paths": detector.paths(), "decoder": decoder,
+                                     **batched_throughput(detector, paths, size, args.throughput_images)})
+    detector.background_fast_decode = False
     use_matching(detector, args.throughput_matching[0])
     if not args.no_floor:
         guarded(report, "floor", lambda: floor(detector, paths, args.repeats))
@@ -445,15 +453,18 @@ def markdown(report: dict) -> str:
     batched = [report[k] for k in report if k.startswith("batched_")]
     if batched:
         lines += ["## Batched throughput", "",
-                  "| matching (path) | batch size | images | seconds | images/s | per image, median ms: " + " / ".join(STAGES) + " |",
-                  "|---|---|---|---|---|---|"]
+                  "| matching (path) | threads decode with | batch size | images | seconds | images/s | per image, median "
+                  "ms: " + " / ".join((*STAGES, "stages_wall")) + " |",
+                  "|---|---|---|---|---|---|---|"]
         for entry in batched:
             if "error" in entry:
                 lines.append(f"| failed: {entry['error']} | | | | |")
             else:
-                per_image = " / ".join(str(entry.get("median_ms_per_image", {}).get(s, "-")) for s in STAGES)
+                per_image = " / ".join(str(entry.get("median_ms_per_image", {}).get(s, "-"))
+                                       for s in (*STAGES, "stages_wall"))
                 path = entry.get("paths", {}).get("matching", "")
-                lines.append(f"| {entry.get('matching', '')} ({path}) | {entry['batch_size']} | {entry['images']} | "
+                lines.append(f"| {entry.get('matching', '')} ({path}) | {entry.get('decoder', '-')} | "
+                             f"{entry['batch_size']} | {entry['images']} | "
                              f"{entry['seconds']} | "
                              f"{entry['images_per_second']} | {per_image} |")
         lines.append("")

@@ -175,6 +175,7 @@ class Detector:
                                           thread_name_prefix="detect-load")
         self.setup_seconds = time.perf_counter() - start
         self.warm_up_seconds = 0.0
+        self.background_fast_decode = False  # what detect_stream's threads decode with (see _prefetch)
         log.info("Detector for %s/%s ready in %.1f s on %s (%d Gaussians, matching %s, refine %s)",
                  run.config.dataset.name, run.class_name, self.setup_seconds, self.device, len(self.gaussians),
                  self.localizer.matching_path, "on" if self.refiner else "off")
@@ -237,7 +238,7 @@ class Detector:
         # Pillow in these threads: it releases the GIL while it decodes, so the decoding hides behind
         # the current batch; libspng holds it (seen on the H100: a streamed image's upload stage took
         # 2.3 instead of 0.4 ms while the next file was decoded beside it)
-        return [self._loader.submit(self._load, source, False) for source in sources]
+        return [self._loader.submit(self._load, source, self.background_fast_decode) for source in sources]
 
     def _load(self, source, fast_decode: bool = True) -> tuple[LoadedImage | InputError, float]:
         start = time.perf_counter()

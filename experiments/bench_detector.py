@@ -43,8 +43,8 @@ from splatpose.data import resolve_dataset
 from splatpose.data.cameras import camera_center, center_error, rotation_error_deg
 from splatpose.data.mad_sim import decode_pixels, read_image
 from splatpose.detect.batched_lightglue import match_pairs_batched
-from splatpose.detect.inputs import load_input
 from splatpose.detect.cuda_graphs import GraphedScorer
+from splatpose.detect.inputs import load_input
 from splatpose.detector import STAGES, Detector
 from splatpose.refine import default_refine_config
 from splatpose.sfm.retrieval import rank_database

@@ -47,6 +47,7 @@ from splatpose.detect.cuda_graphs import GraphedScorer
 from splatpose.detect.inputs import load_input
 from splatpose.detector import STAGES, Detector
 from splatpose.refine import default_refine_config
+from splatpose.sfm.pnp import PNP_SOLVERS, PnPSolver
 from splatpose.sfm.retrieval import rank_database
 from splatpose.splat.gaussians import Gaussians
 from splatpose.splat.rendering import render
@@ -72,8 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=50, help="repeats per floor measurement")
     parser.add_argument("--matching", nargs="+", default=["auto"],
                         help="detect.matching variants to time per query: a mode, or static:<precision>; "
-                             "+compile or +plain: LightGlue's steps compiled or not; @k matches with the k best "
-                             "db images (e.g. auto@3, static:fp16+compile)")
+                             "+compile or +plain: LightGlue's steps compiled or not; +poselib or +pycolmap: the "
+                             "PnP solver; @k matches with the k best db images (e.g. auto@3, auto+plain+pycolmap)")
     parser.add_argument("--refine-queries", type=int, default=0,
                         help="also time this many queries with refinement on (conf/refine/lbfgs.yaml; 0: skip)")
     parser.add_argument("--inputs", nargs="*", help="image files to cycle (default: the run's test images)")
@@ -149,16 +150,25 @@ def single_query_latency(detector: Detector, paths: list[Path], queries: int, wa
 
 def use_matching(detector: Detector, variant: str) -> None:
     """Switch the detector's matching to ``variant``: "auto" | "sequential" | "batched" | "static[:fp16]",
-    optionally "+compile" or "+plain" (LightGlue's steps compiled by torch.compile, or not), optionally
-    "@k": match each query with its k best db images instead of the run's top_k (a localization setting
-    of the run, tried here without another run)."""
+    then optional suffixes: "+compile" or "+plain" (LightGlue's steps compiled by torch.compile, or not),
+    "+poselib" or "+pycolmap" (the PnP solver; none: the run's), and "@k": match each query with its k best
+    db images instead of the run's top_k (localization settings of the run, tried here without another run)."""
+    name = variant
     variant, _, top_k = variant.partition("@")
-    variant, plus, compiled = variant.partition("+")
+    variant, *suffixes = variant.split("+")
+    unknown = set(suffixes) - {"compile", "plain", *PNP_SOLVERS}
+    if unknown:
+        raise ValueError(f"unknown variant suffix {sorted(unknown)} in {name!r}")
     mode, _, precision = variant.partition(":")
     localizer = detector.localizer
-    localizer.top_k = int(top_k) if top_k else int(detector.run.config.sfm.localization.top_k)
+    localization = detector.run.config.sfm.localization
+    localizer.top_k = int(top_k) if top_k else int(localization.top_k)
+    solver = next((s for s in suffixes if s in PNP_SOLVERS), localization.get("pnp", localizer.pnp.name))
+    if solver != localizer.pnp.name:
+        localizer.pnp = PnPSolver(OmegaConf.merge(localization, {"pnp": solver}), localizer.camera)
+    compiled = "compile" in suffixes or ("plain" not in suffixes and bool(detector.cfg.lightglue_compile))
     options = {"precision": precision or str(detector.cfg.lightglue_precision),  # no suffix: as configured
-               "compile": compiled == "compile" if plus else bool(detector.cfg.lightglue_compile)}
+               "compile": compiled}
     current = {key: localizer.static_options[key] for key in options}
     if mode in ("static", "auto") and options != current:
         # one StaticLightGlue per setting, kept: interleaved rounds must not capture graphs again

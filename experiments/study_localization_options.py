@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pycolmap
 import torch
+from omegaconf import OmegaConf
 
 from splatpose.data.cameras import camera_center, center_error, rotation_error_deg
 from splatpose.data.mad_sim import load_class
@@ -36,22 +36,20 @@ from splatpose.sfm import Localizer, build_reference
 from splatpose.sfm.config import compose_sfm_config
 from splatpose.sfm.features import load_image_tensor, to_original_pixels
 from splatpose.sfm.retrieval import rank_database
-from splatpose.sfm.triangulation import w2c_from_rigid
+from splatpose.sfm.pnp import PnPSolver
 
-# PnP option sets compared, each on pycolmap's defaults ("default": RANSAC floor of 100 trials, as before
-# sfm.localization.ransac_min_num_trials) with the config's RANSAC max_error and seed 0: "ransac" sets
-# RANSACOptions fields, "refine" AbsolutePoseRefinementOptions fields; "refine": None skips the final
-# non-linear refinement (estimate_absolute_pose: LO-RANSAC's pose).
+# PnP option sets compared: overrides of the sfm.localization node (pnp, ransac_min_num_trials,
+# refine_max_iterations; splatpose/sfm/pnp.py), solved by the PnPSolver the localizer uses. "default"
+# is the node as conf/sfm/default.yaml sets it. (Sessions 4 and 5 compared pycolmap's options before
+# the solver was a setting; their rows in localization_options_*.md name pycolmap's defaults.)
 PNP_VARIANTS = {
     "default": {},
-    "min_trials_30": {"ransac": {"min_num_trials": 30}},
-    "threads_4": {"ransac": {"num_threads": 4}},
-    "no_refinement": {"refine": None},
-    "refine_iters_10": {"refine": {"max_num_iterations": 10}},
-    "refine_iters_5": {"refine": {"max_num_iterations": 5}},
-    "min_trials_30+refine_iters_10": {"ransac": {"min_num_trials": 30}, "refine": {"max_num_iterations": 10}},
-    "min_trials_30+refine_iters_3": {"ransac": {"min_num_trials": 30}, "refine": {"max_num_iterations": 3}},
-    "min_trials_30+refine_iters_2": {"ransac": {"min_num_trials": 30}, "refine": {"max_num_iterations": 2}},
+    "poselib": {"pnp": "poselib"},
+    "pycolmap": {"pnp": "pycolmap"},
+    "poselib+min_trials_100": {"pnp": "poselib", "ransac_min_num_trials": 100},
+    "poselib+refine_iters_3": {"pnp": "poselib", "refine_max_iterations": 3},
+    "pycolmap+min_trials_100": {"pnp": "pycolmap", "ransac_min_num_trials": 100},
+    "pycolmap+refine_iters_3": {"pnp": "pycolmap", "refine_max_iterations": 3},
 }
 
 
@@ -96,29 +94,15 @@ def solve(localizer: Localizer, query: dict, k: int, variant: str, repeats: int)
     query_idx, point_ids, _ = localizer._correspondences(retrieved, query["matches"])
     points2d = query["features"]["keypoints"][query_idx].astype(np.float64) + 0.5
     points3d = localizer.points_xyz[point_ids]
-    variant = PNP_VARIANTS[variant]
-    options = pycolmap.AbsolutePoseEstimationOptions()
-    options.ransac.max_error = localizer.estimation.ransac.max_error
-    options.ransac.random_seed = 0
-    for key, value in variant.get("ransac", {}).items():
-        setattr(options.ransac, key, value)
-    refine = variant.get("refine", {})
-    refinement = pycolmap.AbsolutePoseRefinementOptions()
-    for key, value in (refine or {}).items():
-        setattr(refinement, key, value)
+    solver = PnPSolver(OmegaConf.merge(localizer.cfg.localization, PNP_VARIANTS[variant]), localizer.camera)
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        if refine is None:
-            result = pycolmap.estimate_absolute_pose(points2d, points3d, localizer.camera, options)
-        else:
-            result = pycolmap.estimate_and_refine_absolute_pose(points2d, points3d, localizer.camera, options,
-                                                                refinement)
+        result = solver(points2d, points3d)
         seconds.append(time.perf_counter() - start)
-    ok = result is not None and int(result["num_inliers"]) >= localizer.min_inliers
-    w2c = w2c_from_rigid(result["cam_from_world"]) if ok else None
-    return {"ok": ok, "w2c": w2c, "correspondences": len(query_idx), "seconds": float(np.median(seconds)),
-            "inliers": int(result["num_inliers"]) if result is not None else 0}
+    ok = result is not None and result[1] >= localizer.min_inliers
+    return {"ok": ok, "w2c": result[0] if ok else None, "correspondences": len(query_idx),
+            "seconds": float(np.median(seconds)), "inliers": result[1] if result is not None else 0}
 
 
 def summarize(data, solved: list[dict]) -> dict:

@@ -6,7 +6,8 @@ Per query image:
 2. retrieve the ``top_k`` most similar db images (``sfm/retrieval``);
 3. match it to each of them; a match to a db keypoint that belongs to a triangulated point gives a
    2D-3D correspondence (keypoint i of a db image is point2D i of that image in the reconstruction);
-4. pycolmap's LO-RANSAC absolute pose (P3P) with non-linear refinement, intrinsics fixed.
+4. LO-RANSAC absolute pose (P3P) with non-linear refinement, intrinsics fixed (PoseLib's or pycolmap's,
+   ``sfm.localization.pnp``: :mod:`splatpose.sfm.pnp`).
 
 A query is localized when PnP returns a pose with at least ``min_inliers`` inliers. Otherwise it gets
 an explicit fallback pose, the pose of the retrieved db image with the most 2D-3D matches
@@ -36,9 +37,10 @@ from splatpose.sfm import hloc_files
 from splatpose.sfm.config import check_sfm_config
 from splatpose.sfm.features import build_extractor, load_image_tensor, to_original_pixels
 from splatpose.sfm.matchers import build_matcher
+from splatpose.sfm.pnp import PnPSolver
 from splatpose.sfm.reference import Reference
 from splatpose.sfm.retrieval import build_retrieval, rank_database
-from splatpose.sfm.triangulation import colmap_camera, w2c_from_rigid
+from splatpose.sfm.triangulation import colmap_camera
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +120,7 @@ class Localizer:
         self.db_global = np.stack([self.retrieval.describe(self._db_image(reference, n), db_features[n])
                                    for n in self.db_names])
 
-        self.estimation = pycolmap.AbsolutePoseEstimationOptions()
-        self.estimation.ransac.max_error = float(cfg.localization.ransac_max_error)
-        self.estimation.ransac.random_seed = 0  # reproducible poses run to run
-        # absent in runs made before the setting existed: pycolmap's default, as those runs used
-        min_trials = cfg.localization.get("ransac_min_num_trials")
-        if min_trials is not None:
-            self.estimation.ransac.min_num_trials = int(min_trials)
-        self.refinement = pycolmap.AbsolutePoseRefinementOptions()
-        refine_iterations = cfg.localization.get("refine_max_iterations")
-        if refine_iterations is not None:
-            self.refinement.max_num_iterations = int(refine_iterations)
+        self.pnp = PnPSolver(cfg.localization, self.camera)
 
     def _db_image(self, reference: Reference, name: str) -> torch.Tensor | None:
         if not self.retrieval.needs_images:
@@ -194,16 +186,14 @@ class Localizer:
         if len(query_idx) < max(self.min_inliers, 4):
             return failed
         points2d = keypoints[query_idx].astype(np.float64) + 0.5  # hloc -> COLMAP pixel convention
-        points3d = self.points_xyz[point_ids].astype(np.float64)
-        result = pycolmap.estimate_and_refine_absolute_pose(points2d, points3d, self.camera, self.estimation,
-                                                            self.refinement)
-        if result is None:
+        solved = self.pnp(points2d, self.points_xyz[point_ids])
+        if solved is None:
             return failed
-        failed.num_inliers = int(result["num_inliers"])
+        w2c, failed.num_inliers = solved
         if failed.num_inliers < self.min_inliers:
             return failed
-        return QueryPose(name=name, w2c=w2c_from_rigid(result["cam_from_world"]), success=True,
-                         num_inliers=failed.num_inliers, num_matches=len(query_idx), retrieved=[])
+        return QueryPose(name=name, w2c=w2c, success=True, num_inliers=failed.num_inliers,
+                         num_matches=len(query_idx), retrieved=[])
 
 
 def keypoint_point_ids(reconstruction: pycolmap.Reconstruction, db_names: list[str],

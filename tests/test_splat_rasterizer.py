@@ -161,3 +161,15 @@ def test_auto_backend_is_torch_on_cpu_and_gsplat_refuses_cpu():
     assert resolve_backend("auto", "cpu") == "torch"
     with pytest.raises(ValueError, match="backend=torch"):
         resolve_backend("gsplat", "cpu")
+
+
+def test_a_pose_renders_the_same_alone_and_in_a_batch():
+    """The detector renders one pose at a time, the evaluation a batch of them; both must give the same
+    pixels, bit for bit, so that the detector's maps equal the evaluation's."""
+    gaussians = tiny_scene(n=300, dtype=torch.float32)
+    w2c, K, width, height = tiny_camera(48, 40, dtype=torch.float32)
+    batch_rgb, batch_alpha = render(gaussians, w2c, K, width, height, backend="torch", return_alpha=True)
+    for c in range(len(w2c)):
+        rgb, alpha = render(gaussians, w2c[c], K, width, height, backend="torch", return_alpha=True)
+        assert torch.equal(rgb[0], batch_rgb[c]) and torch.equal(alpha[0], batch_alpha[c])
+    assert batch_rgb.shape == (2, height, width, 3) and (batch_alpha > 0.5).any()

@@ -59,8 +59,8 @@ def resolve_matching(matching: str, device: str, matcher) -> str:
 class ImageLocalizer(Localizer):
     """A :class:`Localizer` over decoded images, single or batched (arguments as Localizer's, plus
     ``matching``; ``pairs_per_call``: LightGlue pairs per forward pass when batched or static;
-    ``pnp_workers``: threads solving the PnP problems of a batch at once, as pycolmap releases the GIL
-    while it solves; ``static_lengths``, ``lightglue_precision``, ``cuda_graphs``, ``lightglue_compile``:
+    ``pnp_workers``: threads solving the PnP problems of a batch at once, as PoseLib and pycolmap release
+    the GIL while they solve; ``static_lengths``, ``lightglue_precision``, ``cuda_graphs``, ``lightglue_compile``:
     the static path's query lengths, precision, graph replay and compilation, see :class:`StaticLightGlue`)."""
 
     def __init__(self, *args, matching: str = "auto", pairs_per_call: int = 32, pnp_workers: int = 1,

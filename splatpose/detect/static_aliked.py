@@ -11,14 +11,16 @@ descriptors equal ALIKED's own forward up to float rounding (tests/test_static_a
 The two deformable blocks of the encoder (block3, block4) need one more change: torchvision's
 ``deform_conv2d`` launches its kernel on the legacy default stream, not on PyTorch's current stream,
 so a capture does not record it and a replay would skip it (seen on the H100: half the keypoints,
-wrong descriptors). Until session 6 these blocks ran eagerly between two graphs, on the host's clock:
-torchvision's op alone took 0.35 ms of host time per call in a profile on the H100, four calls per
-image (experiments/results/detector_h100_2026-11-24_s5_b_profile_device.txt). In the graph they run
-as :func:`sampled_deform_conv`, the same deformable convolution from ``grid_sample`` and a matrix
-product, so the whole network is one graph.
-The first replay of each shape is checked against ALIKED's own forward; a difference turns the graph
-off (and, if the eager batched heads differ too, the extractor falls back to ALIKED's own forward),
-so a wrong fast path cannot survive its first image.
+wrong descriptors). These blocks used to run eagerly between two graphs, on the host's clock
+(torchvision's op alone took 0.35 ms of host time per call on the H100, four calls per image:
+experiments/results/detector_h100_2026-11-24_s5_b_profile_device.txt). In the graph they run as
+:func:`sampled_deform_conv`, the same deformable convolution from ``grid_sample`` and a matrix
+product, so the whole network is one graph (extraction 3.2 instead of 5.2 ms per image eagerly:
+experiments/results/detector_h100_2026-11-25.md).
+
+The first replay of each shape is checked against ALIKED's own forward (:func:`same_features`); a
+difference turns the graph off (and, if the eager batched heads differ too, the extractor falls back
+to ALIKED's own forward), so a wrong fast path cannot survive its first image.
 
 Two ways to fewer kernels were tried on the H100 and failed that check, so neither is done: compiling
 the two graphed parts with torch.compile (keypoints at the detection threshold came and went), and
@@ -174,8 +176,8 @@ def sampled_deform_conv(conv: DeformableConv2d, x: torch.Tensor) -> torch.Tensor
     sample_y = rows + tap_y + offset[:, :, 0]  # [B, taps, H, W], input pixels
     sample_x = cols + tap_x + offset[:, :, 1]
     # grid_sample's coordinates without aligned corners: pixel p is (2p + 1) / size - 1
-    grid = torch.stack([sample_x * (2.0 / width) + (1.0 / width - 1), sample_y * (2.0 / height) + (1.0 / height - 1)],
-                       dim=-1)
+    grid = torch.stack([sample_x * (2.0 / width) + (1.0 / width - 1),
+                        sample_y * (2.0 / height) + (1.0 / height - 1)], dim=-1)
     sampled = F.grid_sample(x, grid.view(batch, taps * height, width, 2), mode="bilinear", padding_mode="zeros",
                             align_corners=False)  # [B, C, taps * H, W]
     columns = sampled.view(batch, channels * taps, height * width)  # row c * taps + k: weight's order
@@ -324,7 +326,8 @@ class GraphedAliked:
 
     def _capture(self, images: torch.Tensor) -> tuple:
         """One graph of the whole network at this shape, with the capturable deformable convolutions.
-        Warm-up on a side stream first (cuDNN picks its algorithms there), as torch.cuda.graphs advises."""
+        Warm-up on a side stream first (cuDNN picks its algorithms there), as PyTorch's notes on CUDA graphs
+        advise."""
         constants, static_images = self._constants(images), images.clone()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

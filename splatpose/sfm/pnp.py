@@ -4,8 +4,8 @@ Two solvers, chosen by ``sfm.localization.pnp``:
 
 - ``poselib`` (the default): PoseLib's LO-RANSAC, then its Levenberg-Marquardt refinement of the pose on
   the RANSAC inliers with a Cauchy loss of 1 px, the objective of pycolmap's refinement. Same errors
-  against the true poses as pycolmap, about 3x faster (1.2 vs 3.2 ms at 400 px, 0.6 vs 1.8 ms at 200 px
-  on the generated 01Ant), because its refinement is a small dense solver rather than a Ceres problem.
+  against the true poses as pycolmap, about 3x faster (1.24 vs 3.40 ms at 400 px, 0.62 vs 1.87 ms at
+  200 px on the generated 01Ant), its refinement being a small dense solver rather than a Ceres problem.
   (PoseLib's ``estimate_absolute_pose`` has a final refinement of its own; it gave 5-10 % larger
   rotation errors on the same data, so it is skipped: ``max_iterations`` 0.)
   experiments/results/localization_options_*.md.

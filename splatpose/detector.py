@@ -226,10 +226,24 @@ class Detector:
         renders = self.render_references(self.run.db_w2c[views]).cpu().numpy()
         names = [f"warm-up/{self.run.reference.db_names[i]}" for i in views]
         detections = self.detect_batch(list(renders), names)
+        shapes = self._capture_matching_shapes(batch_size)
         self.warm_up_seconds = time.perf_counter() - start
-        log.info("Detector warmed up in %.1f s on renders of %d db views (%d localized; paths: %s)",
-                 self.warm_up_seconds, len(detections), sum(d.localized for d in detections), self.paths())
+        log.info("Detector warmed up in %.1f s on renders of %d db views (%d localized; %d more LightGlue shapes "
+                 "captured; paths: %s)", self.warm_up_seconds, len(detections), sum(d.localized for d in detections),
+                 shapes, self.paths())
         return detections
+
+    def _capture_matching_shapes(self, batch_size: int) -> int:
+        """The static LightGlue's graphs for every keypoint count a query of a ``batch_size`` batch can have
+        (one render found one shape; a query with more or fewer keypoints would capture its own at first
+        sight, 50-70 ms). Returns how many shapes were captured."""
+        localizer = self.localizer
+        if localizer.matching != "static" or localizer.static is None:
+            return 0
+        pairs_per_query = len(localizer.db_names) if localizer.retrieval.exhaustive else min(localizer.top_k,
+                                                                                               len(localizer.db_names))
+        queries_per_call = max(1, min(batch_size, localizer.pairs_per_call // max(pairs_per_query, 1)))
+        return localizer.static.capture_shapes(queries_per_call, pairs_per_query, int(localizer.cfg.max_keypoints))
 
     # ----------------------------------------------------------------------------------------------
     # Stages

@@ -152,6 +152,24 @@ def test_static_lightglue_cuda_graph_matches_like_lightglue(precision, agreement
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shapes_captured_ahead_serve_every_query_length_without_a_new_capture():
+    """The detector's warm-up captures every (query bucket, db bucket) shape ahead: queries of 300, 200 and
+    250 keypoints (buckets 384 and 256) then replay graphs captured from placeholders, and match as
+    LightGlue does."""
+    matcher, queries, db = prepared_images("cuda")
+    static = StaticLightGlue(matcher.model, db, lengths=(128, 256, 384, 512))
+    db_buckets = {bucket_length(count, static.lengths) for count in static.db_counts}
+    assert static.capture_shapes(num_queries=1, pairs_per_query=2, max_query_keypoints=300) == 3 * len(db_buckets)
+    assert static.capture_shapes(num_queries=1, pairs_per_query=2, max_query_keypoints=300) == 0
+    shapes = set(static.graphs)
+    retrieved = [[0, 2], [1, 0], [2, 1]]
+    results = [static.match([query], [pairs])[0] for query, pairs in zip(queries, retrieved)]
+    assert set(static.graphs) == shapes and static.path == "static+cuda_graph (fp32)"
+    assert_like_lightglue(matcher, queries, db, retrieved, results, agreement=0.98, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision, agreement, atol", [("fp32", 0.98, 2e-2), ("fp16", 0.95, 5e-2)])
 def test_compiled_cuda_graphs_match_like_lightglue(precision, agreement, atol):
     """TorchInductor's fused steps, captured as CUDA graphs, still give LightGlue's matches, at two query

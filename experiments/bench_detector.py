@@ -47,7 +47,7 @@ from splatpose.detect.cuda_graphs import GraphedScorer
 from splatpose.detect.inputs import load_input
 from splatpose.detector import STAGES, Detector
 from splatpose.refine import default_refine_config
-from splatpose.sfm.pnp import PNP_SOLVERS, PnPSolver
+from splatpose.sfm.pnp import PNP_SOLVERS, PnPSolver, solver_name
 from splatpose.sfm.retrieval import rank_database
 from splatpose.splat.gaussians import Gaussians
 from splatpose.splat.rendering import render
@@ -163,7 +163,7 @@ def use_matching(detector: Detector, variant: str) -> None:
     localizer = detector.localizer
     localization = detector.run.config.sfm.localization
     localizer.top_k = int(top_k) if top_k else int(localization.top_k)
-    solver = next((s for s in suffixes if s in PNP_SOLVERS), localization.get("pnp", localizer.pnp.name))
+    solver = next((s for s in suffixes if s in PNP_SOLVERS), solver_name(localization))
     if solver != localizer.pnp.name:
         localizer.pnp = PnPSolver(OmegaConf.merge(localization, {"pnp": solver}), localizer.camera)
     compiled = "compile" in suffixes or ("plain" not in suffixes and bool(detector.cfg.lightglue_compile))

@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from splatpose.sfm.features import FEATURE_NAMES as FEATURES
 from splatpose.sfm.matchers import VALID_PAIRS, valid_pairs_text
-from splatpose.sfm.pnp import DEFAULT_SOLVER_OF_OLD_RUNS, PNP_SOLVERS
+from splatpose.sfm.pnp import solver_name
 from splatpose.sfm.retrieval import RETRIEVAL_NAMES as RETRIEVALS
 
 # Settings that only affect query localization: a change there must not rebuild the reference model.
@@ -44,9 +44,7 @@ def check_sfm_config(cfg: DictConfig) -> None:
                          "checkpoint), or use sfm/retrieval=global")
     if int(cfg.max_keypoints) < 1:
         raise ValueError(f"sfm.max_keypoints must be >= 1, got {cfg.max_keypoints}")
-    pnp = cfg.localization.get("pnp", DEFAULT_SOLVER_OF_OLD_RUNS)
-    if pnp not in PNP_SOLVERS:
-        raise ValueError(f"sfm.localization.pnp={pnp} is unknown; choose one of {', '.join(PNP_SOLVERS)}")
+    solver_name(cfg.localization)
     for key in ("top_k", "ransac_min_num_trials", "refine_max_iterations"):
         value = cfg.localization.get(key)
         if value is not None and int(value) < 1:

@@ -27,6 +27,15 @@ PNP_SOLVERS = ("poselib", "pycolmap")
 DEFAULT_SOLVER_OF_OLD_RUNS = "pycolmap"
 
 
+def solver_name(localization: DictConfig) -> str:
+    """The ``pnp`` setting of a ``localization`` node (absent: pycolmap, what older runs used); ValueError
+    naming the choices for an unknown one."""
+    name = localization.get("pnp", DEFAULT_SOLVER_OF_OLD_RUNS)
+    if name not in PNP_SOLVERS:
+        raise ValueError(f"sfm.localization.pnp={name} is unknown; choose one of {', '.join(PNP_SOLVERS)}")
+    return name
+
+
 class PnPSolver:
     """One solver with the ``localization`` node's settings; call with points2d [N, 2], points3d [N, 3].
 
@@ -36,9 +45,7 @@ class PnPSolver:
     """
 
     def __init__(self, localization: DictConfig, camera: pycolmap.Camera):
-        self.name = localization.get("pnp", DEFAULT_SOLVER_OF_OLD_RUNS)
-        if self.name not in PNP_SOLVERS:
-            raise ValueError(f"sfm.localization.pnp={self.name!r} is unknown; choose one of {', '.join(PNP_SOLVERS)}")
+        self.name = solver_name(localization)
         max_error = float(localization.ransac_max_error)
         min_trials = localization.get("ransac_min_num_trials")
         refine_iterations = localization.get("refine_max_iterations")

@@ -28,6 +28,9 @@ class MeshSource:
     load: Callable[[], pv.DataSet]
     # Rotations (axis, degrees) applied in order, so that the object stands upright on +z.
     rotations: tuple[tuple[str, float], ...] = ()
+    # Colour pattern: None, the rich two-level texture; a number k, k large regions of muted colours
+    # with no small cells (a weakly textured object: few corners for feature detectors).
+    regions: int | None = None
 
 
 # Class name -> mesh. Numbered like MAD-Sim's classes. Only meshes that load offline are listed.
@@ -36,6 +39,9 @@ MESHES: dict[str, MeshSource] = {
     "02Airplane": MeshSource(examples.load_airplane),
     "03Nut": MeshSource(examples.load_nut, (("x", 90.0),)),
     "04Globe": MeshSource(examples.load_globe),
+    # weakly textured: the tuning family's stand-ins for single-colour parts (experiments/PROTOCOL.md)
+    "05PlainNut": MeshSource(examples.load_nut, (("x", 90.0),), regions=2),
+    "06PlainAnt": MeshSource(examples.load_ant, (("x", 90.0),), regions=3),
 }
 
 
@@ -64,7 +70,8 @@ def load_object(class_name: str, rng: np.random.Generator, edge_len: float = 0.0
     # so the shading of untouched pixels never changes. Split at creases so hard edges stay hard.
     mesh = mesh.compute_normals(cell_normals=False, split_vertices=True, feature_angle=50.0,
                                 auto_orient_normals=False, consistent_normals=True)
-    texture = SolidTexture.on_surface(mesh, rng, patch_size, detail_size)
+    texture = SolidTexture.on_surface(mesh, rng, patch_size, detail_size) if source.regions is None \
+        else SolidTexture.regions_on_surface(mesh, rng, source.regions)
     mesh.point_data[VERTEX_RGB] = texture(mesh.points)
     mesh.cell_data[SURFACE_ID] = np.arange(mesh.n_cells, dtype=np.int64)
     return _renderable(mesh), texture
@@ -124,6 +131,14 @@ class SolidTexture:
         return cls(patch_sites=sample_surface(mesh, rng, n_patches), palette=palette,
                    detail_sites=sample_surface(mesh, rng, n_details),
                    brightness=rng.uniform(0.45, 1.2, n_details))
+
+    @classmethod
+    def regions_on_surface(cls, mesh: pv.PolyData, rng: np.random.Generator, regions: int) -> SolidTexture:
+        """``regions`` large patches of muted colours, uniform inside (one detail cell, brightness 1)."""
+        palette = _hsv_to_rgb(rng.uniform(0.0, 1.0, regions), rng.uniform(0.2, 0.5, regions),
+                              rng.uniform(0.55, 0.85, regions))
+        return cls(patch_sites=sample_surface(mesh, rng, regions), palette=palette,
+                   detail_sites=np.zeros((1, 3)), brightness=np.ones(1))
 
     def __call__(self, points: np.ndarray) -> np.ndarray:
         points = np.asarray(points, dtype=np.float64)

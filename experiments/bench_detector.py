@@ -335,7 +335,7 @@ def run_description(detector: Detector) -> dict:
             "max_keypoints": int(sfm.max_keypoints), "resize_max": sfm.get("resize_max"),
             "resize_force": sfm.get("resize_force"), "scorer": detector.run.config.scorer.name,
             "render_backend": detector.backend, "matching": detector.localizer.matching_path,
-            "cuda_graphs": bool(detector.cfg.cuda_graphs), "refine": detector.refiner is not None}
+            "cuda_graphs": bool(detector.cfg.cuda_graphs), "refine": detector.settler is not None}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -47,7 +47,8 @@ from splatpose.detect.inputs import (InputError, LoadedImage, display_names, exp
                                      pixels_to_float_torch)
 from splatpose.detect.localization import ImageLocalizer
 from splatpose.metrics import normalise_maps
-from splatpose.refine.pose_refinement import PoseRefiner
+from splatpose.refine.queries import SILHOUETTES_FILE, PoseSettler, load_silhouettes
+from splatpose.refine.recovery import ReferenceSilhouettes
 from splatpose.scoring.anomaly_maps import build_scorer
 from splatpose.splat.ply import load_gaussians
 from splatpose.splat.rendering import render
@@ -88,8 +89,10 @@ class Detection:
     anomaly_map: [S, S] float32, normalised with the run's map_range (0..1 on the evaluation's test
         set; a new image may go beyond 1). None when ``ok`` is False.
     score: max of anomaly_map; anomalous: score >= detect.threshold (None without a threshold).
-    localized: PnP succeeded; otherwise ``w2c`` is the fallback pose named by ``fallback`` and the map
-        is unreliable (flag "not_localized").
+    localized: the final pose lines up (``pose_path`` "pnp" or "recovered", see
+        :class:`splatpose.refine.queries.PoseSettler`); otherwise (``pose_path`` "failed") ``w2c`` is a best
+        effort and the map is unreliable (flag "not_localized"). confidence: the render's alignment
+        with the image ({"iou", "l1"}); recovery: what the recovery through the splats did.
     w2c: [4, 4] float64 world-to-camera (OpenCV) used for the render (after refinement, if any);
         w2c_pnp: the pose before refinement.
     flags: notes such as "grayscale", "resized_from_640x480", "not_localized".
@@ -108,6 +111,7 @@ class Detection:
     score: float | None = None
     anomalous: bool | None = None
     localized: bool = False
+    pose_path: str = "failed"
     num_inliers: int = 0
     num_matches: int = 0
     fallback: str | None = None
@@ -115,6 +119,8 @@ class Detection:
     w2c_pnp: np.ndarray | None = None
     retrieved: list[str] = field(default_factory=list)
     refinement: dict | None = None
+    confidence: dict | None = None
+    recovery: dict | None = None
     times: dict[str, float] = field(default_factory=dict)
     query: np.ndarray | None = None
     render: np.ndarray | None = None
@@ -123,7 +129,8 @@ class Detection:
         """JSON-able summary (poses as nested lists, no images or maps)."""
         return {"name": self.name, "source": self.source, "ok": self.ok, "error": self.error,
                 "flags": self.flags, "score": self.score, "anomalous": self.anomalous,
-                "localized": self.localized, "num_inliers": self.num_inliers, "num_matches": self.num_matches,
+                "localized": self.localized, "pose_path": self.pose_path, "confidence": self.confidence,
+                "recovery": self.recovery, "num_inliers": self.num_inliers, "num_matches": self.num_matches,
                 "fallback": self.fallback, "retrieved": self.retrieved, "refinement": self.refinement,
                 "w2c": None if self.w2c is None else np.asarray(self.w2c).tolist(),
                 "w2c_pnp": None if self.w2c_pnp is None else np.asarray(self.w2c_pnp).tolist(),
@@ -165,10 +172,10 @@ class Detector:
         self.K = torch.as_tensor(run.K, dtype=torch.float32, device=self.device)
         # The run's own refinement unless overridden (runs made before the refine stage existed: none).
         self.refine_cfg = self.cfg.refine if self.cfg.refine is not None else run.config.get("refine")
-        self.refiner = None
+        self.settler = None
         if self.refine_cfg is not None and self.refine_cfg.enabled:
-            self.refiner = PoseRefiner(self.gaussians, run.K, run.width, run.height, self.refine_cfg,
-                                       backend=self.backend, scorer=self.scorer)
+            self.settler = PoseSettler(self.gaussians, run.K, run.width, run.height, self.refine_cfg,
+                                       self._reference_silhouettes(), backend=self.backend, scorer=self.scorer)
         self._staging: dict[tuple, torch.Tensor] = {}  # page-locked upload buffers per batch shape
         self._pinning_failed = False
         self._loader = ThreadPoolExecutor(max_workers=worker_threads(self.cfg.load_workers),
@@ -178,7 +185,19 @@ class Detector:
         self.background_fast_decode = False  # what detect_stream's threads decode with (see _prefetch)
         log.info("Detector for %s/%s ready in %.1f s on %s (%d Gaussians, matching %s, refine %s)",
                  run.config.dataset.name, run.class_name, self.setup_seconds, self.device, len(self.gaussians),
-                 self.localizer.matching_path, "on" if self.refiner else "off")
+                 self.localizer.matching_path, "on" if self.settler else "off")
+
+    def _reference_silhouettes(self) -> ReferenceSilhouettes | None:
+        """The recovery's search images, saved by the run's refine stage (None: recovery off or an older run)."""
+        recovery = self.refine_cfg.get("recovery")
+        if recovery is None or not recovery.enabled:
+            return None
+        path = self.run.stage_dirs.get("refine", Path("/nonexistent")) / SILHOUETTES_FILE
+        if not path.is_file():
+            log.warning("%s is missing (a run made before pose recovery existed): queries that PnP cannot "
+                        "localize are flagged, not recovered; rerun the evaluation to enable recovery", path)
+            return None
+        return load_silhouettes(path)
 
     @classmethod
     def from_run(cls, run_dir: Path | str, cfg: DictConfig | dict | None = None, device: str = "auto") -> "Detector":
@@ -308,17 +327,21 @@ class Detector:
         for b, ((detection, _), pose) in enumerate(zip(items, poses)):
             detection.times["upload"] = round(upload_seconds / batch, 6)
             detection.times.update(pose.times)
-            detection.localized, detection.fallback = bool(pose.success), pose.fallback
+            detection.fallback = pose.fallback
             detection.num_inliers, detection.num_matches = int(pose.num_inliers), int(pose.num_matches)
             detection.retrieved, detection.w2c_pnp = list(pose.retrieved), pose.w2c.copy()
-            if not pose.success:
-                detection.flags.append("not_localized")
             detection.times["refine"] = 0.0
-            if self.refiner is not None and (pose.success or not self.refine_cfg.skip_unlocalized):
-                refinement = self.refiner.refine(queries[b], pose.w2c)
-                w2c[b] = refinement.w2c
-                detection.refinement = refinement.summary()
-                detection.times["refine"] = round(refinement.seconds, 6)
+            detection.localized, detection.pose_path = bool(pose.success), "pnp" if pose.success else "failed"
+            if self.settler is not None:
+                start = time.perf_counter()
+                final = self.settler.settle(queries[b], pose)
+                w2c[b] = final.w2c
+                detection.localized, detection.pose_path = final.localized, final.path
+                detection.refinement, detection.confidence, detection.recovery = (final.refinement, final.confidence,
+                                                                                   final.recovery)
+                detection.times["refine"] = round(time.perf_counter() - start, 6)
+            if not detection.localized:
+                detection.flags.append("not_localized")
 
         start = self._clock()
         renders = self.render_references(w2c)

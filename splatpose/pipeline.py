@@ -30,7 +30,7 @@ from splatpose.callbacks.evaluation import Evaluation, flatten_metrics
 from splatpose.data import resolve_dataset
 from splatpose.data.cameras import camera_center, center_error, rotation_error_deg
 from splatpose.data.mad_sim import ClassData, read_image, read_mask
-from splatpose.refine.queries import RefinedPose, refine_query_poses
+from splatpose.refine.queries import POSE_PATHS, RefinedPose, refine_query_poses
 from splatpose.run_info import environment_info
 from splatpose.scoring.anomaly_maps import build_scorer
 from splatpose.scoring.module import AnomalyScoringModule, QueryRenderPairs
@@ -137,7 +137,8 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None) -> dict:
         record["reused"] = rf.reused
         scorer = build_scorer(cfg.scorer, device) if cfg.refine.get("loss") == "feature" else None
         refined = refine_query_poses(data, poses, cfg.refine, ply, rf.dir, device, backend=backend, scorer=scorer)
-    refinement = refinement_summary(data, refined)
+    final_poses = final_pose_summary(data, refined)
+    log.info("Final poses: %d by PnP, %d recovered, %d failed", *final_poses["paths"].values())
 
     with timer("render", subject) as record, cache.stage("render", {"backend": backend}, (sp.key, rf.key)) as rd:
         record["reused"] = rd.reused
@@ -151,7 +152,7 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None) -> dict:
         "metrics": evaluation.metrics,
         "map_range": list(evaluation.map_range),
         "localization": localization,
-        "refinement": refinement,
+        "final_poses": final_poses,
         "timings": {**timer.stages, "total": {"seconds": round(time.perf_counter() - total_start, 3)}},
         "stage_dirs": {"sfm": str(st.dir), "localize": str(loc.dir), "splat": str(sp.dir),
                        "refine": str(rf.dir), "render": str(rd.dir)},
@@ -160,7 +161,7 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None) -> dict:
         "environment": environment_info(device),
     }
     write_json_atomic(out_dir / "results.json", results)
-    write_per_image_csv(out_dir / "per_image.csv", evaluation, localization, refinement)
+    write_per_image_csv(out_dir / "per_image.csv", evaluation, localization, final_poses)
     log_run_summary(loggers, results)
     return results
 
@@ -199,23 +200,35 @@ def localization_summary(data: ClassData, poses: list[QueryPose]) -> dict:
     return summary
 
 
-def refinement_summary(data: ClassData, refined: list[RefinedPose]) -> dict:
-    """How many poses were refined, at what cost, and (with true test poses) the errors after it."""
+def final_pose_summary(data: ClassData, refined: list[RefinedPose]) -> dict:
+    """The final poses: how each was found (path), how well it lines up, at what cost, and (with true
+    test poses) its errors. ``success_rate`` counts the queries whose final pose lines up (path "pnp" or
+    "recovered"); ``within_1deg_rate`` counts every query, failed ones included."""
     per_query = {}
     for pose in refined:
-        entry = {"refined": pose.refined, **(pose.refinement or {})}
+        entry = {"path": pose.path, "refined": pose.refined, **(pose.refinement or {})}
+        if pose.confidence:
+            entry["confidence"] = pose.confidence
+        if pose.recovery:
+            entry["recovery"] = pose.recovery
         truth = (data.test_poses or {}).get(pose.name)
-        if truth is not None and pose.refined:
+        if truth is not None:
             entry["rotation_error_deg"] = float(rotation_error_deg(pose.w2c, truth))
             entry["center_error_rel"] = float(center_error(pose.w2c, truth) / max(np.linalg.norm(camera_center(truth)),
                                                                                    1e-9))
         per_query[pose.name] = entry
     done = [e for e in per_query.values() if e["refined"]]
+    recovered = [p.recovery["seconds"] for p in refined if p.recovery]
     summary = {"num_refined": len(done), "per_query": per_query,
-               "median_seconds": float(np.median([e["seconds"] for e in done])) if done else 0.0}
-    if done and "rotation_error_deg" in done[0]:
-        summary["median_rotation_error_deg"] = float(np.median([e["rotation_error_deg"] for e in done]))
-        summary["median_center_error_rel"] = float(np.median([e["center_error_rel"] for e in done]))
+               "paths": {path: sum(p.path == path for p in refined) for path in POSE_PATHS},
+               "success_rate": sum(p.localized for p in refined) / max(len(refined), 1),
+               "median_seconds": float(np.median([e["seconds"] for e in done])) if done else 0.0,
+               "median_recovery_seconds": float(np.median(recovered)) if recovered else 0.0}
+    errors = [e["rotation_error_deg"] for e in per_query.values() if "rotation_error_deg" in e]
+    if errors:
+        summary["median_rotation_error_deg"] = float(np.median(errors))
+        summary["median_center_error_rel"] = float(np.median([e["center_error_rel"] for e in per_query.values()]))
+        summary["within_1deg_rate"] = float(np.mean(np.array(errors) <= 1.0))
     return summary
 
 
@@ -260,32 +273,33 @@ def score_and_evaluate(cfg: DictConfig, data: ClassData, renders: np.ndarray, lo
     return module.evaluation
 
 
-def write_per_image_csv(path: Path, evaluation: Evaluation, localization: dict, refinement: dict) -> None:
-    """One row per test image: label, score, localization, and the pose errors before and after refinement."""
+def write_per_image_csv(path: Path, evaluation: Evaluation, localization: dict, final_poses: dict) -> None:
+    """One row per test image: label, score, PnP localization, and the final pose (path, IoU, errors)."""
     fields = ["name", "defect", "label", "score", "localized", "fallback", "num_inliers",
-              "rotation_error_deg", "center_error_rel", "refined", "refined_rotation_error_deg",
-              "refined_center_error_rel"]
+              "rotation_error_deg", "center_error_rel", "pose_path", "iou", "refined", "final_rotation_error_deg",
+              "final_center_error_rel"]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for i, name in enumerate(evaluation.names):
             q = localization["per_query"].get(name, {})
-            r = refinement["per_query"].get(name, {})
+            r = final_poses["per_query"].get(name, {})
             writer.writerow({"name": name, "defect": evaluation.defects[i],
                              "label": int(evaluation.labels[i]), "score": f"{evaluation.scores[i]:.6f}",
                              "localized": q.get("success"), "fallback": q.get("fallback") or "",
                              "num_inliers": q.get("num_inliers"),
                              "rotation_error_deg": q.get("rotation_error_deg", ""),
                              "center_error_rel": q.get("center_error_rel", ""),
+                             "pose_path": r.get("path", ""), "iou": (r.get("confidence") or {}).get("iou", ""),
                              "refined": r.get("refined", False),
-                             "refined_rotation_error_deg": r.get("rotation_error_deg", ""),
-                             "refined_center_error_rel": r.get("center_error_rel", "")})
+                             "final_rotation_error_deg": r.get("rotation_error_deg", ""),
+                             "final_center_error_rel": r.get("center_error_rel", "")})
 
 
 def log_run_summary(loggers: list, results: dict) -> None:
     """Per-stage timings and localization numbers to every logger (metrics were logged by the evaluator)."""
     summary = {f"time/{stage}": t["seconds"] for stage, t in results["timings"].items()}
-    for section in ("localization", "refinement"):
+    for section in ("localization", "final_poses"):
         summary.update({f"{section}/{k}": v for k, v in results[section].items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
     for logger in loggers:

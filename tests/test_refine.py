@@ -161,9 +161,11 @@ def test_refinement_through_gsplat_on_cuda():
     assert center_error(result.w2c, truth) < 0.3 * center_error(start, truth)
 
 
-def test_refine_stage_refines_localized_queries_keeps_fallbacks_and_reuses_its_file(tmp_path):
-    """The pipeline's refine stage: a localized query's pose moves towards the truth, a fallback pose
-    is rendered as is (and marked not refined), and a finished stage folder is reused without rendering."""
+def test_refine_stage_refines_localized_queries_recovers_failed_ones_and_reuses_its_file(tmp_path):
+    """The pipeline's refine stage: a localized query's pose moves towards the truth (path "pnp"); a query
+    PnP failed on is recovered through the splats from the reference views (path "recovered", within a
+    degree); a finished stage folder is reused without rendering; with recovery off the failed query
+    keeps its fallback pose and is marked failed."""
     from types import SimpleNamespace
 
     from PIL import Image
@@ -172,31 +174,47 @@ def test_refine_stage_refines_localized_queries_keeps_fallbacks_and_reuses_its_f
     from splatpose.sfm.localization import QueryPose
     from splatpose.splat.ply import save_ply
 
-    scene = random_scene()
+    scene = random_scene(n=1500)
     ply = save_ply(scene, tmp_path / "scene.ply")
-    truths = [camera(yaw_deg=20.0), camera(yaw_deg=-35.0)]
-    tests = []
-    for i, truth in enumerate(truths):
-        rgb = render(scene, torch.as_tensor(truth, dtype=torch.float32)[None], torch.as_tensor(K, dtype=torch.float32),
+
+    def saved(w2c: np.ndarray, path) -> SimpleNamespace:
+        rgb = render(scene, torch.as_tensor(w2c, dtype=torch.float32)[None], torch.as_tensor(K, dtype=torch.float32),
                      SIZE, SIZE, backend="torch")[0].clamp(0, 1)
-        path = tmp_path / f"{i}.png"
         Image.fromarray((rgb.numpy() * 255).round().astype(np.uint8)).save(path)
-        tests.append(SimpleNamespace(path=path))
-    data = SimpleNamespace(K=K, width=SIZE, height=SIZE, test=tests)
+        return SimpleNamespace(path=path, w2c=w2c)
+
+    train = [saved(camera(yaw_deg=float(y)), tmp_path / f"train{y}.png") for y in range(-90, 91, 30)]
+    truths = [camera(yaw_deg=20.0), camera(yaw_deg=-45.0)]
+    tests = [saved(truth, tmp_path / f"{i}.png") for i, truth in enumerate(truths)]
+    data = SimpleNamespace(K=K, width=SIZE, height=SIZE, test=tests, train=train,
+                           train_w2c=np.stack([view.w2c for view in train]))
     starts = [perturbed(truth, degrees=1.5, shift=0.04, seed=i) for i, truth in enumerate(truths)]
+    fallback = camera(yaw_deg=-30.0)
     poses = [QueryPose("0.png", starts[0], success=True, num_inliers=50, num_matches=60, retrieved=[]),
-             QueryPose("1.png", starts[1], success=False, num_inliers=3, num_matches=5, retrieved=[],
+             QueryPose("1.png", fallback, success=False, num_inliers=3, num_matches=5, retrieved=[],
                        fallback="retrieved_db_pose")]
 
-    refined = refine_query_poses(data, poses, refine_cfg(steps=20), ply, tmp_path / "stage", "cpu", backend="torch")
-    assert refined[0].refined and refined[0].refinement["steps"] > 0
+    # acceptance bounds for this toy's soft 64 px renders (see tests/test_recovery.py: recovery_cfg)
+    toy = {"recovery": {"min_iou": 0.8, "max_l1": 0.12}}
+    refined = refine_query_poses(data, poses, refine_cfg(steps=20, **toy), ply, tmp_path / "stage", "cpu",
+                                 backend="torch")
+    assert refined[0].path == "pnp" and refined[0].refined and refined[0].refinement["steps"] > 0
     assert rotation_error_deg(refined[0].w2c, truths[0]) < 0.3 * rotation_error_deg(starts[0], truths[0])
-    assert not refined[1].refined and np.array_equal(refined[1].w2c, starts[1])
+    assert refined[1].path == "recovered" and refined[1].localized and refined[1].recovery["accepted"]
+    assert rotation_error_deg(refined[1].w2c, truths[1]) < 1.0
+    assert refined[1].confidence["iou"] >= 0.8
 
     ply.unlink()  # a reused stage must not need the scene
-    again = refine_query_poses(data, poses, refine_cfg(steps=20), ply, tmp_path / "stage", "cpu", backend="torch")
-    assert [r.refinement for r in again] == [r.refinement for r in refined]
-    np.testing.assert_array_equal(again[0].w2c, refined[0].w2c)
+    again = refine_query_poses(data, poses, refine_cfg(steps=20, **toy), ply, tmp_path / "stage", "cpu",
+                               backend="torch")
+    assert [r.to_json() for r in again] == [r.to_json() for r in refined]
+
+    save_ply(scene, ply)
+    no_recovery = refine_query_poses(data, poses, refine_cfg(steps=20, recovery={"enabled": False}), ply, None,
+                                     "cpu", backend="torch")
+    assert no_recovery[1].path == "failed" and not no_recovery[1].localized
+    assert np.array_equal(no_recovery[1].w2c, fallback)
 
     off = refine_query_poses(data, poses, refine_cfg(enabled=False), ply, None, "cpu")
     assert not any(r.refined for r in off) and np.array_equal(off[0].w2c, starts[0])
+    assert [r.path for r in off] == ["pnp", "failed"]

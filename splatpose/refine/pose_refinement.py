@@ -9,7 +9,10 @@ Starting from the PnP pose, :class:`PoseRefiner` optimises an SE(3) increment
   not white in the query: the white background carries no pose information but would dilute it);
 - ``l1_ssim``: (1 - w) * l1 + w * (1 - SSIM), SSIM over the whole image (3DGS's training loss);
 - ``feature``: mean squared difference of the scorer backbone's features (feature-metric alignment,
-  less sensitive to the render's colour errors than raw pixels).
+  less sensitive to the render's colour errors than raw pixels);
+- ``l1_silhouette``: colour difference over the whole image plus ``silhouette_weight`` times the squared
+  difference of the rendered alpha and the query's object mask, both per query object pixel: the
+  outline pulls a pose that starts far off (:mod:`splatpose.refine.recovery`) towards the object.
 
 The increment is ``xi = (translation / d, rotation)`` with ``d`` the camera's distance to the scene
 (median depth of the Gaussians): a unit of either moves the image by about the same amount, so the
@@ -26,6 +29,7 @@ so refinement never makes the loss worse than PnP's pose.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -34,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
+from torchvision.transforms.v2.functional import gaussian_blur
 
 from splatpose.data.cameras import center_error, rotation_error_deg
 from splatpose.refine.se3 import apply_increment
@@ -42,7 +47,7 @@ from splatpose.splat.gaussians import Gaussians
 from splatpose.splat.losses import ssim
 from splatpose.splat.rendering import render
 
-REFINE_LOSSES = ("l1", "l1_ssim", "feature")
+REFINE_LOSSES = ("l1", "l1_ssim", "feature", "l1_silhouette")
 REFINE_OPTIMIZERS = ("lbfgs", "adam")
 # Adam's step size decays exponentially to this fraction of refine.lr over the steps.
 ADAM_FINAL_LR_FRACTION = 0.05
@@ -115,7 +120,7 @@ class PoseRefiner:
     def refine(self, query: Tensor, w2c: np.ndarray) -> Refinement:
         """Refine ``w2c`` [4, 4] (OpenCV world-to-camera) against ``query`` [3, H, W] in [0, 1]."""
         start_time = time.perf_counter()
-        target = self._target(query)
+        target, target_mask = self._target(query)
         w2c_start = torch.as_tensor(w2c, dtype=torch.float64, device=self.device)
         distance = self._scene_distance(w2c_start)
         # xi = (translation / distance, rotation): both about "one image width per radian" in effect.
@@ -128,10 +133,11 @@ class PoseRefiner:
         def evaluate(optimizer: torch.optim.Optimizer) -> Tensor:
             optimizer.zero_grad(set_to_none=True)
             pose = pose_of(xi)
-            rgb, alpha = self._render(pose)
+            rgb, alpha = self._blurred(*self._render(pose))
             if state["region"] is None:  # fixed at the start pose, so losses compare between steps
-                state["region"] = self._object_region(target, alpha.detach())
-            loss = self._loss(rgb, target, state["region"])
+                state["region"] = target_mask if self.cfg.loss == "l1_silhouette" else \
+                    self._object_region(target, alpha.detach())
+            loss = self._loss(rgb, alpha, target, state["region"])
             loss.backward()
             value = float(loss.detach())
             state["evaluations"] += 1
@@ -155,7 +161,8 @@ class PoseRefiner:
                     optimizer.step()
                     decay.step()
                 with torch.no_grad():  # the pose after the last step has not been scored yet
-                    evaluate_last = float(self._loss(self._render(pose_of(xi))[0], target, state["region"]))
+                    evaluate_last = float(self._loss(*self._blurred(*self._render(pose_of(xi))), target,
+                                                     state["region"]))
                 if evaluate_last < state["best"] or not self.cfg.keep_best:
                     state["best"], state["best_w2c"] = evaluate_last, pose_of(xi).detach()
         refined = state["best_w2c"].cpu().numpy()
@@ -163,15 +170,25 @@ class PoseRefiner:
                           rotation_change_deg=rotation_error_deg(w2c, refined),
                           center_change=center_error(w2c, refined), seconds=time.perf_counter() - start_time)
 
-    def _target(self, query: Tensor) -> Tensor:
-        """[3, H, W] -> [1, 3, h, w] at the refinement resolution."""
+    def _target(self, query: Tensor) -> tuple[Tensor, Tensor]:
+        """[3, H, W] -> the image [1, 3, h, w] and its object mask [1, 1, h, w] at the refinement
+        resolution, both blurred alike."""
         # Contiguous: a permuted view would change the loss's summation order, and L-BFGS amplifies
         # such last-bit differences, so the same image must give the same pose in every caller.
         target = query[None].to(self.device, torch.float32).contiguous()
         if target.shape[-2:] != (self.height, self.width):
             target = F.interpolate(target, size=(self.height, self.width), mode="bilinear", antialias=True,
                                    align_corners=False)
-        return target
+        mask = (target < BACKGROUND_LEVEL).any(dim=1, keepdim=True).float()
+        return self._blurred(target, mask)
+
+    def _blurred(self, *images: Tensor) -> Tensor | tuple[Tensor, ...]:
+        """Gaussian blur of ``refine.blur`` pixels (0: none): a wider basin for poses that start far off."""
+        sigma = float(self.cfg.get("blur", 0.0))
+        if sigma > 0:
+            size = 2 * math.ceil(3 * sigma) + 1
+            images = tuple(gaussian_blur(image, [size, size], [sigma, sigma]) for image in images)
+        return images[0] if len(images) == 1 else images
 
     def _scene_distance(self, w2c: Tensor) -> float:
         """Median depth of the Gaussians in this camera: the unit of the translation increment."""
@@ -192,7 +209,13 @@ class PoseRefiner:
         foreground = (target < BACKGROUND_LEVEL).any(dim=1, keepdim=True)
         return (foreground | (alpha > 0.5)).float()
 
-    def _loss(self, rgb: Tensor, target: Tensor, region: Tensor) -> Tensor:
+    def _loss(self, rgb: Tensor, alpha: Tensor, target: Tensor, region: Tensor) -> Tensor:
+        if self.cfg.loss == "l1_silhouette":
+            # region: the query's object mask. Normalised by its area, fixed for the query, so losses
+            # compare across poses and levels.
+            area = region.sum().clamp(min=1.0)
+            colour = (rgb - target).abs().sum() / (3 * area)
+            return colour + float(self.cfg.silhouette_weight) * (alpha - region).square().sum() / area
         if self.cfg.loss == "feature":
             images = self.scorer.prepare(torch.cat([rgb, target]))
             features = self.scorer.backbone(images)

@@ -1,7 +1,18 @@
-"""The pipeline's refine stage: every localized query's PnP pose refined against its image.
+"""The pipeline's refine stage: every query's final pose, through the splats.
 
-Writes ``refined_poses.json`` into the stage folder (one entry per query, in test order: the pose
-used for rendering, whether it was refined, and what refining did) and reuses it when complete.
+Per query (:class:`PoseSettler`, shared with the detector):
+
+- PnP localized it: its pose is refined against the image (:class:`PoseRefiner`); path ``"pnp"``;
+- PnP failed, or its refined pose does not line up with the image (silhouette IoU or colour below the
+  ``refine.recovery`` thresholds): the pose is recovered through the splats
+  (:class:`~splatpose.refine.recovery.PoseRecovery`); path ``"recovered"`` when the result lines up;
+- nothing lines up: path ``"failed"``; the query is rendered at the best pose found (or its PnP
+  fallback) and flagged, never passed off as localized.
+
+Writes ``refined_poses.json`` into the stage folder (one entry per query, in test order: the pose used
+for rendering, its path, its alignment confidence and what refining and recovering did) and reuses it
+when complete; and ``reference_silhouettes.npz``, the recovery's search views (the splats rendered
+around the reference cameras), which the detector loads with the run.
 """
 
 from __future__ import annotations
@@ -18,14 +29,19 @@ from tqdm.auto import tqdm
 
 from splatpose.data.mad_sim import ClassData, read_image
 from splatpose.refine.pose_refinement import PoseRefiner
+from splatpose.refine.recovery import (Confidence, PoseRecovery, ReferenceSilhouettes, alignment_confidence,
+                                       orbit_views, rendered_silhouettes)
 from splatpose.sfm.config import default_conf_dir
 from splatpose.sfm.localization import QueryPose
+from splatpose.splat.gaussians import Gaussians
 from splatpose.splat.ply import load_gaussians
 from splatpose.stage_cache import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 REFINED_POSES_FILE = "refined_poses.json"
+SILHOUETTES_FILE = "reference_silhouettes.npz"
+POSE_PATHS = ("pnp", "recovered", "failed")
 
 
 def default_refine_config() -> DictConfig:
@@ -37,48 +53,141 @@ def default_refine_config() -> DictConfig:
 class RefinedPose:
     """The pose a query is rendered at.
 
-    w2c: [4, 4] float64 world-to-camera (OpenCV): the refined pose, or the PnP pose when the query was
-        not refined (refinement off, or a fallback pose with ``skip_unlocalized``).
-    refinement: what refining did (steps, losses, pose change, seconds); None when not refined.
+    w2c: [4, 4] float64 world-to-camera (OpenCV): refined, recovered, or the PnP pose (refinement off).
+    path: how it was found: "pnp" (PnP, refined when refinement is on), "recovered" (through the splats
+        after PnP failed or did not line up), "failed" (nothing lined up: w2c is a best effort).
+    refinement: what refining the PnP pose did (steps, losses, pose change, seconds); None when not refined.
+    confidence: alignment of the render with the query ({"iou", "l1"}); None when not measured.
+    recovery: what the recovery did (hypotheses, start view, seconds, accepted); None when it did not run.
     """
 
     name: str
     w2c: np.ndarray
     refinement: dict | None = None
+    path: str = "pnp"
+    confidence: dict | None = None
+    recovery: dict | None = None
 
     @property
     def refined(self) -> bool:
         return self.refinement is not None
 
+    @property
+    def localized(self) -> bool:
+        return self.path != "failed"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "w2c": np.asarray(self.w2c).tolist(), "path": self.path,
+                "refinement": self.refinement, "confidence": self.confidence, "recovery": self.recovery}
+
+
+class PoseSettler:
+    """The final pose of a query image from its localization result (see the module docstring).
+
+    Args:
+        gaussians: the scene; K: [3, 3] intrinsics of the full image; width, height: its size.
+        cfg: the ``refine`` node (with its ``recovery`` node).
+        silhouettes: the reference views for the recovery (None: no recovery).
+        backend, scorer: as for :class:`PoseRefiner`.
+    """
+
+    def __init__(self, gaussians: Gaussians, K: np.ndarray, width: int, height: int, cfg: DictConfig,
+                 silhouettes: ReferenceSilhouettes | None, backend: str = "auto", scorer=None):
+        self.gaussians, self.K, self.cfg, self.backend = gaussians, np.asarray(K, np.float64), cfg, backend
+        self.refiner = PoseRefiner(gaussians, K, width, height, cfg, backend=backend, scorer=scorer)
+        recovery_cfg = cfg.get("recovery")
+        self.recovery = None
+        if recovery_cfg is not None and recovery_cfg.enabled and silhouettes is not None:
+            self.recovery = PoseRecovery(gaussians, K, width, height, silhouettes, recovery_cfg, backend=backend)
+
+    def settle(self, query: torch.Tensor, pose: QueryPose) -> RefinedPose:
+        """``query`` [3, H, W] in [0, 1]; ``pose`` its localization result."""
+        if pose.success:
+            refinement = self.refiner.refine(query, pose.w2c)
+            if self.recovery is None:
+                return RefinedPose(pose.name, refinement.w2c, refinement.summary())
+            confidence = self._confidence(refinement.w2c, query)
+            if self._accepted(confidence):
+                return RefinedPose(pose.name, refinement.w2c, refinement.summary(), "pnp", confidence.summary())
+            recovered = self.recovery.recover(query, start_w2c=refinement.w2c)
+            if recovered.accepted:
+                return RefinedPose(pose.name, recovered.w2c, refinement.summary(), "recovered",
+                                   recovered.confidence.summary(), recovered.summary())
+            # PnP's inliers are still the strongest evidence there is (a large defect changes the outline)
+            return RefinedPose(pose.name, refinement.w2c, refinement.summary(), "pnp", confidence.summary(),
+                               recovered.summary())
+        if self.recovery is None:
+            return RefinedPose(pose.name, pose.w2c, path="failed")
+        recovered = self.recovery.recover(query)
+        path = "recovered" if recovered.accepted else "failed"
+        w2c = recovered.w2c if recovered.hypotheses else pose.w2c
+        return RefinedPose(pose.name, w2c, None, path, recovered.confidence.summary(), recovered.summary())
+
+    def _confidence(self, w2c: np.ndarray, query: torch.Tensor) -> Confidence:
+        return alignment_confidence(self.gaussians, w2c, query, self.K, self.backend)
+
+    def _accepted(self, confidence: Confidence) -> bool:
+        return confidence.accepted(float(self.cfg.recovery.min_iou), float(self.cfg.recovery.max_l1))
+
 
 def refine_query_poses(data: ClassData, poses: list[QueryPose], cfg: DictConfig, gaussians_ply: Path,
                        out_dir: Path | None, device: str, backend: str = "auto", scorer=None) -> list[RefinedPose]:
-    """Refine every query pose (``cfg``: the ``refine`` node); ``out_dir`` None: no cache file."""
+    """The final pose of every query (``cfg``: the ``refine`` node); ``out_dir`` None: no cache files."""
     if not cfg.enabled:
-        return [RefinedPose(p.name, p.w2c) for p in poses]
+        return [RefinedPose(p.name, p.w2c, path="pnp" if p.success else "failed") for p in poses]
     cache_file = Path(out_dir) / REFINED_POSES_FILE if out_dir is not None else None
     cached = _load(cache_file, [p.name for p in poses])
     if cached is not None:
         log.info("refinement: reusing %s", cache_file)
         return cached
-    refiner = PoseRefiner(load_gaussians(gaussians_ply, device), data.K, data.width, data.height, cfg,
-                          backend=backend, scorer=scorer)
+    gaussians = load_gaussians(gaussians_ply, device)
+    silhouettes = None
+    recovery_cfg = cfg.get("recovery")
+    if recovery_cfg is not None and recovery_cfg.enabled:
+        silhouettes = search_views(gaussians, data.K, data.width, data.height, data.train_w2c, recovery_cfg, backend)
+        if out_dir is not None:
+            save_silhouettes(Path(out_dir) / SILHOUETTES_FILE, silhouettes)
+    settler = PoseSettler(gaussians, data.K, data.width, data.height, cfg, silhouettes, backend=backend,
+                          scorer=scorer)
     refined = []
     for test, pose in tqdm(list(zip(data.test, poses, strict=True)), desc="refine poses", leave=False):
-        if not pose.success and cfg.skip_unlocalized:
-            refined.append(RefinedPose(pose.name, pose.w2c))
-            continue
         query = torch.from_numpy(read_image(test.path)).permute(2, 0, 1)
-        result = refiner.refine(query, pose.w2c)
-        refined.append(RefinedPose(pose.name, result.w2c, result.summary()))
+        refined.append(settler.settle(query, pose))
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(cache_file, [{"name": r.name, "w2c": r.w2c.tolist(), "refinement": r.refinement}
-                                       for r in refined])
-    seconds = [r.refinement["seconds"] for r in refined if r.refined]
-    log.info("refinement: %d/%d poses refined, %.2f s per query", len(seconds), len(refined),
-             float(np.mean(seconds)) if seconds else 0.0)
+        write_json_atomic(cache_file, [r.to_json() for r in refined])
+    counts = {path: sum(r.path == path for r in refined) for path in POSE_PATHS}
+    log.info("final poses: %d by PnP, %d recovered through the splats, %d failed", counts["pnp"],
+             counts["recovered"], counts["failed"])
     return refined
+
+
+def search_views(gaussians: Gaussians, K: np.ndarray, width: int, height: int, db_w2c: np.ndarray,
+                 cfg: DictConfig, backend: str = "auto") -> ReferenceSilhouettes:
+    """The recovery's search views (``cfg``: the ``refine.recovery`` node): the splats rendered at the
+    reference cameras [N, 4, 4] and their orbits about the object (the Gaussians' median position)."""
+    centre = gaussians.means.detach().double().median(dim=0).values.cpu().numpy()
+    views = orbit_views(db_w2c, centre, [float(a) for a in cfg.orbit_deg])
+    return rendered_silhouettes(gaussians, K, width, height, views, int(cfg.search_size), backend=backend)
+
+
+def save_silhouettes(path: Path, silhouettes: ReferenceSilhouettes) -> None:
+    """Write the recovery's search images (float16) atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, w2c=silhouettes.w2c, images=silhouettes.images.half().numpy(),
+             masks=silhouettes.masks.half().numpy(), centroids=silhouettes.centroids.numpy(),
+             areas=silhouettes.areas.numpy(), size=np.array([silhouettes.width, silhouettes.height]))
+    tmp.replace(path)
+
+
+def load_silhouettes(path: Path) -> ReferenceSilhouettes:
+    """Read what :func:`save_silhouettes` wrote."""
+    with np.load(path) as npz:
+        width, height = (int(v) for v in npz["size"])
+        return ReferenceSilhouettes(npz["w2c"], torch.from_numpy(npz["images"]).float(),
+                                    torch.from_numpy(npz["masks"]).float(), torch.from_numpy(npz["centroids"]),
+                                    torch.from_numpy(npz["areas"]), width, height)
 
 
 def _load(path: Path | None, names: list[str]) -> list[RefinedPose] | None:
@@ -88,4 +197,5 @@ def _load(path: Path | None, names: list[str]) -> list[RefinedPose] | None:
     if [e["name"] for e in entries] != names:
         log.warning("%s does not match the test images; refining again", path)
         return None
-    return [RefinedPose(e["name"], np.asarray(e["w2c"], dtype=np.float64), e["refinement"]) for e in entries]
+    return [RefinedPose(e["name"], np.asarray(e["w2c"], dtype=np.float64), e["refinement"], e.get("path", "pnp"),
+                        e.get("confidence"), e.get("recovery")) for e in entries]

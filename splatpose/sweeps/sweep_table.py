@@ -74,6 +74,8 @@ def job_values(job: JobRecord) -> dict[str, float]:
     results = job.results or {}
     values = {m: results.get("metrics", {}).get(m) for m in METRICS}
     values["localized"] = results.get("localization", {}).get("success_rate")
+    values["posed"] = results.get("final_poses", {}).get("success_rate")
+    values["within_1deg"] = results.get("final_poses", {}).get("within_1deg_rate")
     for stage in STAGES:
         values[f"time_{stage}"] = (results.get("timings", {}).get(stage) or {}).get("seconds")
     return {k: float(v) for k, v in values.items() if _is_number(v)}

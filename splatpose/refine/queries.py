@@ -168,7 +168,10 @@ def search_views(gaussians: Gaussians, K: np.ndarray, width: int, height: int, d
     reference cameras [N, 4, 4] and their orbits about the object (the Gaussians' median position)."""
     centre = gaussians.means.detach().double().median(dim=0).values.cpu().numpy()
     views = orbit_views(db_w2c, centre, [float(a) for a in cfg.orbit_deg])
-    return rendered_silhouettes(gaussians, K, width, height, views, int(cfg.search_size), backend=backend)
+    silhouettes = rendered_silhouettes(gaussians, K, width, height, views, int(cfg.search_size), backend=backend)
+    # stored as float16 (save_silhouettes): round now, so a detector loading them searches the same images
+    silhouettes.images, silhouettes.masks = silhouettes.images.half().float(), silhouettes.masks.half().float()
+    return silhouettes
 
 
 def save_silhouettes(path: Path, silhouettes: ReferenceSilhouettes) -> None:

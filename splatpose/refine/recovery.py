@@ -183,15 +183,16 @@ def search_similarities(query: Tensor, reference: ReferenceSilhouettes, rolls: i
     n_views = len(reference.w2c)
     scores = torch.empty(n_views, rolls)
     scales = torch.sqrt(area_q / reference.areas.clamp(min=1.0))                 # [N]
+    # query pixel p comes from view pixel c_view + Rot(-roll) (p - c_q) / scale
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    rot_inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)   # [R, 2, 2]
+    rotated = torch.einsum("rij,hwj->rhwi", rot_inv, offsets)                               # [R, h, w, 2]
     for v in range(n_views):
-        # query pixel p comes from reference pixel c_ref + Rot(-roll) (p - c_q) / scale
-        cos, sin = torch.cos(angles), torch.sin(angles)
-        rot_inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)  # [R, 2, 2]
-        source = torch.einsum("rij,hwj->rhwi", rot_inv, offsets) / scales[v] + reference.centroids[v]
+        source = rotated / scales[v] + reference.centroids[v]
         grid = torch.stack([2 * source[..., 0] / reference.width - 1, 2 * source[..., 1] / reference.height - 1], -1)
         stacked = torch.cat([reference.images[v], reference.masks[v]])[None].expand(rolls, -1, -1, -1)
         warped = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        # border padding repeats the edge: background (white, mask 0) on reference photos
+        # border padding repeats the edge: background (white, mask 0) around the object
         mask_w, image_w = warped[:, 3:], warped[:, :3]
         union = torch.maximum(mask_w, mask_small)
         iou = torch.minimum(mask_w, mask_small).sum(dim=(1, 2, 3)) / union.sum(dim=(1, 2, 3)).clamp(min=1e-6)

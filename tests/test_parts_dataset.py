@@ -51,6 +51,7 @@ def test_generated_class_is_readable_with_poses_and_masks(tiny_root):
         pixels = np.asarray(Image.open(image.path))
         assert pixels.shape == (64, 64, 3)
         assert (pixels[0, 0] == 255).all() and (pixels[-1, -1] == 255).all(), "pure white background"
+        assert not (pixels.sum(axis=-1) == 0).any(), f"{image.name}: black pixels (a back face or a NaN)"
         if image.defect == "good":
             continue
         mask = read_mask(image.mask_path)

@@ -258,9 +258,9 @@ def place_visible_defect(tracer, obj, scene, defect: str, settings: PartsSetting
                          train_centres: np.ndarray, max_tries: int = 40):
     """A test pose, the scene with one defect seen from it, and the defect's mask.
 
-    The defect is centred on the surface point seen by a random object pixel (for a Chip, preferably
-    a pixel on a crease: chips break edges), oriented by the surface normal there (turned to face the
-    camera), and kept only if its mask has between min_defect_pixels and max_defect_fraction of the
+    The defect is centred on the surface point seen by a random object pixel whose surface faces the
+    camera (for a Chip, preferably a pixel on a crease: chips break edges), oriented by the surface
+    normal there (turned to face the camera), and kept only if its mask has between min_defect_pixels and max_defect_fraction of the
     object's pixels; otherwise another point, and after a few failures another pose, is drawn.
 
     Returns:
@@ -273,7 +273,7 @@ def place_visible_defect(tracer, obj, scene, defect: str, settings: PartsSetting
             c2w = sample_test_pose(settings, rng, train_centres)
             good = tracer.render_surface(scene, c2w)
             object_pixels = int((good.shape == "object").sum())
-            candidates = _defect_candidates(good, defect)
+            candidates = _defect_candidates(good, defect, c2w[:3, 3])
         if len(candidates) == 0:
             continue
         row, col = candidates[rng.integers(len(candidates))]
@@ -289,13 +289,17 @@ def place_visible_defect(tracer, obj, scene, defect: str, settings: PartsSetting
                        "tries; adjust dataset.generator.defect_size, min_defect_pixels or max_defect_fraction")
 
 
-def _defect_candidates(good, defect: str) -> np.ndarray:
-    """[K, 2] (row, col) of object pixels where a defect may be centred; for a Chip, the crease pixels
-    (the normal turns by more than 30 degrees to a neighbour) when there are any."""
+def _defect_candidates(good, defect: str, camera_centre: np.ndarray) -> np.ndarray:
+    """[K, 2] (row, col) of object pixels where a defect may be centred: the surface there faces the
+    camera (within 60 degrees: a defect seen edge-on is barely visible); for a Chip, preferably the crease
+    pixels (the normal turns by more than 30 degrees to a neighbour; chips break edges)."""
     on_object = good.shape == "object"
+    normal = good.normal / np.maximum(np.linalg.norm(good.normal, axis=-1, keepdims=True), 1e-12)
+    to_camera = camera_centre - good.position
+    to_camera /= np.maximum(np.linalg.norm(to_camera, axis=-1, keepdims=True), 1e-12)
+    # |cos|: the geometric normal's orientation is arbitrary (it follows the triangle's winding).
+    facing = on_object & (np.abs((normal * to_camera).sum(-1)) > 0.5)
     if defect == "Chip":
-        normal = good.normal / np.maximum(np.linalg.norm(good.normal, axis=-1, keepdims=True), 1e-12)
-        # |cos|: the geometric normal's orientation is arbitrary, a crease is a change of direction.
         turn_right = np.abs((normal[:, 1:] * normal[:, :-1]).sum(-1)) < np.cos(np.radians(30.0))
         turn_down = np.abs((normal[1:] * normal[:-1]).sum(-1)) < np.cos(np.radians(30.0))
         crease = np.zeros_like(on_object)
@@ -304,7 +308,7 @@ def _defect_candidates(good, defect: str) -> np.ndarray:
         crease &= on_object
         if crease.any():
             return np.argwhere(crease)
-    return np.argwhere(on_object)
+    return np.argwhere(facing if facing.any() else on_object)
 
 
 def defect_mask(good, defective, depth_change: float) -> np.ndarray:

@@ -117,7 +117,7 @@ def _dent(obj: PartObject, centre, normal, size, rng) -> DefectiveObject:
     """A smooth inward dent: vertices within ``size`` sink along -normal by depth * (1 - (r/size)^2)^2,
     zero with zero slope at the rim, so the dent shows only through its shading."""
     mesh = obj.mesh
-    depth = rng.uniform(0.25, 0.4) * size
+    depth = rng.uniform(0.35, 0.5) * size
     r = np.linalg.norm(mesh.vertices - centre, axis=1)
     inside = (r < size) & _near_front(mesh.vertices, centre, normal, 0.6 * size)
     profile = np.where(inside, (1.0 - (r / size) ** 2) ** 2, 0.0)

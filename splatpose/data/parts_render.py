@@ -21,6 +21,7 @@ With ``fov_axis="x"`` and the principal point at the film centre, it is the pinh
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ import numpy as np
 
 from splatpose.data.parts_defects import DefectiveObject
 from splatpose.data.parts_meshes import Material, PartObject, SurfaceMesh
+
+log = logging.getLogger(__name__)
 
 # OpenGL camera axes (x right, y up, z back) -> Mitsuba sensor axes (x left, y up, z forward).
 OPENGL_TO_MITSUBA_CAMERA = np.diag([-1.0, 1.0, -1.0, 1.0])
@@ -147,6 +150,11 @@ class PathTracer:
                            "to_world": to_world}}
 
     def _bsdf(self, material: Material) -> dict:
+        """The material as a two-sided BSDF: a chip can fold a few faces over, and Mitsuba's one-sided
+        BSDFs are black from behind (seen first as black slits in chipped knob edges)."""
+        return {"type": "twosided", "bsdf": self._one_sided_bsdf(material)}
+
+    def _one_sided_bsdf(self, material: Material) -> dict:
         colour = ({"type": "mesh_attribute", "name": "vertex_color"} if material.texture is None else
                   {"type": "bitmap", "bitmap": self.mi.Bitmap(np.ascontiguousarray(material.texture)),
                    "raw": True, "filter_type": "bilinear", "wrap_mode": "repeat"})
@@ -204,6 +212,10 @@ class PathTracer:
         """uint8 [H, W, 3] sRGB image of the scene from an OpenGL c2w [4, 4], composited onto white."""
         rgba = np.asarray(self.mi.render(scene, sensor=self._sensor(c2w_opengl), integrator=self.colour_integrator,
                                          seed=seed, spp=self.spp), dtype=np.float64)
+        if not np.isfinite(rgba).all():  # never seen so far; said loudly, and kept out of the PNG's bytes
+            log.warning("path tracer returned %d non-finite pixels (seed %d); they are written as black",
+                        int((~np.isfinite(rgba)).any(axis=-1).sum()), seed)
+            rgba = np.nan_to_num(rgba, nan=0.0, posinf=0.0, neginf=0.0)
         # Camera rays that miss contribute 0 (hidden emitters), so rgb is premultiplied by coverage.
         linear = rgba[..., :3] + (1.0 - np.clip(rgba[..., 3:4], 0.0, 1.0))
         return np.round(linear_to_srgb(linear) * 255.0).astype(np.uint8)

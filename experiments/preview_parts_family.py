@@ -2,7 +2,7 @@
 mask's outline in red (and the bare image beside it, so the defect can be judged unmarked), then one
 train view of every other class of the dataset (generating them too with --all-classes).
 
-    python experiments/preview_parts_family.py --class 02Bracket --out experiments/results/parts_family_preview.png
+    python experiments/preview_parts_family.py --class 01Knob --out experiments/results/parts_family_preview.png
 
 Generates the class (dataset=parts, small preset) on first use, like a run would.
 """
@@ -50,7 +50,7 @@ def contact_sheet(dataset_root: Path, class_name: str, n_train: int = 8) -> np.n
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--class", dest="class_name", default="02Bracket")
+    parser.add_argument("--class", dest="class_name", default="01Knob")
     parser.add_argument("--root", type=Path, default=REPO / ".cache" / "parts")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--all-classes", action="store_true", help="generate every class for the last row")

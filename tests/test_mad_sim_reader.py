@@ -142,7 +142,23 @@ def test_empty_test_set(broken):
 def test_unknown_test_folder(broken):
     root, class_dir = broken
     (class_dir / "test" / "Stains").rename(class_dir / "test" / "stains")
-    with pytest.raises(DatasetError, match=r"unknown test folder 'stains'.*case-sensitive"):
+    with pytest.raises(DatasetError, match=r"unknown test folder 'stains'.*ground_truth/stains/.*case-sensitive"):
+        load_class(root, CLASS)
+
+
+def test_any_defect_folder_with_its_masks_is_a_defect_type(broken):
+    """Generated families have defect types of their own (e.g. parts' Scratch): any test folder other
+    than good is a defect type, as long as ground_truth/<name>/ holds its masks."""
+    root, class_dir = broken
+    (class_dir / "test" / "Stains").rename(class_dir / "test" / "Scratch")
+    (class_dir / "ground_truth" / "Stains").rename(class_dir / "ground_truth" / "Scratch")
+    data = load_class(root, CLASS)
+    scratch = [t for t in data.test if t.defect == "Scratch"]
+    assert [t.name for t in scratch] == ["test/Scratch/000.png"] and scratch[0].label == 1
+    assert scratch[0].mask_path == class_dir / "ground_truth" / "Scratch" / "000_mask.png"
+    assert [t.defect for t in data.test] == ["good", "good", "Burrs", "Missing", "Scratch"]
+    (class_dir / "ground_truth" / "Scratch" / "000_mask.png").unlink()
+    with pytest.raises(DatasetError, match=r"Scratch/000.png: defect image without its mask"):
         load_class(root, CLASS)
 
 

@@ -1,7 +1,8 @@
-"""Datasets in the MAD-Sim layout: the reader, camera conventions, and the built-in generated dataset.
+"""Datasets in the MAD-Sim layout: the reader, camera conventions, and two generated families (the
+built-in ``synthetic``, for tuning, and ``parts``, for evaluation only: experiments/PROTOCOL.md).
 
-The pipeline calls :func:`resolve_dataset`; the generator (splatpose.data.synthetic) imports VTK and is
-loaded only when the synthetic dataset is used.
+The pipeline calls :func:`resolve_dataset`; the generators (splatpose.data.synthetic: VTK;
+splatpose.data.parts: trimesh and Mitsuba) are loaded only when their dataset is used.
 """
 
 from splatpose.data.mad_sim import (

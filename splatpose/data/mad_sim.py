@@ -4,7 +4,7 @@ One class folder looks like this (see shared/MAD_SIM_FORMAT.md)::
 
     <root>/<class>/transforms.json            camera_angle_x + frames (train poses, OpenGL c2w)
     <root>/<class>/train/good/0.png ...       posed, defect-free views
-    <root>/<class>/test/{good,Burrs,Missing,Stains}/*.png
+    <root>/<class>/test/{good,Burrs,Missing,Stains}/*.png   (any other defect folder name works too)
     <root>/<class>/ground_truth/<defect>/<stem>_mask.png
     <root>/<class>/test_poses.json            optional: true test poses (only in generated data)
 
@@ -28,6 +28,7 @@ from PIL import Image
 
 from splatpose.data.cameras import intrinsics_from_fov_x, opengl_c2w_to_opencv_w2c
 
+# MAD-Sim's defect types; the reader accepts any other test folder name too (with its masks).
 DEFECT_TYPES = ("Burrs", "Missing", "Stains")
 GOOD = "good"
 TRANSFORMS_FILE = "transforms.json"
@@ -54,7 +55,8 @@ class TrainView:
 
 @dataclass(frozen=True)
 class TestImage:
-    """A query image of unknown pose. defect is "good" or one of DEFECT_TYPES; mask_path is None for good."""
+    """A query image of unknown pose. defect is "good" or the name of its test folder (MAD-Sim's
+    DEFECT_TYPES, or any other defect type of a generated family); mask_path is None for good."""
 
     name: str
     path: Path
@@ -257,7 +259,7 @@ def load_class(root: Path, class_name: str) -> ClassData:
         DatasetError: naming the file, the problem and the fix, for: unknown class, missing or
             malformed transforms.json, frame count != number of train images, unreadable or truncated
             images, images of different sizes, a defect image without its mask, a mask whose size
-            differs from its image, an unknown test folder, an empty test set.
+            differs from its image, a defect test folder without its ground_truth folder, an empty test set.
     """
     root = Path(root)
     class_dir = root / class_name
@@ -358,14 +360,8 @@ def _common_image_size(paths: list[Path], class_dir: Path) -> tuple[int, int]:
 
 def _read_test_images(class_dir: Path, width: int, height: int) -> list[TestImage]:
     test_dir = class_dir / "test"
-    known = (GOOD, *DEFECT_TYPES)
-    if test_dir.is_dir():
-        for folder in sorted(p for p in test_dir.iterdir() if p.is_dir()):
-            if folder.name not in known:
-                raise DatasetError(f"{folder}: unknown test folder {folder.name!r}; test folders are "
-                                   f"{', '.join(known)} (case-sensitive); rename or remove it")
     test = []
-    for defect in known:
+    for defect in _test_folders(class_dir):
         for path in _images_in(test_dir / defect):
             size = image_size(path)
             if size != (width, height):
@@ -388,6 +384,25 @@ def _read_test_images(class_dir: Path, width: int, height: int) -> list[TestImag
         raise DatasetError(f"{test_dir}: empty test set; put query images in test/good/ and "
                            f"test/<defect>/ ({', '.join(DEFECT_TYPES)})")
     return test
+
+
+def _test_folders(class_dir: Path) -> tuple[str, ...]:
+    """The test folders of a class: ``good``, then every other folder under test/ (a defect type, sorted:
+    MAD-Sim's Burrs, Missing, Stains, or any other name) that holds images. A defect folder needs its
+    masks folder ground_truth/<name>/ (same name, case-sensitive)."""
+    test_dir = class_dir / "test"
+    if not test_dir.is_dir():
+        return (GOOD,)
+    defects = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name != GOOD and _images_in(p))
+    for defect in defects:
+        if not (class_dir / "ground_truth" / defect).is_dir():
+            truth = class_dir / "ground_truth"
+            held = sorted(p.name for p in truth.iterdir() if p.is_dir()) if truth.is_dir() else []
+            raise DatasetError(f"{test_dir / defect}: unknown test folder {defect!r}: a defect folder needs its "
+                               f"masks in {truth / defect}/, which does not exist (names are case-sensitive; "
+                               f"ground_truth/ holds: {', '.join(held) if held else '(nothing)'}); rename the "
+                               "folder to match its masks, add the masks, or remove it")
+    return (GOOD, *defects)
 
 
 def _read_test_poses(class_dir: Path, test: list[TestImage]) -> dict[str, np.ndarray] | None:

@@ -14,15 +14,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from splatpose.data.mad_sim import ClassData, DatasetError, list_classes, load_class
 
-KINDS = ("synthetic", "mad_sim", "custom")
+KINDS = ("synthetic", "parts", "mad_sim", "custom")
 
 
 def resolve_dataset(cfg_dataset: DictConfig | Mapping[str, Any], class_name: str | None) -> ClassData:
-    """Load (generating first, for the synthetic dataset) one class of the configured dataset.
+    """Load (generating first, for the generated families synthetic and parts) one class of the configured dataset.
 
     Args:
         cfg_dataset: the ``dataset`` node (conf/dataset/*.yaml): name, root, classes, default_class,
-            and for ``synthetic`` also preset and generator.
+            and for ``synthetic`` and ``parts`` also preset and generator.
         class_name: the ``class`` value of the run config.
     Raises:
         DatasetError: unknown dataset name, missing or nonexistent root, unknown class, or any
@@ -33,9 +33,11 @@ def resolve_dataset(cfg_dataset: DictConfig | Mapping[str, Any], class_name: str
     name = cfg.get("name")
     if name not in KINDS:
         raise DatasetError(f"dataset.name={name!r} is not a known dataset; choose one of {', '.join(KINDS)} "
-                           "(dataset=synthetic|mad_sim|custom)")
+                           "(dataset=synthetic|parts|mad_sim|custom)")
     if name == "synthetic":
         return _resolve_synthetic(cfg, class_name)
+    if name == "parts":
+        return _resolve_parts(cfg, class_name)
     root = _existing_root(cfg, name)
     available = list_classes(root)
     configured = cfg.get("classes")
@@ -76,4 +78,23 @@ def _resolve_synthetic(cfg: dict, class_name: str | None) -> ClassData:
     overrides = {k: v for k, v in (cfg.get("generator") or {}).items() if v is not None}
     root = ensure_synthetic_dataset(Path(os.path.expanduser(str(cfg["root"]))), [class_name],
                                     preset=cfg.get("preset", "small"), **overrides)
+    return load_class(root, class_name)
+
+
+def _resolve_parts(cfg: dict, class_name: str | None) -> ClassData:
+    # Imported here: the parts generator's renderer (Mitsuba) runs only in its child process.
+    from splatpose.data.parts import PARTS_CLASSES, ensure_parts_dataset
+
+    classes = list(cfg.get("classes") or PARTS_CLASSES)
+    if class_name not in classes:
+        raise DatasetError(f"unknown class {class_name!r} for dataset=parts; its classes: {', '.join(classes)} "
+                           f"(parts that can be added to dataset.classes: {', '.join(PARTS_CLASSES)})")
+    if not cfg.get("root"):
+        raise DatasetError("dataset=parts needs dataset.root (the cache folder for generated data)")
+    overrides = {k: v for k, v in (cfg.get("generator") or {}).items() if v is not None}
+    try:
+        root = ensure_parts_dataset(Path(os.path.expanduser(str(cfg["root"]))), [class_name],
+                                    preset=cfg.get("preset", "small"), **overrides)
+    except ValueError as e:  # an unknown preset, setting or class: a config error, not a crash
+        raise DatasetError(f"dataset=parts: {e}") from e
     return load_class(root, class_name)

@@ -19,32 +19,22 @@ run would trust. Same settings, same seed -> byte-identical files (with the same
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import json
-import logging
-import os
-import shutil
-import subprocess
 import sys
-import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
+from splatpose.data import generated_cache
 from splatpose.data.cameras import look_at_opengl_c2w
+from splatpose.data.generated_cache import save_png as _save_png
+from splatpose.data.generated_cache import write_json as _write_json
 from splatpose.data.mad_sim import DEFECT_TYPES, TEST_POSES_FILE, TRANSFORMS_FILE
 from splatpose.data.offscreen import OffscreenRenderer
 from splatpose.data.synthetic_scene import MESHES, SolidTexture, add_burrs, add_stain, load_object, remove_part
-
-log = logging.getLogger(__name__)
 
 # Bump when a change to the generator changes its output: cached datasets are then regenerated.
 GENERATOR_VERSION = 5
@@ -83,8 +73,7 @@ class GeneratorSettings:
     max_defect_fraction: float = 0.05
 
     def key(self) -> str:
-        blob = json.dumps({"version": GENERATOR_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return generated_cache.settings_key(GENERATOR_VERSION, self)
 
 
 PRESETS: dict[str, dict] = {
@@ -131,57 +120,13 @@ def ensure_synthetic_dataset(root: Path, classes: list[str] | tuple[str, ...] = 
         raise ValueError(f"no mesh for synthetic classes {unknown}; available: {', '.join(MESHES)}")
     dataset_root = Path(root).expanduser() / f"synthetic-{settings.key()}"
     dataset_root.mkdir(parents=True, exist_ok=True)
-    _write_if_changed(dataset_root / "generator.json",
-                      json.dumps({"generator_version": GENERATOR_VERSION, "settings": dataclasses.asdict(settings)},
-                                 indent=2, sort_keys=True) + "\n")
-    for class_name in classes:
-        with _class_lock(dataset_root, class_name):
-            if (dataset_root / class_name / TRANSFORMS_FILE).is_file():
-                continue
-            tmp = dataset_root / f".tmp-{class_name}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            start = time.perf_counter()
-            _generate_in_child_process(tmp, class_name, settings)
-            os.rename(tmp, dataset_root / class_name)
-            log.info("generated synthetic class %s in %.1f s into %s", class_name,
-                     time.perf_counter() - start, dataset_root / class_name)
+    generated_cache.write_if_changed(
+        dataset_root / "generator.json",
+        json.dumps({"generator_version": GENERATOR_VERSION, "settings": dataclasses.asdict(settings)},
+                   indent=2, sort_keys=True) + "\n")
+    generated_cache.ensure_generated_classes(dataset_root, classes, "splatpose.data.synthetic",
+                                             json.dumps(dataclasses.asdict(settings)), "synthetic")
     return dataset_root
-
-
-def _generate_in_child_process(out_dir: Path, class_name: str, settings: GeneratorSettings) -> None:
-    """Run generate_class in a fresh Python process (``python -m splatpose.data.synthetic``).
-
-    Rendering loads Mesa's software OpenGL and with it the system's LLVM into the process; a library
-    with an LLVM of its own loaded later (triton, which torch imports lazily) then crashes the process.
-    The pipeline goes on to run torch after generating, so the rendering stays out of its process.
-    """
-    command = [sys.executable, "-m", "splatpose.data.synthetic", str(out_dir), class_name,
-               json.dumps(dataclasses.asdict(settings))]
-    result = subprocess.run(command)
-    if result.returncode != 0:
-        raise RuntimeError(f"generating synthetic class {class_name} into {out_dir} failed (exit code "
-                           f"{result.returncode}; its error is printed above). Command: {' '.join(command)}")
-
-
-@contextlib.contextmanager
-def _class_lock(dataset_root: Path, class_name: str) -> Iterator[None]:
-    """Serialise generation of one class across processes (sweep jobs may start together)."""
-    with open(dataset_root / f".{class_name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            # Leftovers of an interrupted run of ours are never trusted: start that class afresh.
-            for stale in dataset_root.glob(f".tmp-{class_name}-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    if not path.is_file() or path.read_text() != text:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,7 +135,7 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 def class_rng(settings: GeneratorSettings, class_name: str) -> np.random.Generator:
     """A generator seeded by (seed, class name): classes are independent of which others are generated."""
-    return np.random.default_rng(np.random.SeedSequence([settings.seed, zlib.crc32(class_name.encode())]))
+    return generated_cache.class_rng(settings.seed, class_name)
 
 
 def build_object(settings: GeneratorSettings, class_name: str):
@@ -313,17 +258,7 @@ def apply_defect(mesh, texture: SolidTexture, defect: str, vertex: int, size: fl
     raise ValueError(f"unknown defect type {defect!r}; defect types: {', '.join(DEFECT_TYPES)}")
 
 
-def _save_png(path: Path, pixels: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Fixed encoder settings and no metadata: same pixels -> same bytes.
-    Image.fromarray(pixels).save(path, format="PNG", compress_level=6)
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-
-
 if __name__ == "__main__":
-    # The child process of _generate_in_child_process: OUT_DIR CLASS_NAME SETTINGS_JSON
+    # The child process of generated_cache.generate_in_child_process: OUT_DIR CLASS_NAME SETTINGS_JSON
     _, out, name, settings_json = sys.argv
     generate_class(Path(out), name, make_settings(**json.loads(settings_json)))

@@ -173,6 +173,8 @@ class Localizer:
             pairs.append(np.stack([q[keep], pid[keep]], axis=1))
             per_db.append(int(keep.sum()))
         pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
+        if len(pairs) == 0:  # also a reference without 3D points (an object without texture)
+            return pairs[:, 0], pairs[:, 1], np.array(per_db)
         # unique rows through one int64 key per row (query keypoint major, as np.unique(axis=0) orders
         # them), 10x faster than np.unique's row sort
         num_points = len(self.points_xyz)

@@ -119,13 +119,17 @@ def build_reference(data: ClassData, cfg: DictConfig, out_dir: Path, device: str
     colours = point_colors(reconstruction, data.root)
     rgb = np.array([colours[i] for i in ids], dtype=np.float32).reshape(-1, 3)
     if len(xyz) == 0:
-        raise RuntimeError(f"SfM reference for {data.root}: triangulation produced no 3D points from "
-                           f"{len(pairs)} db pairs; check that the train images overlap and the poses in "
-                           "transforms.json are right, or raise sfm.db_pairs.num_neighbors")
+        # A uniformly coloured object gives no matches to verify: a legitimate outcome with known poses.
+        # The splats then start from random points inside the visual hull, and every query's pose comes
+        # from the recovery through the splats (refine.recovery).
+        log.warning("SfM reference for %s: triangulation produced no 3D points from %d db pairs (an object "
+                    "without texture, or train images that do not overlap, or wrong poses in transforms.json); "
+                    "queries cannot be localized by PnP and rely on refine.recovery", data.root, len(pairs))
     _save_points(out_dir / POINTS_FILE, xyz, rgb)
     summary = {"num_points": len(xyz), "num_db_images": len(db_names), "num_db_pairs": len(pairs),
-               "mean_track_length": float(reconstruction.compute_mean_track_length()),
-               "mean_reprojection_error_px": float(reconstruction.compute_mean_reprojection_error()),
+               "mean_track_length": float(reconstruction.compute_mean_track_length()) if len(xyz) else 0.0,
+               "mean_reprojection_error_px": float(reconstruction.compute_mean_reprojection_error()) if len(xyz)
+               else 0.0,
                "seconds": {k: round(v, 3) for k, v in times.items()}}
     hloc_files.write_text_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     log.info("SfM reference: %d points, track length %.1f, reprojection error %.2f px", len(xyz),

@@ -313,8 +313,8 @@ class PoseRecovery:
                                          float(self.cfg.colour_weight))
         centroid_q = silhouette_moments(foreground_mask(query[None].float()))[0][0].numpy()
         starts = [(h.view, self._pose_of(h, centroid_q)) for h in hypotheses]
-        if start_w2c is not None:
-            starts.append((-1, np.asarray(start_w2c, dtype=np.float64)))
+        if start_w2c is not None:  # first, so the first level always refines it
+            starts.insert(0, (-1, np.asarray(start_w2c, dtype=np.float64)))
         if not starts:
             return Recovery(np.eye(4), Confidence(0.0, 1.0), False, -1, 0, time.perf_counter() - started)
         # The finer levels cost more: each refines only the best ``hypotheses[level]`` of the level before.

@@ -108,7 +108,8 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None) -> dict:
         data = resolve_dataset(cfg.dataset, class_name)
     log.info("Class %s: %d train views, %d test images (%dx%d) from %s", class_name, len(data.train),
              len(data.test), data.width, data.height, data.root)
-    data_key = stage_key("data", {"dataset": cfg.dataset, "class": class_name, "files": data.fingerprint()})
+    data_key = stage_key("data", {"dataset": dataset_identity(cfg.dataset), "class": class_name,
+                                  "files": data.fingerprint()})
 
     # The reference model depends on features, matcher and db pairs, not on query retrieval/PnP.
     with timer("sfm", subject) as record, cache.stage("sfm", reference_settings(cfg.sfm), (data_key,)) as st:
@@ -164,6 +165,13 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None) -> dict:
     write_per_image_csv(out_dir / "per_image.csv", evaluation, localization, final_poses)
     log_run_summary(loggers, results)
     return results
+
+
+def dataset_identity(cfg_dataset: DictConfig) -> dict:
+    """The dataset settings that decide a class's data: not the list of classes a run may choose from
+    (adding a class to ``dataset.classes`` must not invalidate the caches of the others)."""
+    return {k: v for k, v in OmegaConf.to_container(cfg_dataset, resolve=True).items()
+            if k not in ("classes", "default_class")}
 
 
 def splat_trainer_kwargs(cfg: DictConfig, loggers: list) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import logging
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from splatpose.scoring.module import AnomalyScoringModule, QueryRenderPairs
 from splatpose.sfm import QueryPose, build_reference, check_sfm_config, localize_queries, reference_settings
 from splatpose.splat.ply import load_gaussians
 from splatpose.splat.rendering import render
-from splatpose.splat.train import train_splats
+from splatpose.splat.train import METRICS_NAME as SPLAT_METRICS_NAME, train_splats
 from splatpose.stage_cache import StageCache, stage_key, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None) -> dict:
         "map_range": list(evaluation.map_range),
         "localization": localization,
         "refinement": refinement,
+        "splat": splat_summary(ply),
         "timings": {**timer.stages, "total": {"seconds": round(time.perf_counter() - total_start, 3)}},
         "stage_dirs": {"sfm": str(st.dir), "localize": str(loc.dir), "splat": str(sp.dir),
                        "refine": str(rf.dir), "render": str(rd.dir)},
@@ -169,6 +171,13 @@ def splat_trainer_kwargs(cfg: DictConfig, loggers: list) -> dict:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs["logger"] = loggers or False
     return kwargs
+
+
+def splat_summary(ply: Path) -> dict:
+    """The splat stage's record (Gaussians, held-out PSNR/SSIM, steps, and ``resumed``: whether the
+    training was resumed from a checkpoint of an interrupted run), from its splat_metrics.json."""
+    metrics = json.loads((Path(ply).parent / SPLAT_METRICS_NAME).read_text())
+    return {key: metrics.get(key) for key in ("num_gaussians", "psnr", "ssim", "steps", "resumed", "train_seconds")}
 
 
 def localization_summary(data: ClassData, poses: list[QueryPose]) -> dict:

@@ -27,6 +27,7 @@ import numpy as np
 import pyspng
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from splatpose.errors import UserError
 from splatpose.data.cameras import intrinsics_from_fov_x, opengl_c2w_to_opencv_w2c
 
 DEFECT_TYPES = ("Burrs", "Missing", "Stains")
@@ -36,7 +37,7 @@ TEST_POSES_FILE = "test_poses.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset folder that cannot be used as it is; the message names the file and the fix."""
 
 

@@ -65,7 +65,8 @@ def run_task(cfg: DictConfig) -> float | None:
         return results["metrics"].get("pixel_auroc")
     except Exception as error:
         cause = user_error_in(error)
-        log.error("Run failed: %s", cause if cause is not None else error)
+        hint = " (traceback in failure.json; HYDRA_FULL_ERROR=1 prints it)" if cause is not None else ""
+        log.error("Run failed: %s%s", error, hint)
         write_json_atomic(out_dir / "failure.json", {
             "status": "failed", "error": f"{type(error).__name__}: {error}",
             "traceback": traceback.format_exc(), "class": str(cfg.get("class"))})

@@ -129,8 +129,10 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tiny_class, tmp_path):
     torch.manual_seed(12345)  # a new process starts from other generator states: the checkpoint restores them
     seed_stage("resume-test")
     resumed = train_splats(tiny_class, None, None, cfg, tmp_path / "killed", trainer_kwargs())
-    assert json.loads((tmp_path / "killed" / METRICS_NAME).read_text())["resumed"] is True
     assert resumed.read_bytes() == uninterrupted.read_bytes()
+    from splatpose.pipeline import splat_summary  # what results.json records of the splat stage
+
+    assert splat_summary(resumed)["resumed"] is True and splat_summary(uninterrupted)["resumed"] is False
 
 
 def test_finished_run_is_reused_without_training(tiny_class, tmp_path):

@@ -81,6 +81,7 @@ def _unit_table(device: torch.device) -> torch.Tensor:
 
 def expand_inputs(inputs) -> list[Path]:
     """Image paths from a glob pattern, a folder, a file, or a list of any of those (sorted, no repeats).
+    A pattern in a list that matches nothing is logged as a warning (a typo must not pass unseen).
 
     Raises:
         InputError: when nothing matches, naming what was given.

@@ -8,9 +8,12 @@ without a traceback (HYDRA_FULL_ERROR=1 shows it), any other exception with its 
 
 Everything that can be checked before work is checked first (:func:`preflight`): the config values
 (``splatpose.config_checks``) and, for datasets on disk, every image decoded and every mask present;
-a mistake there stops the run in its first seconds. In a multirun a job also skips itself when its folder already holds the
-results of the same config (a rerun of the sweep), and under the joblib launcher pins its worker
-process to one GPU (``splatpose.sweeps``).
+a mistake there stops the run in its first seconds. A run holds a lock on its folder while it lives
+(``splatpose.run_dirs``), so no two live runs write into one folder.
+
+In a multirun a job also skips itself when its folder already holds the results of the same config
+(a rerun of the sweep), and under the joblib launcher pins its worker process to one GPU
+(``splatpose.sweeps``).
 """
 
 from __future__ import annotations

@@ -68,7 +68,8 @@ def run_task(cfg: DictConfig) -> float | None:
         return results["metrics"].get("pixel_auroc")
     except Exception as error:
         cause = user_error_in(error)
-        hint = " (traceback in failure.json; HYDRA_FULL_ERROR=1 prints it)" if cause is not None else ""
+        hint = "" if cause is None else " (traceback in failure.json)" if _in_multirun() else \
+            " (traceback in failure.json; HYDRA_FULL_ERROR=1 prints it)"
         log.error("Run failed: %s%s", error, hint)
         write_json_atomic(out_dir / "failure.json", {
             "status": "failed", "error": f"{type(error).__name__}: {error}",

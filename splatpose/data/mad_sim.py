@@ -166,25 +166,19 @@ def _read_image_bytes(path: Path) -> bytes:
 
 def _decode_with_pillow(path: Path, data: bytes) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return _pillow_to_pixels(path, im)
-    except DatasetError:
-        raise
+        im = Image.open(io.BytesIO(data))  # the format comes from the content, not the file name
     except UnidentifiedImageError as e:
         raise DatasetError(f"{path}: unreadable image, in no format Pillow reads (its first bytes: {data[:8]!r}); "
                            "save it as PNG or JPEG") from e
     except (OSError, SyntaxError, ValueError) as e:
-        kind = Image.open(io.BytesIO(data)).format if _identifies(data) else "image"
-        raise DatasetError(f"{path}: unreadable or truncated {kind} ({e}); re-export or re-copy this file") from e
-
-
-def _identifies(data: bytes) -> bool:
-    try:
-        Image.open(io.BytesIO(data))
-        return True
-    except (OSError, SyntaxError, ValueError):
-        return False
+        raise DatasetError(f"{path}: unreadable image ({e}); re-export or re-copy this file") from e
+    with im:
+        try:
+            im.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DatasetError(f"{path}: unreadable or truncated {im.format or 'image'} ({e}); re-export or "
+                               "re-copy this file") from e
+        return _pillow_to_pixels(path, im)
 
 
 def _pillow_to_pixels(path: Path, im: Image.Image) -> np.ndarray:

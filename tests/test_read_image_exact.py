@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from splatpose.data.mad_sim import decode_pixels, read_image, spng_decodes_exactly
+from splatpose.data.mad_sim import PNG_SIGNATURE, decode_pixels, read_image, spng_decodes_exactly
 
 
 def plain_formula(path) -> np.ndarray:
-    """The reference: float32 RGBA / 255, alpha-composited onto white (16-bit grey: round(v / 257))."""
+    """The reference: float32 RGBA / 255, alpha-composited onto white (16-bit grey: its high byte)."""
     with Image.open(path) as im:
         if im.mode == "I;16":
-            grey = np.round(np.asarray(im) / 257.0).astype(np.uint8)
-            im = Image.fromarray(grey, "L")
+            im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8), "L")
         rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
     rgb, alpha = rgba[..., :3], rgba[..., 3:]
     return rgb * alpha + (1.0 - alpha)
@@ -66,7 +65,7 @@ def test_fast_decoder_takes_only_the_files_it_decodes_as_pillow_does(tmp_path, m
     with Image.open(path) as im:
         opaque = im.mode in ("RGB", "L", "I;16") and "transparency" not in im.info
         if im.mode == "I;16":
-            im = Image.fromarray(np.round(np.asarray(im) / 257.0).astype(np.uint8), "L")
+            im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8), "L")
         pillow = np.asarray(im.convert("RGB") if opaque else im.convert("RGBA"))
     np.testing.assert_array_equal(decode_pixels(path), pillow)
     np.testing.assert_array_equal(decode_pixels(path, fast=False), pillow)  # Pillow only (background threads)
@@ -97,9 +96,30 @@ def test_16_bit_grey_png_reads_as_its_grey_values_not_white(tmp_path):
     grey16 = (np.arange(37 * 53).reshape(37, 53) * 31 % 65536).astype(np.uint16)
     Image.fromarray(grey16).save(tmp_path / "depth_like.png")
     values = read_image(tmp_path / "depth_like.png")
-    expected = np.round(grey16 / 257.0) / 255.0
-    np.testing.assert_allclose(values, np.repeat(expected[..., None], 3, 2), atol=1e-6)
+    expected = (grey16 >> 8).astype(np.float32) / np.float32(255.0)
+    np.testing.assert_array_equal(values, np.repeat(expected[..., None], 3, 2))
     assert values.min() < 0.1, "a 16-bit grey image must not read as (nearly) pure white"
+
+
+def png_16_bit(values: np.ndarray, colour_type: int) -> bytes:
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit colour): [H, W, C] uint16."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = values.shape[:2]
+    rows = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("channels, colour_type", [(3, 2), (4, 6)])
+def test_16_bit_colour_pngs_read_as_their_high_bytes(tmp_path, channels, colour_type):
+    values = np.random.default_rng(1).integers(0, 65536, (9, 7, channels)).astype(np.uint16)
+    (tmp_path / "deep.png").write_bytes(png_16_bit(values, colour_type))
+    np.testing.assert_array_equal(decode_pixels(tmp_path / "deep.png"), (values >> 8).astype(np.uint8))
 
 
 def test_palette_and_grey_alpha_pngs_read_as_their_colours(tmp_path):

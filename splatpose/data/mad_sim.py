@@ -125,7 +125,7 @@ def decode_pixels(path: Path, fast: bool = True) -> np.ndarray:
 
     The format is taken from the file's content, never its name (a JPEG named .png is read as the
     JPEG it is). Modes: 8- and 16-bit grey, grey+alpha, palette, RGB and RGBA PNGs (16-bit values
-    are rounded to 8 bits: v / 257), and JPEGs (grey, RGB, CMYK) turned upright by their EXIF
+    keep their high byte, v >> 8: Pillow's reading of 16-bit colour, applied to grey too), and JPEGs (grey, RGB, CMYK) turned upright by their EXIF
     orientation. A PNG whose chunks fail their CRC is refused (libspng would decode it to garbage).
 
     With ``fast``, 8-bit RGB and RGBA PNGs, what renderers and cameras write, go through libspng
@@ -187,11 +187,11 @@ def _pillow_to_pixels(path: Path, im: Image.Image) -> np.ndarray:
     if file_format != "PNG":
         im = ImageOps.exif_transpose(im)  # cameras store portrait shots as rotated landscape + a tag
     if im.mode in SIXTEEN_BIT_GREY_MODES:
-        grey = np.asarray(im).astype(np.float64)
+        grey = np.asarray(im).astype(np.int64)
         if grey.min() < 0 or grey.max() > 65535:
             raise DatasetError(f"{path}: {im.mode} image with values outside 0..65535; save it as 8- or "
                                "16-bit PNG")
-        grey = np.round(grey / 257.0).astype(np.uint8)
+        grey = (grey >> 8).astype(np.uint8)  # the high byte, as Pillow reads 16-bit colour PNGs
         return np.repeat(grey[..., None], 3, axis=2)
     if im.mode not in PILLOW_RGB_MODES:
         raise DatasetError(f"{path}: {file_format} image of mode {im.mode} has no RGB reading here; save it "

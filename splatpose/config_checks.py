@@ -41,6 +41,7 @@ def check_run_config(cfg: DictConfig) -> None:
 
 
 def check_detect_config(cfg: DictConfig) -> None:
+    """task=detect: a finished run's folder and some inputs are given."""
     if not cfg.get("run_dir"):
         raise ConfigError("run_dir is not set; pass run_dir=<folder of a finished evaluation run> (the folder "
                           "`python run.py` printed as 'Outputs: <folder>')")
@@ -114,7 +115,9 @@ def _integer(values, key: str, minimum: int | None = None, maximum: int | None =
 
 
 def _checked_integer(value, name: str, minimum: int | None, maximum: int | None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}={value} must be a whole number, not true/false")
+    if not isinstance(value, int):
         try:
             as_float = float(value)
         except (TypeError, ValueError):

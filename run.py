@@ -8,6 +8,8 @@
 import hydra
 from omegaconf import DictConfig
 
+from splatpose.run_dirs import set_run_id
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
@@ -17,4 +19,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    set_run_id()  # before Hydra composes: conf/hydra/default.yaml names run folders with it
     main()

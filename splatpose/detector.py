@@ -47,7 +47,7 @@ from splatpose.detect.inputs import (InputError, LoadedImage, display_names, exp
                                      pixels_to_float_torch)
 from splatpose.detect.localization import ImageLocalizer
 from splatpose.metrics import normalise_maps
-from splatpose.refine.queries import SILHOUETTES_FILE, PoseSettler, load_silhouettes
+from splatpose.refine.queries import PoseSettler, load_silhouettes
 from splatpose.refine.recovery import ReferenceSilhouettes
 from splatpose.scoring.anomaly_maps import build_scorer
 from splatpose.splat.ply import load_gaussians
@@ -192,10 +192,12 @@ class Detector:
         recovery = self.refine_cfg.get("recovery")
         if recovery is None or not recovery.enabled:
             return None
-        path = self.run.stage_dirs.get("refine", Path("/nonexistent")) / SILHOUETTES_FILE
-        if not path.is_file():
-            log.warning("%s is missing (a run made before pose recovery existed): queries that PnP cannot "
-                        "localize are flagged, not recovered; rerun the evaluation to enable recovery", path)
+        path = self.run.silhouettes
+        if path is None or not path.is_file():
+            log.warning("%s: the run's search views for pose recovery are missing (a run made before pose "
+                        "recovery existed, or a partial copy of the run folder): queries that PnP cannot "
+                        "localize are flagged, not recovered; rerun the evaluation to enable recovery",
+                        path or self.run.run_dir)
             return None
         return load_silhouettes(path)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import logging
 import time
 from pathlib import Path
@@ -27,17 +28,19 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from splatpose.callbacks.evaluation import Evaluation, flatten_metrics
+from splatpose.config_checks import ConfigError, check_run_config
 from splatpose.data import resolve_dataset
 from splatpose.data.cameras import camera_center, center_error, rotation_error_deg
 from splatpose.data.mad_sim import ClassData, read_image, read_mask
-from splatpose.refine.queries import POSE_PATHS, RefinedPose, refine_query_poses
+from splatpose.detect.finished_run import keep_detector_artifacts
+from splatpose.refine.queries import POSE_PATHS, SILHOUETTES_FILE, RefinedPose, refine_query_poses
 from splatpose.run_info import environment_info
 from splatpose.scoring.anomaly_maps import build_scorer
 from splatpose.scoring.module import AnomalyScoringModule, QueryRenderPairs
 from splatpose.sfm import QueryPose, build_reference, check_sfm_config, localize_queries, reference_settings
 from splatpose.splat.ply import load_gaussians
 from splatpose.splat.rendering import render
-from splatpose.splat.train import train_splats
+from splatpose.splat.train import METRICS_NAME as SPLAT_METRICS_NAME, train_splats
 from splatpose.stage_cache import StageCache, stage_key, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -59,10 +62,17 @@ def resolve_device(device: str) -> str:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Checks that need no data, run before any work (bad feature/matcher pairs, unknown task)."""
-    check_sfm_config(cfg.sfm)
-    if cfg.task not in ("evaluate", "detect"):
-        raise ValueError(f"task={cfg.task!r} is unknown; choose task=evaluate or task=detect")
+    """Checks that need no data, run before any work: the values (``check_run_config``: steps, sizes,
+    rates, weights files) and the feature/matcher pairing.
+
+    Raises:
+        ConfigError: naming the setting and the fix.
+    """
+    check_run_config(cfg)
+    try:
+        check_sfm_config(cfg.sfm)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 class StageTimer:
@@ -85,12 +95,13 @@ class StageTimer:
         log.info("[%s] %s in %.1f s", name, "reused" if record["reused"] else "done", record["seconds"])
 
 
-def run_pipeline(cfg: DictConfig, loggers: list | None = None) -> dict:
+def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData | None = None) -> dict:
     """Run every stage for ``cfg["class"]`` and return the results written to results.json.
 
     Args:
         cfg: the composed config (conf/config.yaml)
         loggers: Lightning loggers shared by training and evaluation (built by run.py from cfg.logger)
+        data: the class as ``run.py``'s preflight loaded and checked it (None: the data stage loads it)
     """
     loggers = loggers or []
     out_dir = Path(cfg.paths.output_dir)
@@ -105,7 +116,7 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None) -> dict:
     total_start = time.perf_counter()
 
     with timer("data", subject):
-        data = resolve_dataset(cfg.dataset, class_name)
+        data = data if data is not None else resolve_dataset(cfg.dataset, class_name)
     log.info("Class %s: %d train views, %d test images (%dx%d) from %s", class_name, len(data.train),
              len(data.test), data.width, data.height, data.root)
     data_key = stage_key("data", {"dataset": dataset_identity(cfg.dataset), "class": class_name,
@@ -154,10 +165,12 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None) -> dict:
         "map_range": list(evaluation.map_range),
         "localization": localization,
         "final_poses": final_poses,
+        "splat": splat_summary(ply),
         "timings": {**timer.stages, "total": {"seconds": round(time.perf_counter() - total_start, 3)}},
         "stage_dirs": {"sfm": str(st.dir), "localize": str(loc.dir), "splat": str(sp.dir),
                        "refine": str(rf.dir), "render": str(rd.dir)},
         "gaussians_ply": str(ply),
+        "artifacts": keep_detector_artifacts(out_dir, st.dir, ply, rf.dir / SILHOUETTES_FILE),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "environment": environment_info(device),
     }
@@ -178,6 +191,13 @@ def splat_trainer_kwargs(cfg: DictConfig, loggers: list) -> dict:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs["logger"] = loggers or False
     return kwargs
+
+
+def splat_summary(ply: Path) -> dict:
+    """The splat stage's record (Gaussians, held-out PSNR/SSIM, steps, and ``resumed``: whether the
+    training was resumed from a checkpoint of an interrupted run), from its splat_metrics.json."""
+    metrics = json.loads((Path(ply).parent / SPLAT_METRICS_NAME).read_text())
+    return {key: metrics.get(key) for key in ("num_gaussians", "psnr", "ssim", "steps", "resumed", "train_seconds")}
 
 
 def localization_summary(data: ClassData, poses: list[QueryPose]) -> dict:

@@ -6,6 +6,10 @@ changing the matcher recomputes everything downstream of it. A folder is trusted
 ``stage.json`` marker exists; the marker is written last, atomically, so an interrupted stage is
 redone (or resumed by the stage itself) on the next run. A file lock around each stage makes
 concurrent sweep jobs that need the same stage wait for one computation instead of racing.
+
+A stage computed here starts from random state derived from its key alone (:func:`seed_stage`), so
+what a key holds does not depend on which stages ran before it in the process: the same key gives
+the same files. A stage whose result should vary with the run's seed puts the seed in its settings.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +33,32 @@ MARKER = "stage.json"
 
 
 def stage_key(stage: str, settings: Any, inputs: tuple[str, ...] = ()) -> str:
-    """A short, stable hash of a stage's settings (any OmegaConf/JSON value) and its inputs' keys."""
-    if isinstance(settings, DictConfig):
-        settings = OmegaConf.to_container(settings, resolve=True)
-    blob = json.dumps({"stage": stage, "settings": settings, "inputs": list(inputs)},
+    """A short, stable hash of a stage's settings and its inputs' keys.
+
+    ``settings`` is any JSON value, and may hold OmegaConf nodes at any depth: those are hashed by their
+    resolved values (``${paths.cache_dir}/x`` by the folder it names), never by their text.
+    """
+    blob = json.dumps({"stage": stage, "settings": _plain(settings), "inputs": list(inputs)},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def stage_seed(key: str) -> int:
+    """The seed a stage's random generators start from: a function of the stage key alone (< 2**32)."""
+    return int(hashlib.sha256(f"seed|{key}".encode()).hexdigest()[:8], 16)
+
+
+def seed_stage(key: str) -> int:
+    """Seed Python's, numpy's and torch's global generators (and CUDA's) for the stage ``key``.
+
+    Called when a stage starts computing, so its result depends on its key (its settings and
+    inputs) and not on what earlier stages drew from the same generators. Returns the seed.
+    """
+    from lightning.fabric.utilities.seed import seed_everything  # imported here: torch is heavy
+
+    seed = stage_seed(key)
+    seed_everything(seed, workers=True, verbose=False)
+    return seed
 
 
 @dataclass
@@ -71,7 +95,8 @@ class StageCache:
         Yields a :class:`Stage`; when ``stage.reused`` is True the caller loads the result from
         ``stage.dir`` instead of computing it, and otherwise computes it there and the stage is
         marked finished on a clean exit. An exception leaves no marker, so nothing half-written
-        is ever reused.
+        is ever reused. A stage to be computed starts with its generators seeded by
+        :func:`seed_stage`.
         """
         key = stage_key(name, settings, inputs)
         folder = self.root / name / key
@@ -87,6 +112,7 @@ class StageCache:
                     json.dumps({"settings": _plain(settings), "inputs": list(inputs)},
                                indent=2, sort_keys=True, default=str))
                 log.info("[%s] computing into %s", name, folder)
+                seed_stage(key)
             start = time.perf_counter()
             yield stage
             stage.seconds = time.perf_counter() - start
@@ -106,7 +132,14 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+    """``value`` with every OmegaConf node in it (at any depth) replaced by its resolved container."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -2,15 +2,24 @@
 
 Like lightning-hydra-template's task wrapper: the loggers are always finished and the output folder
 always printed, even when the job crashes. In a multirun a failing job records its error in
-``failure.json`` and returns, so the rest of the sweep goes on; a single run re-raises so the
-command exits non-zero. In a multirun a job also skips itself when its folder already holds the
-results of the same config (a rerun of the sweep), and under the joblib launcher pins its worker
-process to one GPU (``splatpose.sweeps``).
+``failure.json`` and returns, so the rest of the sweep goes on; a single run exits non-zero: a
+user error (:class:`splatpose.errors.UserError`: a setting, file or folder to fix) as one message
+without a traceback (HYDRA_FULL_ERROR=1 shows it), any other exception with its traceback.
+
+Everything that can be checked before work is checked first (:func:`preflight`): the config values
+(``splatpose.config_checks``) and, for datasets on disk, every image decoded and every mask present;
+a mistake there stops the run in its first seconds. A run holds a lock on its folder while it lives
+(``splatpose.run_dirs``), so no two live runs write into one folder.
+
+In a multirun a job also skips itself when its folder already holds the results of the same config
+(a rerun of the sweep), and under the joblib launcher pins its worker process to one GPU
+(``splatpose.sweeps``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 from pathlib import Path
 
@@ -19,6 +28,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from splatpose.config_checks import check_run_config
+from splatpose.errors import UserError
+from splatpose.run_dirs import claim_run_dir
 from splatpose.stage_cache import write_json_atomic
 from splatpose.sweeps.gpu_leases import pin_gpu_for_job
 from splatpose.sweeps.resume import clear_previous_outcome, finished_results
@@ -33,11 +45,13 @@ def run_task(cfg: DictConfig) -> float | None:
     finished = finished_sweep_job(cfg, out_dir)
     if finished is not None:
         return finished["metrics"].get("pixel_auroc")
-    clear_previous_outcome(out_dir)
-    OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
     loggers: list = []
     status = "failed"
     try:
+        claim_run_dir(out_dir)
+        clear_previous_outcome(out_dir)
+        OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
+        data = preflight(cfg)
         if _in_multirun():  # before anything touches CUDA in this process
             hydra_cfg = HydraConfig.get()
             pin_gpu_for_job(cfg.get("sweep"), hydra_cfg.launcher.get("_target_"), hydra_cfg.job.num, out_dir)
@@ -48,21 +62,52 @@ def run_task(cfg: DictConfig) -> float | None:
             status = "ok"
             return None
         from splatpose.pipeline import format_metrics, run_pipeline
-        results = run_pipeline(cfg, loggers)
+        results = run_pipeline(cfg, loggers, data=data)
         status = "ok"
         print(f"\nResults for {results['dataset']}/{results['class']}:\n{format_metrics(results['metrics'])}")
         return results["metrics"].get("pixel_auroc")
     except Exception as error:
-        log.error("Run failed: %s", error)
+        cause = user_error_in(error)
+        hint = "" if cause is None else " (traceback in failure.json)" if _in_multirun() else \
+            " (traceback in failure.json; HYDRA_FULL_ERROR=1 prints it)"
+        log.error("Run failed: %s%s", error, hint)
         write_json_atomic(out_dir / "failure.json", {
             "status": "failed", "error": f"{type(error).__name__}: {error}",
             "traceback": traceback.format_exc(), "class": str(cfg.get("class"))})
-        if not _in_multirun():
-            raise
-        return None
+        if _in_multirun():
+            return None
+        if cause is not None and not os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise SystemExit(1) from None  # the message above is the whole story; Hydra prints no traceback
+        raise
     finally:
         finish_loggers(loggers, status)
         print(f"Outputs: {out_dir.resolve()}")
+
+
+def preflight(cfg: DictConfig):
+    """Check what can be checked before work: config values, then (task=evaluate, datasets on disk)
+    the class folder, with every image decoded and every mask present. Returns the loaded class
+    (``ClassData``) for the pipeline, or None when the data stage must make it (dataset=synthetic
+    generates its images) or the task needs none.
+
+    Raises:
+        UserError: naming the setting or file and the fix.
+    """
+    check_run_config(cfg)
+    if cfg.task != "evaluate" or cfg.dataset.get("name") == "synthetic":
+        return None
+    from splatpose.data.resolve import resolve_dataset  # light: numpy and Pillow only
+
+    return resolve_dataset(cfg.dataset, str(cfg["class"]))
+
+
+def user_error_in(error: BaseException) -> UserError | None:
+    """The :class:`UserError` that ``error`` is or was raised from (a stage wraps what failed in it)."""
+    while error is not None:
+        if isinstance(error, UserError):
+            return error
+        error = error.__cause__
+    return None
 
 
 def finished_sweep_job(cfg: DictConfig, out_dir: Path) -> dict | None:

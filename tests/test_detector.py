@@ -286,6 +286,14 @@ def test_expand_inputs(tmp_path):
         expand_inputs(str(tmp_path / "*.jpg"))
 
 
+def test_a_pattern_in_a_list_that_matches_nothing_is_a_warning(tmp_path, caplog):
+    (tmp_path / "a.png").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="splatpose.detect.inputs"):
+        paths = expand_inputs([str(tmp_path / "a.png"), str(tmp_path / "typo" / "*.png")])
+    assert [p.name for p in paths] == ["a.png"]
+    assert f"{tmp_path / 'typo' / '*.png'}" in caplog.text and "matched no files" in caplog.text
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batched_lightglue_on_cuda_matches_like_pairwise():

@@ -121,8 +121,35 @@ def test_truncated_image(broken):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(DatasetError, match=r"001.png: truncated PNG"):
         load_class(root, CLASS)
-    with pytest.raises(DatasetError, match=r"001.png: unreadable or truncated image"):
+    with pytest.raises(DatasetError, match=r"001.png: truncated PNG"):
         read_image(path)
+
+
+def test_image_damaged_in_the_middle_stops_the_data_stage(broken):
+    """Its end chunk is intact, so a header check passes it; the data stage decodes every image."""
+    root, class_dir = broken
+    path = class_dir / "train" / "good" / "3.png"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 16] = bytes(16)
+    path.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=r"3.png: corrupt PNG \(chunk 'IDAT' .* CRC"):
+        load_class(root, CLASS)
+
+
+def test_missing_transforms_is_named_not_an_unknown_class(broken):
+    root, class_dir = broken
+    (class_dir / "transforms.json").unlink()
+    with pytest.raises(DatasetError, match=r"01Ant.transforms.json: missing transforms.json"):
+        resolve_dataset(OmegaConf.create({"name": "custom", "root": str(root)}), CLASS)
+
+
+def test_non_finite_pose_is_named_as_such(broken):
+    root, class_dir = broken
+    meta = json.loads((class_dir / "transforms.json").read_text())
+    meta["frames"][2]["transform_matrix"][0][3] = float("nan")
+    (class_dir / "transforms.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match=r"frames\[2\].transform_matrix holds NaN or infinite values"):
+        load_class(root, CLASS)
 
 
 def test_unreadable_image(broken):

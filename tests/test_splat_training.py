@@ -15,6 +15,7 @@ from splatpose.data.mad_sim import ClassData, TrainView
 from splatpose.splat.gaussians import init_gaussians
 from splatpose.splat.rendering import render
 from splatpose.splat.train import METRICS_NAME, train_splats
+from splatpose.stage_cache import seed_stage
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "splat"
 SIZE = 32
@@ -113,6 +114,25 @@ def test_interrupted_run_resumes_from_its_checkpoint(tiny_class, tmp_path):
     assert start.exp_avg_shape == (saved_n, 3)  # optimizer state restored at the resized shape
     metrics = json.loads((tmp_path / METRICS_NAME).read_text())
     assert ply.is_file() and metrics["steps"] == 12 and metrics["resumed"] is True
+
+
+def test_resumed_run_ends_where_an_uninterrupted_one_does(tiny_class, tmp_path):
+    """Killed after step 10 (its last checkpoint at step 8, steps 9-10 lost) and resumed: the same
+    Gaussians to the byte as a run that was never interrupted, on the CPU. The pipeline seeds each
+    stage from its key (seed_stage); here both runs start from the same seed the same way."""
+    cfg = tiny_config()
+    seed_stage("resume-test")
+    uninterrupted = train_splats(tiny_class, None, None, cfg, tmp_path / "whole", trainer_kwargs())
+    seed_stage("resume-test")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train_splats(tiny_class, None, None, cfg, tmp_path / "killed", trainer_kwargs(StopAt(10)))
+    torch.manual_seed(12345)  # a new process starts from other generator states: the checkpoint restores them
+    seed_stage("resume-test")
+    resumed = train_splats(tiny_class, None, None, cfg, tmp_path / "killed", trainer_kwargs())
+    assert resumed.read_bytes() == uninterrupted.read_bytes()
+    from splatpose.pipeline import splat_summary  # what results.json records of the splat stage
+
+    assert splat_summary(resumed)["resumed"] is True and splat_summary(uninterrupted)["resumed"] is False
 
 
 def test_finished_run_is_reused_without_training(tiny_class, tmp_path):

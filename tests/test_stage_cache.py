@@ -66,3 +66,16 @@ def test_concurrent_jobs_compute_a_shared_stage_once(tmp_path):
         job.join(timeout=60)
         assert job.exitcode == 0
     assert log_path.read_text().count("computed") == 1
+
+
+def test_key_hashes_resolved_values_of_nested_configs():
+    """A config node inside the settings is hashed by what it resolves to, not by its text: the same
+    text pointing at another folder is another key, and equal values are one key."""
+    def dataset_node(cache_dir):
+        cfg = OmegaConf.create({"paths": {"cache_dir": cache_dir}, "dataset": {"root": "${paths.cache_dir}/synthetic"}})
+        return cfg.dataset
+
+    key_a = stage_key("data", {"dataset": dataset_node("/a"), "class": "01Ant"})
+    key_b = stage_key("data", {"dataset": dataset_node("/b"), "class": "01Ant"})
+    assert key_a != key_b
+    assert key_a == stage_key("data", {"dataset": {"root": "/a/synthetic"}, "class": "01Ant"})

@@ -44,6 +44,8 @@ def resolve_dataset(cfg_dataset: DictConfig | Mapping[str, Any], class_name: str
     if class_name is None:
         raise DatasetError(f"no class selected; set class=<name>; classes under {root}: "
                            f"{', '.join(available) if available else '(none)'}")
+    if class_name not in available and (root / class_name).is_dir():
+        load_class(root, class_name)  # the folder is there: its own error names what it lacks
     if class_name not in available:
         hint = ""
         if configured and class_name in configured:

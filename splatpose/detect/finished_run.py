@@ -5,25 +5,34 @@ folders of the stage cache (SfM reference, localization, splats, renders), the G
 resolved config and ``map_range``: the (lo, hi) of the raw anomaly maps of the class's test set,
 i.e. the fixed normalisation a detector applies to a single new image. The camera (intrinsics and
 image size) and the db poses are read back from the SfM reconstruction itself, so detection needs
-only the run folder and its stage folders, not the dataset.
+neither the dataset nor the stage cache: what it reads (the SfM reference and the Gaussians) is kept
+in the run folder's ``artifacts/`` (:func:`keep_detector_artifacts`), which results.json names by
+paths relative to the run folder. A run folder can be moved, and the cache cleared.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from splatpose.errors import UserError
 from splatpose.sfm.reference import FEATURES_FILE, POINTS_FILE, SUMMARY_FILE, Reference
 from splatpose.sfm.triangulation import w2c_from_rigid
 
 RESULTS_FILE = "results.json"
+ARTIFACTS_DIR = "artifacts"
+RECONSTRUCTION_DIR = "sfm"  # the COLMAP model inside an SfM stage folder
+# What a detector reads of the SfM stage folder (not the matches or the COLMAP database).
+SFM_ARTIFACTS = (SUMMARY_FILE, POINTS_FILE, FEATURES_FILE, RECONSTRUCTION_DIR)
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError):
     """A run folder that a detector cannot use; the message names the file and the fix."""
 
 
@@ -48,6 +57,7 @@ class FinishedRun:
     map_range: tuple[float, float]
     stage_dirs: dict[str, Path]
     metrics: dict
+    silhouettes: Path | None = None
 
     @property
     def class_name(self) -> str:
@@ -75,22 +85,84 @@ def load_finished_run(run_dir: Path | str) -> FinishedRun:
             raise RunFolderError(f"{results_path}: field '{key}' is missing; it was written by an older "
                                  "pipeline, rerun the evaluation (`python run.py ...`) to refresh it")
     stage_dirs = {name: Path(path) for name, path in results["stage_dirs"].items()}
-    rerun = f"rerun the evaluation with the same config (class={results['config'].get('class')}) to rebuild it"
-    for name in ("sfm",):
-        if name not in stage_dirs or not stage_dirs[name].is_dir():
-            raise RunFolderError(f"{results_path}: stage_dirs.{name} = {stage_dirs.get(name)} does not exist "
-                                 f"(was the stage cache deleted?); {rerun}")
-    ply = Path(results["gaussians_ply"])
-    if not ply.is_file():
-        raise RunFolderError(f"{results_path}: gaussians_ply = {ply} does not exist; {rerun}")
+    sfm_dir, ply = detector_inputs(run_dir, results)
     lo, hi = (float(v) for v in results["map_range"])
     if not hi > lo:
         raise RunFolderError(f"{results_path}: map_range = {results['map_range']} is empty (hi <= lo), so "
                              "maps cannot be normalised; the evaluation's maps were constant")
-    reference, K, width, height, db_w2c = read_reference(stage_dirs["sfm"])
+    reference, K, width, height, db_w2c = read_reference(sfm_dir)
     return FinishedRun(run_dir=run_dir, config=OmegaConf.create(results["config"]), reference=reference,
                        gaussians_ply=ply, K=K, width=width, height=height, db_w2c=db_w2c,
-                       map_range=(lo, hi), stage_dirs=stage_dirs, metrics=results.get("metrics", {}))
+                       map_range=(lo, hi), stage_dirs=stage_dirs, metrics=results.get("metrics", {}),
+                       silhouettes=silhouettes_file(run_dir, results))
+
+
+def detector_inputs(run_dir: Path, results: dict) -> tuple[Path, Path]:
+    """(SfM stage folder, Gaussians' PLY) of a run: its own ``artifacts/`` copies, or (runs written
+    before the run folder kept them) the stage cache's folders.
+
+    Raises:
+        RunFolderError: naming the missing folder or file and the fix.
+    """
+    results_path = run_dir / RESULTS_FILE
+    rerun = f"rerun the evaluation with the same config (class={results['config'].get('class')}) to rebuild it"
+    artifacts = results.get("artifacts")
+    if artifacts:
+        sfm_dir, ply = run_dir / artifacts["sfm"], run_dir / artifacts["gaussians_ply"]
+        for path in [ply, *(sfm_dir / name for name in SFM_ARTIFACTS)]:
+            if not path.exists():
+                raise RunFolderError(f"{path}: missing from the run folder (results.json lists it under "
+                                     "'artifacts'); copy the run folder whole, or " + rerun)
+        return sfm_dir, ply
+    sfm_dir, ply = Path(results["stage_dirs"].get("sfm", "")), Path(results["gaussians_ply"])
+    if not sfm_dir.is_dir():
+        raise RunFolderError(f"{results_path}: the SfM stage folder {sfm_dir} does not exist (was the stage cache "
+                             f"deleted? this run folder predates artifacts/ and keeps no copy); {rerun}")
+    if not ply.is_file():
+        raise RunFolderError(f"{results_path}: gaussians_ply = {ply} does not exist (was the stage cache "
+                             f"deleted?); {rerun}")
+    return sfm_dir, ply
+
+
+def keep_detector_artifacts(run_dir: Path, sfm_dir: Path, ply: Path, silhouettes: Path | None = None) -> dict[str, str]:
+    """Put what a detector reads into ``run_dir/artifacts/``: the SfM reference (summary, points,
+    features, COLMAP model), the Gaussians' PLY and the pose recovery's search views (when the run made
+    them). Hard links where the file system allows (no space, no copy time; the cache writes files by
+    rename, so a link keeps the content it had), else copies.
+
+    Returns: {"sfm": ..., "gaussians_ply": ..., ["silhouettes": ...]}, paths relative to ``run_dir``.
+    """
+    target = Path(run_dir) / ARTIFACTS_DIR
+    for name in SFM_ARTIFACTS:
+        _link_or_copy(Path(sfm_dir) / name, target / "sfm" / name)
+    _link_or_copy(Path(ply), target / Path(ply).name)
+    kept = {"sfm": f"{ARTIFACTS_DIR}/sfm", "gaussians_ply": f"{ARTIFACTS_DIR}/{Path(ply).name}"}
+    if silhouettes is not None and Path(silhouettes).is_file():
+        _link_or_copy(Path(silhouettes), target / Path(silhouettes).name)
+        kept["silhouettes"] = f"{ARTIFACTS_DIR}/{Path(silhouettes).name}"
+    return kept
+
+
+def silhouettes_file(run_dir: Path, results: dict) -> Path | None:
+    """The pose recovery's search views of a run (None: the run made none, e.g. recovery off)."""
+    artifacts = results.get("artifacts") or {}
+    if "silhouettes" in artifacts:
+        return run_dir / artifacts["silhouettes"]
+    legacy = Path(results.get("stage_dirs", {}).get("refine", "/nonexistent")) / "reference_silhouettes.npz"
+    return legacy if legacy.is_file() else None
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    if source.is_dir():
+        for child in source.iterdir():
+            _link_or_copy(child, destination / child.name)
+        return
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.unlink(missing_ok=True)
+    try:
+        os.link(source, destination)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(source, destination)
 
 
 def read_reference(sfm_dir: Path) -> tuple[Reference, np.ndarray, int, int, np.ndarray]:
@@ -102,10 +174,10 @@ def read_reference(sfm_dir: Path) -> tuple[Reference, np.ndarray, int, int, np.n
     sfm_dir = Path(sfm_dir)
     for name in (SUMMARY_FILE, POINTS_FILE, FEATURES_FILE):
         if not (sfm_dir / name).is_file():
-            raise RunFolderError(f"{sfm_dir / name}: missing; the SfM stage folder is incomplete, rerun "
+            raise RunFolderError(f"{sfm_dir / name}: missing; the SfM reference is incomplete, rerun "
                                  "the evaluation to rebuild it")
     reference = Reference(points_xyz=np.zeros((0, 3), np.float32), points_rgb=np.zeros((0, 3), np.float32),
-                          reconstruction_dir=sfm_dir / "sfm", features_path=sfm_dir / FEATURES_FILE,
+                          reconstruction_dir=sfm_dir / RECONSTRUCTION_DIR, features_path=sfm_dir / FEATURES_FILE,
                           pairs_path=sfm_dir / "pairs-db.txt", matches_path=sfm_dir / "matches.h5",
                           db_names=[], image_root=sfm_dir,
                           summary=json.loads((sfm_dir / SUMMARY_FILE).read_text()))

@@ -15,6 +15,7 @@ and a bad one becomes a per-image error or a flag, never an exception that stops
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +24,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from splatpose.errors import UserError
 from splatpose.data.mad_sim import DatasetError, decode_pixels, pixels_to_float
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SIZE_POLICIES = ("resize", "reject")
 ASPECT_TOLERANCE = 0.01
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """An input image that cannot be scored; the message says why and what would fix it."""
 
 
@@ -77,6 +81,7 @@ def _unit_table(device: torch.device) -> torch.Tensor:
 
 def expand_inputs(inputs) -> list[Path]:
     """Image paths from a glob pattern, a folder, a file, or a list of any of those (sorted, no repeats).
+    A pattern in a list that matches nothing is logged as a warning (a typo must not pass unseen).
 
     Raises:
         InputError: when nothing matches, naming what was given.
@@ -90,7 +95,10 @@ def expand_inputs(inputs) -> list[Path]:
         if Path(item).is_dir():
             paths += sorted(p for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         elif glob.has_magic(item):
-            paths += [Path(p) for p in sorted(glob.glob(item, recursive=True)) if Path(p).is_file()]
+            matched = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if Path(p).is_file()]
+            if not matched:
+                log.warning("inputs: the pattern %r matched no files (the other inputs go on)", item)
+            paths += matched
         else:
             paths.append(Path(item))  # a missing file becomes that image's error, not a failed run
     unique = list(dict.fromkeys(paths))

@@ -32,6 +32,8 @@ import timm
 import torch
 from torch import nn
 
+from splatpose.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Top-level (outside the blocks) lukemelas name -> timm name.
@@ -47,7 +49,7 @@ _LUKEMELAS_IR_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_con
                        "_project_conv": "conv_pwl", "_bn2": "bn3"}
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError):
     """A scorer backbone could not be built from the configured weights."""
 
 

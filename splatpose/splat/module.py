@@ -4,14 +4,19 @@ One training step: render the batch's views, L1 + D-SSIM against the images, bac
 step per parameter tensor, the means' exponential learning-rate decay, then the densification
 strategy (gsplat's ``DefaultStrategy`` or ``MCMCStrategy``, unchanged) may add, split or remove
 Gaussians. Because that changes tensor shapes, optimization is manual and a checkpoint's
-parameters are resized before its state is loaded (``on_load_checkpoint``).
+parameters are resized before its state is loaded (``on_load_checkpoint``). A checkpoint also holds
+the global random generators' states, restored when training resumes, so that the densification's
+random draws continue as in an uninterrupted run.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import random
+
 import hydra
+import numpy as np
 import torch
 from gsplat.strategy import DefaultStrategy, MCMCStrategy
 from lightning.pytorch import LightningModule
@@ -59,6 +64,7 @@ class GaussianSplatModule(LightningModule):
             self.strategy_state = self.strategy.initialize_state(scene_scale=self.scene_scale)
         else:
             self.strategy_state = self.strategy.initialize_state()
+        self._resumed_rng_states: dict[str, Any] | None = None  # set by on_load_checkpoint
         self.save_hyperparameters({"splat": OmegaConf.to_container(self.cfg), "scene_scale": self.scene_scale,
                                    "width": self.width, "height": self.height})
 
@@ -171,8 +177,14 @@ class GaussianSplatModule(LightningModule):
         self.strategy_state = {k: v.to(self.device) if isinstance(v, Tensor) else v
                                for k, v in self.strategy_state.items()}
 
+        if self._resumed_rng_states is not None:
+            # Restored here, not on load: Lightning draws from the generators between the two.
+            restore_rng_states(self._resumed_rng_states)
+            self._resumed_rng_states = None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["strategy_state"] = self.strategy_state
+        checkpoint["rng_states"] = capture_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resize the parameters to the checkpoint's number of Gaussians before its state is loaded
@@ -183,4 +195,27 @@ class GaussianSplatModule(LightningModule):
             self.splats[name] = torch.nn.Parameter(torch.empty_like(saved, device=self.splats[name].device))
         if "strategy_state" in checkpoint:
             self.strategy_state = checkpoint["strategy_state"]
+        self._resumed_rng_states = checkpoint.get("rng_states")
 
+
+
+def capture_rng_states() -> dict[str, Any]:
+    """The states of Python's, numpy's, torch's CPU and (when present) CUDA global generators, as
+    tensors and plain values (Lightning loads checkpoints with ``weights_only``: no numpy arrays)."""
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
+                        float(cached_gauss)]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Set the global generators to ``states`` (from :func:`capture_rng_states`)."""
+    random.setstate(states["python"])
+    kind, keys, position, has_gauss, cached_gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -9,7 +9,9 @@ Writes into ``out_dir``::
 
 A folder with ``point_cloud.ply`` and ``splat_metrics.json`` is finished and is returned as is; a
 folder with only a checkpoint belongs to an interrupted run, which resumes from it (same step,
-same Gaussians, same optimizer and strategy state).
+same Gaussians, same optimizer and strategy state, same random generators) and ends where an
+uninterrupted run would: the views of step ``s`` are drawn from a generator seeded by (seed, s)
+(:class:`StepSeededViews`), so a resumed run trains on the steps it lost with the same views.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Sampler
 
 from splatpose.data.mad_sim import ClassData, read_image
 from splatpose.splat.gaussians import Gaussians, init_gaussians, scene_scale_from_cameras
@@ -129,11 +131,13 @@ def train_splats(data: ClassData, points_xyz: np.ndarray | None, points_rgb: np.
     if isinstance(module.strategy, MCMCStrategy) and trainer.strategy.root_device.type != "cuda":
         raise ValueError("splat=mcmc needs a CUDA device: gsplat's MCMCStrategy relocates Gaussians with "
                          "a CUDA kernel; use splat=fast or splat=default on a CPU")
-    # Training batches are lists of view indices: the module holds the views on its device.
-    view_indices = range(len(train_views))
-    train_loader = DataLoader(view_indices, batch_size=int(cfg.batch_size), collate_fn=list,
-                              sampler=RandomSampler(view_indices, replacement=True,
-                                                    num_samples=int(cfg.steps) * int(cfg.batch_size)))
+    # Training batches are lists of view indices: the module holds the views on its device. The
+    # sampler's seed is drawn from the global generator, which the pipeline seeds per stage key.
+    sampler = StepSeededViews(len(train_views), int(cfg.batch_size), int(cfg.steps),
+                              seed=int(torch.randint(2**31 - 1, ()).item()),
+                              first_step=lambda: trainer.global_step)
+    train_loader = DataLoader(range(len(train_views)), batch_size=int(cfg.batch_size), collate_fn=list,
+                              sampler=sampler)
     eval_loader = DataLoader(eval_views, batch_size=1)
 
     start = time.perf_counter()
@@ -169,6 +173,24 @@ def train_splats(data: ClassData, points_xyz: np.ndarray | None, points_rgb: np.
     log.info("Splats: %d Gaussians, held-out PSNR %.2f dB, SSIM %.4f, %.1f s -> %s", len(gaussians),
              metrics["psnr"], metrics["ssim"], train_seconds, ply_path)
     return ply_path
+
+
+class StepSeededViews(Sampler):
+    """View indices for training steps ``first_step() .. steps - 1``, ``batch_size`` per step, drawn
+    with replacement from a generator seeded by (seed, step): step ``s`` sees the same views whether
+    the run started at 0 or resumed from a checkpoint before ``s`` (Lightning restarts a resumed
+    epoch's iteration from the beginning, so the sampler itself skips the steps already done)."""
+
+    def __init__(self, num_views: int, batch_size: int, steps: int, seed: int, first_step=lambda: 0):
+        self.num_views, self.batch_size, self.steps, self.seed = num_views, batch_size, steps, seed
+        self.first_step = first_step
+
+    def __iter__(self):
+        for step in range(self.first_step(), self.steps):
+            yield from np.random.default_rng((self.seed, step)).integers(0, self.num_views, self.batch_size).tolist()
+
+    def __len__(self) -> int:
+        return max(self.steps - self.first_step(), 0) * self.batch_size
 
 
 def _trainer_arguments(cfg: DictConfig, trainer_kwargs: dict | None, checkpoint_dir: Path, out_dir: Path,

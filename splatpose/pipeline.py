@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import logging
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from splatpose.scoring.module import AnomalyScoringModule, QueryRenderPairs
 from splatpose.sfm import QueryPose, build_reference, check_sfm_config, localize_queries, reference_settings
 from splatpose.splat.ply import load_gaussians
 from splatpose.splat.rendering import render
-from splatpose.splat.train import train_splats
+from splatpose.splat.train import METRICS_NAME as SPLAT_METRICS_NAME, train_splats
 from splatpose.stage_cache import StageCache, stage_key, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None) -> dict:
         "map_range": list(evaluation.map_range),
         "localization": localization,
         "final_poses": final_poses,
+        "splat": splat_summary(ply),
         "timings": {**timer.stages, "total": {"seconds": round(time.perf_counter() - total_start, 3)}},
         "stage_dirs": {"sfm": str(st.dir), "localize": str(loc.dir), "splat": str(sp.dir),
                        "refine": str(rf.dir), "render": str(rd.dir)},
@@ -170,6 +172,15 @@ def splat_trainer_kwargs(cfg: DictConfig, loggers: list) -> dict:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs["logger"] = loggers or False
     return kwargs
+
+
+def splat_summary(ply: Path) -> dict:
+    """The splats' quality and cost from the splat stage's splat_metrics.json beside ``ply``: held-out
+    PSNR (dB) and SSIM, the Gaussians count, training steps and seconds (of the run that trained them:
+    a reused stage reports its original training time)."""
+    metrics = json.loads((Path(ply).parent / SPLAT_METRICS_NAME).read_text())
+    return {key: metrics.get(key) for key in ("psnr", "ssim", "num_gaussians", "steps", "train_seconds",
+                                              "eval_on")}
 
 
 def localization_summary(data: ClassData, poses: list[QueryPose]) -> dict:
@@ -299,7 +310,7 @@ def write_per_image_csv(path: Path, evaluation: Evaluation, localization: dict, 
 def log_run_summary(loggers: list, results: dict) -> None:
     """Per-stage timings and localization numbers to every logger (metrics were logged by the evaluator)."""
     summary = {f"time/{stage}": t["seconds"] for stage, t in results["timings"].items()}
-    for section in ("localization", "final_poses"):
+    for section in ("localization", "final_poses", "splat"):
         summary.update({f"{section}/{k}": v for k, v in results[section].items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
     for logger in loggers:

@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from splatpose.console import quiet_console
 from splatpose.stage_cache import write_json_atomic
 from splatpose.sweeps.gpu_leases import pin_gpu_for_job
 from splatpose.sweeps.resume import clear_previous_outcome, finished_results
@@ -35,6 +36,7 @@ def run_task(cfg: DictConfig) -> float | None:
         return finished["metrics"].get("pixel_auroc")
     clear_previous_outcome(out_dir)
     OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
+    quiet_console(bool(cfg.get("verbose_libraries", False)))
     loggers: list = []
     status = "failed"
     try:

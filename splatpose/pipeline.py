@@ -62,8 +62,8 @@ def resolve_device(device: str) -> str:
 def validate_config(cfg: DictConfig) -> None:
     """Checks that need no data, run before any work (bad feature/matcher pairs, unknown task)."""
     check_sfm_config(cfg.sfm)
-    if cfg.task not in ("evaluate", "detect", "serve"):
-        raise ValueError(f"task={cfg.task!r} is unknown; choose task=evaluate, detect or serve")
+    if cfg.task not in ("evaluate", "detect", "serve", "watch"):
+        raise ValueError(f"task={cfg.task!r} is unknown; choose task=evaluate, detect, serve or watch")
 
 
 class StageTimer:

@@ -44,6 +44,11 @@ def run_task(cfg: DictConfig) -> float | None:
             hydra_cfg = HydraConfig.get()
             pin_gpu_for_job(cfg.get("sweep"), hydra_cfg.launcher.get("_target_"), hydra_cfg.job.num, out_dir)
         loggers = build_loggers(cfg)
+        if cfg.task == "watch":
+            from splatpose.watch import watch_task
+            watch_task(cfg)
+            status = "ok"
+            return None
         if cfg.task == "serve":
             from splatpose.service import serve_task
             serve_task(cfg)

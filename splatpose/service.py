@@ -10,7 +10,8 @@ Endpoints
                     Raw body: one detection object; multipart: ``{"detections": [...]}`` in upload order.
                     A detection: name, score, anomalous (score >= threshold; null without
                     ``detect.threshold``), threshold, localized, pose_path, w2c, flags, num_inliers,
-                    times (seconds per stage), and the map when asked.
+                    times (seconds per stage), detect_seconds (Detector.detect's wall time: the rest
+                    of a request's latency is the service's), and the map when asked.
                     400: empty body or no files; 413: body over ``serve.max_body_bytes``; 422: not a
                     decodable image or a size the run's camera cannot take (the Detector's input checks,
                     ``detect.on_size_mismatch``); 503: the run is still loading; 500: the detection
@@ -170,19 +171,21 @@ class DetectionService:
             path = Path(tmp) / "upload"
             path.write_bytes(body)
             self._check_input(path, name)
-            start = time.perf_counter()
-            try:
-                with self.inference_lock:
-                    start = time.perf_counter()
+            with self.inference_lock:
+                start = time.perf_counter()
+                try:
                     detection = self.detector.detect(path, name)
-            except Exception as error:  # unexpected: answer 500 and keep serving
-                self.metrics.observe_detection(time.perf_counter() - start, ok=False)
-                log.exception("detection of %s failed", name)
-                raise RequestError(500, f"{name}: detection failed: {type(error).__name__}: {error}") from error
-            self.metrics.observe_detection(time.perf_counter() - start, ok=detection.ok)
+                except Exception as error:  # unexpected: answer 500 and keep serving
+                    self.metrics.observe_detection(time.perf_counter() - start, ok=False)
+                    log.exception("detection of %s failed", name)
+                    raise RequestError(500, f"{name}: detection failed: {type(error).__name__}: {error}") from error
+            detect_seconds = time.perf_counter() - start
+            self.metrics.observe_detection(detect_seconds, ok=detection.ok)
         if not detection.ok:
             raise RequestError(500, f"{name}: detection failed: {detection.error}")
-        return detection_answer(detection, self.detector.cfg.threshold, map_format)
+        answer = detection_answer(detection, self.detector.cfg.threshold, map_format)
+        answer["detect_seconds"] = round(detect_seconds, 6)  # Detector.detect's wall time inside the service
+        return answer
 
     def _check_input(self, path: Path, name: str) -> None:
         """The Detector's own input checks (decodable image, size policy), before taking the lock, so

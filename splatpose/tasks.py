@@ -29,6 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from splatpose.config_checks import check_run_config
+from splatpose.console import quiet_console
 from splatpose.errors import UserError
 from splatpose.run_dirs import claim_run_dir
 from splatpose.stage_cache import write_json_atomic
@@ -45,6 +46,7 @@ def run_task(cfg: DictConfig) -> float | None:
     finished = finished_sweep_job(cfg, out_dir)
     if finished is not None:
         return finished["metrics"].get("pixel_auroc")
+    quiet_console(bool(cfg.get("verbose_libraries", False)))
     loggers: list = []
     status = "failed"
     try:
@@ -56,6 +58,16 @@ def run_task(cfg: DictConfig) -> float | None:
             hydra_cfg = HydraConfig.get()
             pin_gpu_for_job(cfg.get("sweep"), hydra_cfg.launcher.get("_target_"), hydra_cfg.job.num, out_dir)
         loggers = build_loggers(cfg)
+        if cfg.task == "watch":
+            from splatpose.watch import watch_task
+            watch_task(cfg)
+            status = "ok"
+            return None
+        if cfg.task == "serve":
+            from splatpose.service import serve_task
+            serve_task(cfg)
+            status = "ok"
+            return None
         if cfg.task == "detect":
             from splatpose.detector import detect_task
             result = detect_task(cfg)

@@ -6,6 +6,7 @@ short; the second run must reuse every stage but scoring from the stage cache.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,15 @@ def test_scorer_change_reuses_sfm_and_splats(first_run):
         assert f"[{stage}] reusing cached result" in log
     first_total = json.loads((out_dir / "results.json").read_text())["timings"]["total"]["seconds"]
     assert timings["total"]["seconds"] < 0.5 * first_total
+
+
+def test_console_is_quiet_and_results_hold_the_splats_quality(first_run):
+    out_dir, log = first_run
+    # glog's own format: severity letter, date (YYYYMMDD in pycolmap 4), time
+    assert not re.search(r"^[IWEF]\d{8} ", log, re.MULTILINE), "COLMAP/glog lines reached the console"
+    assert "💡 Tip" not in log and "LeafSpec" not in log
+    info_lines = [line.split("] - ", 1)[1] for line in log.splitlines() if "][INFO] - " in line]
+    bare_info = [line.removeprefix("INFO: ") for line in log.splitlines() if line.startswith("INFO: ")]
+    assert not set(info_lines) & set(bare_info), "Lightning's lines came twice (its handler and Hydra's)"
+    splat = json.loads((out_dir / "results.json").read_text())["splat"]
+    assert splat["psnr"] > 10 and 0 < splat["ssim"] <= 1 and splat["num_gaussians"] > 0

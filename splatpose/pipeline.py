@@ -150,7 +150,8 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData |
         scorer = build_scorer(cfg.scorer, device) if cfg.refine.get("loss") == "feature" else None
         refined = refine_query_poses(data, poses, cfg.refine, ply, rf.dir, device, backend=backend, scorer=scorer)
     final_poses = final_pose_summary(data, refined)
-    log.info("Final poses: %d by PnP, %d recovered, %d failed", *final_poses["paths"].values())
+    paths = final_poses["paths"]
+    log.info("Final poses: %d by PnP, %d recovered, %d failed", paths["pnp"], paths["recovered"], paths["failed"])
 
     with timer("render", subject) as record, cache.stage("render", {"backend": backend}, (sp.key, rf.key)) as rd:
         record["reused"] = rd.reused

@@ -47,8 +47,7 @@ from splatpose.detect.inputs import (InputError, LoadedImage, display_names, exp
                                      pixels_to_float_torch)
 from splatpose.detect.localization import ImageLocalizer
 from splatpose.metrics import normalise_maps
-from splatpose.refine.queries import PoseSettler, load_silhouettes
-from splatpose.refine.recovery import ReferenceSilhouettes
+from splatpose.refine.queries import PoseSettler
 from splatpose.scoring.anomaly_maps import build_scorer
 from splatpose.splat.ply import load_gaussians
 from splatpose.splat.rendering import render
@@ -174,8 +173,9 @@ class Detector:
         self.refine_cfg = self.cfg.refine if self.cfg.refine is not None else run.config.get("refine")
         self.settler = None
         if self.refine_cfg is not None and self.refine_cfg.enabled:
-            self.settler = PoseSettler(self.gaussians, run.K, run.width, run.height, self.refine_cfg,
-                                       self._reference_silhouettes(), backend=self.backend, scorer=self.scorer)
+            # the run's search views when it kept them; else rendered at the first query that needs them
+            self.settler = PoseSettler(self.gaussians, run.K, run.width, run.height, self.refine_cfg, run.db_w2c,
+                                       run.silhouettes, backend=self.backend, scorer=self.scorer)
         self._staging: dict[tuple, torch.Tensor] = {}  # page-locked upload buffers per batch shape
         self._pinning_failed = False
         self._loader = ThreadPoolExecutor(max_workers=worker_threads(self.cfg.load_workers),
@@ -186,20 +186,6 @@ class Detector:
         log.info("Detector for %s/%s ready in %.1f s on %s (%d Gaussians, matching %s, refine %s)",
                  run.config.dataset.name, run.class_name, self.setup_seconds, self.device, len(self.gaussians),
                  self.localizer.matching_path, "on" if self.settler else "off")
-
-    def _reference_silhouettes(self) -> ReferenceSilhouettes | None:
-        """The recovery's search images, saved by the run's refine stage (None: recovery off or an older run)."""
-        recovery = self.refine_cfg.get("recovery")
-        if recovery is None or not recovery.enabled:
-            return None
-        path = self.run.silhouettes
-        if path is None or not path.is_file():
-            log.warning("%s: the run's search views for pose recovery are missing (a run made before pose "
-                        "recovery existed, or a partial copy of the run folder): queries that PnP cannot "
-                        "localize are flagged, not recovered; rerun the evaluation to enable recovery",
-                        path or self.run.run_dir)
-            return None
-        return load_silhouettes(path)
 
     @classmethod
     def from_run(cls, run_dir: Path | str, cfg: DictConfig | dict | None = None, device: str = "auto") -> "Detector":

@@ -11,8 +11,8 @@ Per query (:class:`PoseSettler`, shared with the detector):
 
 Writes ``refined_poses.json`` into the stage folder (one entry per query, in test order: the pose used
 for rendering, its path, its alignment confidence and what refining and recovering did) and reuses it
-when complete; and ``reference_silhouettes.npz``, the recovery's search views (the splats rendered
-around the reference cameras), which the detector loads with the run.
+when complete; and, when a query needed the recovery, ``reference_silhouettes.npz``, its search views
+(the splats rendered around the reference cameras), which the detector loads with the run.
 """
 
 from __future__ import annotations
@@ -87,24 +87,42 @@ class PoseSettler:
     Args:
         gaussians: the scene; K: [3, 3] intrinsics of the full image; width, height: its size.
         cfg: the ``refine`` node (with its ``recovery`` node).
-        silhouettes: the reference views for the recovery (None: no recovery).
+        db_w2c: [N, 4, 4] the reference cameras the recovery's search views orbit.
+        silhouettes_file: where the search views are kept: loaded from there when it exists, else
+            rendered when the first query needs the recovery and written there (None: not written).
         backend, scorer: as for :class:`PoseRefiner`.
     """
 
     def __init__(self, gaussians: Gaussians, K: np.ndarray, width: int, height: int, cfg: DictConfig,
-                 silhouettes: ReferenceSilhouettes | None, backend: str = "auto", scorer=None):
+                 db_w2c: np.ndarray, silhouettes_file: Path | None = None, backend: str = "auto", scorer=None):
         self.gaussians, self.K, self.cfg, self.backend = gaussians, np.asarray(K, np.float64), cfg, backend
+        self.width, self.height, self.db_w2c, self.silhouettes_file = width, height, db_w2c, silhouettes_file
         self.refiner = PoseRefiner(gaussians, K, width, height, cfg, backend=backend, scorer=scorer)
         recovery_cfg = cfg.get("recovery")
-        self.recovery = None
-        if recovery_cfg is not None and recovery_cfg.enabled and silhouettes is not None:
-            self.recovery = PoseRecovery(gaussians, K, width, height, silhouettes, recovery_cfg, backend=backend)
+        self.recovery_enabled = recovery_cfg is not None and bool(recovery_cfg.enabled)
+        self._recovery: PoseRecovery | None = None
+
+    @property
+    def recovery(self) -> PoseRecovery | None:
+        """The recovery, its search views made on first use (most runs of textured objects never need them)."""
+        if self.recovery_enabled and self._recovery is None:
+            path = self.silhouettes_file
+            if path is not None and Path(path).is_file():
+                silhouettes = load_silhouettes(path)
+            else:
+                silhouettes = search_views(self.gaussians, self.K, self.width, self.height, self.db_w2c,
+                                           self.cfg.recovery, self.backend)
+                if path is not None:
+                    save_silhouettes(Path(path), silhouettes)
+            self._recovery = PoseRecovery(self.gaussians, self.K, self.width, self.height, silhouettes,
+                                          self.cfg.recovery, backend=self.backend)
+        return self._recovery
 
     def settle(self, query: torch.Tensor, pose: QueryPose) -> RefinedPose:
         """``query`` [3, H, W] in [0, 1]; ``pose`` its localization result."""
         if pose.success:
             refinement = self.refiner.refine(query, pose.w2c)
-            if self.recovery is None:
+            if not self.recovery_enabled:
                 return RefinedPose(pose.name, refinement.w2c, refinement.summary())
             confidence = self._confidence(refinement.w2c, query)
             if self._accepted(confidence):
@@ -116,7 +134,7 @@ class PoseSettler:
             # PnP's inliers are still the strongest evidence there is (a large defect changes the outline)
             return RefinedPose(pose.name, refinement.w2c, refinement.summary(), "pnp", confidence.summary(),
                                recovered.summary())
-        if self.recovery is None:
+        if not self.recovery_enabled:
             return RefinedPose(pose.name, pose.w2c, path="failed")
         recovered = self.recovery.recover(query)
         path = "recovered" if recovered.accepted else "failed"
@@ -140,15 +158,9 @@ def refine_query_poses(data: ClassData, poses: list[QueryPose], cfg: DictConfig,
     if cached is not None:
         log.info("refinement: reusing %s", cache_file)
         return cached
-    gaussians = load_gaussians(gaussians_ply, device)
-    silhouettes = None
-    recovery_cfg = cfg.get("recovery")
-    if recovery_cfg is not None and recovery_cfg.enabled:
-        silhouettes = search_views(gaussians, data.K, data.width, data.height, data.train_w2c, recovery_cfg, backend)
-        if out_dir is not None:
-            save_silhouettes(Path(out_dir) / SILHOUETTES_FILE, silhouettes)
-    settler = PoseSettler(gaussians, data.K, data.width, data.height, cfg, silhouettes, backend=backend,
-                          scorer=scorer)
+    silhouettes_file = Path(out_dir) / SILHOUETTES_FILE if out_dir is not None else None
+    settler = PoseSettler(load_gaussians(gaussians_ply, device), data.K, data.width, data.height, cfg,
+                          data.train_w2c, silhouettes_file, backend=backend, scorer=scorer)
     refined = []
     for test, pose in tqdm(list(zip(data.test, poses, strict=True)), desc="refine poses", leave=False):
         query = torch.from_numpy(read_image(test.path)).permute(2, 0, 1)

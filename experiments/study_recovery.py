@@ -1,7 +1,7 @@
 """Study: pose recovery through the splats from no pose at all, on a finished run's test images.
 
 For every test image of the run's class, :class:`splatpose.refine.recovery.PoseRecovery` recovers the
-pose from the reference silhouettes alone (PnP is ignored), and the result is compared with the true
+pose from the search views alone (PnP is ignored), and the result is compared with the true
 test pose (generated data). Two images that must not be recovered are added: a blank white image and a
 foreign object (a test image of ``--foreign-class``, or the query flipped upside down and recoloured).
 Also printed: the alignment confidence of the run's own final poses (the PnP/refined poses), which is
@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from splatpose.data import resolve_dataset
 from splatpose.data.cameras import rotation_error_deg
 from splatpose.data.mad_sim import read_image
-from splatpose.refine.queries import default_refine_config, search_views
+from splatpose.refine.queries import default_refine_config, make_search_views
 from splatpose.refine.recovery import PoseRecovery, alignment_confidence
 from splatpose.splat.ply import load_gaussians
 
@@ -49,7 +49,7 @@ def main() -> None:
     gaussians = load_gaussians(Path(results["gaussians_ply"]), "cpu")
     backend = run_cfg.splat.get("backend", "auto")
     start = time.perf_counter()
-    reference = search_views(gaussians, data.K, data.width, data.height, data.train_w2c, cfg.recovery, backend)
+    reference = make_search_views(gaussians, data.K, data.width, data.height, data.train_w2c, cfg.recovery, backend)
     print(f"{len(reference.w2c)} search views rendered in {time.perf_counter() - start:.1f} s")
     recovery = PoseRecovery(gaussians, data.K, data.width, data.height, reference, cfg.recovery, backend=backend)
     final_poses = json.loads((Path(results["stage_dirs"]["refine"]) / "refined_poses.json").read_text()) \

@@ -175,7 +175,7 @@ class Detector:
         if self.refine_cfg is not None and self.refine_cfg.enabled:
             # the run's search views when it kept them; else rendered at the first query that needs them
             self.settler = PoseSettler(self.gaussians, run.K, run.width, run.height, self.refine_cfg, run.db_w2c,
-                                       run.silhouettes, backend=self.backend, scorer=self.scorer)
+                                       run.search_views, backend=self.backend, scorer=self.scorer)
         self._staging: dict[tuple, torch.Tensor] = {}  # page-locked upload buffers per batch shape
         self._pinning_failed = False
         self._loader = ThreadPoolExecutor(max_workers=worker_threads(self.cfg.load_workers),

@@ -33,7 +33,7 @@ from splatpose.data import resolve_dataset
 from splatpose.data.cameras import camera_center, center_error, rotation_error_deg
 from splatpose.data.mad_sim import ClassData, read_image, read_mask
 from splatpose.detect.finished_run import keep_detector_artifacts
-from splatpose.refine.queries import POSE_PATHS, SILHOUETTES_FILE, RefinedPose, refine_query_poses
+from splatpose.refine.queries import POSE_PATHS, SEARCH_VIEWS_FILE, RefinedPose, refine_query_poses
 from splatpose.run_info import environment_info
 from splatpose.scoring.anomaly_maps import build_scorer
 from splatpose.scoring.module import AnomalyScoringModule, QueryRenderPairs
@@ -171,7 +171,7 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData |
         "stage_dirs": {"sfm": str(st.dir), "localize": str(loc.dir), "splat": str(sp.dir),
                        "refine": str(rf.dir), "render": str(rd.dir)},
         "gaussians_ply": str(ply),
-        "artifacts": keep_detector_artifacts(out_dir, st.dir, ply, rf.dir / SILHOUETTES_FILE),
+        "artifacts": keep_detector_artifacts(out_dir, st.dir, ply, rf.dir / SEARCH_VIEWS_FILE),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "environment": environment_info(device),
     }

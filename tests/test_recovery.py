@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from splatpose.data.cameras import center_error, rotation_error_deg
 from splatpose.refine.queries import default_refine_config
 from splatpose.refine.recovery import (PoseRecovery, foreground_mask, orbit_views, pose_from_similarity,
-                                       rendered_silhouettes, search_similarities, silhouette_moments)
+                                       render_search_views, search_similarities, silhouette_moments)
 from splatpose.splat.rendering import render
 from test_refine import K, SIZE, camera, random_scene
 
@@ -46,7 +46,7 @@ def recovery_cfg(**overrides):
 def reference_views(scene, yaws=range(-90, 91, 30)):
     """Search views rendered at cameras every 30 degrees of yaw (no orbits)."""
     poses = np.stack([camera(yaw_deg=float(y)) for y in yaws])
-    return rendered_silhouettes(scene, K, SIZE, SIZE, poses, search_size=32, backend="torch"), poses
+    return render_search_views(scene, K, SIZE, SIZE, poses, search_size=32, backend="torch"), poses
 
 
 def test_orbits_keep_the_distance_to_the_object_and_look_at_it():
@@ -91,9 +91,9 @@ def test_similarity_pose_reproduces_a_rolled_and_moved_camera():
 
 def test_search_finds_the_view_and_roll():
     scene = random_scene(n=1500)
-    silhouettes, poses = reference_views(scene)
+    views, poses = reference_views(scene)
     query = torch.as_tensor(shot(scene, rolled(camera(yaw_deg=60.0), -70.0))).permute(2, 0, 1)
-    best = search_similarities(query, silhouettes, rolls=36, keep=3, colour_weight=0.5)[0]
+    best = search_similarities(query, views, rolls=36, keep=3, colour_weight=0.5)[0]
     assert best.view == 5  # yaw 60
     roll_error = (math.degrees(best.roll) + 70.0 + 180.0) % 360.0 - 180.0
     assert abs(roll_error) <= 10.0
@@ -103,10 +103,10 @@ def test_recovery_turns_a_far_pose_into_an_accurate_one():
     """A query 15 degrees of yaw away from the nearest reference view and rolled by 50 degrees: no start
     pose at all, and the recovered pose is within 1 degree."""
     scene = random_scene(n=1500)
-    silhouettes, _ = reference_views(scene)
+    views, _ = reference_views(scene)
     truth = rolled(camera(yaw_deg=45.0), 50.0)
     query = torch.as_tensor(shot(scene, truth)).permute(2, 0, 1)
-    recovery = PoseRecovery(scene, K, SIZE, SIZE, silhouettes, recovery_cfg(), backend="torch")
+    recovery = PoseRecovery(scene, K, SIZE, SIZE, views, recovery_cfg(), backend="torch")
     result = recovery.recover(query)
     assert result.accepted, result.summary()
     assert rotation_error_deg(result.w2c, truth) < 1.0, result.summary()
@@ -114,8 +114,8 @@ def test_recovery_turns_a_far_pose_into_an_accurate_one():
 
 def test_blank_and_foreign_images_are_not_recovered():
     scene = random_scene(n=1500)
-    silhouettes, _ = reference_views(scene)
-    recovery = PoseRecovery(scene, K, SIZE, SIZE, silhouettes, recovery_cfg(), backend="torch")
+    views, _ = reference_views(scene)
+    recovery = PoseRecovery(scene, K, SIZE, SIZE, views, recovery_cfg(), backend="torch")
     blank = recovery.recover(torch.ones(3, SIZE, SIZE))
     assert not blank.accepted and blank.hypotheses == 0
     foreign_scene = random_scene(n=150, seed=7)  # another object: other colours, another outline

@@ -57,7 +57,7 @@ class FinishedRun:
     map_range: tuple[float, float]
     stage_dirs: dict[str, Path]
     metrics: dict
-    silhouettes: Path | None = None
+    search_views: Path | None = None
 
     @property
     def class_name(self) -> str:
@@ -94,7 +94,7 @@ def load_finished_run(run_dir: Path | str) -> FinishedRun:
     return FinishedRun(run_dir=run_dir, config=OmegaConf.create(results["config"]), reference=reference,
                        gaussians_ply=ply, K=K, width=width, height=height, db_w2c=db_w2c,
                        map_range=(lo, hi), stage_dirs=stage_dirs, metrics=results.get("metrics", {}),
-                       silhouettes=silhouettes_file(run_dir, results))
+                       search_views=search_views_file(run_dir, results))
 
 
 def detector_inputs(run_dir: Path, results: dict) -> tuple[Path, Path]:
@@ -124,32 +124,29 @@ def detector_inputs(run_dir: Path, results: dict) -> tuple[Path, Path]:
     return sfm_dir, ply
 
 
-def keep_detector_artifacts(run_dir: Path, sfm_dir: Path, ply: Path, silhouettes: Path | None = None) -> dict[str, str]:
+def keep_detector_artifacts(run_dir: Path, sfm_dir: Path, ply: Path, search_views: Path | None = None) -> dict[str, str]:
     """Put what a detector reads into ``run_dir/artifacts/``: the SfM reference (summary, points,
     features, COLMAP model), the Gaussians' PLY and the pose recovery's search views (when the run made
     them). Hard links where the file system allows (no space, no copy time; the cache writes files by
     rename, so a link keeps the content it had), else copies.
 
-    Returns: {"sfm": ..., "gaussians_ply": ..., ["silhouettes": ...]}, paths relative to ``run_dir``.
+    Returns: {"sfm": ..., "gaussians_ply": ..., ["search_views": ...]}, paths relative to ``run_dir``.
     """
     target = Path(run_dir) / ARTIFACTS_DIR
     for name in SFM_ARTIFACTS:
         _link_or_copy(Path(sfm_dir) / name, target / "sfm" / name)
     _link_or_copy(Path(ply), target / Path(ply).name)
     kept = {"sfm": f"{ARTIFACTS_DIR}/sfm", "gaussians_ply": f"{ARTIFACTS_DIR}/{Path(ply).name}"}
-    if silhouettes is not None and Path(silhouettes).is_file():
-        _link_or_copy(Path(silhouettes), target / Path(silhouettes).name)
-        kept["silhouettes"] = f"{ARTIFACTS_DIR}/{Path(silhouettes).name}"
+    if search_views is not None and Path(search_views).is_file():
+        _link_or_copy(Path(search_views), target / Path(search_views).name)
+        kept["search_views"] = f"{ARTIFACTS_DIR}/{Path(search_views).name}"
     return kept
 
 
-def silhouettes_file(run_dir: Path, results: dict) -> Path | None:
-    """The pose recovery's search views of a run (None: the run made none, e.g. recovery off)."""
+def search_views_file(run_dir: Path, results: dict) -> Path | None:
+    """The pose recovery's search views a run kept in artifacts/ (None: no query of the run needed them)."""
     artifacts = results.get("artifacts") or {}
-    if "silhouettes" in artifacts:
-        return run_dir / artifacts["silhouettes"]
-    legacy = Path(results.get("stage_dirs", {}).get("refine", "/nonexistent")) / "reference_silhouettes.npz"
-    return legacy if legacy.is_file() else None
+    return run_dir / artifacts["search_views"] if "search_views" in artifacts else None
 
 
 def _link_or_copy(source: Path, destination: Path) -> None:

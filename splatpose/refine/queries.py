@@ -11,7 +11,7 @@ Per query (:class:`PoseSettler`, shared with the detector):
 
 Writes ``refined_poses.json`` into the stage folder (one entry per query, in test order: the pose used
 for rendering, its path, its alignment confidence and what refining and recovering did) and reuses it
-when complete; and, when a query needed the recovery, ``reference_silhouettes.npz``, its search views
+when complete; and, when a query needed the recovery, ``search_views.npz``, its search views
 (the splats rendered around the reference cameras), which the detector loads with the run.
 """
 
@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from splatpose.data.mad_sim import ClassData, read_image
 from splatpose.refine.pose_refinement import PoseRefiner
-from splatpose.refine.recovery import (Confidence, PoseRecovery, ReferenceSilhouettes, alignment_confidence,
-                                       orbit_views, rendered_silhouettes)
+from splatpose.refine.recovery import (Confidence, PoseRecovery, SearchViews, alignment_confidence,
+                                       orbit_views, render_search_views)
 from splatpose.sfm.config import default_conf_dir
 from splatpose.sfm.localization import QueryPose
 from splatpose.splat.gaussians import Gaussians
@@ -40,7 +40,7 @@ from splatpose.stage_cache import write_json_atomic
 log = logging.getLogger(__name__)
 
 REFINED_POSES_FILE = "refined_poses.json"
-SILHOUETTES_FILE = "reference_silhouettes.npz"
+SEARCH_VIEWS_FILE = "search_views.npz"
 POSE_PATHS = ("pnp", "recovered", "failed")
 
 
@@ -88,15 +88,15 @@ class PoseSettler:
         gaussians: the scene; K: [3, 3] intrinsics of the full image; width, height: its size.
         cfg: the ``refine`` node (with its ``recovery`` node).
         db_w2c: [N, 4, 4] the reference cameras the recovery's search views orbit.
-        silhouettes_file: where the search views are kept: loaded from there when it exists, else
+        search_views_file: where the search views are kept: loaded from there when it exists, else
             rendered when the first query needs the recovery and written there (None: not written).
         backend, scorer: as for :class:`PoseRefiner`.
     """
 
     def __init__(self, gaussians: Gaussians, K: np.ndarray, width: int, height: int, cfg: DictConfig,
-                 db_w2c: np.ndarray, silhouettes_file: Path | None = None, backend: str = "auto", scorer=None):
+                 db_w2c: np.ndarray, search_views_file: Path | None = None, backend: str = "auto", scorer=None):
         self.gaussians, self.K, self.cfg, self.backend = gaussians, np.asarray(K, np.float64), cfg, backend
-        self.width, self.height, self.db_w2c, self.silhouettes_file = width, height, db_w2c, silhouettes_file
+        self.width, self.height, self.db_w2c, self.search_views_file = width, height, db_w2c, search_views_file
         self.refiner = PoseRefiner(gaussians, K, width, height, cfg, backend=backend, scorer=scorer)
         recovery_cfg = cfg.get("recovery")
         self.recovery_enabled = recovery_cfg is not None and bool(recovery_cfg.enabled)
@@ -106,15 +106,15 @@ class PoseSettler:
     def recovery(self) -> PoseRecovery | None:
         """The recovery, its search views made on first use (most runs of textured objects never need them)."""
         if self.recovery_enabled and self._recovery is None:
-            path = self.silhouettes_file
+            path = self.search_views_file
             if path is not None and Path(path).is_file():
-                silhouettes = load_silhouettes(path)
+                views = load_search_views(path)
             else:
-                silhouettes = search_views(self.gaussians, self.K, self.width, self.height, self.db_w2c,
+                views = make_search_views(self.gaussians, self.K, self.width, self.height, self.db_w2c,
                                            self.cfg.recovery, self.backend)
                 if path is not None:
-                    save_silhouettes(Path(path), silhouettes)
-            self._recovery = PoseRecovery(self.gaussians, self.K, self.width, self.height, silhouettes,
+                    save_search_views(Path(path), views)
+            self._recovery = PoseRecovery(self.gaussians, self.K, self.width, self.height, views,
                                           self.cfg.recovery, backend=self.backend)
         return self._recovery
 
@@ -158,9 +158,9 @@ def refine_query_poses(data: ClassData, poses: list[QueryPose], cfg: DictConfig,
     if cached is not None:
         log.info("refinement: reusing %s", cache_file)
         return cached
-    silhouettes_file = Path(out_dir) / SILHOUETTES_FILE if out_dir is not None else None
+    search_views_file = Path(out_dir) / SEARCH_VIEWS_FILE if out_dir is not None else None
     settler = PoseSettler(load_gaussians(gaussians_ply, device), data.K, data.width, data.height, cfg,
-                          data.train_w2c, silhouettes_file, backend=backend, scorer=scorer)
+                          data.train_w2c, search_views_file, backend=backend, scorer=scorer)
     refined = []
     for test, pose in tqdm(list(zip(data.test, poses, strict=True)), desc="refine poses", leave=False):
         query = torch.from_numpy(read_image(test.path)).permute(2, 0, 1)
@@ -174,33 +174,33 @@ def refine_query_poses(data: ClassData, poses: list[QueryPose], cfg: DictConfig,
     return refined
 
 
-def search_views(gaussians: Gaussians, K: np.ndarray, width: int, height: int, db_w2c: np.ndarray,
-                 cfg: DictConfig, backend: str = "auto") -> ReferenceSilhouettes:
+def make_search_views(gaussians: Gaussians, K: np.ndarray, width: int, height: int, db_w2c: np.ndarray,
+                 cfg: DictConfig, backend: str = "auto") -> SearchViews:
     """The recovery's search views (``cfg``: the ``refine.recovery`` node): the splats rendered at the
     reference cameras [N, 4, 4] and their orbits about the object (the Gaussians' median position)."""
     centre = gaussians.means.detach().double().median(dim=0).values.cpu().numpy()
-    views = orbit_views(db_w2c, centre, [float(a) for a in cfg.orbit_deg])
-    silhouettes = rendered_silhouettes(gaussians, K, width, height, views, int(cfg.search_size), backend=backend)
-    # stored as float16 (save_silhouettes): round now, so a detector loading them searches the same images
-    silhouettes.images, silhouettes.masks = silhouettes.images.half().float(), silhouettes.masks.half().float()
-    return silhouettes
+    cameras = orbit_views(db_w2c, centre, [float(a) for a in cfg.orbit_deg])
+    views = render_search_views(gaussians, K, width, height, cameras, int(cfg.search_size), backend=backend)
+    # stored as float16 (save_search_views): round now, so a detector loading them searches the same images
+    views.images, views.masks = views.images.half().float(), views.masks.half().float()
+    return views
 
 
-def save_silhouettes(path: Path, silhouettes: ReferenceSilhouettes) -> None:
+def save_search_views(path: Path, views: SearchViews) -> None:
     """Write the recovery's search images (float16) atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, w2c=silhouettes.w2c, images=silhouettes.images.half().numpy(),
-             masks=silhouettes.masks.half().numpy(), centroids=silhouettes.centroids.numpy(),
-             areas=silhouettes.areas.numpy(), size=np.array([silhouettes.width, silhouettes.height]))
+    np.savez(tmp, w2c=views.w2c, images=views.images.half().numpy(),
+             masks=views.masks.half().numpy(), centroids=views.centroids.numpy(),
+             areas=views.areas.numpy(), size=np.array([views.width, views.height]))
     tmp.replace(path)
 
 
-def load_silhouettes(path: Path) -> ReferenceSilhouettes:
-    """Read what :func:`save_silhouettes` wrote."""
+def load_search_views(path: Path) -> SearchViews:
+    """Read what :func:`save_search_views` wrote."""
     with np.load(path) as npz:
         width, height = (int(v) for v in npz["size"])
-        return ReferenceSilhouettes(npz["w2c"], torch.from_numpy(npz["images"]).float(),
+        return SearchViews(npz["w2c"], torch.from_numpy(npz["images"]).float(),
                                     torch.from_numpy(npz["masks"]).float(), torch.from_numpy(npz["centroids"]),
                                     torch.from_numpy(npz["areas"]), width, height)
 

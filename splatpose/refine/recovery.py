@@ -4,7 +4,7 @@ Weakly textured objects give few keypoints, so PnP often has too few 2D-3D match
 outline and shading still pin its pose down, and the splats can render the object at any pose. For one
 query image, :class:`PoseRecovery`
 
-1. **searches coarsely** over search views (:class:`ReferenceSilhouettes`: the splats rendered at the
+1. **searches coarsely** over search views (:class:`SearchViews`: the splats rendered at the
    reference cameras and at cameras orbited a few degrees from them, :func:`orbit_views`): each view
    is rotated about its object's centroid by every roll of a grid, scaled to the query's object area and
    shifted onto the query's centroid (a 2D similarity), and compared with the query at low resolution
@@ -65,8 +65,8 @@ def downsample(images: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 @dataclass
-class ReferenceSilhouettes:
-    """The search views at search resolution, for the coarse pose search (:func:`rendered_silhouettes`).
+class SearchViews:
+    """The search views at search resolution, for the coarse pose search (:func:`render_search_views`).
 
     w2c: [N, 4, 4] float64 world-to-camera (OpenCV) of the views.
     images: [N, 3, h, w] colours; masks: [N, 1, h, w] object coverage in [0, 1] (both at search size).
@@ -113,8 +113,8 @@ def axis_angle(axis: np.ndarray, angle: float) -> np.ndarray:
     return np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
 
 
-def rendered_silhouettes(gaussians: Gaussians, K: np.ndarray, width: int, height: int, w2c: np.ndarray,
-                         search_size: int, backend: str = "auto", batch: int = 16) -> ReferenceSilhouettes:
+def render_search_views(gaussians: Gaussians, K: np.ndarray, width: int, height: int, w2c: np.ndarray,
+                         search_size: int, backend: str = "auto", batch: int = 16) -> SearchViews:
     """Search views rendered from the splats at poses ``w2c`` [N, 4, 4] (e.g. :func:`orbit_views`).
 
     Rendered at twice the search size and area-averaged down; moments from that render, in full-image pixels.
@@ -136,7 +136,7 @@ def rendered_silhouettes(gaussians: Gaussians, K: np.ndarray, width: int, height
     centroids, areas = silhouette_moments(masks)
     centroids = centroids / torch.tensor([scale_x, scale_y])
     areas = areas / (scale_x * scale_y)
-    return ReferenceSilhouettes(np.asarray(w2c, dtype=np.float64), downsample(full, (h, w)), downsample(masks, (h, w)),
+    return SearchViews(np.asarray(w2c, dtype=np.float64), downsample(full, (h, w)), downsample(masks, (h, w)),
                                 centroids, areas, int(width), int(height))
 
 
@@ -157,7 +157,7 @@ class Hypothesis:
     score: float
 
 
-def search_similarities(query: Tensor, reference: ReferenceSilhouettes, rolls: int, keep: int,
+def search_similarities(query: Tensor, reference: SearchViews, rolls: int, keep: int,
                         colour_weight: float) -> list[Hypothesis]:
     """The ``keep`` best (view, roll) pairs, at most one per view, best first.
 
@@ -286,7 +286,7 @@ class Recovery:
 
 
 class PoseRecovery:
-    """Recovers query poses of one scene from its reference silhouettes and splats.
+    """Recovers query poses of one scene from its search views and splats.
 
     Args:
         gaussians: the scene; K: [3, 3] intrinsics of the full image; width, height: its size.
@@ -297,7 +297,7 @@ class PoseRecovery:
     """
 
     def __init__(self, gaussians: Gaussians, K: np.ndarray, width: int, height: int,
-                 reference: ReferenceSilhouettes, cfg: DictConfig, backend: str = "auto"):
+                 reference: SearchViews, cfg: DictConfig, backend: str = "auto"):
         self.gaussians, self.K, self.width, self.height = gaussians, np.asarray(K, np.float64), width, height
         self.reference, self.cfg, self.backend = reference, cfg, backend
         self.refiners = [PoseRefiner(gaussians, K, width, height, OmegaConf.create({

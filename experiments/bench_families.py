@@ -38,13 +38,24 @@ def family_classes(family: str) -> list[str]:
     return [str(c) for c in OmegaConf.load(ROOT / "conf" / "dataset" / f"{family}.yaml").classes]
 
 
-def run_class(family: str, class_name: str, extra: list[str], out_root: Path) -> dict:
-    """Run one class; returns its row (status "failed" with the log's tail when the run failed)."""
+def run_class(family: str, class_name: str, extra: list[str], out_root: Path, root: str | None = None,
+              timeout: float | None = None) -> dict:
+    """Run one class; returns its row (status "failed" with the log's tail when the run failed).
+
+    ``root``: a folder holding the family's classes already generated (MAD-Sim layout), read through
+    ``dataset=custom`` instead of generating them (the lent GPU has neither VTK nor Mitsuba)."""
     run_dir = out_root / family / class_name
-    command = [sys.executable, "run.py", f"dataset={family}", f"class={class_name}", "logger=none",
+    dataset = [f"dataset={family}"] if root is None else ["dataset=custom", f"dataset.root={root}"]
+    command = [sys.executable, "run.py", *dataset, f"class={class_name}", "logger=none",
                f"hydra.run.dir={run_dir}", *extra]
     start = time.perf_counter()
-    process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    try:
+        process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as stopped:
+        log = (run_dir / "run.log").read_text()[-1500:] if (run_dir / "run.log").is_file() else ""
+        return {"family": family, "class": class_name, "command": " ".join(command[1:]), "status": "failed",
+                "wall_seconds": round(time.perf_counter() - start, 1),
+                "error": f"stopped after {stopped.timeout:.0f} s (--timeout); the run's log ended:\n{log}"}
     row = {"family": family, "class": class_name, "command": " ".join(command[1:]),
            "wall_seconds": round(time.perf_counter() - start, 1)}
     results_path = run_dir / "results.json"
@@ -98,29 +109,45 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=["synthetic", "parts"])
     parser.add_argument("--classes", nargs="*", default=None, help="only these classes (of every family listed)")
     parser.add_argument("--args", nargs="*", default=[], help="extra run.py overrides for every job")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds one job may run (then: failed)")
+    parser.add_argument("--root", nargs="*", default=[], metavar="FAMILY=FOLDER",
+                        help="read a family's classes from a folder of generated classes (dataset=custom)")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" /
                         f"families_{time.strftime('%Y-%m-%d')}")
     args = parser.parse_args()
+    roots = dict(item.split("=", 1) for item in args.root)
     out_root = ROOT / "outputs" / "bench_families"
+    header = (f"# Both dataset families, {time.strftime('%Y-%m-%d %H:%M')} UTC\n\n"
+              f"Command: `python experiments/bench_families.py {' '.join(sys.argv[1:])}` "
+              f"(each job: `python run.py dataset=<family> class=<class> logger=none {' '.join(args.args)}`), "
+              f"host {platform.node()} ({device_name(args.args)}).\n`synthetic` is tuned on; `parts` is only "
+              "evaluated (experiments/PROTOCOL.md). Rates are fractions of the test images; s_* are stage "
+              "seconds (0 or near 0 when reused from the stage cache).")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for family in args.families:
         for class_name in args.classes or family_classes(family):
             if args.classes and class_name not in family_classes(family):
                 continue
-            row = run_class(family, class_name, args.args, out_root)
+            row = run_class(family, class_name, args.args, out_root, roots.get(family), args.timeout)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
-    device = "GPU" if any("cuda" in str(r.get("command")) for r in rows) else platform.processor() or "CPU"
-    header = (f"# Both dataset families, {time.strftime('%Y-%m-%d %H:%M')} UTC\n\n"
-              f"Command: `python experiments/bench_families.py {' '.join(sys.argv[1:])}` "
-              f"(each job: `python run.py dataset=<family> class=<class> logger=none {' '.join(args.args)}`), "
-              f"host {platform.node()} ({device}).\n`synthetic` is tuned on; `parts` is only evaluated "
-              "(experiments/PROTOCOL.md). Rates are fractions of the test images; s_* are stage seconds "
-              "(0 or near 0 when reused from the stage cache).")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(markdown(rows, header))
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+            # written after every job, so that a run stopped part-way keeps the rows it made
+            args.out.with_suffix(".md").write_text(markdown(rows, header))
+            args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     print(markdown(rows, header))
+
+
+def device_name(run_args: list[str]) -> str:
+    """The GPU's name when the jobs ran on CUDA, else the CPU's."""
+    if any("cuda" in a for a in run_args):
+        try:
+            import torch
+
+            return torch.cuda.get_device_name(0)
+        except Exception:  # noqa: BLE001 - a label only
+            return "GPU"
+    return platform.processor() or "CPU"
 
 
 if __name__ == "__main__":

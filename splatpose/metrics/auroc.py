@@ -49,10 +49,14 @@ def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float | None:
     return auroc(maps, masks)
 
 
-def image_scores(maps: np.ndarray) -> np.ndarray:
-    """[N, H, W] maps -> [N] image anomaly scores (the maximum of each map)."""
-    maps = np.asarray(maps)
-    return maps.reshape(len(maps), -1).max(axis=1)
+def image_scores(maps: np.ndarray, top_fraction: float = 0.0) -> np.ndarray:
+    """[N, H, W] maps -> [N] image anomaly scores: the maximum of each map (``top_fraction`` 0), or the
+    mean of its highest ``top_fraction`` of pixels (at least one), which a single hot pixel moves less."""
+    flat = np.asarray(maps).reshape(len(maps), -1)
+    if top_fraction <= 0:
+        return flat.max(axis=1)
+    k = max(1, round(top_fraction * flat.shape[1]))
+    return np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
 
 
 def image_auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:

@@ -30,6 +30,10 @@ def normalise_maps(maps, lo: float | None = None, hi: float | None = None):
     return (maps - lo) / (hi - lo)
 
 
+# image-score variants evaluate() records beside the maximum: the mean of the top 0.1 %, 1 %, 5 % of pixels
+IMAGE_SCORE_TOP_FRACTIONS = (0.001, 0.01, 0.05)
+
+
 def evaluate(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, defects: Sequence[str],
              fpr_limit: float = 0.3) -> dict:
     """Pixel AUROC, AUPRO and image AUROC of one class, overall and for each defect type against good.
@@ -42,6 +46,8 @@ def evaluate(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, defects: S
         fpr_limit: AUPRO integration limit.
     Returns:
         {"pixel_auroc": float | None, "aupro": float | None, "image_auroc": float | None,
+         "image_auroc_by_top_fraction": {"0.001": ..., "0.01": ..., "0.05": ...} (image AUROC of the
+         mean of each map's top fraction of pixels, to compare with the maximum's),
          "per_defect": {"Burrs": {"pixel_auroc": ..., "aupro": ..., "image_auroc": ...}, ...}}
         with one per_defect entry per defect type present (sorted by name); each compares the images
         of that type with all good images. None marks an undefined metric (e.g. image AUROC of a
@@ -64,6 +70,9 @@ def evaluate(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, defects: S
                 "image_auroc": image_auroc(scores[subset], labels[subset])}
 
     results = metrics_of(np.ones(len(maps), dtype=bool))
+    # the image score's alternatives, recorded to compare (the score itself stays the maximum)
+    results["image_auroc_by_top_fraction"] = {str(q): image_auroc(image_scores(maps, q), labels)
+                                              for q in IMAGE_SCORE_TOP_FRACTIONS}
     good = defects == GOOD
     results["per_defect"] = {str(d): metrics_of(good | (defects == d))
                              for d in sorted(set(defects.tolist()) - {GOOD})}

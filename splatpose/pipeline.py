@@ -5,7 +5,7 @@
 
 Each stage is a plain function of its package (``splatpose.data``, ``.sfm``, ``.splat``,
 ``.scoring``); this module only wires them, decides what is reused from the cache, times every stage
-and writes the run's ``results.json`` and ``per_image.csv``. ``run_pipeline(cfg)`` is what
+and writes the run's ``results.json``, ``per_image.csv`` and ``report.html``. ``run_pipeline(cfg)`` is what
 ``run.py`` calls, and what the tests call on a shrunk config.
 """
 
@@ -34,6 +34,7 @@ from splatpose.data.cameras import camera_center, center_error, rotation_error_d
 from splatpose.data.mad_sim import ClassData, read_image, read_mask
 from splatpose.detect.finished_run import keep_detector_artifacts
 from splatpose.refine.queries import POSE_PATHS, SEARCH_VIEWS_FILE, RefinedPose, refine_query_poses
+from splatpose.report import CURVES_NAME, compute_curves, save_curves, write_run_report
 from splatpose.run_info import environment_info
 from splatpose.scoring.anomaly_maps import build_scorer
 from splatpose.scoring.module import AnomalyScoringModule, QueryRenderPairs
@@ -177,8 +178,26 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData |
     }
     write_json_atomic(out_dir / "results.json", results)
     write_per_image_csv(out_dir / "per_image.csv", evaluation, localization, final_poses)
+    write_report(out_dir, evaluation)
     log_run_summary(loggers, results)
     return results
+
+
+def write_report(out_dir: Path, evaluation: Evaluation) -> Path | None:
+    """The run's report.html (``splatpose.report``), with the ROC/PRO curves computed from the maps in
+    memory (and kept in curves.npz for a later rewrite). A report that fails is logged, not raised: the
+    run's results are written by then and ``python -m splatpose.report <run_dir>`` can retry."""
+    start = time.perf_counter()
+    try:
+        curves = compute_curves(evaluation.maps, evaluation.masks, evaluation.defects, evaluation.scores)
+        save_curves(out_dir / CURVES_NAME, curves)
+        path = write_run_report(out_dir, curves)
+    except Exception as error:  # noqa: BLE001 - the report must never cost a finished run
+        log.warning("The HTML report failed (%s: %s); `python -m splatpose.report %s` retries it",
+                    type(error).__name__, error, out_dir)
+        return None
+    log.info("Report: %s (written in %.1f s)", path, time.perf_counter() - start)
+    return path
 
 
 def dataset_identity(cfg_dataset: DictConfig) -> dict:

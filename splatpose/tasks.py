@@ -77,6 +77,8 @@ def run_task(cfg: DictConfig) -> float | None:
         results = run_pipeline(cfg, loggers, data=data)
         status = "ok"
         print(f"\nResults for {results['dataset']}/{results['class']}:\n{format_metrics(results['metrics'])}")
+        if (out_dir / "report.html").is_file():
+            print(f"Report: {(out_dir / 'report.html').resolve()}")
         return results["metrics"].get("pixel_auroc")
     except Exception as error:
         cause = user_error_in(error)

@@ -8,6 +8,7 @@ Writes into ``<sweep>/summary/`` (or ``--out``):
                 localization rate, seconds per stage), a comparison of the variants, failed jobs
     table.csv   the same rows as raw numbers (fractions, seconds), ``*_mean`` and ``*_std`` columns
     runs.csv    one tidy row per job (metrics per defect type, timings, status, error)
+    report.html the tables as one self-contained page, with bar charts and links to each job's report
 and logs the tables to W&B (offline by default: ``wandb sync <out>/wandb/offline-run-*`` uploads).
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from splatpose.report import write_sweep_report
 from splatpose.sweeps.sweep_jobs import FAILED, NO_RESULT, OK, JobRecord, read_sweep
 from splatpose.sweeps.sweep_table import (Row, build_rows, comparison_table, markdown_table,
                                           run_columns, run_records, table_columns, table_records)
@@ -39,6 +41,7 @@ class SweepSummary:
     table_csv: Path
     runs_csv: Path
     wandb_dir: Path | None
+    report: Path
 
     @property
     def failures(self) -> list[JobRecord]:
@@ -47,7 +50,7 @@ class SweepSummary:
 
 def aggregate_sweep(sweep_dir: Path, out_dir: Path | None = None, wandb_mode: str = "offline",
                     project: str = "splatpose") -> SweepSummary:
-    """Read every job of ``sweep_dir`` and write table.md, table.csv and runs.csv into ``out_dir``.
+    """Read every job of ``sweep_dir`` and write table.md, table.csv, runs.csv and report.html into ``out_dir``.
 
     Args:
         sweep_dir: a multirun folder (``hydra.sweep.dir``)
@@ -69,8 +72,9 @@ def aggregate_sweep(sweep_dir: Path, out_dir: Path | None = None, wandb_mode: st
     _write_csv(table_csv, table_columns(), table_records(rows))
     columns = run_columns(jobs)
     _write_csv(runs_csv, columns, run_records(jobs, columns))
+    report = write_sweep_report(out_dir, sweep_dir, jobs, rows)
     wandb_dir = log_to_wandb(sweep_dir, out_dir, jobs, rows, wandb_mode, project)
-    return SweepSummary(jobs, rows, markdown, table_csv, runs_csv, wandb_dir)
+    return SweepSummary(jobs, rows, markdown, table_csv, runs_csv, wandb_dir, report)
 
 
 def sweep_markdown(sweep_dir: Path, jobs: list[JobRecord], rows: list[Row]) -> str:
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     summary = aggregate_sweep(args.sweep_dir, args.out, args.wandb, args.project)
     print(summary.markdown.read_text())
-    print(f"Wrote {summary.markdown}, {summary.table_csv}, {summary.runs_csv}"
+    print(f"Wrote {summary.markdown}, {summary.table_csv}, {summary.runs_csv}, {summary.report}"
           + (f"; W&B run in {summary.wandb_dir}" if summary.wandb_dir else ""))
 
 

@@ -148,30 +148,40 @@ def format_seconds(cell: Cell | None, reused: bool) -> str:
     return f"{cell.mean:.1f}" + ("*" if reused else "")
 
 
-def markdown_table(rows: list[Row]) -> str:
-    """One markdown table for the rows of one variant (metrics in %, times in seconds)."""
+def class_table_cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted cells of the per-class table of one variant (metrics in %, times in seconds)."""
     header = (["Class", "Runs"] + [METRIC_TITLES[m] for m in (*METRICS, "localized")]
               + [f"{s} (s)" for s in STAGES])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        name = f"**{row.class_name}**" if row.class_name.startswith("Mean") else row.class_name
-        cells = ([name, str(row.runs)] + [format_percent(row.cells.get(m)) for m in (*METRICS, "localized")]
-                 + [format_seconds(row.cells.get(f"time_{s}"), row.reused.get(s, False)) for s in STAGES])
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cells = [[row.class_name, str(row.runs)] + [format_percent(row.cells.get(m)) for m in (*METRICS, "localized")]
+             + [format_seconds(row.cells.get(f"time_{s}"), row.reused.get(s, False)) for s in STAGES]
+             for row in rows]
+    return header, cells
+
+
+def comparison_cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted cells of the mean rows of all variants side by side."""
+    header = ["Variant", "Seeds"] + [METRIC_TITLES[m] for m in (*METRICS, "localized")] + ["total (s)"]
+    cells = [[row.variant, str(row.runs)] + [format_percent(row.cells.get(m)) for m in (*METRICS, "localized")]
+             + [format_seconds(row.cells.get("time_total"), False)]
+             for row in rows if row.class_name.startswith("Mean")]
+    return header, cells
+
+
+def markdown_table(rows: list[Row]) -> str:
+    """One markdown table for the rows of one variant (metrics in %, times in seconds)."""
+    header, cells = class_table_cells(rows)
+    cells = [[f"**{c[0]}**" if c[0].startswith("Mean") else c[0], *c[1:]] for c in cells]
+    return _markdown(header, cells)
 
 
 def comparison_table(rows: list[Row]) -> str:
     """The mean rows of all variants side by side (the matcher ablation at a glance)."""
-    header = ["Variant", "Seeds"] + [METRIC_TITLES[m] for m in (*METRICS, "localized")] + ["total (s)"]
+    return _markdown(*comparison_cells(rows))
+
+
+def _markdown(header: list[str], cells: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        if row.class_name.startswith("Mean"):
-            cells = ([row.variant, str(row.runs)] + [format_percent(row.cells.get(m))
-                                                     for m in (*METRICS, "localized")]
-                     + [format_seconds(row.cells.get("time_total"), False)])
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
 
 def table_columns() -> list[str]:

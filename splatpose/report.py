@@ -397,6 +397,7 @@ def write_sweep_report(out_dir: Path, sweep_dir: Path, jobs: list, rows: list) -
                          _e((job.error or "").splitlines()[0][:300] if job.error else ""), link])
     parts.append(html_table(["Job", "Class", "Status", "Overrides", "Error", "Folder (report)"], job_rows,
                             escape=False))
+    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / REPORT_NAME
     path.write_text(_page(f"SplatPose sweep {Path(sweep_dir).name}", parts), encoding="utf-8")
     return path

@@ -184,7 +184,8 @@ def curves_figure(curves: dict, metrics: dict) -> Figure:
         for subset in _curve_subsets(curves, kind):
             value = metrics.get(metric) if subset == "all" else (metrics.get("per_defect", {}).get(subset) or {}).get(metric)
             ax.plot(curves[f"{kind}/{subset}/x"], curves[f"{kind}/{subset}/y"], lw=2.2 if subset == "all" else 1.2,
-                    color="black" if subset == "all" else None, label=f"{subset} ({_percent(value)})",
+                    color="black" if subset == "all" else None, zorder=3 if subset == "all" else 2,
+                    label=f"{subset} ({_percent(value)})",
                     drawstyle="steps-post" if kind == "image_roc" else "default")
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel, ylim=(0, 1.02),
                xlim=(0, PRO_FPR_LIMIT if kind == "pro" else 1))
@@ -245,7 +246,7 @@ def pose_figure(final: dict, localization: dict) -> Figure:
         left.axvline(1.0, color="red", ls="--", lw=1, label="1°")
         left.set(xscale="log", xlabel="rotation error (deg)", ylabel="images", title="Rotation error")
         left.yaxis.set_major_locator(MaxNLocator(integer=True))
-        left.legend(fontsize=8)
+        left.legend(fontsize=8, loc="best")
     else:
         left.text(0.5, 0.5, "no true poses (real data): errors unknown", ha="center", va="center")
         left.set_axis_off()
@@ -264,7 +265,8 @@ def _ordered_paths(paths: dict) -> dict:
 
 def timings_figure(timings: dict) -> Figure:
     """Horizontal bars of each stage's seconds (grey: reused from the stage cache); the total in the title."""
-    stages = [s for s in STAGES if s in timings] + [s for s in timings if s not in STAGES and s != "total"]
+    stages = [s for s in STAGES if s in timings] + [s for s in timings if s not in STAGES]
+    stages = [s for s in stages if s != "total"]
     seconds = [timings[s].get("seconds", 0.0) for s in stages]
     reused = [timings[s].get("reused", False) for s in stages]
     fig = Figure(figsize=(9, 0.45 * len(stages) + 1.2), layout="constrained")

@@ -185,8 +185,7 @@ def curves_figure(curves: dict, metrics: dict) -> Figure:
             value = metrics.get(metric) if subset == "all" else (metrics.get("per_defect", {}).get(subset) or {}).get(metric)
             ax.plot(curves[f"{kind}/{subset}/x"], curves[f"{kind}/{subset}/y"], lw=2.2 if subset == "all" else 1.2,
                     color="black" if subset == "all" else None, zorder=3 if subset == "all" else 2,
-                    label=f"{subset} ({_percent(value)})",
-                    drawstyle="steps-post" if kind == "image_roc" else "default")
+                    label=f"{subset} ({_percent(value)})")
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel, ylim=(0, 1.02),
                xlim=(0, PRO_FPR_LIMIT if kind == "pro" else 1))
         ax.grid(alpha=0.3)
@@ -198,17 +197,26 @@ def curves_figure(curves: dict, metrics: dict) -> Figure:
 def defect_bars_figure(metrics: dict) -> Figure:
     """Grouped bars: the three metrics for all images and for each defect type (undefined: no bar)."""
     groups = {"All": {m: metrics.get(m) for m in METRICS}, **(metrics.get("per_defect") or {})}
-    fig = Figure(figsize=(max(6.0, 1.6 * len(groups) + 2), 3.6), layout="constrained")
+    return metric_bars_figure({name: {m: (values.get(m), None) for m in METRICS} for name, values in groups.items()})
+
+
+def metric_bars_figure(groups: dict[str, dict[str, tuple]], rotate_labels: bool = False) -> Figure:
+    """Grouped bars of the three metrics in %, one group per key; values ``(mean, std or None)`` as
+    fractions, a None mean draws no bar. The y axis starts a little below the lowest bar."""
+    fig = Figure(figsize=(max(6.0, 1.6 * len(groups) + 2.5), 3.6), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / len(METRICS)
     for i, metric in enumerate(METRICS):
-        values = [groups[g].get(metric) for g in groups]
-        xs = np.arange(len(groups)) + (i - 1) * width
-        bars = ax.bar(xs, [np.nan if v is None else 100 * v for v in values], width, label=METRIC_TITLES[metric])
-        ax.bar_label(bars, labels=[_percent(v) for v in values], fontsize=7, padding=2)
-    ax.set_xticks(np.arange(len(groups)), list(groups))
-    low = min([100 * v for g in groups.values() for v in g.values() if isinstance(v, (int, float))] or [0])
-    ax.set(ylabel="%", ylim=(max(0, np.floor(low / 10) * 10 - 5), 103))
+        means = [groups[g][metric][0] for g in groups]
+        stds = [groups[g][metric][1] for g in groups]
+        bars = ax.bar(np.arange(len(groups)) + (i - 1) * width, [np.nan if v is None else 100 * v for v in means],
+                      width, yerr=[100 * (s or 0) for s in stds] if any(stds) else None, label=METRIC_TITLES[metric])
+        ax.bar_label(bars, labels=[_percent(v) for v in means], fontsize=7, padding=2)
+    labels = [name if len(name) < 30 else name[:28] + "…" for name in groups]
+    ax.set_xticks(np.arange(len(groups)), labels, rotation=15 if rotate_labels else 0,
+                  ha="right" if rotate_labels else "center", fontsize=8)
+    values = [100 * v[0] for g in groups.values() for v in g.values() if v[0] is not None]
+    ax.set(ylabel="%", ylim=(max(0, np.floor(min(values or [0]) / 10) * 10 - 5), 103))
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     return fig
@@ -276,7 +284,8 @@ def timings_figure(timings: dict) -> Figure:
                  fontsize=8, padding=3)
     ax.invert_yaxis()
     ax.set(xlabel="seconds", xlim=(0, max(seconds + [1e-3]) * 1.25),
-           title=f"Total {timings.get('total', {}).get('seconds', sum(seconds)):.1f} s")
+           title=f"Total {timings.get('total', {}).get('seconds', sum(seconds)):.1f} s"
+                 + ("  (grey: reused from the stage cache)" if any(reused) else ""))
     return fig
 
 
@@ -386,7 +395,7 @@ def write_sweep_report(out_dir: Path, sweep_dir: Path, jobs: list, rows: list) -
     for variant in variants:
         variant_rows = [r for r in rows if r.variant == variant]
         header, cells = class_table_cells(variant_rows)
-        parts += [f"<h2>{_e(variant)}</h2>", html_table(header, cells),
+        parts += [f"<h2>{_e(variant)}</h2>", html_table(header, cells).replace("<tr><td>Mean", "<tr class='mean'><td>Mean"),
                   _img(sweep_bars_figure([r for r in variant_rows if not r.class_name.startswith("Mean")],
                                          by="class_name"), f"per class, {variant}")]
     parts.append(f"<h2>Jobs ({len(jobs)})</h2>")
@@ -407,21 +416,12 @@ def write_sweep_report(out_dir: Path, sweep_dir: Path, jobs: list, rows: list) -
 
 def sweep_bars_figure(rows: list, by: str) -> Figure:
     """Grouped bars of the three metrics (mean over seeds, std as error bars), one group per row's ``by``."""
-    fig = Figure(figsize=(max(6.0, 1.4 * len(rows) + 2), 3.6), layout="constrained")
-    ax = fig.subplots()
-    width = 0.8 / len(METRICS)
-    for i, metric in enumerate(METRICS):
-        cells = [r.cells.get(metric) for r in rows]
-        means = [100 * c.mean if c and c.mean is not None else np.nan for c in cells]
-        stds = [100 * c.std if c and c.std is not None else 0 for c in cells]
-        ax.bar(np.arange(len(rows)) + (i - 1) * width, means, width, yerr=stds, label=METRIC_TITLES[metric])
-    labels = [getattr(r, by) for r in rows]
-    ax.set_xticks(np.arange(len(rows)), [label if len(label) < 28 else label[:26] + "…" for label in labels],
-                  rotation=20 if by == "variant" else 0, ha="right" if by == "variant" else "center", fontsize=8)
-    ax.set(ylabel="%", ylim=(0, 103))
-    ax.legend(fontsize=8, loc="lower left", ncols=3)
-    ax.grid(axis="y", alpha=0.3)
-    return fig
+    def cell(row, metric):
+        c = row.cells.get(metric)
+        return (c.mean, c.std) if c else (None, None)
+
+    return metric_bars_figure({getattr(r, by): {m: cell(r, m) for m in METRICS} for r in rows},
+                              rotate_labels=by == "variant")
 
 
 # --------------------------------------------------------------------------------------- HTML bits
@@ -431,7 +431,7 @@ body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1400px;
 h1 { font-size: 1.5em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 8px 0; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 4px 9px; text-align: right; }
-th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
+th { background: #f2f2f2; } td:first-child { white-space: nowrap; } tr.mean td { font-weight: 600; } td:first-child, th:first-child { text-align: left; }
 dl.facts { display: grid; grid-template-columns: max-content auto; gap: 2px 14px; }
 dl.facts dt { font-weight: 600; } dl.facts dd { margin: 0; }
 img.plot { max-width: 100%; } img.scale { width: 720px; max-width: 100%; }

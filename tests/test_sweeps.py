@@ -198,6 +198,8 @@ def test_joblib_sweep_of_broken_jobs_records_each_error_and_pins_gpus(tmp_path, 
     assert all("unknown class" in j.error for j in summary.jobs)
     markdown = summary.markdown.read_text()
     assert "## Failed jobs (4)" in markdown and "No job finished" in markdown
+    report = summary.report.read_text()  # the HTML report beside table.md lists them too
+    assert summary.report == summary.markdown.with_name("report.html") and report.count("unknown class") == 4
     assert_workers_never_share_a_gpu(sweep_dir)
 
     first_failures = {d.name: (d / "failure.json").stat().st_mtime_ns for d in _job_dirs(sweep_dir)}

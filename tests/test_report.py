@@ -184,17 +184,19 @@ def test_sweep_report_has_the_class_rows_the_comparison_and_the_failed_jobs(tmp_
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
-def chromium_binary() -> str | None:
-    return next((path for path in map(shutil.which, CHROMIUM_NAMES) if path), None)
-
-
-def open_in_chromium(page: Path, screenshot: Path) -> list[str]:
-    """Load ``page`` in headless Chromium, save a screenshot, and return the page's console lines
-    (every console message, errors and uncaught exceptions included, is logged as ``CONSOLE``)."""
-    browser = chromium_binary()
-    if browser is None:
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The Chromium binary; skips (before any slow fixture) on a machine without one."""
+    path = next((found for found in map(shutil.which, CHROMIUM_NAMES) if found), None)
+    if path is None:
         pytest.skip(f"no Chromium binary on PATH ({', '.join(CHROMIUM_NAMES)}); "
                     "`apt-get install chromium` (.ci/system-packages installs it)")
+    return path
+
+
+def open_in_chromium(browser: str, page: Path, screenshot: Path) -> list[str]:
+    """Load ``page`` in headless Chromium, save a screenshot, and return the page's console lines
+    (every console message, errors and uncaught exceptions included, is logged as ``CONSOLE``)."""
     done = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", f"--screenshot={screenshot}",
                            "--window-size=1280,2000", "--enable-logging=stderr", "--v=0",
                            "--hide-scrollbars", page.resolve().as_uri()],
@@ -203,15 +205,15 @@ def open_in_chromium(page: Path, screenshot: Path) -> list[str]:
     return [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
 
 
-def test_the_console_check_sees_a_page_error(tmp_path):
+def test_the_console_check_sees_a_page_error(chromium, tmp_path):
     """The check below would notice an error: a page that throws shows up in the console lines."""
     page = tmp_path / "broken.html"
     page.write_text("<html><body>x<script>throw new Error('report check')</script></body></html>")
-    lines = open_in_chromium(page, tmp_path / "broken.png")
+    lines = open_in_chromium(chromium, page, tmp_path / "broken.png")
     assert any("Uncaught Error: report check" in line for line in lines), lines
 
 
-def test_the_report_of_a_real_run_opens_in_headless_chromium_without_console_errors(tiny_run, tmp_path):
+def test_a_real_run_writes_its_report_and_prints_where(tiny_run):
     run_dir, output = tiny_run
     report = run_dir / REPORT_NAME
     assert report.is_file(), output[-3000:]
@@ -220,8 +222,11 @@ def test_the_report_of_a_real_run_opens_in_headless_chromium_without_console_err
     assert output.index(f"Report: {report.resolve()}\n") > output.index("Results for "), output[-3000:]
     assert "No curves" not in report.read_text()
 
+
+def test_the_report_of_a_real_run_opens_in_headless_chromium_without_console_errors(chromium, tiny_run, tmp_path):
+    run_dir, _ = tiny_run
     screenshot = tmp_path / "report.png"
-    console = open_in_chromium(report, screenshot)
+    console = open_in_chromium(chromium, run_dir / REPORT_NAME, screenshot)
     assert console == [], console
     image = np.asarray(Image.open(screenshot).convert("L"), dtype=np.float32)
     assert image.shape == (2000, 1280)

@@ -83,7 +83,8 @@ def compute_curves(maps: np.ndarray, masks: np.ndarray, defects: list[str], scor
 
 def _curve_entry(kind: str, subset: str, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
     keep = np.unique(np.linspace(0, len(x) - 1, min(len(x), CURVE_POINTS)).round().astype(int))
-    return {f"{kind}/{subset}/x": np.asarray(x, np.float32)[keep], f"{kind}/{subset}/y": np.asarray(y, np.float32)[keep]}
+    return {f"{kind}/{subset}/x": np.asarray(x, np.float32)[keep],
+            f"{kind}/{subset}/y": np.asarray(y, np.float32)[keep]}
 
 
 def save_curves(path: Path, curves: dict[str, np.ndarray]) -> None:
@@ -182,7 +183,8 @@ def curves_figure(curves: dict, metrics: dict) -> Figure:
               ("image_roc", "Image ROC", "image_auroc", "FPR", "TPR"))
     for ax, (kind, title, metric, xlabel, ylabel) in zip(fig.subplots(1, 3), panels):
         for subset in _curve_subsets(curves, kind):
-            value = metrics.get(metric) if subset == "all" else (metrics.get("per_defect", {}).get(subset) or {}).get(metric)
+            values = metrics if subset == "all" else metrics.get("per_defect", {}).get(subset) or {}
+            value = values.get(metric)
             ax.plot(curves[f"{kind}/{subset}/x"], curves[f"{kind}/{subset}/y"], lw=2.2 if subset == "all" else 1.2,
                     color="black" if subset == "all" else None, zorder=3 if subset == "all" else 2,
                     label=f"{subset} ({_percent(value)})")
@@ -347,8 +349,8 @@ def gallery_html(rows: list[dict], panels_dir: Path, threshold: float | None, th
         pose = f" · pose {_e(row.get('pose_path') or '?')}"
         if row.get("final_rotation_error_deg"):
             pose += f", {float(row['final_rotation_error_deg']):.2f}°"
-        cards.append(f"<figure class='card {row['outcome'].lower()}'>{image}<figcaption><b>{row['outcome']}</b> "
-                     f"{_e(row['name'])} · {_e(row['defect'])} · score {row['score']:.3f}{pose}</figcaption></figure>")
+        caption = f"<b>{row['outcome']}</b> {_e(row['name'])} · {_e(row['defect'])} · score {row['score']:.3f}{pose}"
+        cards.append(f"<figure class='card {row['outcome'].lower()}'>{image}<figcaption>{caption}</figcaption></figure>")
     parts.append(f"<div class='gallery'>{''.join(cards)}</div>")
     if len(ordered) > limit:
         parts.append(f"<p class='note'>{len(ordered) - limit} more panels (the best-ranked ones) in "
@@ -395,7 +397,8 @@ def write_sweep_report(out_dir: Path, sweep_dir: Path, jobs: list, rows: list) -
     for variant in variants:
         variant_rows = [r for r in rows if r.variant == variant]
         header, cells = class_table_cells(variant_rows)
-        parts += [f"<h2>{_e(variant)}</h2>", html_table(header, cells).replace("<tr><td>Mean", "<tr class='mean'><td>Mean"),
+        table = html_table(header, cells).replace("<tr><td>Mean", "<tr class='mean'><td>Mean")  # mean rows in bold
+        parts += [f"<h2>{_e(variant)}</h2>", table,
                   _img(sweep_bars_figure([r for r in variant_rows if not r.class_name.startswith("Mean")],
                                          by="class_name"), f"per class, {variant}")]
     parts.append(f"<h2>Jobs ({len(jobs)})</h2>")
@@ -404,7 +407,8 @@ def write_sweep_report(out_dir: Path, sweep_dir: Path, jobs: list, rows: list) -
         report = Path(job.dir) / REPORT_NAME
         link = (f"<a href='{_e(os.path.relpath(report, out_dir))}'>{_e(Path(job.dir).name)}</a>" if report.is_file()
                 else _e(Path(job.dir).name))
-        job_rows.append([str(job.num), _e(job.class_name), _e(job.status), f"<code>{_e(' '.join(job.overrides))}</code>",
+        job_rows.append([str(job.num), _e(job.class_name), _e(job.status),
+                         f"<code>{_e(' '.join(job.overrides))}</code>",
                          _e((job.error or "").splitlines()[0][:300] if job.error else ""), link])
     parts.append(html_table(["Job", "Class", "Status", "Overrides", "Error", "Folder (report)"], job_rows,
                             escape=False))
@@ -431,7 +435,8 @@ body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1400px;
 h1 { font-size: 1.5em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 8px 0; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 4px 9px; text-align: right; }
-th { background: #f2f2f2; } td:first-child { white-space: nowrap; } tr.mean td { font-weight: 600; } td:first-child, th:first-child { text-align: left; }
+th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
+td:first-child { white-space: nowrap; } tr.mean td { font-weight: 600; }
 dl.facts { display: grid; grid-template-columns: max-content auto; gap: 2px 14px; }
 dl.facts dt { font-weight: 600; } dl.facts dd { margin: 0; }
 img.plot { max-width: 100%; } img.scale { width: 720px; max-width: 100%; }

@@ -9,7 +9,7 @@
 #             render, score), then the localization benchmark (warm, per stage, >= 50 queries);
 #   detector  the detector's latency and throughput, the task=detect CLI, the GPU tests;
 #   families  experiments/bench_families.py on the carried classes of both dataset families
-#             (carry/families, gpu_carry.py --only ... families): FAMILIES, FAMILY_ARGS (run.py
+#             (carry/families or FAMILIES_DIR; gpu_carry.py --only ... families): FAMILIES, FAMILY_ARGS (run.py
 #             overrides; default: the CPU defaults' settings, run with gsplat on the GPU).
 #
 #   here, on the CPU (once):   python experiments/gpu_carry.py --out .gpu [--gsplat-so <so>]
@@ -160,7 +160,7 @@ fi
 if [[ " $PHASES " == *" families "* ]]; then
   step families $((SUITE_SECONDS - 40)) python3 "$REPO/experiments/bench_families.py" --families ${FAMILIES:-synthetic parts} \
     ${FAMILY_CLASSES:+--classes $FAMILY_CLASSES} \
-    --root synthetic="$CARRY/families/synthetic" parts="$CARRY/families/parts" --timeout 240 --out "$OUT/families" \
+    --root synthetic="${FAMILIES_DIR:-$CARRY/families}/synthetic" parts="${FAMILIES_DIR:-$CARRY/families}/parts" --timeout 240 --out "$OUT/families" \
     --args device=cuda trainer=gpu scorer.weights_path="$WORK/lite0_fp16.pth" paths.cache_dir="$WORK/cache" ${FAMILY_ARGS:-}
   # each class's results.json and per_image.csv, in one file (the device returns 8 files at most)
   tar -czf "$OUT/families_runs.tar.gz" -C "$REPO/outputs" --exclude='*.png' --exclude='*.npz' --exclude='artifacts' bench_families

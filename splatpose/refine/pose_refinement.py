@@ -28,8 +28,8 @@ and backward, line-search probes add a few.
 
 Refinement runs **coarse to fine**: at each of ``levels`` (render sizes relative to the image) it
 optimises ``steps`` iterations from the pose the level before returned, with images and renders
-blurred by ``blur`` (Gaussian sigma as a fraction of the image's longest side; per level, or one number
-for all). Small blurred renders widen the basin and cost little; the last level settles the detail.
+blurred by ``blur`` (Gaussian sigma as a fraction of the image's longest side); ``steps``, ``blur`` and
+``loss`` take one value per level or one for all. Small blurred renders widen the basin and cost little; the last level settles the detail.
 On weakly textured objects the outline carries most of the pose, which is what ``l1_silhouette`` with a
 coarse level adds (06PlainAnt, PnP poses: within 1 deg 57 % -> 86 %; experiments/results/
 refine_c2f_cpu_2026-12-05.md). With ``keep_best`` each level returns the lowest-loss pose it rendered
@@ -65,6 +65,15 @@ ADAM_FINAL_LR_FRACTION = 0.05
 BACKGROUND_LEVEL = 0.98
 
 
+class LevelSettings(NamedTuple):
+    """One level of a ``refine`` node: render size relative to the image, iterations, blur sigma as a
+    fraction of the image's longest side, loss."""
+
+    scale: float
+    steps: int
+    blur: float
+    loss: str
+
 
 @dataclass
 class _Level:
@@ -79,7 +88,7 @@ class _Level:
     loss: str
 
     @staticmethod
-    def of(settings: "LevelSettings", K: np.ndarray, width: int, height: int, device: torch.device) -> "_Level":
+    def of(settings: LevelSettings, K: np.ndarray, width: int, height: int, device: torch.device) -> "_Level":
         w, h = max(1, round(width * settings.scale)), max(1, round(height * settings.scale))
         K_scaled = np.asarray(K, dtype=np.float64).copy()
         K_scaled[:2] *= [[w / width], [h / height]]  # image spans [0, W]: scale fx, cx alike
@@ -130,13 +139,6 @@ def check_refine_config(cfg: DictConfig) -> None:
             raise ValueError(f"refine.levels must be in (0, 1] (render size relative to the image), got {cfg.levels}")
         if blur < 0:
             raise ValueError(f"refine.blur must be >= 0 (a fraction of the image size), got {cfg.blur}")
-
-
-class LevelSettings(NamedTuple):
-    scale: float
-    steps: int
-    blur: float
-    loss: str
 
 
 def refine_levels(cfg: DictConfig) -> list[LevelSettings]:
@@ -192,7 +194,7 @@ class PoseRefiner:
                           loss_end=results[-1].loss_end, rotation_change_deg=rotation_error_deg(w2c, refined),
                           center_change=center_error(w2c, refined), seconds=time.perf_counter() - start_time)
 
-    def _refine_level(self, query: Tensor, w2c: np.ndarray, level: "_Level") -> Refinement:
+    def _refine_level(self, query: Tensor, w2c: np.ndarray, level: _Level) -> Refinement:
         start_time = time.perf_counter()
         target, target_mask = self._target(query, level)
         w2c_start = torch.as_tensor(w2c, dtype=torch.float64, device=self.device)
@@ -286,7 +288,7 @@ class PoseRefiner:
 
     def _loss(self, rgb: Tensor, alpha: Tensor, target: Tensor, region: Tensor, loss: str) -> Tensor:
         if loss == "l1_silhouette":
-            # region: the query's silhouette. Normalised by its area, fixed for the query, so losses
+            # region: the query's object mask. Normalised by its area, fixed for the query, so losses
             # compare across poses and levels.
             area = region.sum().clamp(min=1.0)
             colour = (rgb - target).abs().sum() / (3 * area)

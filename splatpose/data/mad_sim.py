@@ -95,17 +95,19 @@ class ClassData:
         return np.stack([view.w2c for view in self.train])
 
     def fingerprint(self) -> str:
-        """A short hash of the class's files (path, size, modification time of every image, mask and
-        pose file): the stage cache keys on it, so editing or replacing files in a dataset folder
-        recomputes every stage instead of reusing results of the old content."""
+        """A short hash of the class's files (relative path and content of every image, mask and pose
+        file): the stage cache keys on it, and each stage seeds its random state from its key. So
+        editing or replacing a file recomputes every stage, while the same files anywhere (another
+        folder, a fresh copy, another machine) give the same keys and the same results. Hashing the
+        content costs about 0.1 s per 50 MB."""
         files = [self.root / TRANSFORMS_FILE, self.root / TEST_POSES_FILE]
         files += [view.path for view in self.train] + [t.path for t in self.test]
         files += [t.mask_path for t in self.test if t.mask_path]
         digest = hashlib.sha256()
         for path in files:
             if Path(path).exists():
-                stat = Path(path).stat()
-                digest.update(f"{Path(path).relative_to(self.root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+                content = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+                digest.update(f"{Path(path).relative_to(self.root)}|{content}\n".encode())
         return digest.hexdigest()[:16]
 
 

@@ -32,7 +32,7 @@ def require_extra(modules: list[str] | tuple[str, ...], needed_for: str) -> None
     for module in modules:
         try:
             found = find_spec(module) is not None
-        except ImportError:  # a missing parent package (hydra_plugins)
+        except (ImportError, ValueError):  # a missing parent package (hydra_plugins), a blocked module
             found = False
         if not found:
             extra, package = EXTRAS[module]

@@ -20,10 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from splatpose.detector import Detector
+from conftest import TINY_DETECT
 
 ROOT = Path(__file__).resolve().parents[1]
-DETECT = {"matching": "sequential", "warm_up": False}
 
 # Run by the installed copy, from outside the checkout.
 INSTALLED_SCRIPT = """
@@ -89,18 +88,20 @@ def test_the_wheel_holds_every_config(installed):
     assert (site / "bin" / "splatpose-serve").is_file()
 
 
-def test_installed_detector_works_outside_the_checkout(installed, tiny_run, tiny_run_images):
+def test_installed_detector_works_outside_the_checkout(installed, tiny_run, tiny_run_images, tiny_detector):
     site, work, env = installed
     run_dir, _ = tiny_run
     image = tiny_run_images["defect"]
-    proc = subprocess.run([sys.executable, "-c", INSTALLED_SCRIPT, str(run_dir), str(image), json.dumps(DETECT)],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen([sys.executable, "-c", INSTALLED_SCRIPT, str(run_dir), str(image),
+                             json.dumps(TINY_DETECT)], cwd=work, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    expected = tiny_detector.detect(image).score  # the checkout's Detector, while the installed one loads
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-4000:]
+    got = json.loads(stdout.strip().splitlines()[-1])
     assert Path(got["file"]).resolve().is_relative_to(site.resolve()), got["file"]
     assert Path(got["conf_dir"]).resolve() == (site / "splatpose" / "conf").resolve()
     assert got["refine_steps"] and got["detect_batch_size"] > 0 and got["sfm_feature"]
-    expected = Detector.from_run(run_dir, DETECT, device="cpu").detect(image).score
     assert got["score"] == pytest.approx(float(expected), abs=1e-6)
 
 

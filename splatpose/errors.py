@@ -25,8 +25,11 @@ class MissingExtraError(UserError):
     """An optional dependency is not installed; the message names the extra that installs it."""
 
 
-def require_extra(modules: list[str] | tuple[str, ...], needed_for: str) -> None:
-    """Raise :class:`MissingExtraError` (one line) if any of ``modules`` cannot be found; imports nothing."""
+def require_extra(modules: list[str] | tuple[str, ...], needed_for: str, instead: str = "") -> None:
+    """Raise :class:`MissingExtraError` (one line) if any of ``modules`` cannot be found; imports nothing.
+
+    ``needed_for`` names the setting or command; ``instead`` an alternative that needs no extra.
+    """
     from importlib.util import find_spec
 
     for module in modules:
@@ -37,4 +40,5 @@ def require_extra(modules: list[str] | tuple[str, ...], needed_for: str) -> None
         if not found:
             extra, package = EXTRAS[module]
             raise MissingExtraError(f"{needed_for} needs the optional package {package}, which is not installed; "
-                                    f"install it with: pip install 'splatpose[{extra}]' (or pip install {package})")
+                                    f"install it with: pip install 'splatpose[{extra}]' (or pip install {package})"
+                                    + (f", or use {instead}" if instead else ""))

@@ -108,6 +108,8 @@ def preflight(cfg: DictConfig):
         UserError: naming the setting or file and the fix.
     """
     check_run_config(cfg)
+    if cfg.task == "evaluate" and cfg.dataset.get("name") == "synthetic":
+        require_extra(("pyvista", "vtk"), "dataset=synthetic (the generated dataset)")
     if cfg.task != "evaluate" or cfg.dataset.get("name") == "synthetic":
         return None
     from splatpose.data.resolve import resolve_dataset  # light: numpy and Pillow only
@@ -140,7 +142,7 @@ def build_loggers(cfg: DictConfig) -> list:
     """Instantiate the named loggers of ``cfg.logger`` (an empty dict means none)."""
     for node in (cfg.get("logger") or {}).values():
         if node is not None and str(node.get("_target_", "")).endswith(".WandbLogger"):
-            require_extra(("wandb",), "logger=wandb (logger=csv or logger=none need nothing more)")
+            require_extra(("wandb",), "logger=wandb", instead="logger=csv or logger=none")
     return [hydra.utils.instantiate(node) for node in (cfg.get("logger") or {}).values()
             if node is not None and "_target_" in node]
 

@@ -130,3 +130,66 @@ def test_installed_console_script_serves_a_finished_run(installed, tiny_run):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+# Run with the named modules made unimportable (as if their extra were not installed): each use names
+# its extra in a one-line error.
+MISSING_EXTRAS_SCRIPT = """
+import json, sys
+from omegaconf import OmegaConf
+
+BLOCK = {"wandb", "mitsuba", "pyvista", "hydra_plugins.hydra_joblib_launcher"}
+
+
+class Block:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name in BLOCK or name.split(".")[0] in BLOCK:
+            raise ModuleNotFoundError(name)
+
+
+sys.meta_path.insert(0, Block)
+sys.path.insert(0, sys.argv[1])  # the checkout, for run.py
+from run import check_launcher
+from splatpose.data.resolve import resolve_dataset
+from splatpose.errors import MissingExtraError
+from splatpose.tasks import build_loggers
+
+wandb = OmegaConf.create({"logger": {"wandb": {"_target_": "lightning.pytorch.loggers.WandbLogger"}}})
+uses = [("sweeps", lambda: check_launcher(["-m", "hydra/launcher=joblib"])),
+        ("wandb", lambda: build_loggers(wandb)),
+        ("datasets", lambda: resolve_dataset({"name": "parts", "root": sys.argv[2]}, "01Knob")),
+        ("datasets", lambda: resolve_dataset({"name": "synthetic", "root": sys.argv[2]}, "01Ant"))]
+messages = []
+for extra, use in uses:
+    try:
+        use()
+    except MissingExtraError as error:
+        messages.append([extra, str(error)])
+print(json.dumps(messages))
+"""
+
+
+def test_a_missing_extra_is_one_line_naming_the_extra(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", MISSING_EXTRAS_SCRIPT, str(ROOT), str(tmp_path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    messages = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [extra for extra, _ in messages] == ["sweeps", "wandb", "datasets", "datasets"]
+    for extra, message in messages:
+        assert "\n" not in message and f"pip install 'splatpose[{extra}]'" in message, message
+
+
+def test_the_extras_of_pyproject_cover_the_optional_modules():
+    import tomllib
+
+    from splatpose.errors import EXTRAS
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    core = " ".join(project["dependencies"])
+    for extra, package in EXTRAS.values():
+        assert any(dep.startswith(f"{package}==") for dep in extras[extra]), (extra, package)
+        assert package not in core, f"{package} is an extra ({extra}), not a core dependency"
+    assert set(extras) >= {"serve", "datasets", "wandb", "sweeps", "all", "test"}
+    assert "splatpose[all]" in extras["test"]  # make setup installs .[all,test]: every extra for the tests

@@ -141,7 +141,7 @@ def log_to_wandb(sweep_dir: Path, out_dir: Path, jobs: list[JobRecord], rows: li
     """One W&B run of job_type "sweep-summary" holding the tables; returns its local folder."""
     if mode == "disabled":
         return None
-    require_extra(("wandb",), "the sweep summary's W&B run (--wandb disabled skips it)")
+    require_extra(("wandb",), "the sweep summary's W&B run", instead="--wandb disabled")
     import wandb
 
     run = wandb.init(project=project, name=f"sweep-summary-{sweep_dir.name}", job_type="sweep-summary",

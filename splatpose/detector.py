@@ -54,7 +54,8 @@ from splatpose.splat.rendering import render
 
 log = logging.getLogger(__name__)
 
-DEFAULTS_FILE = Path(__file__).resolve().parents[1] / "conf" / "detect" / "default.yaml"
+# splatpose/conf: the repository's conf/ (a symlink in a checkout, packaged in a wheel).
+DEFAULTS_FILE = Path(__file__).resolve().parent / "conf" / "detect" / "default.yaml"
 STAGES = ("load", "upload", "extract", "retrieve", "match", "pnp", "refine", "render", "score")
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from splatpose.detect.inputs import InputError, load_input
+from splatpose.errors import require_extra
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,7 @@ def map_png_bytes(anomaly_map: np.ndarray) -> bytes:
 
 def build_app(service: DetectionService):
     """The FastAPI app for ``service`` (endpoints in the module docstring)."""
+    require_extra(("fastapi", "uvicorn", "multipart"), "the detection service")
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse
     from starlette.concurrency import run_in_threadpool
@@ -288,6 +290,7 @@ async def read_uploads(request, service: DetectionService) -> list[tuple[bytes, 
 
 def serve_task(cfg: DictConfig) -> None:
     """``python run.py task=serve run_dir=... serve.port=8000``: serve until interrupted."""
+    require_extra(("fastapi", "uvicorn", "multipart"), "task=serve (the detection service)")
     import uvicorn
 
     if not cfg.get("run_dir"):
@@ -306,6 +309,7 @@ def main() -> None:
     """``splatpose-serve RUN_DIR [--port 8000] [--host 127.0.0.1] [--device auto] [--threshold T]``."""
     import argparse
 
+    require_extra(("fastapi", "uvicorn", "multipart"), "splatpose-serve (the detection service)")
     import uvicorn
 
     parser = argparse.ArgumentParser(description="Serve a finished SplatPose+ run's detector over HTTP.")

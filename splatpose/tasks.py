@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from splatpose.config_checks import check_run_config
 from splatpose.console import quiet_console
-from splatpose.errors import UserError
+from splatpose.errors import UserError, require_extra
 from splatpose.run_dirs import claim_run_dir
 from splatpose.stage_cache import write_json_atomic
 from splatpose.sweeps.gpu_leases import pin_gpu_for_job
@@ -108,6 +108,8 @@ def preflight(cfg: DictConfig):
         UserError: naming the setting or file and the fix.
     """
     check_run_config(cfg)
+    if cfg.task == "evaluate" and cfg.dataset.get("name") == "synthetic":
+        require_extra(("pyvista", "vtk"), "dataset=synthetic (the generated dataset)")
     if cfg.task != "evaluate" or cfg.dataset.get("name") == "synthetic":
         return None
     from splatpose.data.resolve import resolve_dataset  # light: numpy and Pillow only
@@ -138,6 +140,9 @@ def finished_sweep_job(cfg: DictConfig, out_dir: Path) -> dict | None:
 
 def build_loggers(cfg: DictConfig) -> list:
     """Instantiate the named loggers of ``cfg.logger`` (an empty dict means none)."""
+    for node in (cfg.get("logger") or {}).values():
+        if node is not None and str(node.get("_target_", "")).endswith(".WandbLogger"):
+            require_extra(("wandb",), "logger=wandb", instead="logger=csv or logger=none")
     return [hydra.utils.instantiate(node) for node in (cfg.get("logger") or {}).values()
             if node is not None and "_target_" in node]
 

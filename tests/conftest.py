@@ -36,6 +36,19 @@ def tiny_run(request, tmp_path_factory):
     return out_dir, output
 
 
+# The detector settings of the tests that share ``tiny_detector`` (sequential matching: no warm-up).
+TINY_DETECT = {"matching": "sequential", "warm_up": False, "threshold": 0.5}
+
+
+@pytest.fixture(scope="session")
+def tiny_detector(tiny_run):
+    """The tiny run's Detector on CPU (TINY_DETECT), loaded once per session."""
+    from splatpose.detector import Detector
+
+    run_dir, _ = tiny_run
+    return Detector.from_run(run_dir, TINY_DETECT, device="cpu")
+
+
 @pytest.fixture(scope="session")
 def tiny_run_images(tiny_run):
     """{"good": path, "defect": path, "all": [paths]} of the tiny run's generated test set."""

@@ -24,17 +24,15 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from splatpose.detector import Detector
 from splatpose.service import DetectionService, build_app
 
-DETECT = {"matching": "sequential", "warm_up": False, "threshold": 0.5}
+DETECT = {"matching": "sequential", "warm_up": False, "threshold": 0.5}  # tests/conftest.py's TINY_DETECT
 GLOG_LINE = re.compile(r"^[IWEF]\d{8} ", re.MULTILINE)
 
 
 @pytest.fixture(scope="session")
-def detector(tiny_run):
-    run_dir, _ = tiny_run
-    return Detector.from_run(run_dir, DETECT, device="cpu")
+def detector(tiny_detector):
+    return tiny_detector  # tests/conftest.py's, with the same settings (DETECT)
 
 
 def free_loopback_port() -> int:

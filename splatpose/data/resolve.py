@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from splatpose.data.mad_sim import ClassData, DatasetError, list_classes, load_class
+from splatpose.errors import require_extra
 
 KINDS = ("synthetic", "parts", "mad_sim", "custom")
 
@@ -67,6 +68,7 @@ def _existing_root(cfg: dict, name: str) -> Path:
 
 def _resolve_synthetic(cfg: dict, class_name: str | None) -> ClassData:
     # Imported here: the generator pulls in VTK, which readers of real datasets never need.
+    require_extra(("pyvista", "vtk"), "dataset=synthetic (the generated dataset)")
     from splatpose.data.synthetic import ensure_synthetic_dataset
     from splatpose.data.synthetic_scene import MESHES
 
@@ -85,6 +87,7 @@ def _resolve_synthetic(cfg: dict, class_name: str | None) -> ClassData:
 
 def _resolve_parts(cfg: dict, class_name: str | None) -> ClassData:
     # Imported here: the parts generator's renderer (Mitsuba) runs only in its child process.
+    require_extra(("trimesh", "shapely", "mapbox_earcut", "mitsuba"), "dataset=parts (the generated dataset)")
     from splatpose.data.parts import PARTS_CLASSES, ensure_parts_dataset
 
     classes = list(cfg.get("classes") or PARTS_CLASSES)

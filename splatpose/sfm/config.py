@@ -58,8 +58,9 @@ def reference_settings(cfg: DictConfig) -> dict:
 
 
 def default_conf_dir() -> Path:
-    """The repository's conf/ folder (this file is splatpose/sfm/config.py)."""
-    return Path(__file__).resolve().parents[2] / "conf"
+    """The config folder: splatpose/conf, in a checkout a symlink to the repository's conf/ and in an
+    installed package (a wheel) a copy of it (this file is splatpose/sfm/config.py)."""
+    return Path(__file__).resolve().parents[1] / "conf"
 
 
 def compose_sfm_config(feature: str = "aliked", matcher: str = "lightglue", retrieval: str = "global",

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from splatpose.errors import require_extra
 from splatpose.report import write_sweep_report
 from splatpose.sweeps.sweep_jobs import FAILED, NO_RESULT, OK, JobRecord, read_sweep
 from splatpose.sweeps.sweep_table import (Row, build_rows, comparison_table, markdown_table,
@@ -140,6 +141,7 @@ def log_to_wandb(sweep_dir: Path, out_dir: Path, jobs: list[JobRecord], rows: li
     """One W&B run of job_type "sweep-summary" holding the tables; returns its local folder."""
     if mode == "disabled":
         return None
+    require_extra(("wandb",), "the sweep summary's W&B run", instead="--wandb disabled")
     import wandb
 
     run = wandb.init(project=project, name=f"sweep-summary-{sweep_dir.name}", job_type="sweep-summary",

@@ -359,6 +359,7 @@ def log_run_summary(loggers: list, results: dict) -> None:
 
 
 def format_metrics(metrics: dict) -> str:
-    """One line per metric, for the console."""
+    """One line per metric, for the console (the image-score alternatives stay in results.json)."""
+    shown = {k: v for k, v in metrics.items() if k != "image_auroc_by_top_fraction"}
     return "\n".join(f"  {k:<28} {'undefined' if v is None else f'{v:.4f}'}"
-                     for k, v in flatten_metrics(metrics).items())
+                     for k, v in flatten_metrics(shown).items())

@@ -170,18 +170,16 @@ def pack_dataset(out: Path) -> Path:
 def pack_families(out: Path, preset: str) -> Path:
     """Every class of both dataset families at one preset, generated here (the device has neither VTK
     nor Mitsuba) into ``families/<family>/``, for ``bench_families.py --root <family>=<folder>``."""
-    from splatpose.data.parts import PARTS_CLASSES, ensure_parts_dataset
-    from splatpose.data.synthetic import ensure_synthetic_dataset
     from omegaconf import OmegaConf
 
-    synthetic_classes = list(OmegaConf.load(Path(__file__).parents[1] / "conf/dataset/synthetic.yaml").classes)
-    cache = Path(".cache/splatpose")
-    roots = {"synthetic": ensure_synthetic_dataset(cache / "synthetic", synthetic_classes, preset=preset),
-             "parts": ensure_parts_dataset(cache / "parts", list(PARTS_CLASSES), preset=preset)}
-    target = out / "families"
+    from splatpose.data.parts import ensure_parts_dataset
+    from splatpose.data.synthetic import ensure_synthetic_dataset
+
+    cache, target = Path(".cache/splatpose"), out / "families"
     shutil.rmtree(target, ignore_errors=True)
-    for family, root in roots.items():
-        classes = synthetic_classes if family == "synthetic" else list(PARTS_CLASSES)
+    for family, ensure in (("synthetic", ensure_synthetic_dataset), ("parts", ensure_parts_dataset)):
+        classes = list(OmegaConf.load(Path(__file__).parents[1] / "conf" / "dataset" / f"{family}.yaml").classes)
+        root = ensure(cache / family, classes, preset=preset)
         for class_name in classes:
             shutil.copytree(root / class_name, target / family / class_name, ignore=shutil.ignore_patterns(".*"))
     return target

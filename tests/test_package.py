@@ -11,7 +11,6 @@ which copy was imported). The run is tests/conftest.py's ``tiny_run``.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import httpx
 import pytest
 
 from conftest import TINY_DETECT
+from loopback import free_loopback_port  # tests/loopback.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,12 +45,6 @@ print(json.dumps({
     "score": float(detector.detect(image).score),
 }))
 """
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import base64
 import io
 import json
 import re
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from loopback import free_loopback_port  # tests/loopback.py
 from splatpose.service import DetectionService, build_app
 
 DETECT = {"matching": "sequential", "warm_up": False, "threshold": 0.5}  # tests/conftest.py's TINY_DETECT
@@ -33,12 +33,6 @@ GLOG_LINE = re.compile(r"^[IWEF]\d{8} ", re.MULTILINE)
 @pytest.fixture(scope="session")
 def detector(tiny_detector):
     return tiny_detector  # tests/conftest.py's, with the same settings (DETECT)
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -175,12 +175,13 @@ class PoseRefiner:
     def __init__(self, gaussians: Gaussians, K: np.ndarray, width: int, height: int, cfg: DictConfig,
                  backend: str = "auto", scorer: AnomalyScorer | None = None):
         check_refine_config(cfg)
-        if any(level.loss == "feature" for level in refine_levels(cfg)) and (scorer is None or scorer.backbone is None):
+        levels = refine_levels(cfg)
+        if any(level.loss == "feature" for level in levels) and (scorer is None or scorer.backbone is None):
             raise ValueError("refine.loss=feature needs a scorer with a backbone (scorer=efficientnet_lite0 "
                              "or efficientnet_b4); use loss=l1 with the pixel scorer")
         self.gaussians, self.cfg, self.backend, self.scorer = gaussians, cfg, backend, scorer
         self.device = gaussians.means.device
-        self.levels = [_Level.of(settings, K, width, height, self.device) for settings in refine_levels(cfg)]
+        self.levels = [_Level.of(settings, K, width, height, self.device) for settings in levels]
 
     def refine(self, query: Tensor, w2c: np.ndarray, levels: list[int] | None = None) -> Refinement:
         """Refine ``w2c`` [4, 4] (OpenCV world-to-camera) against ``query`` [3, H, W] in [0, 1], through

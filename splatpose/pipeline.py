@@ -202,9 +202,11 @@ def write_report(out_dir: Path, evaluation: Evaluation) -> Path | None:
 
 def dataset_identity(cfg_dataset: DictConfig) -> dict:
     """The dataset settings that decide a class's data: not the list of classes a run may choose from
-    (adding a class to ``dataset.classes`` must not invalidate the caches of the others)."""
+    (adding a class to ``dataset.classes`` must not invalidate the caches of the others), nor the folder
+    it lives in (the data key holds the files' content: the same files in another checkout, cache or
+    machine give the same keys, seeds and results)."""
     return {k: v for k, v in OmegaConf.to_container(cfg_dataset, resolve=True).items()
-            if k not in ("classes", "default_class")}
+            if k not in ("classes", "default_class", "root")}
 
 
 def splat_trainer_kwargs(cfg: DictConfig, loggers: list) -> dict:

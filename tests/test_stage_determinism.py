@@ -87,3 +87,17 @@ def test_run_folder_serves_detect_after_the_stage_cache_is_deleted(tiny_runs):
     assert proc.returncode == 1
     assert "artifacts/sfm/features.h5: missing from the run folder" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_dataset_identity_ignores_where_the_data_lives_and_which_classes_are_listed():
+    """The same files in another checkout or cache must get the same stage keys (hence seeds and
+    results); the dataset's own settings still count."""
+    from omegaconf import OmegaConf
+
+    from splatpose.pipeline import dataset_identity
+
+    here = OmegaConf.create({"name": "synthetic", "root": "/work/main/.cache/synthetic", "preset": "small",
+                             "classes": ["01Ant"], "default_class": "01Ant"})
+    elsewhere = OmegaConf.merge(here, {"root": "/tmp/clone/.cache/synthetic", "classes": ["01Ant", "03Nut"]})
+    assert dataset_identity(here) == dataset_identity(elsewhere)
+    assert dataset_identity(here) != dataset_identity(OmegaConf.merge(here, {"preset": "mad_sim_like"}))

@@ -92,7 +92,8 @@ class Detection:
     localized: the final pose lines up (``pose_path`` "pnp" or "recovered", see
         :class:`splatpose.refine.queries.PoseSettler`); otherwise (``pose_path`` "failed") ``w2c`` is a best
         effort and the map is unreliable (flag "not_localized"). confidence: the render's alignment
-        with the image ({"iou", "l1"}); recovery: what the recovery through the splats did.
+        with the image ({"iou", "l1"}); recovery: what the recovery through the splats did; symmetry: what
+        the check against the scene's near-symmetric turns did (None when it did not run).
     w2c: [4, 4] float64 world-to-camera (OpenCV) used for the render (after refinement, if any);
         w2c_pnp: the pose before refinement.
     flags: notes such as "grayscale", "resized_from_640x480", "not_localized".
@@ -121,6 +122,7 @@ class Detection:
     refinement: dict | None = None
     confidence: dict | None = None
     recovery: dict | None = None
+    symmetry: dict | None = None
     times: dict[str, float] = field(default_factory=dict)
     query: np.ndarray | None = None
     render: np.ndarray | None = None
@@ -130,7 +132,7 @@ class Detection:
         return {"name": self.name, "source": self.source, "ok": self.ok, "error": self.error,
                 "flags": self.flags, "score": self.score, "anomalous": self.anomalous,
                 "localized": self.localized, "pose_path": self.pose_path, "confidence": self.confidence,
-                "recovery": self.recovery, "num_inliers": self.num_inliers, "num_matches": self.num_matches,
+                "recovery": self.recovery, "symmetry": self.symmetry, "num_inliers": self.num_inliers, "num_matches": self.num_matches,
                 "fallback": self.fallback, "retrieved": self.retrieved, "refinement": self.refinement,
                 "w2c": None if self.w2c is None else np.asarray(self.w2c).tolist(),
                 "w2c_pnp": None if self.w2c_pnp is None else np.asarray(self.w2c_pnp).tolist(),
@@ -326,8 +328,8 @@ class Detector:
                 final = self.settler.settle(queries[b], pose)
                 w2c[b] = final.w2c
                 detection.localized, detection.pose_path = final.localized, final.path
-                detection.refinement, detection.confidence, detection.recovery = (final.refinement, final.confidence,
-                                                                                   final.recovery)
+                detection.refinement, detection.confidence = final.refinement, final.confidence
+                detection.recovery, detection.symmetry = final.recovery, final.symmetry
                 detection.times["refine"] = round(time.perf_counter() - start, 6)
             if not detection.localized:
                 detection.flags.append("not_localized")

@@ -264,6 +264,8 @@ def final_pose_summary(data: ClassData, refined: list[RefinedPose]) -> dict:
             entry["confidence"] = pose.confidence
         if pose.recovery:
             entry["recovery"] = pose.recovery
+        if pose.symmetry:
+            entry["symmetry"] = pose.symmetry
         truth = (data.test_poses or {}).get(pose.name)
         if truth is not None:
             entry["rotation_error_deg"] = float(rotation_error_deg(pose.w2c, truth))
@@ -276,7 +278,8 @@ def final_pose_summary(data: ClassData, refined: list[RefinedPose]) -> dict:
                "paths": {path: sum(p.path == path for p in refined) for path in POSE_PATHS},
                "success_rate": sum(p.localized for p in refined) / max(len(refined), 1),
                "median_seconds": float(np.median([e["seconds"] for e in done])) if done else 0.0,
-               "median_recovery_seconds": float(np.median(recovered)) if recovered else 0.0}
+               "median_recovery_seconds": float(np.median(recovered)) if recovered else 0.0,
+               "symmetry_switched": sum(bool(p.symmetry and p.symmetry["switched"]) for p in refined)}
     errors = [e["rotation_error_deg"] for e in per_query.values() if "rotation_error_deg" in e]
     if errors:
         summary["median_rotation_error_deg"] = float(np.median(errors))
@@ -327,10 +330,11 @@ def score_and_evaluate(cfg: DictConfig, data: ClassData, renders: np.ndarray, lo
 
 
 def write_per_image_csv(path: Path, evaluation: Evaluation, localization: dict, final_poses: dict) -> None:
-    """One row per test image: label, score, PnP localization, and the final pose (path, IoU, errors)."""
+    """One row per test image: label, score, PnP localization, and the final pose (path, IoU, whether a
+    near-symmetric turn replaced it, errors)."""
     fields = ["name", "defect", "label", "score", "localized", "fallback", "num_inliers",
-              "rotation_error_deg", "center_error_rel", "pose_path", "iou", "refined", "final_rotation_error_deg",
-              "final_center_error_rel"]
+              "rotation_error_deg", "center_error_rel", "pose_path", "iou", "turned", "refined",
+              "final_rotation_error_deg", "final_center_error_rel"]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
@@ -344,6 +348,7 @@ def write_per_image_csv(path: Path, evaluation: Evaluation, localization: dict, 
                              "rotation_error_deg": q.get("rotation_error_deg", ""),
                              "center_error_rel": q.get("center_error_rel", ""),
                              "pose_path": r.get("path", ""), "iou": (r.get("confidence") or {}).get("iou", ""),
+                             "turned": (r.get("symmetry") or {}).get("switched", ""),
                              "refined": r.get("refined", False),
                              "final_rotation_error_deg": r.get("rotation_error_deg", ""),
                              "final_center_error_rel": r.get("center_error_rel", "")})

@@ -33,6 +33,19 @@ class MeshSource:
     regions: int | None = None
 
 
+def mug() -> pv.PolyData:
+    """A tapered mug with a ring handle, built from pyvista primitives: a body of revolution whose only
+    shape asymmetries are the handle (about its axis) and the taper (top against bottom), so that
+    poses turned about the axis are told apart by a small feature only (the tuning family's
+    near-symmetric object; see experiments/PROTOCOL.md)."""
+    profile = pv.PolyData(np.array([[0.0, 0.0, -0.5], [0.36, 0.0, -0.5], [0.46, 0.0, 0.5], [0.0, 0.0, 0.5]]),
+                          lines=np.array([4, 0, 1, 2, 3]))
+    body = profile.extrude_rotate(resolution=96, capping=False).triangulate()
+    handle = pv.ParametricTorus(ringradius=0.26, crosssectionradius=0.06).rotate_x(90.0).translate((0.44, 0.0, 0.02))
+    merged = (body + handle.triangulate()).clean()
+    return pv.PolyData(merged.points, merged.faces)
+
+
 # Class name -> mesh. Numbered like MAD-Sim's classes. Only meshes that load offline are listed.
 MESHES: dict[str, MeshSource] = {
     "01Ant": MeshSource(examples.load_ant, (("x", 90.0),)),
@@ -42,6 +55,9 @@ MESHES: dict[str, MeshSource] = {
     # weakly textured: the tuning family's stand-ins for single-colour parts (experiments/PROTOCOL.md)
     "05PlainNut": MeshSource(examples.load_nut, (("x", 90.0),), regions=2),
     "06PlainAnt": MeshSource(examples.load_ant, (("x", 90.0),), regions=3),
+    # near-symmetric (turned about its axis, only the handle tells the turn): the tuning family's
+    # stand-in for turned and toothed parts
+    "07PlainMug": MeshSource(mug, regions=2),
 }
 
 

@@ -7,7 +7,9 @@ Per query (:class:`PoseSettler`, shared with the detector):
   ``refine.recovery`` thresholds): the pose is recovered through the splats
   (:class:`~splatpose.refine.recovery.PoseRecovery`); path ``"recovered"`` when the result lines up;
 - nothing lines up: path ``"failed"``; the query is rendered at the best pose found (or its PnP
-  fallback) and flagged, never passed off as localized.
+  fallback) and flagged, never passed off as localized;
+- a pose that lines up then competes with its turns by the scene's near-symmetries (``refine.symmetry``,
+  :mod:`splatpose.refine.symmetry`): a refined turned copy that explains the image better replaces it.
 
 Writes ``refined_poses.json`` into the stage folder (one entry per query, in test order: the pose used
 for rendering, its path, its alignment confidence and what refining and recovering did) and reuses it
@@ -31,6 +33,7 @@ from splatpose.data.mad_sim import ClassData, read_image
 from splatpose.refine.pose_refinement import PoseRefiner
 from splatpose.refine.recovery import (Confidence, PoseRecovery, SearchViews, alignment_confidence,
                                        orbit_views, render_search_views)
+from splatpose.refine.symmetry import SymmetryCheck, near_symmetries
 from splatpose.sfm.config import default_conf_dir
 from splatpose.sfm.localization import QueryPose
 from splatpose.splat.gaussians import Gaussians
@@ -59,6 +62,8 @@ class RefinedPose:
     refinement: what refining the PnP pose did (steps, losses, pose change, seconds); None when not refined.
     confidence: alignment of the render with the query ({"iou", "l1"}); None when not measured.
     recovery: what the recovery did (hypotheses, start view, seconds, accepted); None when it did not run.
+    symmetry: what the check against near-symmetric turns did (switched, turn, losses, seconds); None when
+        it did not run (no near-symmetry, check off, or the pose did not line up).
     """
 
     name: str
@@ -67,6 +72,7 @@ class RefinedPose:
     path: str = "pnp"
     confidence: dict | None = None
     recovery: dict | None = None
+    symmetry: dict | None = None
 
     @property
     def refined(self) -> bool:
@@ -78,7 +84,7 @@ class RefinedPose:
 
     def to_json(self) -> dict:
         return {"name": self.name, "w2c": np.asarray(self.w2c).tolist(), "path": self.path,
-                "refinement": self.refinement, "confidence": self.confidence, "recovery": self.recovery}
+                "refinement": self.refinement, "confidence": self.confidence, "recovery": self.recovery, "symmetry": self.symmetry}
 
 
 class PoseSettler:
@@ -101,6 +107,9 @@ class PoseSettler:
         recovery_cfg = cfg.get("recovery")
         self.recovery_enabled = recovery_cfg is not None and bool(recovery_cfg.enabled)
         self._recovery: PoseRecovery | None = None
+        symmetry_cfg = cfg.get("symmetry")
+        self.symmetry_enabled = symmetry_cfg is not None and bool(symmetry_cfg.enabled)
+        self._symmetry: SymmetryCheck | None = None
 
     @property
     def recovery(self) -> PoseRecovery | None:
@@ -118,8 +127,28 @@ class PoseSettler:
                                           self.cfg.recovery, backend=self.backend)
         return self._recovery
 
+    @property
+    def symmetry(self) -> SymmetryCheck | None:
+        """The near-symmetry check, the scene's near-symmetries found on first use (None: check off)."""
+        if self.symmetry_enabled and self._symmetry is None:
+            self._symmetry = SymmetryCheck(self.refiner, near_symmetries(self.gaussians, self.cfg.symmetry),
+                                           self.cfg.symmetry, self.K, self.backend)
+        return self._symmetry
+
     def settle(self, query: torch.Tensor, pose: QueryPose) -> RefinedPose:
         """``query`` [3, H, W] in [0, 1]; ``pose`` its localization result."""
+        settled = self._settle(query, pose)
+        if not settled.localized or self.symmetry is None or not self.symmetry.symmetries:
+            return settled
+        verdict = self.symmetry.check(query, settled.w2c)
+        settled.symmetry = verdict.summary()
+        if verdict.switched:
+            settled.w2c = verdict.w2c
+            if settled.confidence is not None:
+                settled.confidence = self._confidence(verdict.w2c, query).summary()
+        return settled
+
+    def _settle(self, query: torch.Tensor, pose: QueryPose) -> RefinedPose:
         if pose.success:
             refinement = self.refiner.refine(query, pose.w2c)
             if not self.recovery_enabled:
@@ -213,4 +242,4 @@ def _load(path: Path | None, names: list[str]) -> list[RefinedPose] | None:
         log.warning("%s does not match the test images; refining again", path)
         return None
     return [RefinedPose(e["name"], np.asarray(e["w2c"], dtype=np.float64), e["refinement"], e.get("path", "pnp"),
-                        e.get("confidence"), e.get("recovery")) for e in entries]
+                        e.get("confidence"), e.get("recovery"), e.get("symmetry")) for e in entries]

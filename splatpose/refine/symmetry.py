@@ -1,0 +1,219 @@
+"""Near-symmetric turns: poses that line up almost as well as the right one, and the check between them.
+
+A turned or toothed object (a mug, a nut, a gear, a knob) looks nearly the same after a turn about its
+axis: only a small feature (a handle, a flat, a colour boundary) tells the turns apart. Render-and-compare
+refinement cannot cross from one such turn to another (the outline gives no gradient along the turn),
+and its alignment confidence is as high at a wrong turn as at the right one. So once per scene the
+splats' own near-symmetries are found (:func:`near_symmetries`), and every settled pose competes with
+its turned copies (:class:`SymmetryCheck`): each copy is refined like the pose was, and the one whose
+colours match the image best at full size wins, by a margin.
+
+Near-symmetries are found on the Gaussians' centres (the opaque ones, a fixed subsample; their density
+varies, so distances are measured in local spacings: a turned point's distance to the nearest point
+over that point's distance to its 4th neighbour). The *misfit* of a turn is the mean of that ratio,
+capped at 3: about 0.5 for an exact symmetry, 2-3 for a turn that moves the shape. About each
+principal axis of the cloud, the axis is first fitted to its best turn (a pattern search over the
+axis' tilt and its offset from the median: a handle or a flat pulls the principal axes and the median
+off the axis of a turned part), then every turn of at most ``max_misfit`` is a candidate; candidates
+closer than ``min_separation_deg`` (to each other or to no turn) are merged, lowest misfit first.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from scipy.spatial import cKDTree
+from torch import Tensor
+
+from splatpose.refine.pose_refinement import PoseRefiner
+from splatpose.refine.recovery import Confidence, alignment_confidence, axis_angle
+from splatpose.splat.gaussians import Gaussians
+
+
+@dataclass(frozen=True)
+class NearSymmetry:
+    """A turn of the scene by ``angle_deg`` about ``axis`` [3] (unit, world) through ``centre`` [3] that
+    maps the splats nearly onto themselves; ``misfit`` as in the module docstring (lower: closer)."""
+
+    axis: tuple[float, float, float]
+    angle_deg: float
+    centre: tuple[float, float, float]
+    misfit: float
+
+    def world_transform(self) -> np.ndarray:
+        """[4, 4] the turn as a world-to-world map X -> R (X - c) + c."""
+        rotation, centre = axis_angle(np.asarray(self.axis), math.radians(self.angle_deg)), np.asarray(self.centre)
+        transform = np.eye(4)
+        transform[:3, :3], transform[:3, 3] = rotation, centre - rotation @ centre
+        return transform
+
+    def turn_camera(self, w2c: np.ndarray) -> np.ndarray:
+        """[4, 4] the camera that sees the scene as ``w2c`` [4, 4] sees the turned scene (for a symmetric
+        scene: the pose turned by the symmetry, which renders nearly the same image)."""
+        return np.asarray(w2c, dtype=np.float64) @ self.world_transform()
+
+    def summary(self) -> dict:
+        return {"axis": [round(v, 5) for v in self.axis], "angle_deg": round(self.angle_deg, 3),
+                "misfit": round(self.misfit, 4)}
+
+
+def symmetry_points(gaussians: Gaussians, min_opacity: float, max_points: int) -> np.ndarray:
+    """[M, 3] float64: centres of the Gaussians with opacity >= ``min_opacity`` (all when few are),
+    every k-th of them so that M <= ``max_points`` (deterministic)."""
+    means = gaussians.means.detach().cpu().double().numpy()
+    opacity = torch.sigmoid(gaussians.opacities.detach().cpu()).numpy()
+    points = means[opacity >= min_opacity] if (opacity >= min_opacity).sum() >= 10 else means
+    return points[:: max(1, math.ceil(len(points) / max_points))]
+
+
+class _Cloud:
+    """The point cloud the turns are measured on (see the module docstring)."""
+
+    def __init__(self, points: np.ndarray):
+        self.points, self.tree = points, cKDTree(points)
+        self.spacing = self.tree.query(points, k=5)[0][:, 4]
+        self.centre = np.median(points, axis=0)
+        self.radius = float(np.median(np.linalg.norm(points - self.centre, axis=1)))
+
+    def misfit(self, axis: np.ndarray, centre: np.ndarray, angle_deg: float) -> float:
+        rotation = axis_angle(axis, math.radians(angle_deg))
+        distance, nearest = self.tree.query((self.points - centre) @ rotation.T + centre)
+        return float(np.minimum(distance / np.maximum(self.spacing[nearest], 1e-12), MAX_RATIO).mean())
+
+    def fit_axis(self, axis: np.ndarray, angle_deg: float) -> tuple[np.ndarray, np.ndarray]:
+        """Pattern search from ``axis`` through the median: tilts and offsets (perpendicular to the axis)
+        that lower the misfit of the turn by ``angle_deg``, halving the steps from 8 deg and 8 % of the radius."""
+        centre, best = self.centre, self.misfit(axis, self.centre, angle_deg)
+        for tilt_deg, offset in zip(PATTERN_TILTS_DEG, PATTERN_OFFSETS):
+            improved = True
+            while improved:
+                improved = False
+                u, v = _perpendiculars(axis)
+                moves = [(axis_angle(w, math.radians(sign * tilt_deg)) @ axis, centre) for w in (u, v) for sign in (-1, 1)]
+                moves += [(axis, centre + sign * offset * self.radius * w) for w in (u, v) for sign in (-1, 1)]
+                for new_axis, new_centre in moves:
+                    value = self.misfit(new_axis, new_centre, angle_deg)
+                    if value < best - 1e-9:
+                        axis, centre, best, improved = new_axis / np.linalg.norm(new_axis), new_centre, value, True
+        return axis, centre
+
+
+MAX_RATIO = 3.0  # cap on a turned point's distance in local spacings (a point far off counts as 3)
+PATTERN_TILTS_DEG = (8.0, 4.0, 2.0, 1.0)
+PATTERN_OFFSETS = (0.08, 0.04, 0.02, 0.01)  # fractions of the cloud's median radius
+
+
+def _perpendiculars(axis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    helper = np.array([1.0, 0.0, 0.0]) if abs(axis[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    u = np.cross(axis, helper)
+    u /= np.linalg.norm(u)
+    return u, np.cross(axis, u)
+
+
+def near_symmetries(gaussians: Gaussians, cfg: DictConfig) -> list[NearSymmetry]:
+    """The scene's near-symmetric turns (``cfg``: the ``refine.symmetry`` node), lowest misfit first."""
+    points = symmetry_points(gaussians, float(cfg.min_opacity), int(cfg.max_points))
+    if len(points) < 10:
+        return []
+    cloud = _Cloud(points)
+    step, separation = float(cfg.step_deg), float(cfg.min_separation_deg)
+    angles = np.arange(step, 360.0 - step / 2, step)
+    turns = (angles >= separation) & (angles <= 360.0 - separation)
+    if not turns.any():
+        return []
+    found = []
+    for axis in np.linalg.eigh(np.cov((points - cloud.centre).T))[1].T:
+        curve = np.array([cloud.misfit(axis, cloud.centre, a) for a in angles[turns]])
+        axis, centre = cloud.fit_axis(axis, float(angles[turns][curve.argmin()]))
+        found += [NearSymmetry(tuple(float(v) for v in axis), float(a), tuple(float(v) for v in centre), value)
+                  for a in angles[turns] if (value := cloud.misfit(axis, centre, a)) <= float(cfg.max_misfit)]
+    kept: list[NearSymmetry] = []
+    for turn in sorted(found, key=lambda t: t.misfit):  # merge turns that are nearly the same rotation
+        if all(_rotation_between_deg(turn, other) >= separation for other in kept) and \
+                _rotation_between_deg(turn, None) >= separation:
+            kept.append(turn)
+    return kept[: int(cfg.max_candidates)]
+
+
+def _rotation_between_deg(a: NearSymmetry, b: NearSymmetry | None) -> float:
+    """Angle (degrees) of the rotation between two turns' rotations (b None: no turn)."""
+    rotation_b = np.eye(3) if b is None else b.world_transform()[:3, :3]
+    cosine = (np.trace(a.world_transform()[:3, :3].T @ rotation_b) - 1.0) / 2.0
+    return math.degrees(math.acos(np.clip(cosine, -1.0, 1.0)))
+
+
+@dataclass
+class SymmetryVerdict:
+    """What checking a pose against its turned copies did.
+
+    w2c: [4, 4] the pose kept (the turned copy's refined pose when one won).
+    switched: a turned copy won; turn: the winning turn (None if none won).
+    confidence: the kept pose's alignment; confidence_of_pose: the given pose's.
+    hypotheses: turned copies screened; refined: how many of them were refined; seconds: wall time.
+    """
+
+    w2c: np.ndarray
+    switched: bool
+    turn: NearSymmetry | None
+    confidence: Confidence
+    confidence_of_pose: Confidence
+    hypotheses: int
+    refined: int
+    seconds: float
+
+    def summary(self) -> dict:
+        return {"switched": self.switched, "turn": self.turn.summary() if self.turn else None,
+                "confidence": self.confidence.summary(), "confidence_of_pose": self.confidence_of_pose.summary(),
+                "hypotheses": self.hypotheses, "refined": self.refined, "seconds": round(self.seconds, 4)}
+
+
+class SymmetryCheck:
+    """Checks settled poses of one scene against their near-symmetric turns.
+
+    The turned copies line up in outline by construction, so colour decides: a copy, refined like the pose
+    was, replaces the pose when its mean colour difference over the silhouettes (full size,
+    :func:`~splatpose.refine.recovery.alignment_confidence`) is lower by more than ``margin`` (relative)
+    and its silhouette IoU is no more than ``max_iou_drop`` below the pose's.
+
+    Args:
+        refiner: the refinement the poses were settled with (its levels and loss are reused).
+        symmetries: the scene's near-symmetries (:func:`near_symmetries`).
+        cfg: the ``refine.symmetry`` node (keep: how many turned copies are refined at most, those with the
+            lowest loss at the first refinement level and no more than ``screen_ratio`` times the pose's
+            loss there; margin; max_iou_drop).
+        K: [3, 3] intrinsics of the full image; backend: renderer backend.
+    """
+
+    def __init__(self, refiner: PoseRefiner, symmetries: list[NearSymmetry], cfg: DictConfig, K: np.ndarray,
+                 backend: str = "auto"):
+        self.refiner, self.symmetries, self.cfg, self.backend = refiner, symmetries, cfg, backend
+        self.K = np.asarray(K, dtype=np.float64)
+
+    def check(self, query: Tensor, w2c: np.ndarray) -> SymmetryVerdict:
+        """Keep ``w2c`` [4, 4] (a pose refined by ``refiner``) or replace it by a refined turned copy that
+        explains ``query`` [3, H, W] better."""
+        started = time.perf_counter()
+        pose_confidence = self._confidence(w2c, query)
+        copies = [(turn, turn.turn_camera(w2c)) for turn in self.symmetries]
+        # screened at the first (coarsest) level, unrefined: a turn that visibly moves colours or outline
+        # is not worth refining
+        limit = float(self.cfg.screen_ratio) * self.refiner.loss_at(query, w2c, 0)
+        losses = [self.refiner.loss_at(query, copy, 0) for _, copy in copies]
+        screened = [copies[i] for i in np.argsort(losses) if losses[i] <= limit][: int(self.cfg.keep)]
+        best_turn, best_w2c, best = None, np.asarray(w2c, dtype=np.float64), pose_confidence
+        for turn, start in screened:
+            refined = self.refiner.refine(query, start).w2c
+            confidence = self._confidence(refined, query)
+            if (confidence.l1 < best.l1 * (1.0 - float(self.cfg.margin))
+                    and confidence.iou >= pose_confidence.iou - float(self.cfg.max_iou_drop)):
+                best_turn, best_w2c, best = turn, refined, confidence
+        return SymmetryVerdict(best_w2c, best_turn is not None, best_turn, best, pose_confidence, len(copies),
+                               len(screened), time.perf_counter() - started)
+
+    def _confidence(self, w2c: np.ndarray, query: Tensor) -> Confidence:
+        return alignment_confidence(self.refiner.gaussians, w2c, query, self.K, self.backend)

@@ -30,6 +30,7 @@ Python loop over pixels or Gaussians.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from gsplat.cuda._torch_impl import (
@@ -47,6 +48,17 @@ MAX_EXTENT_SIGMAS = 3.33  # gsplat's cap on the bounding-box half size, in stand
 # Most candidate pairs enumerated at once (per front-to-back slab): bounds peak memory when a few
 # Gaussians cover the whole image.
 PAIR_CHUNK = 1 << 22
+
+
+class VisiblePairs(NamedTuple):
+    """(Gaussian, pixel) pairs in (pixel, depth) order, each field [P]."""
+
+    ids: Tensor  # int64, flat Gaussian index c*N + n
+    pixels: Tensor  # int64, flat pixel index c*H*W + y*W + x, non-decreasing
+    alphas: Tensor  # the pair's alpha, in [1/255, 0.999]
+    transmittances: Tensor  # product of (1 - alpha) over the pairs in front of it in its pixel
+    run_starts: Tensor  # int64, index of the first pair of the same pixel
+    run_ends: Tensor  # int64, index one past the last pair of the same pixel
 
 
 def rasterize_torch(
@@ -195,68 +207,103 @@ def composite(means2d: Tensor, conics: Tensor, opacities: Tensor, colors: Tensor
     flat_means2d, flat_conics = means2d.reshape(-1, 2), conics.reshape(-1, 3)
     flat_opacities, flat_colors = opacities.reshape(-1), colors.reshape(-1, n_channels)
 
-    ids, pixels, run_starts = find_visible_pairs(flat_means2d.detach(), flat_conics.detach(),
-                                                 flat_opacities.detach(), depths.detach().reshape(-1),
-                                                 radii.reshape(-1, 2), n_gaussians, width, height)
-
-    pair_means2d = flat_means2d.index_select(0, ids)
-    if absgrad_target is not None and pair_means2d.requires_grad:
-        pair_means2d.register_hook(_absgrad_hook(absgrad_target, ids))
-    alphas = pair_alphas(pair_means2d, flat_conics.index_select(0, ids),
-                         flat_opacities.index_select(0, ids), pixels, width, height)
-    weights = alphas * exclusive_transmittance(alphas, run_starts)  # [P]
-
-    pair_colors = flat_colors.index_select(0, ids)
-    image = flat_colors.new_zeros(n_pixels, n_channels).index_add(0, pixels, weights[:, None] * pair_colors)
-    accumulated = weights.new_zeros(n_pixels).index_add(0, pixels, weights)
+    pairs = find_visible_pairs(flat_means2d.detach(), flat_conics.detach(), flat_opacities.detach(),
+                               depths.detach().reshape(-1), radii.reshape(-1, 2), n_gaussians, width, height)
+    image, accumulated = _CompositePairs.apply(flat_means2d, flat_conics, flat_opacities, flat_colors, pairs,
+                                               n_pixels, width, height, absgrad_target)
     if backgrounds is not None:
         camera_of_pixel = torch.arange(n_cameras, device=image.device).repeat_interleave(height * width)
         image = image + (1.0 - accumulated)[:, None] * backgrounds[camera_of_pixel]
     return (image.reshape(n_cameras, height, width, n_channels),
-            accumulated.reshape(n_cameras, height, width, 1), int(ids.numel()))
+            accumulated.reshape(n_cameras, height, width, 1), int(pairs.ids.numel()))
 
 
-def pair_alphas(pair_means2d: Tensor, pair_conics: Tensor, pair_opacities: Tensor, pixels: Tensor,
-                width: int, height: int) -> Tensor:
-    """alpha = min(0.999, opacity * exp(-sigma)) of each (Gaussian, pixel) pair, [P].
+class _CompositePairs(torch.autograd.Function):
+    """Front-to-back compositing of the visible pairs, with a hand-written backward.
 
-    ``pixels`` are flat indices c*H*W + y*W + x; the pixel centre is (x + 0.5, y + 0.5).
+    Forward: w_i = alpha_i T_i, image[p] = sum_i w_i colour_i, accumulated[p] = sum_i w_i over the
+    pairs i of pixel p in depth order. Backward, with h_i = dL/dimage[p] . colour_i + dL/dacc[p]:
+    dL/dalpha_i = T_i h_i - S_i / (1 - alpha_i), where S_i = sum over the pairs j behind i in the same
+    pixel of h_j w_j (one cumulative sum, read from the end of each pixel's run). Autograd would keep
+    a dozen [P] intermediates and scatter each per-pair gradient on its own; here the backward
+    re-gathers the 6 + D per-Gaussian values it needs and scatters all gradients in one pass.
     """
+
+    @staticmethod
+    def forward(ctx, means2d, conics, opacities, colors, pairs, n_pixels, width, height, absgrad_target):
+        transmittance = pairs.transmittances
+        weights = pairs.alphas * transmittance  # [P]
+        pair_colors = colors.index_select(0, pairs.ids)
+        image = colors.new_zeros(n_pixels, colors.shape[1]).index_add_(0, pairs.pixels, weights[:, None] * pair_colors)
+        accumulated = weights.new_zeros(n_pixels).index_add_(0, pairs.pixels, weights)
+        ctx.save_for_backward(means2d, conics, opacities, colors, weights)
+        ctx.pairs, ctx.geometry, ctx.absgrad_target = pairs, (width, height), absgrad_target
+        return image, accumulated
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_image, grad_accumulated):
+        means2d, conics, opacities, colors, weights = ctx.saved_tensors
+        pairs, (width, height) = ctx.pairs, ctx.geometry
+        ids, pixels, alphas, transmittance = pairs.ids, pairs.pixels, pairs.alphas, pairs.transmittances
+        n_channels = colors.shape[1]
+
+        grad_pair_image = grad_image.index_select(0, pixels)  # [P, D]
+        pair_colors = colors.index_select(0, ids)
+        h = (grad_pair_image * pair_colors).sum(1) + grad_accumulated.index_select(0, pixels)
+        # S_i: sum of h_j w_j over j behind i in i's pixel = (prefix sum at the run's end) - (at i)
+        inclusive = torch.cumsum((h * weights).double(), dim=0)
+        behind = (inclusive.index_select(0, pairs.run_ends - 1) - inclusive).to(h.dtype)
+        grad_alpha = transmittance * h - behind / (1.0 - alphas)
+
+        x, y = _pixel_centres(pixels, width, height, means2d.dtype)
+        dx = means2d[:, 0].index_select(0, ids) - x
+        dy = means2d[:, 1].index_select(0, ids) - y
+        a, b, c = (conics[:, k].index_select(0, ids) for k in range(3))
+        opacity = opacities.index_select(0, ids)
+        visibility = torch.exp(-(0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy))
+        # alpha = min(0.999, opacity * visibility): no gradient through the clamp
+        grad_alpha = torch.where(opacity * visibility <= MAX_ALPHA, grad_alpha, 0.0)
+        grad_sigma = -alphas * grad_alpha
+        columns = [grad_sigma * (a * dx + b * dy), grad_sigma * (c * dy + b * dx),
+                   0.5 * grad_sigma * dx * dx, grad_sigma * dx * dy, 0.5 * grad_sigma * dy * dy,
+                   visibility * grad_alpha]
+        columns += list((grad_pair_image * weights[:, None]).unbind(1))
+        if ctx.absgrad_target is not None:
+            columns += [columns[0].abs(), columns[1].abs()]
+        per_gaussian = _sum_columns_by_index(columns, ids, len(opacities))  # [M, 6 + D (+ 2)]
+        if ctx.absgrad_target is not None:
+            ctx.absgrad_target.absgrad = per_gaussian[:, 6 + n_channels:].reshape(ctx.absgrad_target.shape)
+        return (per_gaussian[:, 0:2], per_gaussian[:, 2:5], per_gaussian[:, 5],
+                per_gaussian[:, 6:6 + n_channels], None, None, None, None, None)
+
+
+def _sum_columns_by_index(columns: list[Tensor], index: Tensor, size: int) -> Tensor:
+    """out[m, k] = sum of columns[k][i] over i with index[i] == m; [size, len(columns)]."""
+    out = columns[0].new_zeros(len(columns), size)
+    for k, column in enumerate(columns):
+        out[k].index_add_(0, index, column)
+    return out.t()
+
+
+def _pixel_centres(pixels: Tensor, width: int, height: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Centres (x + 0.5, y + 0.5) of flat pixel indices c*H*W + y*W + x, two [P] tensors."""
     row = torch.div(pixels, width, rounding_mode="floor")
-    x = (pixels - row * width).to(pair_means2d.dtype) + 0.5
-    y = torch.remainder(row, height).to(pair_means2d.dtype) + 0.5
-    dx, dy = pair_means2d[:, 0] - x, pair_means2d[:, 1] - y
-    sigma = 0.5 * (pair_conics[:, 0] * dx * dx + pair_conics[:, 2] * dy * dy) + pair_conics[:, 1] * dx * dy
-    return torch.clamp(pair_opacities * torch.exp(-sigma), max=MAX_ALPHA)
-
-
-def exclusive_transmittance(alphas: Tensor, run_starts: Tensor) -> Tensor:
-    """T_i = prod_{j before i in the same pixel} (1 - alpha_j), for pairs sorted by (pixel, depth).
-
-    Args:
-        alphas: [P] in [0, 0.999]
-        run_starts: [P] index of the first pair of each pair's pixel
-    """
-    log_keep = torch.log1p(-alphas.double())
-    inclusive = torch.cumsum(log_keep, dim=0)
-    # sum over j in [start, i) = inclusive[i-1] - inclusive[start-1], with inclusive[-1] := 0
-    before = torch.cat([inclusive.new_zeros(1), inclusive])
-    return torch.exp(before[:-1] - before[run_starts]).to(alphas.dtype)
+    x = (pixels - row * width).to(dtype) + 0.5
+    y = torch.remainder(row, height).to(dtype) + 0.5
+    return x, y
 
 
 @torch.no_grad()
 def find_visible_pairs(means2d: Tensor, conics: Tensor, opacities: Tensor, depths: Tensor,
-                       radii: Tensor, n_gaussians: int, width: int, height: int
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+                       radii: Tensor, n_gaussians: int, width: int, height: int,
+                       stats: dict | None = None) -> "VisiblePairs":
     """The (Gaussian, pixel) pairs that the compositor blends, in (pixel, depth) order.
 
     Inputs are flattened over cameras ([C*N, ...]). A pair is kept when alpha >= 1/255 and sigma
     >= 0, and the pixel's transmittance before it stays above 1e-4 after it (gsplat's stop rule).
 
-    Returns:
-        ids [P] int64: flat Gaussian index c*N + n
-        pixels [P] int64: flat pixel index c*H*W + y*W + x, non-decreasing
-        run_starts [P] int64: index of the first pair of the same pixel
+    Returns: ``VisiblePairs``, each field [P]
     """
     visible = torch.nonzero((radii > 0).all(dim=-1)).squeeze(1)
     # Enumerating Gaussians front to back and then sorting stably by pixel leaves each pixel's
@@ -282,6 +329,9 @@ def find_visible_pairs(means2d: Tensor, conics: Tensor, opacities: Tensor, depth
             owner, y, x0, length = _select(torch.nonzero(open_rows).squeeze(1), owner, y, x0, length)
         slab_ids, slab_pixels, slab_alphas = _alpha_pairs_in_rows(
             owner, y, x0, length, means2d, conics, opacities, n_gaussians, width, height)
+        if stats is not None:
+            stats["enumerated"] = stats.get("enumerated", 0) + int(length.sum())
+            stats["alpha_pass"] = stats.get("alpha_pass", 0) + len(slab_ids)
         if ids:  # pixels of open rows that are themselves saturated
             slab_ids, slab_pixels, slab_alphas = _select(torch.nonzero(is_open[slab_pixels]).squeeze(1),
                                                          slab_ids, slab_pixels, slab_alphas)
@@ -295,12 +345,19 @@ def find_visible_pairs(means2d: Tensor, conics: Tensor, opacities: Tensor, depth
     ids, alphas = _select(order, ids, alphas)
 
     # gsplat stops a pixel at the first Gaussian with T * (1 - alpha) <= 1e-4 and skips the rest.
-    run_starts = _run_starts(pixels)
-    inclusive = torch.cumsum(torch.log1p(-alphas.double()), dim=0)
-    before_run = torch.cat([inclusive.new_zeros(1), inclusive])[run_starts]
-    keep = (inclusive - before_run) > math.log(MIN_TRANSMITTANCE)
-    ids, pixels = _select(torch.nonzero(keep).squeeze(1), ids, pixels)
-    return ids, pixels, _run_starts(pixels)
+    # Log-transmittance before and after each pair: one global cumulative sum (float64, because
+    # it is long) minus its value at the start of the pair's pixel run.
+    run_starts, _ = _runs(pixels, n_pixels)
+    after = torch.cat([torch.zeros(1, dtype=torch.float64, device=pixels.device),
+                       torch.cumsum(torch.log1p(-alphas.double()), dim=0)])
+    before_run = after.index_select(0, run_starts)
+    keep = torch.nonzero((after[1:] - before_run) > math.log(MIN_TRANSMITTANCE)).squeeze(1)
+    # The kept pairs are a prefix of each pixel's run, so their transmittance is unchanged by the cut.
+    transmittances = torch.exp(after[:-1].index_select(0, keep) - before_run.index_select(0, keep)).to(alphas.dtype)
+    ids, pixels, alphas = _select(keep, ids, pixels, alphas)
+    if stats is not None:
+        stats["kept"] = stats.get("kept", 0) + int(keep.numel())
+    return VisiblePairs(ids, pixels, alphas, transmittances, *_runs(pixels, n_pixels))
 
 
 def _pixel_rows_inside_ellipses(means2d: Tensor, conics: Tensor, opacities: Tensor, width: int,
@@ -392,20 +449,9 @@ def _select(indices: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.index_select(0, indices) for t in tensors)
 
 
-def _run_starts(sorted_keys: Tensor) -> Tensor:
-    """For a sorted 1-D tensor, the index where each element's run of equal values begins."""
-    if sorted_keys.numel() == 0:
-        return sorted_keys.new_zeros(0)
-    _, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    return torch.repeat_interleave(starts, counts)
-
-
-def _absgrad_hook(means2d: Tensor, ids: Tensor):
-    """A gradient hook on the per-pair 2D means that sums |grad| per Gaussian into means2d.absgrad."""
-
-    def hook(grad: Tensor) -> None:
-        absgrad = grad.new_zeros(means2d.numel() // 2, 2).index_add(0, ids, grad.abs())
-        means2d.absgrad = absgrad.reshape(means2d.shape)
-
-    return hook
+def _runs(sorted_pixels: Tensor, n_pixels: int) -> tuple[Tensor, Tensor]:
+    """For sorted flat pixel indices [P], the index of the first pair of each pair's pixel and
+    the index one past its last pair (two [P] int64)."""
+    ends = torch.cumsum(torch.bincount(sorted_pixels, minlength=n_pixels), 0)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    return starts.index_select(0, sorted_pixels), ends.index_select(0, sorted_pixels)

@@ -133,13 +133,13 @@ def count(args) -> None:
                     totals["ellipse"] += int(length.sum())
                     # pairs enumerated by the slab walk (after skipping saturated rows) and kept
                     stats = {}
-                    pairs = tr.find_visible_pairs(
+                    chunks = list(tr.visible_pair_chunks(
                         projection["means2d"][0], projection["conics"][0], projection["opacities"][0],
-                        projection["depths"][0], radii, len(radii), width, height, stats=stats)
+                        projection["depths"][0], radii, len(radii), width, height, stats=stats))
                     totals["enumerated"] += stats["enumerated"]
                     totals["alpha_pass"] += stats["alpha_pass"]
-                    totals["kept"] += int(pairs.ids.numel())
-                    totals["pixels"] += int(torch.unique(pairs.pixels).numel())
+                    totals["kept"] += sum(len(c.ids) for c in chunks)
+                    totals["pixels"] += sum(int(torch.unique(c.pixels).numel()) for c in chunks)
             row = {"class": name, "size": f"{width}x{height}", "gaussians": len(gaussians.means), "views": n_views}
             row.update({k: round(v / n_views) for k, v in totals.items()})
             rows.append(row)

@@ -45,20 +45,9 @@ ALPHA_THRESHOLD = 1.0 / 255.0  # gsplat's ALPHA_THRESHOLD
 MAX_ALPHA = 0.999  # alpha clamp in gsplat's rasterize_to_pixels kernels
 MIN_TRANSMITTANCE = 1e-4  # a pixel is done once T would fall to this
 MAX_EXTENT_SIGMAS = 3.33  # gsplat's cap on the bounding-box half size, in standard deviations
-# Most candidate pairs enumerated at once (per front-to-back slab): bounds peak memory when a few
-# Gaussians cover the whole image.
-PAIR_CHUNK = 1 << 22
-
-
-class VisiblePairs(NamedTuple):
-    """(Gaussian, pixel) pairs in (pixel, depth) order, each field [P]."""
-
-    ids: Tensor  # int64, flat Gaussian index c*N + n
-    pixels: Tensor  # int64, flat pixel index c*H*W + y*W + x, non-decreasing
-    alphas: Tensor  # the pair's alpha, in [1/255, 0.999]
-    transmittances: Tensor  # product of (1 - alpha) over the pairs in front of it in its pixel
-    run_starts: Tensor  # int64, index of the first pair of the same pixel
-    run_ends: Tensor  # int64, index one past the last pair of the same pixel
+# Candidate pairs handled at once (a chunk of whole image rows): small enough that a chunk's [P]
+# temporaries stay in the CPU cache, large enough that the per-chunk Python overhead is small.
+PAIR_CHUNK = 1 << 18
 
 
 def rasterize_torch(
@@ -203,161 +192,187 @@ def composite(means2d: Tensor, conics: Tensor, opacities: Tensor, colors: Tensor
     """
     n_cameras, n_gaussians = opacities.shape
     n_channels = colors.shape[-1]
-    n_pixels = n_cameras * height * width
-    flat_means2d, flat_conics = means2d.reshape(-1, 2), conics.reshape(-1, 3)
-    flat_opacities, flat_colors = opacities.reshape(-1), colors.reshape(-1, n_channels)
-
-    pairs = find_visible_pairs(flat_means2d.detach(), flat_conics.detach(), flat_opacities.detach(),
-                               depths.detach().reshape(-1), radii.reshape(-1, 2), n_gaussians, width, height)
-    image, accumulated = _CompositePairs.apply(flat_means2d, flat_conics, flat_opacities, flat_colors, pairs,
-                                               n_pixels, width, height, absgrad_target)
+    counts: dict = {}
+    image, accumulated = _CompositePairs.apply(
+        means2d.reshape(-1, 2), conics.reshape(-1, 3), opacities.reshape(-1), colors.reshape(-1, n_channels),
+        depths.detach().reshape(-1), radii.reshape(-1, 2), n_gaussians, width, height, absgrad_target, counts)
     if backgrounds is not None:
         camera_of_pixel = torch.arange(n_cameras, device=image.device).repeat_interleave(height * width)
         image = image + (1.0 - accumulated)[:, None] * backgrounds[camera_of_pixel]
     return (image.reshape(n_cameras, height, width, n_channels),
-            accumulated.reshape(n_cameras, height, width, 1), int(pairs.ids.numel()))
+            accumulated.reshape(n_cameras, height, width, 1), counts["kept"])
+
+
+class VisiblePairs(NamedTuple):
+    """The composited (Gaussian, pixel) pairs of some whole image rows, in (pixel, depth) order; [P] each."""
+
+    ids: Tensor  # int64, flat Gaussian index c*N + n
+    pixels: Tensor  # int64, flat pixel index c*H*W + y*W + x, non-decreasing
+    alphas: Tensor  # the pair's alpha, in [1/255, 0.999]
+    transmittances: Tensor  # product of (1 - alpha) over the pairs in front of it in its pixel
+    run_ends: Tensor  # int64, index (in this chunk) one past the last pair of the same pixel
+    dx: Tensor  # mean minus pixel centre, x
+    dy: Tensor  # mean minus pixel centre, y
 
 
 class _CompositePairs(torch.autograd.Function):
-    """Front-to-back compositing of the visible pairs, with a hand-written backward.
+    """Front-to-back compositing with a hand-written backward, a chunk of image rows at a time.
 
     Forward: w_i = alpha_i T_i, image[p] = sum_i w_i colour_i, accumulated[p] = sum_i w_i over the
     pairs i of pixel p in depth order. Backward, with h_i = dL/dimage[p] . colour_i + dL/dacc[p]:
     dL/dalpha_i = T_i h_i - S_i / (1 - alpha_i), where S_i = sum over the pairs j behind i in the same
-    pixel of h_j w_j (one cumulative sum, read from the end of each pixel's run). Autograd would keep
-    a dozen [P] intermediates and scatter each per-pair gradient on its own; here the backward
-    re-gathers the 6 + D per-Gaussian values it needs and scatters all gradients in one pass.
+    pixel of h_j w_j (one cumulative sum, read at the end of each pixel's run); then through
+    alpha = min(0.999, o exp(-sigma)) to the 2D mean, conic, opacity and colour of each Gaussian.
+    Autograd would keep a dozen intermediates per pair in memory; here only the pair lists are kept,
+    and each chunk's [P] temporaries stay in the CPU cache.
     """
 
     @staticmethod
-    def forward(ctx, means2d, conics, opacities, colors, pairs, n_pixels, width, height, absgrad_target):
-        transmittance = pairs.transmittances
-        weights = pairs.alphas * transmittance  # [P]
-        pair_colors = colors.index_select(0, pairs.ids)
-        image = colors.new_zeros(n_pixels, colors.shape[1]).index_add_(0, pairs.pixels, weights[:, None] * pair_colors)
-        accumulated = weights.new_zeros(n_pixels).index_add_(0, pairs.pixels, weights)
-        ctx.save_for_backward(means2d, conics, opacities, colors, weights)
-        ctx.pairs, ctx.geometry, ctx.absgrad_target = pairs, (width, height), absgrad_target
-        return image, accumulated
+    def forward(ctx, means2d, conics, opacities, colors, depths, radii, n_gaussians, width, height,
+                absgrad_target, counts):
+        n_channels = colors.shape[1]
+        n_pixels = (radii.shape[0] // n_gaussians) * height * width
+        color_columns = colors.t().contiguous()  # [D, M]: one-dimensional gathers are the fast ones
+        image = colors.new_zeros(n_channels, n_pixels)
+        accumulated = colors.new_zeros(n_pixels)
+        chunks = list(visible_pair_chunks(means2d, conics, opacities, depths, radii, n_gaussians, width, height))
+        for pairs in chunks:
+            weights = pairs.alphas * pairs.transmittances
+            for d in range(n_channels):
+                image[d].index_add_(0, pairs.pixels, weights * color_columns[d].index_select(0, pairs.ids))
+            accumulated.index_add_(0, pairs.pixels, weights)
+        counts["kept"] = sum(len(pairs.ids) for pairs in chunks)
+        ctx.save_for_backward(conics, opacities, color_columns)
+        ctx.chunks, ctx.absgrad_target = chunks, absgrad_target
+        return image.t(), accumulated
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_image, grad_accumulated):
-        means2d, conics, opacities, colors, weights = ctx.saved_tensors
-        pairs, (width, height) = ctx.pairs, ctx.geometry
-        ids, pixels, alphas, transmittance = pairs.ids, pairs.pixels, pairs.alphas, pairs.transmittances
-        n_channels = colors.shape[1]
+        conics, opacities, color_columns = ctx.saved_tensors
+        n_channels, n_gaussians = color_columns.shape
+        conic_columns = conics.t().contiguous()
+        grad_image = grad_image.t().contiguous()  # [D, pixels]
+        grad_accumulated = grad_accumulated.contiguous()
+        with_absgrad = ctx.absgrad_target is not None
+        # per Gaussian: d/d(mean x, mean y, conic a, b, c, opacity, colour..., |d mean x|, |d mean y|)
+        grads = conics.new_zeros(6 + n_channels + 2 * with_absgrad, n_gaussians)
+        for pairs in ctx.chunks:
+            ids, pixels, alphas, transmittances = pairs.ids, pairs.pixels, pairs.alphas, pairs.transmittances
+            weights = alphas * transmittances
+            h = grad_accumulated.index_select(0, pixels)
+            for d in range(n_channels):
+                grad_pixel = grad_image[d].index_select(0, pixels)
+                h = h + grad_pixel * color_columns[d].index_select(0, ids)
+                grads[6 + d].index_add_(0, ids, grad_pixel * weights)
+            # S_i: sum of h_j w_j over j behind i in i's pixel = (prefix sum at the run's end) - (at i)
+            inclusive = torch.cumsum((h * weights).double(), dim=0)
+            behind = (inclusive.index_select(0, pairs.run_ends - 1) - inclusive).to(h.dtype)
+            grad_alpha = transmittances * h - behind / (1.0 - alphas)
 
-        grad_pair_image = grad_image.index_select(0, pixels)  # [P, D]
-        pair_colors = colors.index_select(0, ids)
-        h = (grad_pair_image * pair_colors).sum(1) + grad_accumulated.index_select(0, pixels)
-        # S_i: sum of h_j w_j over j behind i in i's pixel = (prefix sum at the run's end) - (at i)
-        inclusive = torch.cumsum((h * weights).double(), dim=0)
-        behind = (inclusive.index_select(0, pairs.run_ends - 1) - inclusive).to(h.dtype)
-        grad_alpha = transmittance * h - behind / (1.0 - alphas)
-
-        x, y = _pixel_centres(pixels, width, height, means2d.dtype)
-        dx = means2d[:, 0].index_select(0, ids) - x
-        dy = means2d[:, 1].index_select(0, ids) - y
-        a, b, c = (conics[:, k].index_select(0, ids) for k in range(3))
-        opacity = opacities.index_select(0, ids)
-        visibility = torch.exp(-(0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy))
-        # alpha = min(0.999, opacity * visibility): no gradient through the clamp
-        grad_alpha = torch.where(opacity * visibility <= MAX_ALPHA, grad_alpha, 0.0)
-        grad_sigma = -alphas * grad_alpha
-        columns = [grad_sigma * (a * dx + b * dy), grad_sigma * (c * dy + b * dx),
-                   0.5 * grad_sigma * dx * dx, grad_sigma * dx * dy, 0.5 * grad_sigma * dy * dy,
-                   visibility * grad_alpha]
-        columns += list((grad_pair_image * weights[:, None]).unbind(1))
-        if ctx.absgrad_target is not None:
-            columns += [columns[0].abs(), columns[1].abs()]
-        per_gaussian = _sum_columns_by_index(columns, ids, len(opacities))  # [M, 6 + D (+ 2)]
-        if ctx.absgrad_target is not None:
-            ctx.absgrad_target.absgrad = per_gaussian[:, 6 + n_channels:].reshape(ctx.absgrad_target.shape)
-        return (per_gaussian[:, 0:2], per_gaussian[:, 2:5], per_gaussian[:, 5],
-                per_gaussian[:, 6:6 + n_channels], None, None, None, None, None)
-
-
-def _sum_columns_by_index(columns: list[Tensor], index: Tensor, size: int) -> Tensor:
-    """out[m, k] = sum of columns[k][i] over i with index[i] == m; [size, len(columns)]."""
-    out = columns[0].new_zeros(len(columns), size)
-    for k, column in enumerate(columns):
-        out[k].index_add_(0, index, column)
-    return out.t()
-
-
-def _pixel_centres(pixels: Tensor, width: int, height: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Centres (x + 0.5, y + 0.5) of flat pixel indices c*H*W + y*W + x, two [P] tensors."""
-    row = torch.div(pixels, width, rounding_mode="floor")
-    x = (pixels - row * width).to(dtype) + 0.5
-    y = torch.remainder(row, height).to(dtype) + 0.5
-    return x, y
+            dx, dy = pairs.dx, pairs.dy
+            a, b, c = (conic_columns[k].index_select(0, ids) for k in range(3))
+            visibility = torch.exp(-(0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy))
+            # alpha = min(0.999, opacity * visibility): no gradient through the clamp
+            unclamped = opacities.index_select(0, ids) * visibility <= MAX_ALPHA
+            grad_alpha = torch.where(unclamped, grad_alpha, 0.0)
+            grad_sigma = -alphas * grad_alpha
+            grad_mean_x, grad_mean_y = grad_sigma * (a * dx + b * dy), grad_sigma * (c * dy + b * dx)
+            columns = [grad_mean_x, grad_mean_y, 0.5 * grad_sigma * dx * dx, grad_sigma * dx * dy,
+                       0.5 * grad_sigma * dy * dy, visibility * grad_alpha]
+            if with_absgrad:
+                columns += [None] * n_channels + [grad_mean_x.abs(), grad_mean_y.abs()]
+            for k, column in enumerate(columns):
+                if column is not None:
+                    grads[k].index_add_(0, ids, column)
+        grads = grads.t()
+        if with_absgrad:
+            ctx.absgrad_target.absgrad = grads[:, 6 + n_channels:].reshape(ctx.absgrad_target.shape)
+        return (grads[:, 0:2], grads[:, 2:5], grads[:, 5], grads[:, 6:6 + n_channels],
+                None, None, None, None, None, None, None)
 
 
 @torch.no_grad()
-def find_visible_pairs(means2d: Tensor, conics: Tensor, opacities: Tensor, depths: Tensor,
-                       radii: Tensor, n_gaussians: int, width: int, height: int,
-                       stats: dict | None = None) -> "VisiblePairs":
-    """The (Gaussian, pixel) pairs that the compositor blends, in (pixel, depth) order.
+def visible_pair_chunks(means2d: Tensor, conics: Tensor, opacities: Tensor, depths: Tensor, radii: Tensor,
+                        n_gaussians: int, width: int, height: int, chunk_pairs: int = PAIR_CHUNK,
+                        stats: dict | None = None):
+    """The (Gaussian, pixel) pairs that the compositor blends, chunk by chunk of whole image rows.
 
     Inputs are flattened over cameras ([C*N, ...]). A pair is kept when alpha >= 1/255 and sigma
     >= 0, and the pixel's transmittance before it stays above 1e-4 after it (gsplat's stop rule).
+    Each chunk holds about ``chunk_pairs`` candidate pairs, so that its temporaries fit the CPU cache.
 
-    Returns: ``VisiblePairs``, each field [P]
+    Yields: ``VisiblePairs`` per chunk, chunks in increasing pixel order.
     """
     visible = torch.nonzero((radii > 0).all(dim=-1)).squeeze(1)
-    # Enumerating Gaussians front to back and then sorting stably by pixel leaves each pixel's
-    # pairs in depth order: one sort instead of a sort by a composite key.
     visible = visible[torch.argsort(depths[visible], stable=True)]
-    row_owner, row_y, row_x0, row_len = _pixel_rows_inside_ellipses(
-        means2d[visible], conics[visible], opacities[visible], width, height)
-    row_owner = visible[row_owner]  # rows stay in front-to-back order of their Gaussians
+    owner, y, x0, length = _pixel_rows_inside_ellipses(means2d[visible], conics[visible], opacities[visible],
+                                                       width, height)
+    owner = visible.index_select(0, owner)
+    # Spans grouped by image row, front to back within a row (the sort is stable); the pairs of a
+    # chunk then come in (row, depth, x) order, and one stable sort by pixel gives (pixel, depth).
+    image_row = torch.div(owner, n_gaussians, rounding_mode="floor") * height + y
+    image_row, order = torch.sort(image_row, stable=True)
+    owner, y, x0, length = _select(order, owner, y, x0, length)
+    row_start = image_row * width
+    n_rows = (radii.shape[0] // n_gaussians) * height
+    spans_through_row = torch.cumsum(torch.bincount(image_row, minlength=n_rows), 0)
+    pairs_through_row = torch.cat([length.new_zeros(1), torch.cumsum(length, 0)]).index_select(0, spans_through_row)
+    total = int(pairs_through_row[-1]) if n_rows else 0
+    cut_rows = torch.searchsorted(pairs_through_row, torch.arange(chunk_pairs, max(total, chunk_pairs), chunk_pairs,
+                                                                  device=length.device))
+    bounds = sorted({0, *spans_through_row.index_select(0, cut_rows.clamp(max=n_rows - 1)).tolist(), len(owner)})
 
-    # Walk the rows front to back in slabs; a row whose pixels were all saturated (T <= 1e-4)
-    # by the slabs in front of it is skipped before its pairs are even enumerated. Exact: those
-    # pixels stopped before any Gaussian of this slab. For opaque objects this skips most of
-    # the back-facing and interior Gaussians.
-    n_pixels = (radii.shape[0] // n_gaussians) * height * width
-    log_transmittance = torch.zeros(n_pixels, dtype=torch.float64, device=means2d.device)
-    slab_budget = max(4 * n_pixels, 1 << 16)
-    ids, pixels, alphas = [], [], []
-    for slab in _chunks_by_total(row_len, min(slab_budget, PAIR_CHUNK)):
-        owner, y, x0, length = row_owner[slab], row_y[slab], row_x0[slab], row_len[slab]
-        if ids:
-            is_open = log_transmittance > math.log(MIN_TRANSMITTANCE)
-            open_rows = _rows_with_open_pixels(is_open, owner // n_gaussians, y, x0, length, width, height)
-            owner, y, x0, length = _select(torch.nonzero(open_rows).squeeze(1), owner, y, x0, length)
-        slab_ids, slab_pixels, slab_alphas = _alpha_pairs_in_rows(
-            owner, y, x0, length, means2d, conics, opacities, n_gaussians, width, height)
+    table = torch.stack([means2d[:, 0], means2d[:, 1], conics[:, 0], conics[:, 1], conics[:, 2], opacities])
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        ids, pixels, alphas, dx, dy = _alpha_pairs_in_spans(owner[s:e], y[s:e], row_start[s:e], x0[s:e],
+                                                            length[s:e], table)
         if stats is not None:
-            stats["enumerated"] = stats.get("enumerated", 0) + int(length.sum())
-            stats["alpha_pass"] = stats.get("alpha_pass", 0) + len(slab_ids)
-        if ids:  # pixels of open rows that are themselves saturated
-            slab_ids, slab_pixels, slab_alphas = _select(torch.nonzero(is_open[slab_pixels]).squeeze(1),
-                                                         slab_ids, slab_pixels, slab_alphas)
-        log_transmittance.index_add_(0, slab_pixels, torch.log1p(-slab_alphas.double()))
-        ids.append(slab_ids)
-        pixels.append(slab_pixels)
-        alphas.append(slab_alphas)
-    ids, pixels, alphas = torch.cat(ids), torch.cat(pixels), torch.cat(alphas)
+            stats["enumerated"] = stats.get("enumerated", 0) + int(length[s:e].sum())
+            stats["alpha_pass"] = stats.get("alpha_pass", 0) + len(ids)
+        if len(ids) == 0:
+            continue
+        local, order = torch.sort((pixels - row_start[s]).int(), stable=True)  # pixel ids within the chunk
+        ids, pixels, alphas, dx, dy = _select(order, ids, pixels, alphas, dx, dy)
+        counts = torch.bincount(local)
+        ends = torch.cumsum(counts, 0)
+        local = local.long()
+        run_starts, run_ends = (ends - counts).index_select(0, local), ends.index_select(0, local)
 
-    pixels, order = torch.sort(pixels, stable=True)
-    ids, alphas = _select(order, ids, alphas)
+        # Log-transmittance before and after each pair: a cumulative sum (float64: it runs over
+        # the whole chunk) minus its value at the start of the pair's pixel run. gsplat stops a
+        # pixel at the first Gaussian with T * (1 - alpha) <= 1e-4 and skips the rest.
+        after = torch.cat([alphas.new_zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-alphas.double()), 0)])
+        before_run = after.index_select(0, run_starts)
+        keep = torch.nonzero((after[1:] - before_run) > math.log(MIN_TRANSMITTANCE)).squeeze(1)
+        # The kept pairs are a prefix of each pixel's run: their transmittance is unchanged by the cut.
+        transmittances = torch.exp(after[:-1].index_select(0, keep) - before_run.index_select(0, keep))
+        ids, pixels, alphas, dx, dy, local = _select(keep, ids, pixels, alphas, dx, dy, local)
+        counts = torch.bincount(local, minlength=len(counts))
+        run_ends = torch.cumsum(counts, 0).index_select(0, local)
+        yield VisiblePairs(ids, pixels, alphas, transmittances.to(alphas.dtype), run_ends, dx, dy)
 
-    # gsplat stops a pixel at the first Gaussian with T * (1 - alpha) <= 1e-4 and skips the rest.
-    # Log-transmittance before and after each pair: one global cumulative sum (float64, because
-    # it is long) minus its value at the start of the pair's pixel run.
-    run_starts, _ = _runs(pixels, n_pixels)
-    after = torch.cat([torch.zeros(1, dtype=torch.float64, device=pixels.device),
-                       torch.cumsum(torch.log1p(-alphas.double()), dim=0)])
-    before_run = after.index_select(0, run_starts)
-    keep = torch.nonzero((after[1:] - before_run) > math.log(MIN_TRANSMITTANCE)).squeeze(1)
-    # The kept pairs are a prefix of each pixel's run, so their transmittance is unchanged by the cut.
-    transmittances = torch.exp(after[:-1].index_select(0, keep) - before_run.index_select(0, keep)).to(alphas.dtype)
-    ids, pixels, alphas = _select(keep, ids, pixels, alphas)
-    if stats is not None:
-        stats["kept"] = stats.get("kept", 0) + int(keep.numel())
-    return VisiblePairs(ids, pixels, alphas, transmittances, *_runs(pixels, n_pixels))
+
+def _alpha_pairs_in_spans(owner: Tensor, y: Tensor, row_start: Tensor, x0: Tensor, length: Tensor,
+                          table: Tensor) -> tuple[Tensor, ...]:
+    """Every pixel of every row span, kept where alpha >= 1/255 and sigma >= 0; in span order.
+
+    Args: per span: owner (flat Gaussian id), y (image row), row_start (flat pixel id of x = 0), x0,
+        length; table [6, M]: mean x, mean y, conic a, b, c, opacity per flat Gaussian id.
+    Returns: (flat Gaussian ids, flat pixel ids, alphas, dx, dy), [P] each
+    """
+    total = int(length.sum())
+    span = torch.repeat_interleave(torch.arange(owner.numel(), device=owner.device), length, output_size=total)
+    x = torch.arange(total, device=owner.device) - (torch.cumsum(length, 0) - length - x0).index_select(0, span)
+    ids = owner.index_select(0, span)
+    pixels = row_start.index_select(0, span) + x
+    mean_x, mean_y, a, b, c, opacity = (column.index_select(0, ids) for column in table)
+    dx = mean_x - (x.to(table.dtype) + 0.5)
+    dy = mean_y - (y.index_select(0, span).to(table.dtype) + 0.5)
+    sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
+    alphas = torch.clamp(opacity * torch.exp(-sigma), max=MAX_ALPHA)
+    keep = torch.nonzero((sigma >= 0) & (alphas >= ALPHA_THRESHOLD)).squeeze(1)
+    return _select(keep, ids, pixels, alphas, dx, dy)
 
 
 def _pixel_rows_inside_ellipses(means2d: Tensor, conics: Tensor, opacities: Tensor, width: int,
@@ -394,64 +409,7 @@ def _pixel_rows_inside_ellipses(means2d: Tensor, conics: Tensor, opacities: Tens
     return owner, y, x0, (x1 - x0 + 1).clamp(min=0)
 
 
-def _rows_with_open_pixels(is_open: Tensor, camera: Tensor, y: Tensor, x0: Tensor, length: Tensor,
-                           width: int, height: int) -> Tensor:
-    """Mask [R] of row spans with at least one open pixel (``is_open`` [C*H*W]: transmittance
-    still above 1e-4). One prefix sum of the indicator along x answers every span in O(1).
-    """
-    prefix = torch.nn.functional.pad(torch.cumsum(is_open.view(-1, width), dim=1, dtype=torch.int32), (1, 0))
-    flat = prefix.view(-1)
-    row_start = (camera * height + y) * (width + 1)
-    return (flat[row_start + x0 + length] - flat[row_start + x0]) > 0
-
-
-def _chunks_by_total(sizes: Tensor, budget: int) -> list[slice]:
-    """Consecutive slices of ``sizes`` whose sums stay near ``budget`` (a single large item may exceed it)."""
-    if sizes.numel() == 0:
-        return [slice(0, 0)]
-    ends = torch.cumsum(sizes, 0)
-    total = int(ends[-1])
-    if total <= budget:
-        return [slice(0, sizes.numel())]
-    cuts = torch.searchsorted(ends, torch.arange(budget, total, budget, device=sizes.device), right=True)
-    bounds = sorted(set([0, *cuts.tolist(), sizes.numel()]))
-    return [slice(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
-
-
-def _alpha_pairs_in_rows(owner: Tensor, y: Tensor, x0: Tensor, length: Tensor, means2d: Tensor,
-                         conics: Tensor, opacities: Tensor, n_gaussians: int, width: int,
-                         height: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Every pixel of every row span, kept where alpha >= 1/255 and sigma >= 0; in row order.
-
-    Returns: (flat Gaussian ids [P], flat pixel ids [P], alphas [P])
-    """
-    device = owner.device
-    total = int(length.sum())
-    row = torch.repeat_interleave(torch.arange(owner.numel(), device=device), length, output_size=total)
-    x = x0.index_select(0, row) + (torch.arange(total, device=device)
-                                   - (torch.cumsum(length, 0) - length).index_select(0, row))
-    pair_ids = owner.index_select(0, row)
-    pair_y = y.index_select(0, row)
-    pixels = (torch.div(pair_ids, n_gaussians, rounding_mode="floor") * height + pair_y) * width + x
-
-    dx = means2d[:, 0].index_select(0, pair_ids) - (x.to(means2d.dtype) + 0.5)
-    dy = means2d[:, 1].index_select(0, pair_ids) - (pair_y.to(means2d.dtype) + 0.5)
-    a, b, c = (conics[:, k].index_select(0, pair_ids) for k in range(3))
-    sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
-    alphas = torch.clamp(opacities.index_select(0, pair_ids) * torch.exp(-sigma), max=MAX_ALPHA)
-    keep = (sigma >= 0) & (alphas >= ALPHA_THRESHOLD)
-    return _select(torch.nonzero(keep).squeeze(1), pair_ids, pixels, alphas)
-
-
 def _select(indices: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
     """``t[indices]`` for each tensor, via index_select (several times faster than advanced
     indexing on a CPU, and a boolean mask would repeat its nonzero for every tensor)."""
     return tuple(t.index_select(0, indices) for t in tensors)
-
-
-def _runs(sorted_pixels: Tensor, n_pixels: int) -> tuple[Tensor, Tensor]:
-    """For sorted flat pixel indices [P], the index of the first pair of each pair's pixel and
-    the index one past its last pair (two [P] int64)."""
-    ends = torch.cumsum(torch.bincount(sorted_pixels, minlength=n_pixels), 0)
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    return starts.index_select(0, sorted_pixels), ends.index_select(0, sorted_pixels)

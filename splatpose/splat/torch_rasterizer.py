@@ -235,7 +235,8 @@ class _CompositePairs(torch.autograd.Function):
         color_columns = colors.t().contiguous()  # [D, M]: one-dimensional gathers are the fast ones
         image = colors.new_zeros(n_channels, n_pixels)
         accumulated = colors.new_zeros(n_pixels)
-        chunks = list(visible_pair_chunks(means2d, conics, opacities, depths, radii, n_gaussians, width, height))
+        chunks = list(visible_pair_chunks(means2d, conics, opacities, depths, radii, n_gaussians, width, height,
+                                          PAIR_CHUNK))
         for pairs in chunks:
             weights = pairs.alphas * pairs.transmittances
             for d in range(n_channels):
@@ -325,54 +326,56 @@ def visible_pair_chunks(means2d: Tensor, conics: Tensor, opacities: Tensor, dept
 
     table = torch.stack([means2d[:, 0], means2d[:, 1], conics[:, 0], conics[:, 1], conics[:, 2], opacities])
     for s, e in zip(bounds[:-1], bounds[1:]):
-        ids, pixels, alphas, dx, dy = _alpha_pairs_in_spans(owner[s:e], y[s:e], row_start[s:e], x0[s:e],
-                                                            length[s:e], table)
+        ids, local, alphas, dx, dy = _alpha_pairs_in_spans(owner[s:e], y[s:e], (row_start[s:e] - row_start[s]).int(),
+                                                           x0[s:e], length[s:e], table)
         if stats is not None:
-            stats["enumerated"] = stats.get("enumerated", 0) + int(length[s:e].sum())
-            stats["alpha_pass"] = stats.get("alpha_pass", 0) + len(ids)
+            stats["enumerated"] = stats.get("enumerated", 0) + len(ids)
+            stats["alpha_pass"] = stats.get("alpha_pass", 0) + int((alphas > 0).sum())
         if len(ids) == 0:
             continue
-        local, order = torch.sort((pixels - row_start[s]).int(), stable=True)  # pixel ids within the chunk
-        ids, pixels, alphas, dx, dy = _select(order, ids, pixels, alphas, dx, dy)
+        local, order = torch.sort(local, stable=True)  # pixel ids within the chunk
+        sorted_alphas = alphas.index_select(0, order)
         counts = torch.bincount(local)
-        ends = torch.cumsum(counts, 0)
-        local = local.long()
-        run_starts, run_ends = (ends - counts).index_select(0, local), ends.index_select(0, local)
+        run_starts = (torch.cumsum(counts, 0) - counts).index_select(0, local)
 
         # Log-transmittance before and after each pair: a cumulative sum (float64: it runs over
         # the whole chunk) minus its value at the start of the pair's pixel run. gsplat stops a
         # pixel at the first Gaussian with T * (1 - alpha) <= 1e-4 and skips the rest.
-        after = torch.cat([alphas.new_zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-alphas.double()), 0)])
+        after = torch.cat([alphas.new_zeros(1, dtype=torch.float64),
+                           torch.cumsum(torch.log1p(-sorted_alphas.double()), 0)])
         before_run = after.index_select(0, run_starts)
-        keep = torch.nonzero((after[1:] - before_run) > math.log(MIN_TRANSMITTANCE)).squeeze(1)
-        # The kept pairs are a prefix of each pixel's run: their transmittance is unchanged by the cut.
+        keep = torch.nonzero(((after[1:] - before_run) > math.log(MIN_TRANSMITTANCE)) & (sorted_alphas > 0)).squeeze(1)
+        # The kept pairs are a prefix of each pixel's run (but for the skipped alpha < 1/255 ones,
+        # which leave T as it is): their transmittance is unchanged by the cut.
         transmittances = torch.exp(after[:-1].index_select(0, keep) - before_run.index_select(0, keep))
-        ids, pixels, alphas, dx, dy, local = _select(keep, ids, pixels, alphas, dx, dy, local)
-        counts = torch.bincount(local, minlength=len(counts))
-        run_ends = torch.cumsum(counts, 0).index_select(0, local)
-        yield VisiblePairs(ids, pixels, alphas, transmittances.to(alphas.dtype), run_ends, dx, dy)
+        ids, alphas, dx, dy = _select(order.index_select(0, keep), ids, alphas, dx, dy)
+        local = local.index_select(0, keep)
+        run_ends = torch.cumsum(torch.bincount(local, minlength=len(counts)), 0).index_select(0, local)
+        yield VisiblePairs(ids, local + row_start[s], alphas, transmittances.to(alphas.dtype), run_ends, dx, dy)
 
 
 def _alpha_pairs_in_spans(owner: Tensor, y: Tensor, row_start: Tensor, x0: Tensor, length: Tensor,
                           table: Tensor) -> tuple[Tensor, ...]:
-    """Every pixel of every row span, kept where alpha >= 1/255 and sigma >= 0; in span order.
+    """Every pixel of every row span, in span order, with alpha set to 0 where gsplat skips the pair
+    (alpha < 1/255 or sigma < 0): the spans hug the alpha = 1/255 ellipse, so these are too few
+    to be worth a compaction.
 
-    Args: per span: owner (flat Gaussian id), y (image row), row_start (flat pixel id of x = 0), x0,
+    Args: per span: owner (flat Gaussian id), y (image row), row_start (pixel id of x = 0, int32), x0,
         length; table [6, M]: mean x, mean y, conic a, b, c, opacity per flat Gaussian id.
-    Returns: (flat Gaussian ids, flat pixel ids, alphas, dx, dy), [P] each
+    Returns: (flat Gaussian ids, pixel ids (int32, as row_start), alphas, dx, dy), [P] each
     """
     total = int(length.sum())
     span = torch.repeat_interleave(torch.arange(owner.numel(), device=owner.device), length, output_size=total)
     x = torch.arange(total, device=owner.device) - (torch.cumsum(length, 0) - length - x0).index_select(0, span)
     ids = owner.index_select(0, span)
-    pixels = row_start.index_select(0, span) + x
+    pixels = row_start.index_select(0, span) + x.to(row_start.dtype)
     mean_x, mean_y, a, b, c, opacity = (column.index_select(0, ids) for column in table)
     dx = mean_x - (x.to(table.dtype) + 0.5)
     dy = mean_y - (y.index_select(0, span).to(table.dtype) + 0.5)
     sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
     alphas = torch.clamp(opacity * torch.exp(-sigma), max=MAX_ALPHA)
-    keep = torch.nonzero((sigma >= 0) & (alphas >= ALPHA_THRESHOLD)).squeeze(1)
-    return _select(keep, ids, pixels, alphas, dx, dy)
+    alphas = torch.where((sigma >= 0) & (alphas >= ALPHA_THRESHOLD), alphas, 0.0)
+    return ids, pixels, alphas, dx, dy
 
 
 def _pixel_rows_inside_ellipses(means2d: Tensor, conics: Tensor, opacities: Tensor, width: int,

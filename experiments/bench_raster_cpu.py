@@ -11,6 +11,8 @@ views, at the data's size or scaled up (``--scale 2``: 400x400 from a 200x200 cl
     # 3. A/B: forward + backward of a baseline rasterizer (a git revision's module) and the working
     #    tree's, interleaved view by view in one process; images and gradients compared
     python experiments/bench_raster_cpu.py ab --snapshots /tmp/snap --baseline 75ab20b --views 12
+    # 4. training: --steps of splat=fast from scratch with either rasterizer (ms/step, held-out PSNR)
+    python experiments/bench_raster_cpu.py train --baseline 75ab20b --steps 150 --out train.json
 
 Run with OMP_NUM_THREADS=1 on a shared machine: both variants then see the same contention.
 """
@@ -194,9 +196,106 @@ def ab(args) -> None:
             print(row, flush=True)
 
 
+VIEW_OPS = {"view", "slice", "select", "expand", "t", "transpose", "unsqueeze", "squeeze", "as_strided", "detach",
+            "alias", "_unsafe_view", "unbind", "split", "split_with_sizes", "permute", "_reshape_alias", "unfold",
+            "lift_fresh", "_to_copy_noop"}
+
+
+def traffic(args) -> None:
+    """Bytes that torch ops read and write in one forward + backward (every tensor argument and
+    result of every non-view op, as if each streamed through memory), per kept and per candidate pair."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from splatpose.splat import torch_rasterizer as new
+
+    class Traffic(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes, self.ops = 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__.rstrip("_") not in VIEW_OPS:
+                self.ops += 1
+                self.bytes += sum(t.nbytes for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor))
+            return out
+
+    variants = {"before": module_at(args.baseline), "after": new}
+    for name in args.classes:
+        for scale in args.scale:
+            gaussians, views, K, width, height = load_scene(args.snapshots, name, args.data, scale)
+            row = {"class": name, "size": f"{width}x{height}"}
+            for key, module in variants.items():
+                params = activated(gaussians, True)
+                with Traffic() as counter:
+                    rgb, alpha, info = render_with(module, params, gaussians.sh_degree, views.w2c[1], K, width, height)
+                    (rgb.sum() + alpha.sum()).backward()
+                row["kept_pairs"] = info["n_pairs"]
+                row[f"{key}_ops"], row[f"{key}_MB"] = counter.ops, round(counter.bytes / 1e6)
+                row[f"{key}_B_per_pair"] = round(counter.bytes / info["n_pairs"])
+            print(row, flush=True)
+
+
+def ops(args) -> None:
+    """torch.profiler's self CPU time per aten op over forward + backward of a few views, per rasterizer."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from splatpose.splat import torch_rasterizer as new
+
+    variants = {"before": module_at(args.baseline), "after": new}
+    for name in args.classes:
+        for scale in args.scale:
+            gaussians, views, K, width, height = load_scene(args.snapshots, name, args.data, scale)
+            for key, module in variants.items():
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for i in range(1, args.views + 1):
+                        params = activated(gaussians, True)
+                        rgb, alpha, info = render_with(module, params, gaussians.sh_degree, views.w2c[i], K,
+                                                       width, height)
+                        (rgb.sum() + alpha.sum()).backward()
+                print(f"## {name} {width}x{height} {key}: {args.views} views, self CPU time per op\n")
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18,
+                                                max_name_column_width=40), flush=True)
+
+
+def train(args) -> None:
+    """``train_splats`` for ``--steps`` steps of splat=fast from scratch with the baseline's rasterizer and
+    the working tree's, alternating which goes first per class; ms/step, held-out PSNR, Gaussians."""
+    from splatpose.data.mad_sim import load_class
+    from splatpose.splat import rendering
+    from splatpose.splat import torch_rasterizer as new
+    from splatpose.splat.train import METRICS_NAME, train_splats
+
+    variants = {"before": module_at(args.baseline).rasterize_torch, "after": new.rasterize_torch}
+    root = dataset_root(args.data)
+    rows = []
+    for k, name in enumerate(args.classes):
+        data = load_class(root, name)
+        for key in (list(variants) if k % 2 == 0 else list(variants)[::-1]):
+            rendering.rasterize_torch = variants[key]
+            cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf" / "splat" / "fast.yaml"),
+                                  OmegaConf.from_dotlist([f"steps={args.steps}", f"eval.every_n_steps={args.steps}",
+                                                          f"checkpoint_every={args.steps}", "eval.save_renders=false"]))
+            work = Path(tempfile.mkdtemp(prefix=f"raster-train-{name}-{key}-"))
+            start = time.perf_counter()
+            train_splats(data, None, None, cfg, work,
+                         {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "logger": False})
+            wall = time.perf_counter() - start
+            metrics = json.loads((work / METRICS_NAME).read_text())
+            rows.append({"class": name, "rasterizer": key, "steps": args.steps, "wall_s": round(wall, 1),
+                         "fit_s": metrics["train_seconds"],
+                         "ms_per_step": round(1000 * metrics["train_seconds"] / args.steps, 1),
+                         "gaussians": metrics["num_gaussians"], "psnr": round(metrics["psnr"], 3),
+                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+            print(rows[-1], flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"command": sys.argv, "rows": rows}, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["snapshot", "count", "ab"])
+    parser.add_argument("mode", choices=["snapshot", "count", "ab", "train", "traffic", "ops"])
     parser.add_argument("--classes", nargs="+", default=["05PlainNut", "01Ant"])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="synthetic dataset cache")
     parser.add_argument("--steps", type=int, default=150)
@@ -206,7 +305,8 @@ def main() -> None:
     parser.add_argument("--baseline", default="HEAD")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    {"snapshot": snapshot, "count": count, "ab": ab}[args.mode](args)
+    {"snapshot": snapshot, "count": count, "ab": ab, "train": train, "traffic": traffic,
+     "ops": ops}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ def composite(means2d: Tensor, conics: Tensor, opacities: Tensor, colors: Tensor
 class VisiblePairs(NamedTuple):
     """The composited (Gaussian, pixel) pairs of some whole image rows, in (pixel, depth) order; [P] each."""
 
-    ids: Tensor  # int64, flat Gaussian index c*N + n
+    ids: Tensor  # int32, flat Gaussian index c*N + n
     pixels: Tensor  # int64, flat pixel index c*H*W + y*W + x, non-decreasing
     alphas: Tensor  # the pair's alpha, in [1/255, 0.999]
     transmittances: Tensor  # product of (1 - alpha) over the pairs in front of it in its pixel
@@ -318,6 +318,8 @@ def visible_pair_chunks(means2d: Tensor, conics: Tensor, opacities: Tensor, dept
     image_row, order = torch.sort(image_row, stable=True)
     owner, y, x0, length = _select(order, owner, y, x0, length)
     row_start = image_row * width
+    # Per-pair indices in int32 (half the bytes of int64 through every gather and scatter).
+    owner, x0, length32 = owner.int(), x0.int(), length.int()
     n_rows = (radii.shape[0] // n_gaussians) * height
     spans_through_row = torch.cumsum(torch.bincount(image_row, minlength=n_rows), 0)
     pairs_through_row = torch.cat([length.new_zeros(1), torch.cumsum(length, 0)]).index_select(0, spans_through_row)
@@ -329,7 +331,7 @@ def visible_pair_chunks(means2d: Tensor, conics: Tensor, opacities: Tensor, dept
     table = torch.stack([means2d[:, 0], means2d[:, 1], conics[:, 0], conics[:, 1], conics[:, 2], opacities])
     for s, e in zip(bounds[:-1], bounds[1:]):
         ids, local, alphas, dx, dy = _alpha_pairs_in_spans(owner[s:e], y[s:e], (row_start[s:e] - row_start[s]).int(),
-                                                           x0[s:e], length[s:e], table)
+                                                           x0[s:e], length32[s:e], table)
         if stats is not None:
             stats["enumerated"] = stats.get("enumerated", 0) + len(ids)
             stats["alpha_pass"] = stats.get("alpha_pass", 0) + int((alphas > 0).sum())
@@ -362,13 +364,16 @@ def _alpha_pairs_in_spans(owner: Tensor, y: Tensor, row_start: Tensor, x0: Tenso
     (alpha < 1/255 or sigma < 0): the spans hug the alpha = 1/255 ellipse, so these are too few
     to be worth a compaction.
 
-    Args: per span: owner (flat Gaussian id), y (image row), row_start (pixel id of x = 0, int32), x0,
-        length; table [6, M]: mean x, mean y, conic a, b, c, opacity per flat Gaussian id.
+    Args: per span (int32 but y): owner (flat Gaussian id), y (image row), row_start (pixel id of
+        x = 0 in the chunk), x0, length; table [6, M]: mean x, mean y, conic a, b, c, opacity per
+        flat Gaussian id.
     Returns: (flat Gaussian ids, pixel ids (int32, as row_start), alphas, dx, dy), [P] each
     """
     total = int(length.sum())
-    span = torch.repeat_interleave(torch.arange(owner.numel(), device=owner.device), length, output_size=total)
-    x = torch.arange(total, device=owner.device) - (torch.cumsum(length, 0) - length - x0).index_select(0, span)
+    span = torch.repeat_interleave(torch.arange(owner.numel(), dtype=torch.int32, device=owner.device), length,
+                                   output_size=total)
+    x = (torch.arange(total, dtype=torch.int32, device=owner.device)
+         - (torch.cumsum(length, 0, dtype=torch.int32) - length - x0).index_select(0, span))
     ids = owner.index_select(0, span)
     pixels = row_start.index_select(0, span) + x.to(row_start.dtype)
     mean_x, mean_y, a, b, c, opacity = (column.index_select(0, ids) for column in table)

@@ -185,7 +185,8 @@ def ab(args) -> None:
                 for k in grads_a:
                     scale_k = float(grads_a[k].abs().max()) or 1.0
                     worst["grad"] = max(worst["grad"], float((grads_a[k] - grads_b[k]).abs().max()) / scale_k)
-                worst["grad"] = max(worst["grad"], float((m2d_a - m2d_b).abs().max()) / (float(m2d_a.abs().max()) or 1.0))
+                m2d_scale = float(m2d_a.abs().max()) or 1.0
+                worst["grad"] = max(worst["grad"], float((m2d_a - m2d_b).abs().max()) / m2d_scale)
             row = {"class": name, "size": f"{width}x{height}", "gaussians": len(gaussians.means), "views": n_views - 1}
             for key in variants:
                 f, b = (1000 * sum(v) / len(v) for v in (times[key]["forward"], times[key]["backward"]))

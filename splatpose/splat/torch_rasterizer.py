@@ -258,8 +258,11 @@ class _CompositePairs(torch.autograd.Function):
         grad_image = grad_image.t().contiguous()  # [D, pixels]
         grad_accumulated = grad_accumulated.contiguous()
         with_absgrad = ctx.absgrad_target is not None
-        # per Gaussian: d/d(mean x, mean y, conic a, b, c, opacity, colour..., |d mean x|, |d mean y|)
-        grads = conics.new_zeros(6 + n_channels + 2 * with_absgrad, n_gaussians)
+        # Sums per Gaussian over its pairs, with g = -dL/dsigma = alpha dL/dalpha (0 where alpha is
+        # clamped): g dx, g dy, g dx dx, g dx dy, g dy dy, g, dL/dcolour..., |dL/dmean x|, |dL/dmean y|.
+        # The conic and the opacity are constant per Gaussian, so the gradients follow from these
+        # moments without gathering them per pair.
+        sums = conics.new_zeros(6 + n_channels + 2 * with_absgrad, n_gaussians)
         for pairs in ctx.chunks:
             ids, pixels, alphas, transmittances = pairs.ids, pairs.pixels, pairs.alphas, pairs.transmittances
             weights = alphas * transmittances
@@ -267,31 +270,29 @@ class _CompositePairs(torch.autograd.Function):
             for d in range(n_channels):
                 grad_pixel = grad_image[d].index_select(0, pixels)
                 h = h + grad_pixel * color_columns[d].index_select(0, ids)
-                grads[6 + d].index_add_(0, ids, grad_pixel * weights)
+                sums[6 + d].index_add_(0, ids, grad_pixel * weights)
             # S_i: sum of h_j w_j over j behind i in i's pixel = (prefix sum at the run's end) - (at i)
             inclusive = torch.cumsum((h * weights).double(), dim=0)
             behind = (inclusive.index_select(0, pairs.run_ends - 1) - inclusive).to(h.dtype)
             grad_alpha = transmittances * h - behind / (1.0 - alphas)
-
-            dx, dy = pairs.dx, pairs.dy
-            a, b, c = (conic_columns[k].index_select(0, ids) for k in range(3))
-            visibility = torch.exp(-(0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy))
-            # alpha = min(0.999, opacity * visibility): no gradient through the clamp
-            unclamped = opacities.index_select(0, ids) * visibility <= MAX_ALPHA
-            grad_alpha = torch.where(unclamped, grad_alpha, 0.0)
-            grad_sigma = -alphas * grad_alpha
-            grad_mean_x, grad_mean_y = grad_sigma * (a * dx + b * dy), grad_sigma * (c * dy + b * dx)
-            columns = [grad_mean_x, grad_mean_y, 0.5 * grad_sigma * dx * dx, grad_sigma * dx * dy,
-                       0.5 * grad_sigma * dy * dy, visibility * grad_alpha]
+            # alpha = min(0.999, opacity exp(-sigma)): dalpha/dsigma = -alpha, none through the clamp
+            g = torch.where(alphas < MAX_ALPHA, alphas * grad_alpha, 0.0)
+            g_dx, g_dy = g * pairs.dx, g * pairs.dy
+            columns = [g_dx, g_dy, g_dx * pairs.dx, g_dx * pairs.dy, g_dy * pairs.dy, g]
             if with_absgrad:
-                columns += [None] * n_channels + [grad_mean_x.abs(), grad_mean_y.abs()]
+                a, b, c = (conic_columns[k].index_select(0, ids) for k in range(3))
+                columns += [None] * n_channels + [(a * g_dx + b * g_dy).abs(), (c * g_dy + b * g_dx).abs()]
             for k, column in enumerate(columns):
                 if column is not None:
-                    grads[k].index_add_(0, ids, column)
-        grads = grads.t()
+                    sums[k].index_add_(0, ids, column)
+        # sigma = a dx^2 / 2 + b dx dy + c dy^2 / 2 with dx = mean x - pixel x: dsigma/dmean x = a dx + b dy, ...
+        a, b, c = conic_columns
+        grad_means2d = -torch.stack([a * sums[0] + b * sums[1], c * sums[1] + b * sums[0]], 1)
+        grad_conics = -torch.stack([0.5 * sums[2], sums[3], 0.5 * sums[4]], 1)
+        grad_opacities = sums[5] / opacities.clamp(min=ALPHA_THRESHOLD)  # dalpha/dopacity = alpha / opacity
         if with_absgrad:
-            ctx.absgrad_target.absgrad = grads[:, 6 + n_channels:].reshape(ctx.absgrad_target.shape)
-        return (grads[:, 0:2], grads[:, 2:5], grads[:, 5], grads[:, 6:6 + n_channels],
+            ctx.absgrad_target.absgrad = sums[6 + n_channels:].t().reshape(ctx.absgrad_target.shape)
+        return (grad_means2d, grad_conics, grad_opacities, sums[6:6 + n_channels].t(),
                 None, None, None, None, None, None, None)
 
 

@@ -341,18 +341,18 @@ def visible_pair_chunks(means2d: Tensor, conics: Tensor, opacities: Tensor, dept
         local, order = torch.sort(local, stable=True)  # pixel ids within the chunk
         sorted_alphas = alphas.index_select(0, order)
         counts = torch.bincount(local)
-        run_starts = (torch.cumsum(counts, 0) - counts).index_select(0, local)
 
         # Log-transmittance before and after each pair: a cumulative sum (float64: it runs over
         # the whole chunk) minus its value at the start of the pair's pixel run. gsplat stops a
         # pixel at the first Gaussian with T * (1 - alpha) <= 1e-4 and skips the rest.
         after = torch.cat([alphas.new_zeros(1, dtype=torch.float64),
                            torch.cumsum(torch.log1p(-sorted_alphas.double()), 0)])
-        before_run = after.index_select(0, run_starts)
-        keep = torch.nonzero(((after[1:] - before_run) > math.log(MIN_TRANSMITTANCE)) & (sorted_alphas > 0)).squeeze(1)
+        before_run = after.index_select(0, torch.cumsum(counts, 0) - counts).index_select(0, local)
+        keep = (after[1:] - before_run > math.log(MIN_TRANSMITTANCE)) & (sorted_alphas > 0)
+        keep = torch.nonzero(keep).squeeze(1)
         # The kept pairs are a prefix of each pixel's run (but for the skipped alpha < 1/255 ones,
         # which leave T as it is): their transmittance is unchanged by the cut.
-        transmittances = torch.exp(after[:-1].index_select(0, keep) - before_run.index_select(0, keep))
+        transmittances = torch.exp((after[:-1] - before_run).index_select(0, keep))
         ids, alphas, dx, dy = _select(order.index_select(0, keep), ids, alphas, dx, dy)
         local = local.index_select(0, keep)
         run_ends = torch.cumsum(torch.bincount(local, minlength=len(counts)), 0).index_select(0, local)

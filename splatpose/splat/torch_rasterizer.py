@@ -209,7 +209,7 @@ class VisiblePairs(NamedTuple):
     """The composited (Gaussian, pixel) pairs of some whole image rows, in (pixel, depth) order; [P] each."""
 
     ids: Tensor  # int32, flat Gaussian index c*N + n
-    pixels: Tensor  # int64, flat pixel index c*H*W + y*W + x, non-decreasing
+    pixels: Tensor  # int32, flat pixel index c*H*W + y*W + x, non-decreasing
     alphas: Tensor  # the pair's alpha, in [1/255, 0.999]
     transmittances: Tensor  # product of (1 - alpha) over the pairs in front of it in its pixel
     run_ends: Tensor  # int64, index (in this chunk) one past the last pair of the same pixel

@@ -269,6 +269,9 @@ def train(args) -> None:
     from splatpose.splat.train import METRICS_NAME, train_splats
 
     variants = {"before": module_at(args.baseline).rasterize_torch, "after": new.rasterize_torch}
+    variants = {k: v for k, v in variants.items() if k in args.variants}
+    if args.chunk:  # another chunk size changes only the rounding of the sums: a noise check for PSNR
+        new.PAIR_CHUNK = args.chunk
     root = dataset_root(args.data)
     rows = []
     for k, name in enumerate(args.classes):
@@ -284,7 +287,8 @@ def train(args) -> None:
                          {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "logger": False})
             wall = time.perf_counter() - start
             metrics = json.loads((work / METRICS_NAME).read_text())
-            rows.append({"class": name, "rasterizer": key, "steps": args.steps, "wall_s": round(wall, 1),
+            rows.append({"class": name, "rasterizer": key, "chunk": new.PAIR_CHUNK if key == "after" else None,
+                         "steps": args.steps, "wall_s": round(wall, 1),
                          "fit_s": metrics["train_seconds"],
                          "ms_per_step": round(1000 * metrics["train_seconds"] / args.steps, 1),
                          "gaussians": metrics["num_gaussians"], "psnr": round(metrics["psnr"], 3),
@@ -304,6 +308,8 @@ def main() -> None:
     parser.add_argument("--scale", type=int, nargs="+", default=[1])
     parser.add_argument("--views", type=int, default=12)
     parser.add_argument("--baseline", default="HEAD")
+    parser.add_argument("--variants", nargs="+", default=["before", "after"], help="train: which to run")
+    parser.add_argument("--chunk", type=int, default=None, help="train: PAIR_CHUNK of the working tree's")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     {"snapshot": snapshot, "count": count, "ab": ab, "train": train, "traffic": traffic,

@@ -133,7 +133,7 @@ def count(args) -> None:
                     m2d, con, opa = (projection[k][0][visible] for k in ("means2d", "conics", "opacities"))
                     _, _, _, length = tr._pixel_rows_inside_ellipses(m2d, con, opa, width, height)
                     totals["ellipse"] += int(length.sum())
-                    # pairs enumerated by the slab walk (after skipping saturated rows) and kept
+                    # candidates the rasterizer enumerates, those with alpha >= 1/255, and those kept
                     stats = {}
                     chunks = list(tr.visible_pair_chunks(
                         projection["means2d"][0], projection["conics"][0], projection["opacities"][0],

@@ -16,20 +16,23 @@ gsplat 1.5.3's CUDA kernels, so that both backends render the same image:
 - ``radii`` as gsplat computes them: the opacity-aware extent min(3.33, sqrt(2 ln(255 opacity)))
   standard deviations, zero for culled Gaussians.
 
-How it is fast on a CPU (about 0.1 s forward, 0.05 s backward for 15k Gaussians at 200x200 on
-one core): the (Gaussian, pixel) pairs with alpha >= 1/255 are enumerated without autograd, row
-by row inside each Gaussian's alpha = 1/255 ellipse, front to back in slabs, skipping rows whose
-pixels the slabs in front have already made opaque; one stable sort puts them in (pixel, depth)
-order and the transmittance cut drops the rest. Only those pairs are then evaluated with
-autograd. Transmittance is an exclusive cumulative sum of log(1 - alpha) per pixel, done as one
-global cumulative sum minus its value at the start of each pixel's run (in float64, because the
-global sum is long), and colours are accumulated with ``index_add``. No per-tile padding, no
-Python loop over pixels or Gaussians.
+How it is fast on a CPU: the (Gaussian, pixel) pairs are enumerated without autograd, row by row
+inside each Gaussian's alpha = 1/255 ellipse (nearly every candidate has alpha >= 1/255), and
+handled a chunk of whole image rows at a time (``PAIR_CHUNK`` candidates, about 2^18), so that a
+chunk's per-pair temporaries stay in the CPU cache: a torch op over millions of pairs in main
+memory costs several times more than over the same pairs in chunks. Within a chunk, spans come in
+(row, depth) order and one stable sort by pixel gives (pixel, depth) order; transmittance is an
+exclusive cumulative sum of log(1 - alpha) per pixel, done as one cumulative sum over the chunk
+minus its value at the start of each pixel's run (float64, because the sum is long), and the stop
+rule drops the pairs behind. Compositing is one ``torch.autograd.Function`` whose backward is
+written out (see ``_CompositePairs``): autograd would keep a dozen per-pair intermediates and
+scatter each gradient separately. No per-tile padding, no Python loop over pixels or Gaussians.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from gsplat.cuda._torch_impl import (
@@ -44,9 +47,9 @@ ALPHA_THRESHOLD = 1.0 / 255.0  # gsplat's ALPHA_THRESHOLD
 MAX_ALPHA = 0.999  # alpha clamp in gsplat's rasterize_to_pixels kernels
 MIN_TRANSMITTANCE = 1e-4  # a pixel is done once T would fall to this
 MAX_EXTENT_SIGMAS = 3.33  # gsplat's cap on the bounding-box half size, in standard deviations
-# Most candidate pairs enumerated at once (per front-to-back slab): bounds peak memory when a few
-# Gaussians cover the whole image.
-PAIR_CHUNK = 1 << 22
+# Candidate pairs handled at once (a chunk of whole image rows): small enough that a chunk's [P]
+# temporaries stay in the CPU cache, large enough that the per-chunk Python overhead is small.
+PAIR_CHUNK = 1 << 18
 
 
 def rasterize_torch(
@@ -191,116 +194,196 @@ def composite(means2d: Tensor, conics: Tensor, opacities: Tensor, colors: Tensor
     """
     n_cameras, n_gaussians = opacities.shape
     n_channels = colors.shape[-1]
-    n_pixels = n_cameras * height * width
-    flat_means2d, flat_conics = means2d.reshape(-1, 2), conics.reshape(-1, 3)
-    flat_opacities, flat_colors = opacities.reshape(-1), colors.reshape(-1, n_channels)
-
-    ids, pixels, run_starts = find_visible_pairs(flat_means2d.detach(), flat_conics.detach(),
-                                                 flat_opacities.detach(), depths.detach().reshape(-1),
-                                                 radii.reshape(-1, 2), n_gaussians, width, height)
-
-    pair_means2d = flat_means2d.index_select(0, ids)
-    if absgrad_target is not None and pair_means2d.requires_grad:
-        pair_means2d.register_hook(_absgrad_hook(absgrad_target, ids))
-    alphas = pair_alphas(pair_means2d, flat_conics.index_select(0, ids),
-                         flat_opacities.index_select(0, ids), pixels, width, height)
-    weights = alphas * exclusive_transmittance(alphas, run_starts)  # [P]
-
-    pair_colors = flat_colors.index_select(0, ids)
-    image = flat_colors.new_zeros(n_pixels, n_channels).index_add(0, pixels, weights[:, None] * pair_colors)
-    accumulated = weights.new_zeros(n_pixels).index_add(0, pixels, weights)
+    counts: dict = {}
+    image, accumulated = _CompositePairs.apply(
+        means2d.reshape(-1, 2), conics.reshape(-1, 3), opacities.reshape(-1), colors.reshape(-1, n_channels),
+        depths.detach().reshape(-1), radii.reshape(-1, 2), n_gaussians, width, height, absgrad_target, counts)
     if backgrounds is not None:
         camera_of_pixel = torch.arange(n_cameras, device=image.device).repeat_interleave(height * width)
         image = image + (1.0 - accumulated)[:, None] * backgrounds[camera_of_pixel]
     return (image.reshape(n_cameras, height, width, n_channels),
-            accumulated.reshape(n_cameras, height, width, 1), int(ids.numel()))
+            accumulated.reshape(n_cameras, height, width, 1), counts["kept"])
 
 
-def pair_alphas(pair_means2d: Tensor, pair_conics: Tensor, pair_opacities: Tensor, pixels: Tensor,
-                width: int, height: int) -> Tensor:
-    """alpha = min(0.999, opacity * exp(-sigma)) of each (Gaussian, pixel) pair, [P].
+class VisiblePairs(NamedTuple):
+    """The composited (Gaussian, pixel) pairs of some whole image rows, in (pixel, depth) order; [P] each."""
 
-    ``pixels`` are flat indices c*H*W + y*W + x; the pixel centre is (x + 0.5, y + 0.5).
+    ids: Tensor  # int32, flat Gaussian index c*N + n
+    pixels: Tensor  # int32, flat pixel index c*H*W + y*W + x, non-decreasing
+    alphas: Tensor  # the pair's alpha, in [1/255, 0.999]
+    transmittances: Tensor  # product of (1 - alpha) over the pairs in front of it in its pixel
+    run_ends: Tensor  # int64, index (in this chunk) one past the last pair of the same pixel
+    dx: Tensor  # mean minus pixel centre, x
+    dy: Tensor  # mean minus pixel centre, y
+
+
+class _CompositePairs(torch.autograd.Function):
+    """Front-to-back compositing with a hand-written backward, a chunk of image rows at a time.
+
+    Forward: w_i = alpha_i T_i, image[p] = sum_i w_i colour_i, accumulated[p] = sum_i w_i over the
+    pairs i of pixel p in depth order. Backward, with h_i = dL/dimage[p] . colour_i + dL/dacc[p]:
+    dL/dalpha_i = T_i h_i - S_i / (1 - alpha_i), where S_i = sum over the pairs j behind i in the same
+    pixel of h_j w_j (one cumulative sum, read at the end of each pixel's run); then through
+    alpha = min(0.999, o exp(-sigma)) to the 2D mean, conic, opacity and colour of each Gaussian.
+    Autograd would keep a dozen intermediates per pair in memory; here only the pair lists are kept,
+    and each chunk's [P] temporaries stay in the CPU cache.
     """
-    row = torch.div(pixels, width, rounding_mode="floor")
-    x = (pixels - row * width).to(pair_means2d.dtype) + 0.5
-    y = torch.remainder(row, height).to(pair_means2d.dtype) + 0.5
-    dx, dy = pair_means2d[:, 0] - x, pair_means2d[:, 1] - y
-    sigma = 0.5 * (pair_conics[:, 0] * dx * dx + pair_conics[:, 2] * dy * dy) + pair_conics[:, 1] * dx * dy
-    return torch.clamp(pair_opacities * torch.exp(-sigma), max=MAX_ALPHA)
 
+    @staticmethod
+    def forward(ctx, means2d, conics, opacities, colors, depths, radii, n_gaussians, width, height,
+                absgrad_target, counts):
+        n_channels = colors.shape[1]
+        n_pixels = (radii.shape[0] // n_gaussians) * height * width
+        color_columns = colors.t().contiguous()  # [D, M]: one-dimensional gathers are the fast ones
+        image = colors.new_zeros(n_channels, n_pixels)
+        accumulated = colors.new_zeros(n_pixels)
+        chunks = list(visible_pair_chunks(means2d, conics, opacities, depths, radii, n_gaussians, width, height,
+                                          PAIR_CHUNK))
+        for pairs in chunks:
+            weights = pairs.alphas * pairs.transmittances
+            for d in range(n_channels):
+                image[d].index_add_(0, pairs.pixels, weights * color_columns[d].index_select(0, pairs.ids))
+            accumulated.index_add_(0, pairs.pixels, weights)
+        counts["kept"] = sum(len(pairs.ids) for pairs in chunks)
+        ctx.save_for_backward(conics, opacities, color_columns)
+        ctx.chunks, ctx.absgrad_target = chunks, absgrad_target
+        return image.t(), accumulated
 
-def exclusive_transmittance(alphas: Tensor, run_starts: Tensor) -> Tensor:
-    """T_i = prod_{j before i in the same pixel} (1 - alpha_j), for pairs sorted by (pixel, depth).
-
-    Args:
-        alphas: [P] in [0, 0.999]
-        run_starts: [P] index of the first pair of each pair's pixel
-    """
-    log_keep = torch.log1p(-alphas.double())
-    inclusive = torch.cumsum(log_keep, dim=0)
-    # sum over j in [start, i) = inclusive[i-1] - inclusive[start-1], with inclusive[-1] := 0
-    before = torch.cat([inclusive.new_zeros(1), inclusive])
-    return torch.exp(before[:-1] - before[run_starts]).to(alphas.dtype)
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_image, grad_accumulated):
+        conics, opacities, color_columns = ctx.saved_tensors
+        n_channels, n_gaussians = color_columns.shape
+        conic_columns = conics.t().contiguous()
+        grad_image = grad_image.t().contiguous()  # [D, pixels]
+        grad_accumulated = grad_accumulated.contiguous()
+        with_absgrad = ctx.absgrad_target is not None
+        # Sums per Gaussian over its pairs, with g = -dL/dsigma = alpha dL/dalpha (0 where alpha is
+        # clamped): g dx, g dy, g dx dx, g dx dy, g dy dy, g, dL/dcolour..., |dL/dmean x|, |dL/dmean y|.
+        # The conic and the opacity are constant per Gaussian, so the gradients follow from these
+        # moments without gathering them per pair.
+        sums = conics.new_zeros(6 + n_channels + 2 * with_absgrad, n_gaussians)
+        for pairs in ctx.chunks:
+            ids, pixels, alphas, transmittances = pairs.ids, pairs.pixels, pairs.alphas, pairs.transmittances
+            weights = alphas * transmittances
+            h = grad_accumulated.index_select(0, pixels)
+            for d in range(n_channels):
+                grad_pixel = grad_image[d].index_select(0, pixels)
+                h = h + grad_pixel * color_columns[d].index_select(0, ids)
+                sums[6 + d].index_add_(0, ids, grad_pixel * weights)
+            # S_i: sum of h_j w_j over j behind i in i's pixel = (prefix sum at the run's end) - (at i)
+            inclusive = torch.cumsum((h * weights).double(), dim=0)
+            behind = (inclusive.index_select(0, pairs.run_ends - 1) - inclusive).to(h.dtype)
+            grad_alpha = transmittances * h - behind / (1.0 - alphas)
+            # alpha = min(0.999, opacity exp(-sigma)): dalpha/dsigma = -alpha, none through the clamp
+            g = torch.where(alphas < MAX_ALPHA, alphas * grad_alpha, 0.0)
+            g_dx, g_dy = g * pairs.dx, g * pairs.dy
+            columns = [g_dx, g_dy, g_dx * pairs.dx, g_dx * pairs.dy, g_dy * pairs.dy, g]
+            if with_absgrad:
+                a, b, c = (conic_columns[k].index_select(0, ids) for k in range(3))
+                columns += [None] * n_channels + [(a * g_dx + b * g_dy).abs(), (c * g_dy + b * g_dx).abs()]
+            for k, column in enumerate(columns):
+                if column is not None:
+                    sums[k].index_add_(0, ids, column)
+        # sigma = a dx^2 / 2 + b dx dy + c dy^2 / 2 with dx = mean x - pixel x: dsigma/dmean x = a dx + b dy, ...
+        a, b, c = conic_columns
+        grad_means2d = -torch.stack([a * sums[0] + b * sums[1], c * sums[1] + b * sums[0]], 1)
+        grad_conics = -torch.stack([0.5 * sums[2], sums[3], 0.5 * sums[4]], 1)
+        grad_opacities = sums[5] / opacities.clamp(min=ALPHA_THRESHOLD)  # dalpha/dopacity = alpha / opacity
+        if with_absgrad:
+            ctx.absgrad_target.absgrad = sums[6 + n_channels:].t().reshape(ctx.absgrad_target.shape)
+        return (grad_means2d, grad_conics, grad_opacities, sums[6:6 + n_channels].t(),
+                None, None, None, None, None, None, None)
 
 
 @torch.no_grad()
-def find_visible_pairs(means2d: Tensor, conics: Tensor, opacities: Tensor, depths: Tensor,
-                       radii: Tensor, n_gaussians: int, width: int, height: int
-                       ) -> tuple[Tensor, Tensor, Tensor]:
-    """The (Gaussian, pixel) pairs that the compositor blends, in (pixel, depth) order.
+def visible_pair_chunks(means2d: Tensor, conics: Tensor, opacities: Tensor, depths: Tensor, radii: Tensor,
+                        n_gaussians: int, width: int, height: int, chunk_pairs: int = PAIR_CHUNK,
+                        stats: dict | None = None):
+    """The (Gaussian, pixel) pairs that the compositor blends, chunk by chunk of whole image rows.
 
     Inputs are flattened over cameras ([C*N, ...]). A pair is kept when alpha >= 1/255 and sigma
     >= 0, and the pixel's transmittance before it stays above 1e-4 after it (gsplat's stop rule).
+    Each chunk holds about ``chunk_pairs`` candidate pairs, so that its temporaries fit the CPU cache.
 
-    Returns:
-        ids [P] int64: flat Gaussian index c*N + n
-        pixels [P] int64: flat pixel index c*H*W + y*W + x, non-decreasing
-        run_starts [P] int64: index of the first pair of the same pixel
+    Yields: ``VisiblePairs`` per chunk, chunks in increasing pixel order.
     """
     visible = torch.nonzero((radii > 0).all(dim=-1)).squeeze(1)
-    # Enumerating Gaussians front to back and then sorting stably by pixel leaves each pixel's
-    # pairs in depth order: one sort instead of a sort by a composite key.
     visible = visible[torch.argsort(depths[visible], stable=True)]
-    row_owner, row_y, row_x0, row_len = _pixel_rows_inside_ellipses(
-        means2d[visible], conics[visible], opacities[visible], width, height)
-    row_owner = visible[row_owner]  # rows stay in front-to-back order of their Gaussians
+    owner, y, x0, length = _pixel_rows_inside_ellipses(means2d[visible], conics[visible], opacities[visible],
+                                                       width, height)
+    owner = visible.index_select(0, owner)
+    # Spans grouped by image row, front to back within a row (the sort is stable); the pairs of a
+    # chunk then come in (row, depth, x) order, and one stable sort by pixel gives (pixel, depth).
+    image_row = torch.div(owner, n_gaussians, rounding_mode="floor") * height + y
+    image_row, order = torch.sort(image_row, stable=True)
+    owner, y, x0, length = _select(order, owner, y, x0, length)
+    row_start = image_row * width
+    # Per-pair indices in int32 (half the bytes of int64 through every gather and scatter).
+    owner, x0, length32 = owner.int(), x0.int(), length.int()
+    n_rows = (radii.shape[0] // n_gaussians) * height
+    spans_through_row = torch.cumsum(torch.bincount(image_row, minlength=n_rows), 0)
+    pairs_through_row = torch.cat([length.new_zeros(1), torch.cumsum(length, 0)]).index_select(0, spans_through_row)
+    total = int(pairs_through_row[-1]) if n_rows else 0
+    cut_rows = torch.searchsorted(pairs_through_row, torch.arange(chunk_pairs, max(total, chunk_pairs), chunk_pairs,
+                                                                  device=length.device))
+    bounds = sorted({0, *spans_through_row.index_select(0, cut_rows.clamp(max=n_rows - 1)).tolist(), len(owner)})
 
-    # Walk the rows front to back in slabs; a row whose pixels were all saturated (T <= 1e-4)
-    # by the slabs in front of it is skipped before its pairs are even enumerated. Exact: those
-    # pixels stopped before any Gaussian of this slab. For opaque objects this skips most of
-    # the back-facing and interior Gaussians.
-    n_pixels = (radii.shape[0] // n_gaussians) * height * width
-    log_transmittance = torch.zeros(n_pixels, dtype=torch.float64, device=means2d.device)
-    slab_budget = max(4 * n_pixels, 1 << 16)
-    ids, pixels, alphas = [], [], []
-    for slab in _chunks_by_total(row_len, min(slab_budget, PAIR_CHUNK)):
-        owner, y, x0, length = row_owner[slab], row_y[slab], row_x0[slab], row_len[slab]
-        if ids:
-            is_open = log_transmittance > math.log(MIN_TRANSMITTANCE)
-            open_rows = _rows_with_open_pixels(is_open, owner // n_gaussians, y, x0, length, width, height)
-            owner, y, x0, length = _select(torch.nonzero(open_rows).squeeze(1), owner, y, x0, length)
-        slab_ids, slab_pixels, slab_alphas = _alpha_pairs_in_rows(
-            owner, y, x0, length, means2d, conics, opacities, n_gaussians, width, height)
-        if ids:  # pixels of open rows that are themselves saturated
-            slab_ids, slab_pixels, slab_alphas = _select(torch.nonzero(is_open[slab_pixels]).squeeze(1),
-                                                         slab_ids, slab_pixels, slab_alphas)
-        log_transmittance.index_add_(0, slab_pixels, torch.log1p(-slab_alphas.double()))
-        ids.append(slab_ids)
-        pixels.append(slab_pixels)
-        alphas.append(slab_alphas)
-    ids, pixels, alphas = torch.cat(ids), torch.cat(pixels), torch.cat(alphas)
+    table = torch.stack([means2d[:, 0], means2d[:, 1], conics[:, 0], conics[:, 1], conics[:, 2], opacities])
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        ids, local, alphas, dx, dy = _alpha_pairs_in_spans(owner[s:e], y[s:e], (row_start[s:e] - row_start[s]).int(),
+                                                           x0[s:e], length32[s:e], table)
+        if stats is not None:
+            stats["enumerated"] = stats.get("enumerated", 0) + len(ids)
+            stats["alpha_pass"] = stats.get("alpha_pass", 0) + int((alphas > 0).sum())
+        if len(ids) == 0:
+            continue
+        local, order = torch.sort(local, stable=True)  # pixel ids within the chunk
+        sorted_alphas = alphas.index_select(0, order)
+        counts = torch.bincount(local)
 
-    pixels, order = torch.sort(pixels, stable=True)
-    ids, alphas = _select(order, ids, alphas)
+        # Log-transmittance before and after each pair: a cumulative sum (float64: it runs over
+        # the whole chunk) minus its value at the start of the pair's pixel run. gsplat stops a
+        # pixel at the first Gaussian with T * (1 - alpha) <= 1e-4 and skips the rest.
+        after = torch.cat([alphas.new_zeros(1, dtype=torch.float64),
+                           torch.cumsum(torch.log1p(-sorted_alphas.double()), 0)])
+        before_run = after.index_select(0, torch.cumsum(counts, 0) - counts).index_select(0, local)
+        keep = (after[1:] - before_run > math.log(MIN_TRANSMITTANCE)) & (sorted_alphas > 0)
+        keep = torch.nonzero(keep).squeeze(1)
+        # The kept pairs are a prefix of each pixel's run (but for the skipped alpha < 1/255 ones,
+        # which leave T as it is): their transmittance is unchanged by the cut.
+        transmittances = torch.exp((after[:-1] - before_run).index_select(0, keep))
+        ids, alphas, dx, dy = _select(order.index_select(0, keep), ids, alphas, dx, dy)
+        local = local.index_select(0, keep)
+        run_ends = torch.cumsum(torch.bincount(local, minlength=len(counts)), 0).index_select(0, local)
+        yield VisiblePairs(ids, local + row_start[s], alphas, transmittances.to(alphas.dtype), run_ends, dx, dy)
 
-    # gsplat stops a pixel at the first Gaussian with T * (1 - alpha) <= 1e-4 and skips the rest.
-    run_starts = _run_starts(pixels)
-    inclusive = torch.cumsum(torch.log1p(-alphas.double()), dim=0)
-    before_run = torch.cat([inclusive.new_zeros(1), inclusive])[run_starts]
-    keep = (inclusive - before_run) > math.log(MIN_TRANSMITTANCE)
-    ids, pixels = _select(torch.nonzero(keep).squeeze(1), ids, pixels)
-    return ids, pixels, _run_starts(pixels)
+
+def _alpha_pairs_in_spans(owner: Tensor, y: Tensor, row_start: Tensor, x0: Tensor, length: Tensor,
+                          table: Tensor) -> tuple[Tensor, ...]:
+    """Every pixel of every row span, in span order, with alpha set to 0 where gsplat skips the pair
+    (alpha < 1/255 or sigma < 0): the spans hug the alpha = 1/255 ellipse, so these are too few
+    to be worth a compaction.
+
+    Args: per span (int32 but y): owner (flat Gaussian id), y (image row), row_start (pixel id of
+        x = 0 in the chunk), x0, length; table [6, M]: mean x, mean y, conic a, b, c, opacity per
+        flat Gaussian id.
+    Returns: (flat Gaussian ids, pixel ids (int32, as row_start), alphas, dx, dy), [P] each
+    """
+    total = int(length.sum())
+    span = torch.repeat_interleave(torch.arange(owner.numel(), dtype=torch.int32, device=owner.device), length,
+                                   output_size=total)
+    x = (torch.arange(total, dtype=torch.int32, device=owner.device)
+         - (torch.cumsum(length, 0, dtype=torch.int32) - length - x0).index_select(0, span))
+    ids = owner.index_select(0, span)
+    pixels = row_start.index_select(0, span) + x.to(row_start.dtype)
+    mean_x, mean_y, a, b, c, opacity = (column.index_select(0, ids) for column in table)
+    dx = mean_x - (x.to(table.dtype) + 0.5)
+    dy = mean_y - (y.index_select(0, span).to(table.dtype) + 0.5)
+    sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
+    alphas = torch.clamp(opacity * torch.exp(-sigma), max=MAX_ALPHA)
+    alphas = torch.where((sigma >= 0) & (alphas >= ALPHA_THRESHOLD), alphas, 0.0)
+    return ids, pixels, alphas, dx, dy
 
 
 def _pixel_rows_inside_ellipses(means2d: Tensor, conics: Tensor, opacities: Tensor, width: int,
@@ -337,75 +420,7 @@ def _pixel_rows_inside_ellipses(means2d: Tensor, conics: Tensor, opacities: Tens
     return owner, y, x0, (x1 - x0 + 1).clamp(min=0)
 
 
-def _rows_with_open_pixels(is_open: Tensor, camera: Tensor, y: Tensor, x0: Tensor, length: Tensor,
-                           width: int, height: int) -> Tensor:
-    """Mask [R] of row spans with at least one open pixel (``is_open`` [C*H*W]: transmittance
-    still above 1e-4). One prefix sum of the indicator along x answers every span in O(1).
-    """
-    prefix = torch.nn.functional.pad(torch.cumsum(is_open.view(-1, width), dim=1, dtype=torch.int32), (1, 0))
-    flat = prefix.view(-1)
-    row_start = (camera * height + y) * (width + 1)
-    return (flat[row_start + x0 + length] - flat[row_start + x0]) > 0
-
-
-def _chunks_by_total(sizes: Tensor, budget: int) -> list[slice]:
-    """Consecutive slices of ``sizes`` whose sums stay near ``budget`` (a single large item may exceed it)."""
-    if sizes.numel() == 0:
-        return [slice(0, 0)]
-    ends = torch.cumsum(sizes, 0)
-    total = int(ends[-1])
-    if total <= budget:
-        return [slice(0, sizes.numel())]
-    cuts = torch.searchsorted(ends, torch.arange(budget, total, budget, device=sizes.device), right=True)
-    bounds = sorted(set([0, *cuts.tolist(), sizes.numel()]))
-    return [slice(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
-
-
-def _alpha_pairs_in_rows(owner: Tensor, y: Tensor, x0: Tensor, length: Tensor, means2d: Tensor,
-                         conics: Tensor, opacities: Tensor, n_gaussians: int, width: int,
-                         height: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Every pixel of every row span, kept where alpha >= 1/255 and sigma >= 0; in row order.
-
-    Returns: (flat Gaussian ids [P], flat pixel ids [P], alphas [P])
-    """
-    device = owner.device
-    total = int(length.sum())
-    row = torch.repeat_interleave(torch.arange(owner.numel(), device=device), length, output_size=total)
-    x = x0.index_select(0, row) + (torch.arange(total, device=device)
-                                   - (torch.cumsum(length, 0) - length).index_select(0, row))
-    pair_ids = owner.index_select(0, row)
-    pair_y = y.index_select(0, row)
-    pixels = (torch.div(pair_ids, n_gaussians, rounding_mode="floor") * height + pair_y) * width + x
-
-    dx = means2d[:, 0].index_select(0, pair_ids) - (x.to(means2d.dtype) + 0.5)
-    dy = means2d[:, 1].index_select(0, pair_ids) - (pair_y.to(means2d.dtype) + 0.5)
-    a, b, c = (conics[:, k].index_select(0, pair_ids) for k in range(3))
-    sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
-    alphas = torch.clamp(opacities.index_select(0, pair_ids) * torch.exp(-sigma), max=MAX_ALPHA)
-    keep = (sigma >= 0) & (alphas >= ALPHA_THRESHOLD)
-    return _select(torch.nonzero(keep).squeeze(1), pair_ids, pixels, alphas)
-
-
 def _select(indices: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
     """``t[indices]`` for each tensor, via index_select (several times faster than advanced
     indexing on a CPU, and a boolean mask would repeat its nonzero for every tensor)."""
     return tuple(t.index_select(0, indices) for t in tensors)
-
-
-def _run_starts(sorted_keys: Tensor) -> Tensor:
-    """For a sorted 1-D tensor, the index where each element's run of equal values begins."""
-    if sorted_keys.numel() == 0:
-        return sorted_keys.new_zeros(0)
-    _, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    return torch.repeat_interleave(starts, counts)
-
-
-def _absgrad_hook(means2d: Tensor, ids: Tensor):
-    """A gradient hook on the per-pair 2D means that sums |grad| per Gaussian into means2d.absgrad."""
-
-    def hook(grad: Tensor) -> None:
-        absgrad = grad.new_zeros(means2d.numel() // 2, 2).index_add(0, ids, grad.abs())
-        means2d.absgrad = absgrad.reshape(means2d.shape)
-
-    return hook

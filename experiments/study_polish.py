@@ -1,8 +1,8 @@
-"""Do recovered poses gain from more refinement? On a finished run of generated data (true test poses),
-every query whose final pose came from the recovery is refined once more by each variant below (overrides
-of conf/refine/lbfgs.yaml), and the rotation errors before and after are compared.
+"""Do final poses gain from more refinement? On a finished run of generated data (true test poses), every
+query whose final pose came by the given path (recovered, pnp) is refined once more by each variant below
+(overrides of conf/refine/lbfgs.yaml), and the rotation errors before and after are compared.
 
-    python experiments/study_polish.py outputs/runs/synthetic/07PlainMug/<time>
+    python experiments/study_polish.py outputs/runs/synthetic/07PlainMug/<time> [recovered|pnp]
 """
 import json, sys, time
 import numpy as np, torch
@@ -13,6 +13,7 @@ from splatpose.data.cameras import rotation_error_deg
 from splatpose.refine import PoseRefiner, default_refine_config
 from splatpose.splat.ply import load_gaussians
 run = sys.argv[1]
+path = sys.argv[2] if len(sys.argv) > 2 else "recovered"
 res = json.load(open(f"{run}/results.json"))
 cfg = OmegaConf.create(res["config"])
 data = resolve_dataset(cfg.dataset, res["class"])
@@ -20,8 +21,8 @@ refined = json.load(open(f"{res['stage_dirs']['refine']}/refined_poses.json"))
 g = load_gaussians(f"{run}/artifacts/point_cloud.ply")
 base = default_refine_config()
 variants = {
-    "c2f 0.5x20+1.0x10": {},
     "1.0 x20 l1_sil": {"levels": [1.0], "steps": 20, "blur": 0.005},
+    "c2f 0.5x20+1.0x10": {},
     "1.0 x20 l1": {"levels": [1.0], "steps": 20, "blur": 0.0, "loss": "l1"},
 }
 tests = {t.name: t for t in data.test}
@@ -29,10 +30,10 @@ for name, over in variants.items():
     refiner = PoseRefiner(g, data.K, data.width, data.height, OmegaConf.merge(base, over), backend="torch")
     before, after, secs = [], [], []
     for e in refined:
-        if e["path"] != "recovered": continue
+        if e["path"] != path: continue
         truth = data.test_poses[e["name"]]
         q = torch.from_numpy(read_image(tests[e["name"]].path)).permute(2, 0, 1)
         t = time.time(); r = refiner.refine(q, np.asarray(e["w2c"])); secs.append(time.time() - t)
         before.append(rotation_error_deg(np.asarray(e["w2c"]), truth)); after.append(rotation_error_deg(r.w2c, truth))
     b, a = np.array(before), np.array(after)
-    print(f"{name}: within1 {np.mean(b<=1):.2f} -> {np.mean(a<=1):.2f}; median {np.median(b):.3f} -> {np.median(a):.3f}; worst {b.max():.2f} -> {a.max():.2f}; s/query {np.median(secs):.1f}", flush=True)
+    print(f"{path} {name}: within1 {np.mean(b<=1):.2f} -> {np.mean(a<=1):.2f}; median {np.median(b):.3f} -> {np.median(a):.3f}; worst {b.max():.2f} -> {a.max():.2f}; s/query {np.median(secs):.1f}", flush=True)

@@ -292,7 +292,7 @@ class PoseRecovery:
         gaussians: the scene; K: [3, 3] intrinsics of the full image; width, height: its size.
         reference: the reference views at search resolution.
         cfg: the ``refine.recovery`` node (rolls, colour_weight, levels, and per level hypotheses, steps,
-            blur; polish_steps; silhouette_weight, min_iou, max_l1).
+            blur; silhouette_weight, min_iou, max_l1).
         backend: renderer backend.
     """
 
@@ -303,13 +303,10 @@ class PoseRecovery:
         if len(cfg.hypotheses) != len(cfg.levels):
             raise ValueError(f"refine.recovery.hypotheses has {len(cfg.hypotheses)} entries for "
                              f"{len(cfg.levels)} levels ({list(cfg.levels)}); give one per level")
-        settings = {"enabled": True, "optimizer": "lbfgs", "lr": 1.0, "loss": "l1_silhouette",
-                    "silhouette_weight": float(cfg.silhouette_weight), "ssim_weight": 0.0, "keep_best": True}
         self.refiner = PoseRefiner(gaussians, K, width, height, OmegaConf.create({
-            **settings, "levels": list(cfg.levels), "steps": list(cfg.steps), "blur": list(cfg.blur)}), backend=backend)
-        polish_steps = int(cfg.get("polish_steps", 0))
-        self.polisher = None if polish_steps < 1 else PoseRefiner(gaussians, K, width, height, OmegaConf.create({
-            **settings, "levels": [cfg.levels[-1]], "steps": polish_steps, "blur": cfg.blur[-1]}), backend=backend)
+            "enabled": True, "optimizer": "lbfgs", "lr": 1.0, "loss": "l1_silhouette",
+            "silhouette_weight": float(cfg.silhouette_weight), "ssim_weight": 0.0, "keep_best": True,
+            "levels": list(cfg.levels), "steps": list(cfg.steps), "blur": list(cfg.blur)}), backend=backend)
 
     def recover(self, query: Tensor, start_w2c: np.ndarray | None = None) -> Recovery:
         """Best pose for ``query`` [3, H, W] in [0, 1]; ``start_w2c`` (e.g. a weak PnP pose) competes too."""
@@ -329,8 +326,6 @@ class PoseRecovery:
                               for view, w2c in candidates[:int(keep)]), key=lambda item: item[1].loss_end)
             candidates = [(view, result.w2c) for view, result in refined]
         view, w2c = candidates[0]
-        if self.polisher is not None:  # a fresh L-BFGS run from the winner: the last level's steps are few
-            w2c = self.polisher.refine(query, w2c).w2c
         confidence = alignment_confidence(self.gaussians, w2c, query, self.K, self.backend)
         accepted = confidence.accepted(float(self.cfg.min_iou), float(self.cfg.max_l1))
         return Recovery(w2c, confidence, accepted, view, len(starts), time.perf_counter() - started)

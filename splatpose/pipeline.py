@@ -271,6 +271,9 @@ def final_pose_summary(data: ClassData, refined: list[RefinedPose]) -> dict:
             entry["rotation_error_deg"] = float(rotation_error_deg(pose.w2c, truth))
             entry["center_error_rel"] = float(center_error(pose.w2c, truth) / max(np.linalg.norm(camera_center(truth)),
                                                                                    1e-9))
+            if pose.symmetry and pose.symmetry["switched"]:
+                entry["rotation_error_before_turn_deg"] = float(rotation_error_deg(
+                    np.asarray(pose.symmetry["replaced_w2c"]), truth))
         per_query[pose.name] = entry
     done = [e for e in per_query.values() if e["refined"]]
     recovered = [p.recovery["seconds"] for p in refined if p.recovery]

@@ -151,13 +151,14 @@ def _rotation_between_deg(a: NearSymmetry, b: NearSymmetry | None) -> float:
 class SymmetryVerdict:
     """What checking a pose against its turned copies did.
 
-    w2c: [4, 4] the pose kept (the turned copy's refined pose when one won).
+    w2c: [4, 4] the pose kept (the turned copy's refined pose when one won); pose_w2c: the pose checked.
     switched: a turned copy won; turn: the winning turn (None if none won).
     confidence: the kept pose's alignment; confidence_of_pose: the given pose's.
     hypotheses: turned copies screened; refined: how many of them were refined; seconds: wall time.
     """
 
     w2c: np.ndarray
+    pose_w2c: np.ndarray
     switched: bool
     turn: NearSymmetry | None
     confidence: Confidence
@@ -167,9 +168,13 @@ class SymmetryVerdict:
     seconds: float
 
     def summary(self) -> dict:
-        return {"switched": self.switched, "turn": self.turn.summary() if self.turn else None,
-                "confidence": self.confidence.summary(), "confidence_of_pose": self.confidence_of_pose.summary(),
-                "hypotheses": self.hypotheses, "refined": self.refined, "seconds": round(self.seconds, 4)}
+        """JSON-able record; with the replaced pose ([4, 4] nested lists) when a turned copy won."""
+        record = {"switched": self.switched, "turn": self.turn.summary() if self.turn else None,
+                  "confidence": self.confidence.summary(), "confidence_of_pose": self.confidence_of_pose.summary(),
+                  "hypotheses": self.hypotheses, "refined": self.refined, "seconds": round(self.seconds, 4)}
+        if self.switched:
+            record["replaced_w2c"] = np.asarray(self.pose_w2c).tolist()
+        return record
 
 
 class SymmetryCheck:
@@ -212,7 +217,7 @@ class SymmetryCheck:
             if (confidence.l1 < best.l1 * (1.0 - float(self.cfg.margin))
                     and confidence.iou >= pose_confidence.iou - float(self.cfg.max_iou_drop)):
                 best_turn, best_w2c, best = turn, refined, confidence
-        return SymmetryVerdict(best_w2c, best_turn is not None, best_turn, best, pose_confidence, len(copies),
+        return SymmetryVerdict(best_w2c, np.asarray(w2c, dtype=np.float64), best_turn is not None, best_turn, best, pose_confidence, len(copies),
                                len(screened), time.perf_counter() - started)
 
     def _confidence(self, w2c: np.ndarray, query: Tensor) -> Confidence:

@@ -169,6 +169,10 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData |
 
     with timer("score", subject):
         evaluation = score_and_evaluate(cfg, data, renders, loggers, device)
+    if not any(t.mask_path for t in data.test):
+        log.warning("%s has no ground-truth masks: pixel AUROC, AUPRO and image AUROC need masks (and defect "
+                    "labels), so they are undefined; the anomaly maps and scores are in %s (per_image.csv, "
+                    "panels/)", subject, out_dir)
 
     results = {
         "status": "ok", "dataset": cfg.dataset.name, "class": class_name, "device": device,
@@ -213,10 +217,10 @@ def write_report(out_dir: Path, evaluation: Evaluation) -> Path | None:
 def dataset_identity(cfg_dataset: DictConfig) -> dict:
     """The dataset settings that decide a class's data: not the list of classes a run may choose from
     (adding a class to ``dataset.classes`` must not invalidate the caches of the others), nor the folder
-    it lives in (the data key holds the files' content: the same files in another checkout, cache or
-    machine give the same keys, seeds and results)."""
+    it lives in (``root``, and dataset=folder's ``good`` and ``inspect``): the data key holds the files'
+    content, so the same files in another checkout, cache or machine give the same keys, seeds and results."""
     return {k: v for k, v in OmegaConf.to_container(cfg_dataset, resolve=True).items()
-            if k not in ("classes", "default_class", "root")}
+            if k not in ("classes", "default_class", "root", "good", "inspect")}
 
 
 def splat_trainer_kwargs(cfg: DictConfig, loggers: list) -> dict:

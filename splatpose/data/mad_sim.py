@@ -321,7 +321,7 @@ def list_classes(root: Path) -> list[str]:
         raise DatasetError(f"{root}: dataset root does not exist or is not a folder")
     return sorted(p.name for p in root.iterdir()
                   if p.is_dir() and not p.name.startswith(".")
-                  and ((p / TRANSFORMS_FILE).is_file() or _images_in(p / "train" / GOOD)))
+                  and ((p / TRANSFORMS_FILE).is_file() or images_in(p / "train" / GOOD)))
 
 
 def load_class(root: Path, class_name: str) -> ClassData:
@@ -346,7 +346,7 @@ def load_class(root: Path, class_name: str) -> ClassData:
         camera_angle_x, train = _read_train_views(class_dir)
     else:
         camera_angle_x, train = None, _unposed_train_views(class_dir)
-    width, height = _common_image_size([view.path for view in train], class_dir)
+    width, height = common_image_size([view.path for view in train], class_dir)
     test = _read_test_images(class_dir, width, height)
     return ClassData(
         root=class_dir,
@@ -385,7 +385,7 @@ def _natural_key(path: Path) -> tuple:
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name))
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
@@ -401,7 +401,7 @@ def _read_train_views(class_dir: Path) -> tuple[float, list[TrainView]]:
     if not isinstance(frames, list) or not frames:
         raise DatasetError(f"{transforms_path}: field 'frames' is missing or empty; it must list one "
                            "frame (file_path, transform_matrix) per train image")
-    train_images = _images_in(class_dir / "train" / GOOD)
+    train_images = images_in(class_dir / "train" / GOOD)
     if len(frames) != len(train_images):
         raise DatasetError(f"{transforms_path}: {len(frames)} frames but {len(train_images)} images in "
                            f"{class_dir / 'train' / GOOD}; every train image needs exactly one frame "
@@ -430,7 +430,7 @@ def _read_train_views(class_dir: Path) -> tuple[float, list[TrainView]]:
 
 def _unposed_train_views(class_dir: Path) -> list[TrainView]:
     """The train views of a class without transforms.json: every image of train/good/, poses unknown."""
-    images = _images_in(class_dir / "train" / GOOD)
+    images = images_in(class_dir / "train" / GOOD)
     if not images:
         raise DatasetError(f"{class_dir / TRANSFORMS_FILE}: missing transforms.json and no images in "
                            f"{class_dir / 'train' / GOOD}; put the defect-free photos there (their cameras are "
@@ -438,7 +438,7 @@ def _unposed_train_views(class_dir: Path) -> list[TrainView]:
     return [TrainView(name=path.relative_to(class_dir).as_posix(), path=path, w2c=None) for path in images]
 
 
-def _common_image_size(paths: list[Path], class_dir: Path) -> tuple[int, int]:
+def common_image_size(paths: list[Path], class_dir: Path) -> tuple[int, int]:
     sizes = {path: image_size(path) for path in paths}
     first = paths[0]
     for path, size in sizes.items():
@@ -453,7 +453,7 @@ def _read_test_images(class_dir: Path, width: int, height: int) -> list[TestImag
     test_dir = class_dir / "test"
     test = []
     for defect in _test_folders(class_dir):
-        for path in _images_in(test_dir / defect):
+        for path in images_in(test_dir / defect):
             size = image_size(path)
             if size != (width, height):
                 raise DatasetError(f"{path}: image size {size[0]}x{size[1]} differs from the train images "
@@ -484,7 +484,7 @@ def _test_folders(class_dir: Path) -> tuple[str, ...]:
     test_dir = class_dir / "test"
     if not test_dir.is_dir():
         return (GOOD,)
-    defects = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name != GOOD and _images_in(p))
+    defects = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name != GOOD and images_in(p))
     for defect in defects:
         if not (class_dir / "ground_truth" / defect).is_dir():
             truth = class_dir / "ground_truth"

@@ -7,8 +7,9 @@ without known poses, hloc's ``reconstruction.py`` steps on the project's own fea
 2. image pairs from retrieval (VLAD over the images' own descriptors, :mod:`splatpose.sfm.retrieval`),
    or every pair when there are few views (``sfm.estimate.pairs.exhaustive_max_views``);
 3. matches of those pairs (the configured matcher);
-4. a COLMAP database with ONE shared camera (SIMPLE_PINHOLE, focal length from the field-of-view hint
-   ``sfm.estimate.fov_x_deg``, principal point at the image centre), the keypoints and the raw
+4. a COLMAP database with ONE shared camera (SIMPLE_PINHOLE, focal length from the photos' EXIF
+   35 mm-equivalent focal length, else the field-of-view hint ``sfm.estimate.fov_x_deg``; principal
+   point at the image centre), the keypoints and the raw
    matches; ``pycolmap.verify_matches`` estimates each pair's two-view geometry (RANSAC);
 5. ``pycolmap.incremental_mapping``: registration, triangulation and bundle adjustment, the focal
    length refined with the poses;
@@ -80,6 +81,40 @@ def focal_from_fov(fov_x_deg: float, width: int) -> float:
         raise UserError(f"sfm.estimate.fov_x_deg={fov_x_deg}: a horizontal field of view in degrees in (0, 180) "
                         "is needed (50 mm on a full-frame camera: 39.6; a phone's main camera: about 65-70)")
     return 0.5 * width / np.tan(0.5 * np.radians(float(fov_x_deg)))
+
+
+EXIF_IFD, EXIF_FOCAL_35MM = 0x8769, 41989  # the Exif sub-IFD and its FocalLengthIn35mmFilm tag
+FULL_FRAME_DIAGONAL_MM = float(np.hypot(36.0, 24.0))
+
+
+def fov_from_exif(path: Path, width: int, height: int) -> float | None:
+    """The horizontal field of view (degrees) a photo's EXIF gives, or None.
+
+    From the 35 mm-equivalent focal length (what phones and most cameras write): the lens that gives
+    the same diagonal field of view on a 36 x 24 mm frame. The horizontal one follows from the image's
+    aspect: tan(fov_x / 2) = (W / diagonal_px) * 43.27 mm / (2 f_35).
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            focal_35mm = image.getexif().get_ifd(EXIF_IFD).get(EXIF_FOCAL_35MM)
+    except (OSError, ValueError):
+        return None
+    if not focal_35mm or float(focal_35mm) <= 0:
+        return None
+    half_width = width / np.hypot(width, height) * FULL_FRAME_DIAGONAL_MM / (2.0 * float(focal_35mm))
+    return float(np.degrees(2.0 * np.arctan(half_width)))
+
+
+def fov_hint(data: ClassData, cfg_estimate: DictConfig) -> tuple[float, str]:
+    """(horizontal field of view in degrees, where it came from): the first train photo's EXIF when
+    ``sfm.estimate.use_exif`` and it has one, else ``sfm.estimate.fov_x_deg``."""
+    if bool(cfg_estimate.get("use_exif", True)):
+        fov = fov_from_exif(data.train[0].path, data.width, data.height)
+        if fov is not None:
+            return fov, f"EXIF of {data.train[0].name}"
+    return float(cfg_estimate.fov_x_deg), "sfm.estimate.fov_x_deg"
 
 
 def initial_camera(width: int, height: int, fov_x_deg: float) -> pycolmap.Camera:
@@ -305,7 +340,8 @@ def estimate_reconstruction(data: ClassData, cfg: DictConfig, features: dict[str
     """
     est = cfg.estimate
     names = [view.name for view in data.train]
-    camera = initial_camera(data.width, data.height, float(est.fov_x_deg))
+    fov, fov_source = fov_hint(data, est)
+    camera = initial_camera(data.width, data.height, fov)
     write_database(database, unposed_reconstruction(names, camera),
                    {n: features[n]["keypoints"] for n in names}, raw_matches, verified=False)
     pycolmap.verify_matches(str(database), str(pairs_path), options=verification_options(est.verification, seed))
@@ -321,10 +357,10 @@ def estimate_reconstruction(data: ClassData, cfg: DictConfig, features: dict[str
     focal = float(compact.camera(1).focal_length_x)
     summary = {"reference_poses": "estimate", "num_views": len(names), "num_registered": len(registered),
                "registration_rate": len(registered) / len(names), "unregistered": unregistered,
-               "focal_hint_px": float(camera.focal_length), "focal_px": focal,
+               "focal_hint_px": float(camera.focal_length), "focal_hint_from": fov_source, "focal_px": focal,
                "num_verified_pairs": _verified_pairs(database), "num_opposite_pairs_dropped": len(dropped)}
-    log.info("Estimated cameras: %d/%d views registered, focal length %.2f px (hint %.2f px)", len(registered),
-             len(names), focal, camera.focal_length)
+    log.info("Estimated cameras: %d/%d views registered, focal length %.2f px (hint %.2f px from %s)",
+             len(registered), len(names), focal, camera.focal_length, fov_source)
     return compact, summary
 
 

@@ -169,3 +169,38 @@ def test_photo_folder_without_masks_gives_maps_and_a_run_folder_for_detect(class
     proc = run_cli(tmp, "task=detect", f"run_dir={run_dir}", f"inputs={query}", "device=cpu", "logger=none",
                    "detect.lightglue_compile=false", "detect.warm_up=false", f"hydra.run.dir={tmp / 'detect'}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_a_camera_on_the_wrong_side_of_the_object_disagrees_with_its_outline(tmp_path):
+    """Points of a cube seen by a camera at its true pose fall inside the cube's outline in its photo;
+    the same photo given a camera turned away (the wrong side) sees none of them there."""
+    import pycolmap
+
+    from splatpose.sfm.estimated_poses import silhouette_agreement
+
+    width = height = 64
+    K = np.array([[60.0, 0, 32], [0, 60.0, 32], [0, 0, 1]])
+    grid = np.linspace(-0.5, 0.5, 5)
+    cube = np.stack(np.meshgrid(grid, grid, grid), axis=-1).reshape(-1, 3)
+    w2c = np.eye(4)
+    w2c[2, 3] = 4.0  # the camera 4 units in front of the cube, looking at it
+    uv = (cube + w2c[:3, 3]) @ K.T
+    uv = uv[:, :2] / uv[:, 2:]
+    photo = np.full((height, width, 3), 255, np.uint8)
+    lo, hi = np.floor(uv.min(axis=0)).astype(int), np.ceil(uv.max(axis=0)).astype(int)
+    photo[lo[1]:hi[1], lo[0]:hi[0]] = 40
+    Image.fromarray(photo).save(tmp_path / "right.png")
+    Image.fromarray(photo).save(tmp_path / "wrong.png")
+
+    model = pycolmap.Reconstruction()
+    model.add_camera_with_trivial_rig(pycolmap.Camera(model="PINHOLE", width=width, height=height,
+                                                      params=[60.0, 60.0, 32.0, 32.0], camera_id=1))
+    turned = np.diag([-1.0, 1.0, -1.0, 1.0]) @ w2c  # 180 degrees about its y axis: looking away
+    for image_id, (name, pose) in enumerate((("right.png", w2c), ("wrong.png", turned)), start=1):
+        model.add_image_with_trivial_frame(pycolmap.Image(name=name, camera_id=1, image_id=image_id),
+                                           pycolmap.Rigid3d(pycolmap.Rotation3d(pose[:3, :3]), pose[:3, 3]))
+    for xyz in cube:
+        model.add_point3D(xyz, pycolmap.Track())
+
+    agreement = silhouette_agreement(model, ["right.png", "wrong.png"], tmp_path)
+    assert agreement["right.png"] == pytest.approx(1.0) and agreement["wrong.png"] == 0.0

@@ -25,7 +25,8 @@ from splatpose.sfm.estimated_poses import (EstimationError, check_registration, 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Small and quick, yet enough overlap to register: 32 views of the compact, textured 03Nut at 128 px
-# (16 views register 4 at most), SIFT + mutual nearest neighbours, a few splat steps, pixel scorer.
+# (16 views register 4 at most; the tiny preset's coarser mesh and texture 6 of 32), SIFT + mutual
+# nearest neighbours, a few splat steps, pixel scorer.
 CLASS = "03Nut"
 TINY_ESTIMATE = ["debug=fast", "logger=none", "callbacks=none", "device=cpu", "sfm/feature=sift",
                  "sfm/matcher=nn_mutual", "sfm.max_keypoints=1024", "sfm.resize_max=384",
@@ -110,7 +111,7 @@ def class_without_poses(tmp_path_factory):
     from splatpose.data.synthetic import ensure_synthetic_dataset
 
     tmp = tmp_path_factory.mktemp("posefree")
-    generated = ensure_synthetic_dataset(tmp / "generated", [CLASS], preset="tiny", n_train=32, width=128,
+    generated = ensure_synthetic_dataset(tmp / "generated", [CLASS], preset="small", n_train=32, width=128,
                                          height=128, n_test_good=2, n_test_per_defect=1)
     shutil.copytree(generated / CLASS, tmp / "photos" / CLASS)
     (tmp / "photos" / CLASS / "transforms.json").unlink()

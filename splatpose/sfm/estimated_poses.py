@@ -315,7 +315,7 @@ def check_registration(names: list[str], registered: list[str], min_fraction: fl
     raise EstimationError(
         f"estimating the reference cameras of {image_dir}: only {len(registered)} of {len(names)} train views "
         f"registered (sfm.estimate.min_registered_fraction={min_fraction}); not registered: {shown}. The photos "
-        "must overlap: each part of the object seen in at least 3 views, neighbouring views about 10-20 degrees "
+        "must overlap: each part of the object seen in at least 3 views, neighbouring views at most 25-30 degrees "
         "apart, the object sharp and textured. Try: more photos between those listed, sfm.estimate.fov_x_deg "
         "closer to the camera's field of view, sfm.estimate.pairs.exhaustive_max_views at least the number of "
         "views (match every pair), more keypoints (sfm.max_keypoints), or a lower "

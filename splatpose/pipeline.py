@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import time
@@ -38,7 +39,10 @@ from splatpose.report import CURVES_NAME, compute_curves, save_curves, write_run
 from splatpose.run_info import environment_info
 from splatpose.scoring.anomaly_maps import build_scorer
 from splatpose.scoring.module import AnomalyScoringModule, QueryRenderPairs
-from splatpose.sfm import QueryPose, build_reference, check_sfm_config, localize_queries, reference_settings
+from splatpose.sfm import QueryPose, Reference, build_reference, check_sfm_config, localize_queries, reference_settings
+from splatpose.sfm.config import sfm_settings
+from splatpose.sfm.estimated_poses import posed_class_data, resolve_reference_poses
+from splatpose.sfm.frame_alignment import FrameAlignment, align_to_true_poses
 from splatpose.splat.ply import load_gaussians
 from splatpose.splat.rendering import render
 from splatpose.splat.train import METRICS_NAME as SPLAT_METRICS_NAME, train_splats
@@ -124,22 +128,27 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData |
                                   "files": data.fingerprint()})
 
     # The reference model depends on features, matcher and db pairs, not on query retrieval/PnP.
-    with timer("sfm", subject) as record, cache.stage("sfm", reference_settings(cfg.sfm), (data_key,)) as st:
+    sfm_cfg = resolve_reference_poses(cfg.sfm, data)
+    with timer("sfm", subject) as record, cache.stage("sfm", reference_settings(sfm_cfg), (data_key,)) as st:
         record["reused"] = st.reused
-        reference = build_reference(data, cfg.sfm, st.dir, device)
+        reference = build_reference(data, sfm_cfg, st.dir, device)
         st.summary = {"num_points": int(len(reference.points_xyz))}
     log.info("SfM reference: %d points (%s)", len(reference.points_xyz), st.dir)
+    # Downstream stages work in the reference's frame, at its cameras (estimated ones included);
+    # pose errors are measured in the true frame (``truth``), through ``alignment`` for estimated cameras.
+    posed, truth, alignment = reference_frames(data, reference, sfm_cfg)
+    cameras = reference_cameras_summary(data, posed, reference, alignment)
 
-    with timer("localize", subject) as record, cache.stage("localize", cfg.sfm, (st.key,)) as loc:
+    with timer("localize", subject) as record, cache.stage("localize", sfm_settings(sfm_cfg), (st.key,)) as loc:
         record["reused"] = loc.reused
-        poses = localize_queries(data, cfg.sfm, reference, loc.dir, device)
-    localization = localization_summary(data, poses)
+        poses = localize_queries(posed, sfm_cfg, reference, loc.dir, device)
+    localization = localization_summary(truth, [in_true_frame(pose, alignment) for pose in poses])
     log.info("Localized %d/%d queries", localization["num_localized"], len(poses))
 
     with timer("splat", subject) as record, cache.stage("splat", {"splat": cfg.splat, "seed": cfg.seed},
                                                          (data_key, st.key)) as sp:
         record["reused"] = sp.reused
-        ply = train_splats(data, reference.points_xyz, reference.points_rgb, cfg.splat, sp.dir,
+        ply = train_splats(posed, reference.points_xyz, reference.points_rgb, cfg.splat, sp.dir,
                            trainer_kwargs=splat_trainer_kwargs(cfg, loggers))
     log.info("Gaussians: %s", ply)
 
@@ -149,22 +158,27 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData |
     with timer("refine", subject) as record, cache.stage("refine", refine_settings, (sp.key, loc.key)) as rf:
         record["reused"] = rf.reused
         scorer = build_scorer(cfg.scorer, device) if cfg.refine.get("loss") == "feature" else None
-        refined = refine_query_poses(data, poses, cfg.refine, ply, rf.dir, device, backend=backend, scorer=scorer)
-    final_poses = final_pose_summary(data, refined)
+        refined = refine_query_poses(posed, poses, cfg.refine, ply, rf.dir, device, backend=backend, scorer=scorer)
+    final_poses = final_pose_summary(truth, [in_true_frame(pose, alignment) for pose in refined])
     paths = final_poses["paths"]
     log.info("Final poses: %d by PnP, %d recovered, %d failed", paths["pnp"], paths["recovered"], paths["failed"])
 
     with timer("render", subject) as record, cache.stage("render", {"backend": backend}, (sp.key, rf.key)) as rd:
         record["reused"] = rd.reused
-        renders = render_pseudo_references(data, refined, ply, rd.dir / "renders.npz", device, backend=backend)
+        renders = render_pseudo_references(posed, refined, ply, rd.dir / "renders.npz", device, backend=backend)
 
     with timer("score", subject):
         evaluation = score_and_evaluate(cfg, data, renders, loggers, device)
+    if not any(t.mask_path for t in data.test):
+        log.warning("%s has no ground-truth masks: pixel AUROC, AUPRO and image AUROC need masks (and defect "
+                    "labels), so they are undefined; the anomaly maps and scores are in %s (per_image.csv, "
+                    "panels/)", subject, out_dir)
 
     results = {
         "status": "ok", "dataset": cfg.dataset.name, "class": class_name, "device": device,
         "metrics": evaluation.metrics,
         "map_range": list(evaluation.map_range),
+        "reference_cameras": cameras,
         "localization": localization,
         "final_poses": final_poses,
         "splat": splat_summary(ply),
@@ -203,16 +217,68 @@ def write_report(out_dir: Path, evaluation: Evaluation) -> Path | None:
 def dataset_identity(cfg_dataset: DictConfig) -> dict:
     """The dataset settings that decide a class's data: not the list of classes a run may choose from
     (adding a class to ``dataset.classes`` must not invalidate the caches of the others), nor the folder
-    it lives in (the data key holds the files' content: the same files in another checkout, cache or
-    machine give the same keys, seeds and results)."""
+    it lives in (``root``, and dataset=folder's ``good`` and ``inspect``): the data key holds the files'
+    content, so the same files in another checkout, cache or machine give the same keys, seeds and results."""
     return {k: v for k, v in OmegaConf.to_container(cfg_dataset, resolve=True).items()
-            if k not in ("classes", "default_class", "root")}
+            if k not in ("classes", "default_class", "root", "good", "inspect")}
 
 
 def splat_trainer_kwargs(cfg: DictConfig, loggers: list) -> dict:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs["logger"] = loggers or False
     return kwargs
+
+
+def reference_frames(data: ClassData, reference: Reference, sfm_cfg: DictConfig
+                     ) -> tuple[ClassData, ClassData, FrameAlignment | None]:
+    """The class as the downstream stages see it, the class the pose errors are measured against, and
+    the similarity between their frames.
+
+    Known poses: ``data`` for both, no alignment. Estimated cameras: the class at the reference's
+    cameras (registered views only, SfM frame; :func:`posed_class_data`), and, when the class has true
+    poses, ``data`` with the alignment of the estimated reference cameras to the true ones (the query
+    poses are mapped into the true frame through it); without true reference poses nothing is
+    compared (``truth`` has no test poses).
+    """
+    if sfm_cfg.reference_poses == "known":
+        return data, data, None
+    reconstruction = reference.load_reconstruction()
+    posed = posed_class_data(data, reconstruction)
+    if not data.poses_known:
+        return posed, dataclasses.replace(data, test_poses=None), None
+    true_w2c = {view.name: view.w2c for view in data.train}
+    alignment = align_to_true_poses([v.name for v in posed.train], posed.train_w2c,
+                                    np.stack([true_w2c[v.name] for v in posed.train]))
+    if alignment is None:
+        log.warning("The estimated reference cameras could not be aligned to the true ones: no pose errors")
+        return posed, dataclasses.replace(data, test_poses=None), None
+    return posed, data, alignment
+
+
+def in_true_frame(pose, alignment: FrameAlignment | None):
+    """A QueryPose or RefinedPose with its w2c mapped into the true frame (unchanged without alignment)."""
+    if alignment is None:
+        return pose
+    return dataclasses.replace(pose, w2c=alignment.w2c_in_true_frame(pose.w2c))
+
+
+def reference_cameras_summary(data: ClassData, posed: ClassData, reference: Reference,
+                              alignment: FrameAlignment | None) -> dict:
+    """How the reference cameras were found (results.json ``reference_cameras``): known or estimated,
+    views registered, the focal length (px) and, against true cameras, its error (%) and the
+    alignment of the estimated cameras to the true ones (scale, residuals relative to the scene radius)."""
+    summary = dict(reference.summary.get("cameras") or {"reference_poses": "known"})
+    summary["focal_px"] = float(posed.K[0, 0])
+    if data.K is not None:
+        summary["true_focal_px"] = float(data.K[0, 0])
+        summary["focal_error_pct"] = float(100.0 * (posed.K[0, 0] - data.K[0, 0]) / data.K[0, 0])
+    if alignment is not None:
+        summary["alignment"] = alignment.summary()
+        log.info("Estimated cameras vs true: %d/%d registered, focal error %.2f %%, alignment residual %.4f "
+                 "(median centre error / scene radius), %.3f deg", summary.get("num_registered", 0),
+                 summary.get("num_views", 0), summary["focal_error_pct"],
+                 summary["alignment"]["median_center_error_rel"], summary["alignment"]["median_rotation_error_deg"])
+    return summary
 
 
 def splat_summary(ply: Path) -> dict:

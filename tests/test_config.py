@@ -69,7 +69,7 @@ def run_cli(*args, cwd=ROOT):
 def test_cli_help_lists_groups_and_choices():
     out = run_cli("--help")
     assert out.returncode == 0, out.stderr
-    for text in ("dataset: custom, mad_sim, parts, synthetic", "sfm/matcher:", "lightglue", "scorer:", "splat:"):
+    for text in ("dataset: custom, folder, mad_sim, parts, synthetic", "sfm/matcher:", "lightglue", "scorer:", "splat:"):
         assert text in out.stdout
 
 

@@ -85,10 +85,21 @@ def test_test_poses_are_optional(broken):
     assert load_class(root, CLASS).test_poses is None
 
 
-def test_missing_transforms(broken):
+def test_class_without_transforms_is_read_with_unknown_poses(broken):
     root, class_dir = broken
     (class_dir / "transforms.json").unlink()
-    with pytest.raises(DatasetError, match=r"01Ant/transforms.json: missing transforms.json"):
+    data = load_class(root, CLASS)
+    assert not data.poses_known and data.K is None
+    assert [v.name for v in data.train] == [f"train/good/{i}.png" for i in range(6)]
+    assert all(v.w2c is None for v in data.train)
+    assert list_classes(root) == [CLASS]
+
+
+def test_missing_transforms_and_train_images(broken):
+    root, class_dir = broken
+    (class_dir / "transforms.json").unlink()
+    shutil.rmtree(class_dir / "train")
+    with pytest.raises(DatasetError, match=r"01Ant/transforms.json: missing transforms.json and no images in"):
         load_class(root, CLASS)
 
 
@@ -139,7 +150,8 @@ def test_image_damaged_in_the_middle_stops_the_data_stage(broken):
 def test_missing_transforms_is_named_not_an_unknown_class(broken):
     root, class_dir = broken
     (class_dir / "transforms.json").unlink()
-    with pytest.raises(DatasetError, match=r"01Ant.transforms.json: missing transforms.json"):
+    shutil.rmtree(class_dir / "train")
+    with pytest.raises(DatasetError, match=r"01Ant.transforms.json: missing transforms.json and no images"):
         resolve_dataset(OmegaConf.create({"name": "custom", "root": str(root)}), CLASS)
 
 

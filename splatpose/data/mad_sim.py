@@ -2,7 +2,8 @@
 
 One class folder looks like this (see shared/MAD_SIM_FORMAT.md)::
 
-    <root>/<class>/transforms.json            camera_angle_x + frames (train poses, OpenGL c2w)
+    <root>/<class>/transforms.json            camera_angle_x + frames (train poses, OpenGL c2w); optional:
+                                              without it the reference cameras are estimated (poses_known)
     <root>/<class>/train/good/0.png ...       posed, defect-free views
     <root>/<class>/test/{good,Burrs,Missing,Stains}/*.png   (any other defect folder name works too)
     <root>/<class>/ground_truth/<defect>/<stem>_mask.png
@@ -47,12 +48,13 @@ class TrainView:
     """A posed, defect-free training image.
 
     name: path relative to the class folder, e.g. "train/good/0.png".
-    w2c: [4, 4] float64 world-to-camera, OpenCV axes (x right, y down, z forward).
+    w2c: [4, 4] float64 world-to-camera, OpenCV axes (x right, y down, z forward); None in a class
+        without transforms.json (poses unknown until estimated: splatpose.sfm.estimated_poses).
     """
 
     name: str
     path: Path
-    w2c: np.ndarray
+    w2c: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ class TestImage:
 class ClassData:
     """Everything the pipeline needs about one object class.
 
-    K: [3, 3] float64 pinhole intrinsics shared by all images (COLMAP pixel convention).
+    K: [3, 3] float64 pinhole intrinsics shared by all images (COLMAP pixel convention); None when the
+        class has no transforms.json (intrinsics unknown until estimated).
     test_poses: true world-to-camera [4, 4] (OpenCV) per test image name; only generated datasets
         have them (used to measure localization, never to localize).
     """
@@ -84,10 +87,15 @@ class ClassData:
     class_name: str
     width: int
     height: int
-    K: np.ndarray
+    K: np.ndarray | None
     train: list[TrainView]
     test: list[TestImage]
     test_poses: dict[str, np.ndarray] | None = None
+
+    @property
+    def poses_known(self) -> bool:
+        """Whether the train views come with poses and intrinsics (a transforms.json)."""
+        return self.K is not None and all(view.w2c is not None for view in self.train)
 
     @property
     def train_w2c(self) -> np.ndarray:
@@ -303,7 +311,8 @@ def image_size(path: Path) -> tuple[int, int]:
 
 
 def list_classes(root: Path) -> list[str]:
-    """Names of the class folders under a dataset root (those holding a transforms.json), sorted.
+    """Names of the class folders under a dataset root, sorted: those holding a transforms.json, or
+    without one (poses to be estimated) train/good/ images.
 
     Hidden folders (a generator's unfinished ``.tmp-*`` output) are never classes.
     """
@@ -311,15 +320,19 @@ def list_classes(root: Path) -> list[str]:
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset root does not exist or is not a folder")
     return sorted(p.name for p in root.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and (p / TRANSFORMS_FILE).is_file())
+                  if p.is_dir() and not p.name.startswith(".")
+                  and ((p / TRANSFORMS_FILE).is_file() or images_in(p / "train" / GOOD)))
 
 
 def load_class(root: Path, class_name: str) -> ClassData:
     """Read and validate one class folder ``root/class_name`` of a MAD-Sim-layout dataset.
 
+    A class without transforms.json is read with unknown poses (``K`` and every ``w2c`` None; its
+    train views are the images of train/good/): its reference cameras are estimated from the images.
+
     Raises:
-        DatasetError: naming the file, the problem and the fix, for: unknown class, missing or
-            malformed transforms.json, frame count != number of train images, unreadable or truncated
+        DatasetError: naming the file, the problem and the fix, for: unknown class, no transforms.json
+            and no train/good/ images, a malformed transforms.json, frame count != number of train images, unreadable or truncated
             images, images of different sizes, a defect image without its mask, a mask whose size
             differs from its image, a defect test folder without its ground_truth folder, an empty test set.
     """
@@ -329,15 +342,18 @@ def load_class(root: Path, class_name: str) -> ClassData:
         available = list_classes(root)
         raise DatasetError(f"{class_dir}: unknown class {class_name!r}; classes under {root}: "
                            f"{', '.join(available) if available else '(none)'}")
-    camera_angle_x, train = _read_train_views(class_dir)
-    width, height = _common_image_size([view.path for view in train], class_dir)
+    if (class_dir / TRANSFORMS_FILE).is_file():
+        camera_angle_x, train = _read_train_views(class_dir)
+    else:
+        camera_angle_x, train = None, _unposed_train_views(class_dir)
+    width, height = common_image_size([view.path for view in train], class_dir)
     test = _read_test_images(class_dir, width, height)
     return ClassData(
         root=class_dir,
         class_name=class_name,
         width=width,
         height=height,
-        K=intrinsics_from_fov_x(camera_angle_x, width, height),
+        K=None if camera_angle_x is None else intrinsics_from_fov_x(camera_angle_x, width, height),
         train=train,
         test=test,
         test_poses=_read_test_poses(class_dir, test),
@@ -369,7 +385,7 @@ def _natural_key(path: Path) -> tuple:
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name))
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
@@ -385,7 +401,7 @@ def _read_train_views(class_dir: Path) -> tuple[float, list[TrainView]]:
     if not isinstance(frames, list) or not frames:
         raise DatasetError(f"{transforms_path}: field 'frames' is missing or empty; it must list one "
                            "frame (file_path, transform_matrix) per train image")
-    train_images = _images_in(class_dir / "train" / GOOD)
+    train_images = images_in(class_dir / "train" / GOOD)
     if len(frames) != len(train_images):
         raise DatasetError(f"{transforms_path}: {len(frames)} frames but {len(train_images)} images in "
                            f"{class_dir / 'train' / GOOD}; every train image needs exactly one frame "
@@ -412,7 +428,17 @@ def _read_train_views(class_dir: Path) -> tuple[float, list[TrainView]]:
     return float(meta["camera_angle_x"]), views
 
 
-def _common_image_size(paths: list[Path], class_dir: Path) -> tuple[int, int]:
+def _unposed_train_views(class_dir: Path) -> list[TrainView]:
+    """The train views of a class without transforms.json: every image of train/good/, poses unknown."""
+    images = images_in(class_dir / "train" / GOOD)
+    if not images:
+        raise DatasetError(f"{class_dir / TRANSFORMS_FILE}: missing transforms.json and no images in "
+                           f"{class_dir / 'train' / GOOD}; put the defect-free photos there (their cameras are "
+                           "then estimated from the images), with or without a transforms.json of their poses")
+    return [TrainView(name=path.relative_to(class_dir).as_posix(), path=path, w2c=None) for path in images]
+
+
+def common_image_size(paths: list[Path], class_dir: Path) -> tuple[int, int]:
     sizes = {path: image_size(path) for path in paths}
     first = paths[0]
     for path, size in sizes.items():
@@ -427,7 +453,7 @@ def _read_test_images(class_dir: Path, width: int, height: int) -> list[TestImag
     test_dir = class_dir / "test"
     test = []
     for defect in _test_folders(class_dir):
-        for path in _images_in(test_dir / defect):
+        for path in images_in(test_dir / defect):
             size = image_size(path)
             if size != (width, height):
                 raise DatasetError(f"{path}: image size {size[0]}x{size[1]} differs from the train images "
@@ -458,7 +484,7 @@ def _test_folders(class_dir: Path) -> tuple[str, ...]:
     test_dir = class_dir / "test"
     if not test_dir.is_dir():
         return (GOOD,)
-    defects = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name != GOOD and _images_in(p))
+    defects = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name != GOOD and images_in(p))
     for defect in defects:
         if not (class_dir / "ground_truth" / defect).is_dir():
             truth = class_dir / "ground_truth"

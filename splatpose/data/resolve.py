@@ -13,9 +13,10 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from splatpose.data.mad_sim import ClassData, DatasetError, list_classes, load_class
+from splatpose.data.photo_folder import load_photo_folder
 from splatpose.errors import require_extra
 
-KINDS = ("synthetic", "parts", "mad_sim", "custom")
+KINDS = ("synthetic", "parts", "mad_sim", "custom", "folder")
 
 
 def resolve_dataset(cfg_dataset: DictConfig | Mapping[str, Any], class_name: str | None) -> ClassData:
@@ -34,11 +35,13 @@ def resolve_dataset(cfg_dataset: DictConfig | Mapping[str, Any], class_name: str
     name = cfg.get("name")
     if name not in KINDS:
         raise DatasetError(f"dataset.name={name!r} is not a known dataset; choose one of {', '.join(KINDS)} "
-                           "(dataset=synthetic|parts|mad_sim|custom)")
+                           "(dataset=synthetic|parts|mad_sim|custom|folder)")
     if name == "synthetic":
         return _resolve_synthetic(cfg, class_name)
     if name == "parts":
         return _resolve_parts(cfg, class_name)
+    if name == "folder":
+        return _resolve_folder(cfg, class_name)
     root = _existing_root(cfg, name)
     available = list_classes(root)
     configured = cfg.get("classes")
@@ -103,3 +106,11 @@ def _resolve_parts(cfg: dict, class_name: str | None) -> ClassData:
     except ValueError as e:  # an unknown preset, setting or class: a config error, not a crash
         raise DatasetError(f"dataset=parts: {e}") from e
     return load_class(root, class_name)
+
+
+def _resolve_folder(cfg: dict, class_name: str | None) -> ClassData:
+    for key in ("good", "inspect"):
+        if not cfg.get(key):
+            raise DatasetError(f"dataset=folder needs dataset.{key}: the folder of the "
+                               f"{'defect-free photos' if key == 'good' else 'photos to inspect'}")
+    return load_photo_folder(Path(str(cfg["good"])), Path(str(cfg["inspect"])), class_name or "photos")

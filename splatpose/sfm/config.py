@@ -13,6 +13,9 @@ from splatpose.sfm.retrieval import RETRIEVAL_NAMES as RETRIEVALS
 
 # Settings that only affect query localization: a change there must not rebuild the reference model.
 LOCALIZATION_KEYS = ("retrieval", "localization")
+# Settings of the reference cameras' estimation (sfm.reference_poses=estimate) and of the known-pose path.
+ESTIMATE_KEYS = ("reference_poses", "estimate")
+KNOWN_POSE_KEYS = ("db_pairs", "triangulation")
 
 
 def check_sfm_config(cfg: DictConfig) -> None:
@@ -45,16 +48,49 @@ def check_sfm_config(cfg: DictConfig) -> None:
     if int(cfg.max_keypoints) < 1:
         raise ValueError(f"sfm.max_keypoints must be >= 1, got {cfg.max_keypoints}")
     solver_name(cfg.localization)
+    check_estimate_config(cfg)
     for key in ("top_k", "ransac_min_num_trials", "refine_max_iterations"):
         value = cfg.localization.get(key)
         if value is not None and int(value) < 1:
             raise ValueError(f"sfm.localization.{key} must be >= 1, got {value}")
 
 
-def reference_settings(cfg: DictConfig) -> dict:
-    """The part of the ``sfm`` node that the reference model depends on (for cache keys)."""
+def check_estimate_config(cfg: DictConfig) -> None:
+    """``sfm.reference_poses`` and the ``sfm.estimate`` values (ValueError naming the key and the fix)."""
+    mode = cfg.get("reference_poses", "known")
+    if mode not in ("known", "estimate"):
+        raise ValueError(f"sfm.reference_poses={mode} is unknown; choose known (transforms.json) or estimate "
+                         "(SfM from the images)")
+    estimate = cfg.get("estimate")
+    if estimate is None:
+        if mode == "estimate":
+            raise ValueError("sfm.estimate is missing from the config; compose conf/sfm/default.yaml")
+        return
+    if not 0.0 < float(estimate.fov_x_deg) < 180.0:
+        raise ValueError(f"sfm.estimate.fov_x_deg={estimate.fov_x_deg}: the camera's horizontal field of view in "
+                         "degrees, in (0, 180)")
+    if not 0.0 <= float(estimate.min_registered_fraction) <= 1.0:
+        raise ValueError(f"sfm.estimate.min_registered_fraction={estimate.min_registered_fraction} must be in [0, 1]")
+    for key in ("retrieval_top_k", "num_clusters"):
+        if int(estimate.pairs[key]) < 1:
+            raise ValueError(f"sfm.estimate.pairs.{key} must be >= 1, got {estimate.pairs[key]}")
+
+
+def sfm_settings(cfg: DictConfig) -> dict:
+    """The ``sfm`` node as the stage keys hash it: with known poses, without the settings of pose
+    estimation (``reference_poses``, ``estimate``), so that known-pose keys do not change with them."""
     settings = OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in settings.items() if k not in LOCALIZATION_KEYS}
+    if settings.get("reference_poses", "known") == "known":
+        settings = {k: v for k, v in settings.items() if k not in ESTIMATE_KEYS}
+    return settings
+
+
+def reference_settings(cfg: DictConfig) -> dict:
+    """The part of the ``sfm`` node that the reference model depends on (for cache keys): not the
+    localization settings, and with estimated poses not the known-pose pairs and triangulation."""
+    settings = sfm_settings(cfg)
+    unused = LOCALIZATION_KEYS + (KNOWN_POSE_KEYS if settings.get("reference_poses") == "estimate" else ())
+    return {k: v for k, v in settings.items() if k not in unused}
 
 
 def default_conf_dir() -> Path:

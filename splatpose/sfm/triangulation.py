@@ -85,9 +85,14 @@ def verify_with_poses(K: np.ndarray, w2c_0: np.ndarray, w2c_1: np.ndarray, kpts0
 
 
 def write_database(database_path: Path, reconstruction: pycolmap.Reconstruction,
-                   keypoints: dict[str, np.ndarray], verified: dict[tuple[str, str], np.ndarray]) -> None:
+                   keypoints: dict[str, np.ndarray], matches: dict[tuple[str, str], np.ndarray],
+                   verified: bool = True) -> None:
     """COLMAP database mirroring ``reconstruction`` with keypoints (hloc convention, +0.5 here) and
-    verified matches per pair (written as both raw and inlier matches)."""
+    matches [M, 2] per pair.
+
+    ``verified``: the matches already agree with the (known) geometry and are written as both raw and
+    inlier matches; otherwise only as raw matches, for ``pycolmap.verify_matches`` to verify.
+    """
     if database_path.exists():
         database_path.unlink()
     ids = {image.name: image_id for image_id, image in reconstruction.images.items()}
@@ -103,12 +108,13 @@ def write_database(database_path: Path, reconstruction: pycolmap.Reconstruction,
             database.write_image(image, use_image_id=True)
         for name, image_id in ids.items():
             database.write_keypoints(image_id, (keypoints[name] + 0.5).astype(np.float32))
-        for (name0, name1), matches in verified.items():
-            matches = matches.astype(np.uint32)
-            database.write_matches(ids[name0], ids[name1], matches)
-            geometry = pycolmap.TwoViewGeometry(inlier_matches=matches,
-                                                config=pycolmap.TwoViewGeometryConfiguration.CALIBRATED)
-            database.write_two_view_geometry(ids[name0], ids[name1], geometry)
+        for (name0, name1), pair_matches in matches.items():
+            pair_matches = pair_matches.astype(np.uint32)
+            database.write_matches(ids[name0], ids[name1], pair_matches)
+            if verified:
+                geometry = pycolmap.TwoViewGeometry(inlier_matches=pair_matches,
+                                                    config=pycolmap.TwoViewGeometryConfiguration.CALIBRATED)
+                database.write_two_view_geometry(ids[name0], ids[name1], geometry)
     finally:
         database.close()
 

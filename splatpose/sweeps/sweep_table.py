@@ -20,6 +20,9 @@ METRICS = ("pixel_auroc", "aupro", "image_auroc")
 METRIC_TITLES = {"pixel_auroc": "Pixel AUROC", "aupro": "AUPRO", "image_auroc": "Image AUROC",
                  "localized": "Localized"}
 STAGES = ("data", "sfm", "localize", "splat", "refine", "render", "score", "total")
+# The reference cameras and the final query poses against the true ones (results.json
+# ``reference_cameras`` and ``final_poses``): a known-pose and a pose-free run on the same numbers.
+POSE_KEYS = ("registered", "focal_error_pct", "alignment_residual", "query_rotation_deg")
 # Shown when nothing varies but the class (or the seed): the factors a reader wants to know.
 DEFAULT_LABEL_KEYS = ("sfm/feature", "sfm/matcher", "scorer")
 NOT_VARIANT_KEYS = ("class", "seed")
@@ -76,6 +79,11 @@ def job_values(job: JobRecord) -> dict[str, float]:
     values["localized"] = results.get("localization", {}).get("success_rate")
     values["posed"] = results.get("final_poses", {}).get("success_rate")
     values["within_1deg"] = results.get("final_poses", {}).get("within_1deg_rate")
+    cameras = results.get("reference_cameras", {})
+    values["registered"] = cameras.get("registration_rate")
+    values["focal_error_pct"] = cameras.get("focal_error_pct")
+    values["alignment_residual"] = (cameras.get("alignment") or {}).get("median_center_error_rel")
+    values["query_rotation_deg"] = results.get("final_poses", {}).get("median_rotation_error_deg")
     for stage in STAGES:
         values[f"time_{stage}"] = (results.get("timings", {}).get(stage) or {}).get("seconds")
     return {k: float(v) for k, v in values.items() if _is_number(v)}
@@ -187,7 +195,7 @@ def _markdown(header: list[str], cells: list[list[str]]) -> str:
 def table_columns() -> list[str]:
     """Columns of the per-class CSV (and of the W&B table): raw fractions and seconds."""
     columns = ["variant", "class", "runs"]
-    for key in (*METRICS, "localized", *(f"time_{s}" for s in STAGES)):
+    for key in (*METRICS, "localized", *POSE_KEYS, *(f"time_{s}" for s in STAGES)):
         columns += [f"{key}_mean", f"{key}_std"]
     return columns + [f"reused_{s}" for s in STAGES]
 
@@ -196,7 +204,7 @@ def table_records(rows: list[Row]) -> list[list]:
     records = []
     for row in rows:
         record = [row.variant, row.class_name, row.runs]
-        for key in (*METRICS, "localized", *(f"time_{s}" for s in STAGES)):
+        for key in (*METRICS, "localized", *POSE_KEYS, *(f"time_{s}" for s in STAGES)):
             cell = row.cells.get(key)
             record += [cell.mean if cell else None, cell.std if cell else None]
         records.append(record + [row.reused.get(s, False) for s in STAGES])

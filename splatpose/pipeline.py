@@ -256,10 +256,16 @@ def reference_frames(data: ClassData, reference: Reference, sfm_cfg: DictConfig
 
 
 def in_true_frame(pose, alignment: FrameAlignment | None):
-    """A QueryPose or RefinedPose with its w2c mapped into the true frame (unchanged without alignment)."""
+    """A QueryPose or RefinedPose with its w2c (and a pose replaced by a near-symmetric turn) mapped into the
+    true frame (unchanged without alignment)."""
     if alignment is None:
         return pose
-    return dataclasses.replace(pose, w2c=alignment.w2c_in_true_frame(pose.w2c))
+    changes = {"w2c": alignment.w2c_in_true_frame(pose.w2c)}
+    symmetry = getattr(pose, "symmetry", None)
+    if symmetry and "replaced_w2c" in symmetry:
+        replaced = alignment.w2c_in_true_frame(np.asarray(symmetry["replaced_w2c"]))
+        changes["symmetry"] = {**symmetry, "replaced_w2c": np.asarray(replaced).tolist()}
+    return dataclasses.replace(pose, **changes)
 
 
 def reference_cameras_summary(data: ClassData, posed: ClassData, reference: Reference,

@@ -91,11 +91,9 @@ def module_at(revision: str):
     return module
 
 
-def activated(gaussians, requires_grad: bool):
-    from splatpose.splat.rendering import WHITE  # noqa: F401  (white background, as training)
-
-    params = {k: v.detach().clone().requires_grad_(requires_grad) for k, v in gaussians.as_dict().items()}
-    return params
+def activated(gaussians, requires_grad: bool) -> dict:
+    """Fresh leaf copies of the scene's raw parameters (``render_with`` activates them)."""
+    return {k: v.detach().clone().requires_grad_(requires_grad) for k, v in gaussians.as_dict().items()}
 
 
 def render_with(module, params: dict, sh_degree: int, w2c, K, width, height):

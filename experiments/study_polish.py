@@ -2,7 +2,7 @@
 query whose final pose came by the given path (recovered, pnp) is refined once more by each variant below
 (overrides of conf/refine/lbfgs.yaml), and the rotation errors before and after are compared.
 
-    python experiments/study_polish.py outputs/runs/synthetic/07PlainMug/<time> [recovered|pnp]
+    python experiments/study_polish.py outputs/runs/synthetic/07PlainMug/<time> [recovered|pnp] [variant ...]
 """
 import json, sys, time
 import numpy as np, torch
@@ -21,12 +21,14 @@ refined = json.load(open(f"{res['stage_dirs']['refine']}/refined_poses.json"))
 g = load_gaussians(f"{run}/artifacts/point_cloud.ply")
 base = default_refine_config()
 variants = {
+    "1.0 x10 l1_sil": {"levels": [1.0], "steps": 10, "blur": 0.005},
     "1.0 x20 l1_sil": {"levels": [1.0], "steps": 20, "blur": 0.005},
     "c2f 0.5x20+1.0x10": {},
     "1.0 x20 l1": {"levels": [1.0], "steps": 20, "blur": 0.0, "loss": "l1"},
 }
 tests = {t.name: t for t in data.test}
-for name, over in variants.items():
+chosen = sys.argv[3:] or list(variants)
+for name, over in ((n, variants[n]) for n in chosen):
     refiner = PoseRefiner(g, data.K, data.width, data.height, OmegaConf.merge(base, over), backend="torch")
     before, after, secs = [], [], []
     for e in refined:

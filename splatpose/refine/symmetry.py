@@ -71,6 +71,11 @@ def symmetry_points(gaussians: Gaussians, min_opacity: float, max_points: int) -
     return points[:: max(1, math.ceil(len(points) / max_points))]
 
 
+MAX_RATIO = 3.0  # cap on a turned point's distance in local spacings (a point far off counts as 3)
+PATTERN_TILTS_DEG = (8.0, 4.0, 2.0, 1.0)
+PATTERN_OFFSETS = (0.08, 0.04, 0.02, 0.01)  # fractions of the cloud's median radius
+
+
 class _Cloud:
     """The point cloud the turns are measured on (see the module docstring)."""
 
@@ -101,11 +106,6 @@ class _Cloud:
                     if value < best - 1e-9:
                         axis, centre, best, improved = new_axis / np.linalg.norm(new_axis), new_centre, value, True
         return axis, centre
-
-
-MAX_RATIO = 3.0  # cap on a turned point's distance in local spacings (a point far off counts as 3)
-PATTERN_TILTS_DEG = (8.0, 4.0, 2.0, 1.0)
-PATTERN_OFFSETS = (0.08, 0.04, 0.02, 0.01)  # fractions of the cloud's median radius
 
 
 def _perpendiculars(axis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -62,8 +62,8 @@ class RefinedPose:
     refinement: what refining the PnP pose did (steps, losses, pose change, seconds); None when not refined.
     confidence: alignment of the render with the query ({"iou", "l1"}); None when not measured.
     recovery: what the recovery did (hypotheses, start view, seconds, accepted); None when it did not run.
-    symmetry: what the check against near-symmetric turns did (switched, turn, losses, seconds); None when
-        it did not run (no near-symmetry, check off, or the pose did not line up).
+    symmetry: what the check against near-symmetric turns did (switched, turn, confidences, seconds, the
+        replaced pose); None when it did not run (no near-symmetry, check off, or the pose did not line up).
     """
 
     name: str
@@ -84,7 +84,8 @@ class RefinedPose:
 
     def to_json(self) -> dict:
         return {"name": self.name, "w2c": np.asarray(self.w2c).tolist(), "path": self.path,
-                "refinement": self.refinement, "confidence": self.confidence, "recovery": self.recovery, "symmetry": self.symmetry}
+                "refinement": self.refinement, "confidence": self.confidence, "recovery": self.recovery,
+                "symmetry": self.symmetry}
 
 
 class PoseSettler:
@@ -145,7 +146,7 @@ class PoseSettler:
         if verdict.switched:
             settled.w2c = verdict.w2c
             if settled.confidence is not None:
-                settled.confidence = self._confidence(verdict.w2c, query).summary()
+                settled.confidence = verdict.confidence.summary()
         return settled
 
     def _settle(self, query: torch.Tensor, pose: QueryPose) -> RefinedPose:

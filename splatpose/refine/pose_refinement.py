@@ -195,16 +195,19 @@ class PoseRefiner:
                           loss_end=results[-1].loss_end, rotation_change_deg=rotation_error_deg(w2c, refined),
                           center_change=center_error(w2c, refined), seconds=time.perf_counter() - start_time)
 
-    def loss_at(self, query: Tensor, w2c: np.ndarray, level: int) -> float:
-        """The loss of level ``level`` (an index into the configured levels) at pose ``w2c`` [4, 4] against
+    def losses_at(self, query: Tensor, poses: list[np.ndarray], level: int) -> list[float]:
+        """The loss of level ``level`` (an index into the configured levels) at each pose [4, 4] against
         ``query`` [3, H, W], without optimising: what that level's ``loss_end`` would be there."""
         settings = self.levels[level]
         target, target_mask = self._target(query, settings)
+        losses = []
         with torch.no_grad():
-            rgb, alpha = self._blurred(settings, *self._render(
-                torch.as_tensor(w2c, dtype=torch.float64, device=self.device), settings))
-            region = target_mask if settings.loss == "l1_silhouette" else self._object_region(target, alpha)
-            return float(self._loss(rgb, alpha, target, region, settings.loss))
+            for w2c in poses:
+                rgb, alpha = self._blurred(settings, *self._render(
+                    torch.as_tensor(w2c, dtype=torch.float64, device=self.device), settings))
+                region = target_mask if settings.loss == "l1_silhouette" else self._object_region(target, alpha)
+                losses.append(float(self._loss(rgb, alpha, target, region, settings.loss)))
+        return losses
 
     def _refine_level(self, query: Tensor, w2c: np.ndarray, level: _Level) -> Refinement:
         start_time = time.perf_counter()

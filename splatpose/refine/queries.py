@@ -138,10 +138,10 @@ class PoseSettler:
 
     def settle(self, query: torch.Tensor, pose: QueryPose) -> RefinedPose:
         """``query`` [3, H, W] in [0, 1]; ``pose`` its localization result."""
-        settled = self._settle(query, pose)
+        settled, confidence = self._settle(query, pose)
         if not settled.localized or self.symmetry is None or not self.symmetry.symmetries:
             return settled
-        verdict = self.symmetry.check(query, settled.w2c)
+        verdict = self.symmetry.check(query, settled.w2c, confidence)
         settled.symmetry = verdict.summary()
         if verdict.switched:
             settled.w2c = verdict.w2c
@@ -149,27 +149,30 @@ class PoseSettler:
                 settled.confidence = verdict.confidence.summary()
         return settled
 
-    def _settle(self, query: torch.Tensor, pose: QueryPose) -> RefinedPose:
+    def _settle(self, query: torch.Tensor, pose: QueryPose) -> tuple[RefinedPose, Confidence | None]:
+        """The pose by PnP, refinement and recovery, and its alignment (None when not measured)."""
         if pose.success:
             refinement = self.refiner.refine(query, pose.w2c)
             if not self.recovery_enabled:
-                return RefinedPose(pose.name, refinement.w2c, refinement.summary())
+                return RefinedPose(pose.name, refinement.w2c, refinement.summary()), None
             confidence = self._confidence(refinement.w2c, query)
             if self._accepted(confidence):
-                return RefinedPose(pose.name, refinement.w2c, refinement.summary(), "pnp", confidence.summary())
+                return RefinedPose(pose.name, refinement.w2c, refinement.summary(), "pnp",
+                                   confidence.summary()), confidence
             recovered = self.recovery.recover(query, start_w2c=refinement.w2c)
             if recovered.accepted:
                 return RefinedPose(pose.name, recovered.w2c, refinement.summary(), "recovered",
-                                   recovered.confidence.summary(), recovered.summary())
+                                   recovered.confidence.summary(), recovered.summary()), recovered.confidence
             # PnP's inliers are still the strongest evidence there is (a large defect changes the outline)
             return RefinedPose(pose.name, refinement.w2c, refinement.summary(), "pnp", confidence.summary(),
-                               recovered.summary())
+                               recovered.summary()), confidence
         if not self.recovery_enabled:
-            return RefinedPose(pose.name, pose.w2c, path="failed")
+            return RefinedPose(pose.name, pose.w2c, path="failed"), None
         recovered = self.recovery.recover(query)
         path = "recovered" if recovered.accepted else "failed"
         w2c = recovered.w2c if recovered.hypotheses else pose.w2c
-        return RefinedPose(pose.name, w2c, None, path, recovered.confidence.summary(), recovered.summary())
+        return (RefinedPose(pose.name, w2c, None, path, recovered.confidence.summary(), recovered.summary()),
+                recovered.confidence)
 
     def _confidence(self, w2c: np.ndarray, query: torch.Tensor) -> Confidence:
         return alignment_confidence(self.gaussians, w2c, query, self.K, self.backend)

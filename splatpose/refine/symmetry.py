@@ -199,26 +199,27 @@ class SymmetryCheck:
         self.refiner, self.symmetries, self.cfg, self.backend = refiner, symmetries, cfg, backend
         self.K = np.asarray(K, dtype=np.float64)
 
-    def check(self, query: Tensor, w2c: np.ndarray) -> SymmetryVerdict:
+    def check(self, query: Tensor, w2c: np.ndarray, confidence: Confidence | None = None) -> SymmetryVerdict:
         """Keep ``w2c`` [4, 4] (a pose refined by ``refiner``) or replace it by a refined turned copy that
-        explains ``query`` [3, H, W] better."""
+        explains ``query`` [3, H, W] better; ``confidence``: the pose's alignment when the caller has it."""
         started = time.perf_counter()
-        pose_confidence = self._confidence(w2c, query)
-        copies = [(turn, turn.turn_camera(w2c)) for turn in self.symmetries]
+        pose_w2c = np.asarray(w2c, dtype=np.float64)
+        pose_confidence = confidence if confidence is not None else self._confidence(pose_w2c, query)
+        copies = [(turn, turn.turn_camera(pose_w2c)) for turn in self.symmetries]
         # screened at the first (coarsest) level, unrefined: a turn that visibly moves colours or outline
         # is not worth refining
-        limit = float(self.cfg.screen_ratio) * self.refiner.loss_at(query, w2c, 0)
-        losses = [self.refiner.loss_at(query, copy, 0) for _, copy in copies]
+        pose_loss, *losses = self.refiner.losses_at(query, [pose_w2c] + [copy for _, copy in copies], 0)
+        limit = float(self.cfg.screen_ratio) * pose_loss
         screened = [copies[i] for i in np.argsort(losses) if losses[i] <= limit][: int(self.cfg.keep)]
-        best_turn, best_w2c, best = None, np.asarray(w2c, dtype=np.float64), pose_confidence
+        best_turn, best_w2c, best = None, pose_w2c, pose_confidence
         for turn, start in screened:
             refined = self.refiner.refine(query, start).w2c
-            confidence = self._confidence(refined, query)
-            if (confidence.l1 < best.l1 * (1.0 - float(self.cfg.margin))
-                    and confidence.iou >= pose_confidence.iou - float(self.cfg.max_iou_drop)):
-                best_turn, best_w2c, best = turn, refined, confidence
-        return SymmetryVerdict(best_w2c, np.asarray(w2c, dtype=np.float64), best_turn is not None, best_turn, best, pose_confidence, len(copies),
-                               len(screened), time.perf_counter() - started)
+            candidate = self._confidence(refined, query)
+            if (candidate.l1 < best.l1 * (1.0 - float(self.cfg.margin))
+                    and candidate.iou >= pose_confidence.iou - float(self.cfg.max_iou_drop)):
+                best_turn, best_w2c, best = turn, refined, candidate
+        return SymmetryVerdict(best_w2c, pose_w2c, best_turn is not None, best_turn, best, pose_confidence,
+                               len(copies), len(screened), time.perf_counter() - started)
 
     def _confidence(self, w2c: np.ndarray, query: Tensor) -> Confidence:
         return alignment_confidence(self.refiner.gaussians, w2c, query, self.K, self.backend)

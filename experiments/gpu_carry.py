@@ -167,9 +167,10 @@ def pack_dataset(out: Path) -> Path:
     return target
 
 
-def pack_families(out: Path, preset: str) -> Path:
-    """Every class of both dataset families at one preset, generated here (the device has neither VTK
-    nor Mitsuba) into ``families/<family>/``, for ``bench_families.py --root <family>=<folder>``."""
+def pack_families(out: Path, preset: str, only: list[str] | None = None) -> Path:
+    """Every class of both dataset families (or the classes named in ``only``) at one preset, generated
+    here (the device has neither VTK nor Mitsuba) into ``families/<family>/``, for
+    ``bench_families.py --root <family>=<folder>``."""
     from omegaconf import OmegaConf
 
     from splatpose.data.parts import ensure_parts_dataset
@@ -180,7 +181,7 @@ def pack_families(out: Path, preset: str) -> Path:
     for family, ensure in (("synthetic", ensure_synthetic_dataset), ("parts", ensure_parts_dataset)):
         classes = list(OmegaConf.load(Path(__file__).parents[1] / "conf" / "dataset" / f"{family}.yaml").classes)
         root = ensure(cache / family, classes, preset=preset)
-        for class_name in classes:
+        for class_name in classes if only is None else [c for c in classes if c in only]:
             shutil.copytree(root / class_name, target / family / class_name, ignore=shutil.ignore_patterns(".*"))
     return target
 
@@ -200,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                                                       "gsplat_so", "families"])
     parser.add_argument("--families-preset", default="small",
                         help="the preset of the families step (small: the CPU defaults' table)")
+    parser.add_argument("--families-classes", nargs="*", default=None,
+                        help="carry only these classes of the families step (the carry holds 64 MiB)")
     parser.add_argument("--gsplat-so", type=Path, default=None,
                         help="gsplat_cuda.so compiled by an earlier device run (same torch, gsplat and GPU)")
     args = parser.parse_args(argv)
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = {"site": pack_site, "pycolmap": pack_pycolmap,
              "lightglue": pack_lightglue, "xfeat": pack_xfeat, "lite0": pack_lite0, "data": pack_dataset,
              "gsplat_so": lambda out: pack_gsplat_so(args.gsplat_so, out),
-             "families": lambda out: pack_families(out, args.families_preset)}
+             "families": lambda out: pack_families(out, args.families_preset, args.families_classes)}
     if not args.only:  # the default carry: the pipeline's two 400x400 classes
         steps.pop("families")
         if args.gsplat_so is None:

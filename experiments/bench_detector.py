@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "PnP solver; @k matches with the k best db images (e.g. auto@3, auto+plain+pycolmap)")
     parser.add_argument("--refine-queries", type=int, default=0,
                         help="also time this many queries with refinement on (conf/refine/lbfgs.yaml; 0: skip)")
+    parser.add_argument("--recovery-queries", type=int, default=0,
+                        help="with --refine-queries: also time the recovery path alone on this many queries, "
+                             "as after a failed PnP (search over the reference views, coarse-to-fine refinement)")
     parser.add_argument("--inputs", nargs="*", help="image files to cycle (default: the run's test images)")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor section")
     parser.add_argument("--profile", type=int, default=0,
@@ -146,6 +149,30 @@ def single_query_latency(detector: Detector, paths: list[Path], queries: int, wa
         stages["unaccounted"].append(walls[-1] - detection.times["total"])  # Python and bookkeeping
     return {"wall": percentiles_ms(walls), "stages": {s: percentiles_ms(v) for s, v in stages.items()},
             "localized": samples["localized"], "queries": len(walls)}
+
+
+def recovery_latency(detector: Detector, paths: list[Path], queries: int) -> dict:
+    """The recovery path's own cost, as after a failed PnP (``PoseRecovery.recover`` from no pose), per
+    query after one warm-up; and how its poses compare with the PnP-and-refinement pose of the same query
+    (rotation difference, degrees), the path a localized query takes."""
+    recovery = detector.settler.recovery
+    seconds, accepted, rotation_deg = [], 0, []
+    for i in range(queries + 1):
+        path = paths[i % len(paths)]
+        reference = detector.detect(path)
+        query = detector._upload([detector.prepare(path)])[0]
+        synchronize(detector.device)
+        begin = time.perf_counter()
+        recovered = recovery.recover(query)
+        synchronize(detector.device)
+        if i == 0:
+            continue  # warm-up: the search views are rendered at the first recovery
+        seconds.append(time.perf_counter() - begin)
+        accepted += bool(recovered.accepted)
+        rotation_deg.append(rotation_error_deg(recovered.w2c, reference.w2c))
+    return {**percentiles_ms(seconds), "accepted": accepted, "queries": queries,
+            "median_rotation_vs_pnp_deg": round(float(np.median(rotation_deg)), 4),
+            "within_1deg_of_pnp": int(np.sum(np.asarray(rotation_deg) <= 1.0))}
 
 
 def use_matching(detector: Detector, variant: str) -> None:
@@ -404,7 +431,10 @@ def main(argv: list[str] | None = None) -> dict:
             refine = OmegaConf.to_container(default_refine_config())  # conf/refine/lbfgs.yaml
             refining = Detector(detector.run, {**args.overrides, "refine": refine}, device=args.device)
             use_matching(refining, args.throughput_matching[0])
-            return single_query_latency(refining, paths, args.refine_queries, warmup=2)
+            entry = single_query_latency(refining, paths, args.refine_queries, warmup=2)
+            if args.recovery_queries:
+                entry["recovery"] = recovery_latency(refining, paths, args.recovery_queries)
+            return entry
         guarded(report, "single_refine", refined)
     detector.close()
     report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -490,6 +520,12 @@ def markdown(report: dict) -> str:
                       f"ALIKED at {floor_entry['extract'].get('resolution')} px ({floor_entry.get('keypoints')} "
                       f"keypoints); render_run: {floor_entry['render_run'].get('gaussians')} Gaussians"]
         lines.append("")
+    recovery = report.get("single_refine", {}).get("recovery")
+    if recovery:
+        lines += ["## The recovery path alone (as after a failed PnP), warm", "",
+                  f"{recovery['queries']} queries: median {recovery['median_ms']:.1f} ms, p95 {recovery['p95_ms']:.1f} ms; "
+                  f"{recovery['accepted']} accepted, {recovery['within_1deg_of_pnp']} within 1 deg of the PnP pose "
+                  f"(median {recovery['median_rotation_vs_pnp_deg']} deg)", ""]
     return "\n".join(lines) + "\n"
 
 

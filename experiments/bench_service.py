@@ -9,9 +9,10 @@ beside an in-process ``Detector`` of the same run.
    service's overhead (HTTP, upload to a temporary file, the input check, JSON): the median of HTTP
    latency minus the service's own detect time reported in the same answer (``detect_seconds``), and
    the median of the paired differences.
-2. For each ``--concurrency`` C > 1: ``--requests`` POST /detect requests from C client threads (httpx,
-   one connection each): p50/p95/p99 per request, throughput, errors (any non-200). Inference is
-   serialised in the service, so latency grows with C while throughput stays near one detector's.
+2. For each ``--max-batch`` B (a service started with ``--max-batch B``) and each ``--concurrency``
+   C > 1: ``--requests`` POST /detect requests from C client threads (httpx, one connection each):
+   p50/p95/p99 per request, throughput, errors (any non-200). Inference is serialised in the service;
+   with B > 1 the requests that wait go through the Detector together (micro-batches).
 
 Writes a markdown table to stdout (and ``--out`` when given).
 
@@ -86,10 +87,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_service(run_dir: Path, device: str) -> tuple[subprocess.Popen, str]:
+def start_service(run_dir: Path, device: str, max_batch: int = 1) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "splatpose.service", str(run_dir), "--port", str(port),
-                             "--device", device], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--device", device, "--max-batch", str(max_batch)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -134,6 +136,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[4])
+    parser.add_argument("--max-batch", type=int, nargs="+", default=[1],
+                        help="serve.max_batch values: a service per value for the concurrent rows")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -141,28 +145,40 @@ def main() -> None:
 
     images = test_images(args.run_dir)
     detector = Detector.from_run(args.run_dir, {"warm_up": False}, device=args.device)
-    proc, url = start_service(args.run_dir, args.device)
+    rows = []
     try:
-        local, remote, overhead_ms = paired_one_client(detector, url, images, args.requests, args.warmup)
-        rows = [("in-process Detector.detect", 1, local), ("HTTP POST /detect", 1, remote)]
-        for c in [c for c in args.concurrency if c > 1]:
-            rows.append(("HTTP POST /detect", c, bench_http(url, images, args.requests, 0, c)))
+        for k, max_batch in enumerate(args.max_batch):
+            proc, url = start_service(args.run_dir, args.device, max_batch)
+            try:
+                if k == 0:
+                    local, remote, overhead_ms = paired_one_client(detector, url, images, args.requests, args.warmup)
+                    rows += [("in-process Detector.detect", 1, 1, local), ("HTTP POST /detect", max_batch, 1, remote)]
+                for c in [c for c in args.concurrency if c > 1]:
+                    rows.append(("HTTP POST /detect", max_batch, c,
+                                 bench_http(url, images, args.requests, args.warmup, c)))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
         detector.close()
     load = os.getloadavg()
-    lines = [f"Device: {platform.machine()} CPU, {os.cpu_count()} cores (load average {load[0]:.1f} at the end: "
-             f"shared with other jobs), device={args.device}; "
+    if args.device.startswith("cuda"):
+        import torch
+
+        machine = f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
+    else:
+        machine = f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    lines = [f"Device: {machine} (load average {load[0]:.1f} at the end), device={args.device}; "
              f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
              f"{args.requests} requests per row, {len(images)} distinct test images of {args.run_dir}",
-             "", "| path | clients | p50 ms | p95 ms | p99 ms | images/s | errors |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {what} | {c} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['throughput']:.2f} | "
-              f"{r['errors']} |" for what, c, r in rows]
+             "", "| path | serve.max_batch | clients | p50 ms | p95 ms | p99 ms | images/s | errors |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {what} | {b} | {c} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['throughput']:.2f} | "
+              f"{r['errors']} |" for what, b, c, r in rows]
     lines += ["", "Service overhead at 1 client, median per request:",
-              f"- HTTP latency minus the service's own Detector.detect time (detect_seconds): {overhead_ms[1]:.1f} ms",
+              f"- HTTP latency minus the service's own Detector call (detect_seconds): {overhead_ms[1]:.2f} ms",
               f"- HTTP latency minus the in-process call just before it (paired; load swings blur it): "
-              f"{overhead_ms[0]:.1f} ms"]
+              f"{overhead_ms[0]:.2f} ms"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

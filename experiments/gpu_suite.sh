@@ -8,6 +8,7 @@
 #   pipeline  the evaluation pipeline on 01Ant with splat=default (SfM, localization, gsplat, refine,
 #             render, score), then the localization benchmark (warm, per stage, >= 50 queries);
 #   detector  the detector's latency and throughput, the task=detect CLI, the GPU tests;
+#   service   the detection service under load (experiments/bench_service.py), micro-batching on and off;
 #   families  experiments/bench_families.py on the carried classes of both dataset families
 #             (carry/families or FAMILIES_DIR; gpu_carry.py --only ... families): FAMILIES, FAMILY_ARGS (run.py
 #             overrides; default: the CPU defaults' settings, run with gsplat on the GPU).
@@ -147,7 +148,7 @@ if [[ " $PHASES " == *" detector "* ]]; then
     || step evaluation_run 330 evaluation_run refine=off hydra.run.dir="$WORK/run_eval_norefine"
   step bench_detector 200 python3 "$REPO/experiments/bench_detector.py" --run-dir "$WORK/run_eval_norefine" \
     --device cuda --queries 120 --warmup 10 --batch-sizes 8 16 32 --throughput-images 256 \
-    --matching auto sequential --refine-queries 20 --out "$WORK/bench" && cp "$WORK/bench/detector.json" "$OUT/"
+    --matching auto sequential --refine-queries 20 --recovery-queries 10 --out "$WORK/bench" && cp "$WORK/bench/detector.json" "$OUT/"
   step detect_cli 90 python3 "$REPO/run.py" task=detect run_dir="$WORK/run_eval_norefine" \
     "inputs='$CARRY/data/01Ant/test/*/*.png'" device=cuda logger=none hydra.run.dir="$WORK/run_detect" \
     detect.batch_size=16 && cp "$WORK/run_detect/summary.json" "$OUT/detect_summary.json"
@@ -155,6 +156,16 @@ if [[ " $PHASES " == *" detector "* ]]; then
   step pytest_gpu 150 python3 -m pytest -q -p no:cacheprovider -m gpu --continue-on-collection-errors \
     -o addopts="" "$REPO/tests" > "$OUT/pytest_gpu.txt" 2>&1
   tail -n 15 "$OUT/pytest_gpu.txt"
+fi
+
+if [[ " $PHASES " == *" service "* ]]; then
+  # The detection service under load on loopback against the in-process Detector (issue 19), on the
+  # pipeline's 01Ant run without refinement (made here when the detector phase did not run before).
+  [ -f "$WORK/run_eval_norefine/results.json" ] \
+    || step evaluation_run 330 evaluation_run refine=off hydra.run.dir="$WORK/run_eval_norefine"
+  step bench_service 200 python3 "$REPO/experiments/bench_service.py" --run-dir "$WORK/run_eval_norefine" \
+    --device cuda --requests ${SERVICE_REQUESTS:-200} --warmup 10 --concurrency 4 16 --max-batch 1 8 \
+    --out "$OUT/service.md"
 fi
 
 if [[ " $PHASES " == *" families "* ]]; then

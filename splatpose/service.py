@@ -21,23 +21,27 @@ Endpoints
     GET /metrics    Prometheus text format: requests by endpoint and status, detection errors,
                     detection latency histogram, images detected.
 
-One inference at a time: the Detector's buffers and CUDA graphs are not thread-safe, so a lock
-serialises ``detect`` calls while the HTTP handling (reading bodies, encoding answers) stays concurrent.
+One inference at a time: the Detector's buffers and CUDA graphs are not thread-safe, so one worker
+thread runs it (:class:`InferenceQueue`) while the HTTP handling (reading bodies, decoding and checking
+images, encoding answers) stays concurrent. Micro-batching (``serve.max_batch`` > 1): the requests that
+wait while the worker is busy go through the Detector together, up to ``max_batch`` at a time; a lone
+request never waits for company.
 """
 
 import base64
 import io
 import logging
-import tempfile
+import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
 
-from splatpose.detect.inputs import InputError, load_input
+from splatpose.detect.inputs import EncodedImage, InputError, LoadedImage
 from splatpose.errors import require_extra
 
 log = logging.getLogger(__name__)
@@ -92,7 +96,8 @@ class ServiceMetrics:
                       "# HELP splatpose_images_total Images detected (ok or failed).",
                       "# TYPE splatpose_images_total counter",
                       f"splatpose_images_total {self.images}",
-                      "# HELP splatpose_detect_seconds Wall time of one image's detection (lock wait excluded).",
+                      "# HELP splatpose_detect_seconds Wall time of the Detector call that held an image (queue "
+                      "wait excluded; a micro-batch's images share its call).",
                       "# TYPE splatpose_detect_seconds histogram"]
             lines += [f'splatpose_detect_seconds_bucket{{le="{b}"}} {n}'
                       for b, n in zip(LATENCY_BUCKETS_S, self.latency_counts)]
@@ -102,28 +107,77 @@ class ServiceMetrics:
         return "\n".join(lines) + "\n"
 
 
+class InferenceQueue:
+    """Runs ``detector.detect_batch`` on one worker thread. ``submit`` queues one prepared image and
+    returns a Future of ``(Detection, seconds of the call that held it, batch size)``; the worker takes
+    the oldest waiting image and up to ``max_batch - 1`` more that are already waiting, so batches form
+    only under load. An exception of the whole call fails each of its Futures."""
+
+    def __init__(self, detector, max_batch: int = 1):
+        if int(max_batch) < 1:
+            raise ValueError(f"serve.max_batch={max_batch} must be at least 1")
+        self.detector, self.max_batch = detector, int(max_batch)
+        self._waiting: queue.SimpleQueue = queue.SimpleQueue()
+        self._worker = threading.Thread(target=self._work, name="detector-worker", daemon=True)
+        self._worker.start()
+
+    def submit(self, image: LoadedImage, name: str) -> Future:
+        future: Future = Future()
+        self._waiting.put((image, name, future))
+        return future
+
+    def close(self) -> None:
+        self._waiting.put(None)
+
+    def _work(self) -> None:
+        while (item := self._waiting.get()) is not None:
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    extra = self._waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if extra is None:
+                    self._waiting.put(None)  # finish this batch, then stop
+                    break
+                batch.append(extra)
+            start = time.perf_counter()
+            try:
+                detections = self.detector.detect_batch([image for image, _, _ in batch], [n for _, n, _ in batch])
+            except Exception as error:  # the service answers 500 for each and stays up
+                for _, _, future in batch:
+                    future.set_exception(error)
+                continue
+            seconds = time.perf_counter() - start
+            for (_, _, future), detection in zip(batch, detections):
+                future.set_result((detection, seconds, len(batch)))
+
+
 class DetectionService:
     """Loads a finished run once (in the background, so that /health answers at once) and detects
-    uploaded images one at a time.
+    uploaded images through its :class:`InferenceQueue`.
 
     Args:
         run_dir: folder of a finished evaluation run (holds results.json).
         detect_cfg: the ``detect`` node (threshold, size policy, ...), as for task=detect.
         device: "auto" | "cpu" | "cuda[:i]".
         max_body_bytes: larger uploads are refused with 413.
+        max_files: files per multipart request.
+        max_batch: micro-batch size of the :class:`InferenceQueue` (1: one image at a time).
     """
 
     def __init__(self, run_dir: Path | str, detect_cfg: DictConfig | dict | None = None, device: str = "auto",
-                 max_body_bytes: int = 20_000_000, max_files: int = 32):
+                 max_body_bytes: int = 20_000_000, max_files: int = 32, max_batch: int = 1):
         self.run_dir = Path(run_dir)
         self.detect_cfg = detect_cfg
         self.device = device
         self.max_body_bytes = int(max_body_bytes)
         self.max_files = int(max_files)
+        self.max_batch = int(max_batch)
         self.detector = None
+        self.inference: InferenceQueue | None = None
         self.load_error: str | None = None
         self.loaded = threading.Event()
-        self.inference_lock = threading.Lock()
         self.metrics = ServiceMetrics()
 
     def load(self) -> None:
@@ -133,7 +187,8 @@ class DetectionService:
         try:
             detector = Detector.from_run(self.run_dir, self.detect_cfg, device=self.device)
             if detector.cfg.warm_up:
-                detector.warm_up(1)
+                detector.warm_up(self.max_batch)
+            self.inference = InferenceQueue(detector, self.max_batch)
             self.detector = detector
             log.info("Serving %s", self.run_dir)
         except Exception as error:  # /ready reports it; the process stays up to say so
@@ -152,10 +207,16 @@ class DetectionService:
 
     def detect_upload(self, body: bytes, name: str, map_format: str | None = None) -> dict:
         """One uploaded image -> its detection as JSON-able dict (module docstring lists the fields).
+        Blocks until the detection is done (call it from a worker thread).
 
         Raises:
             RequestError: 400/413/422/503 for requests to change, 500 when the detection failed.
         """
+        return self.finish_upload(self.submit_upload(body, name, map_format), name, map_format)
+
+    def submit_upload(self, body: bytes, name: str, map_format: str | None = None) -> Future:
+        """Check and decode one upload (the Detector's own decoding and input checks, in the calling
+        thread, so the same pixels as the Python API on the same file) and queue it for inference."""
         if map_format is not None and map_format not in MAP_FORMATS:
             raise RequestError(400, f"map={map_format!r} is unknown; use map=png or map=array, or leave it out")
         if not self.ready():
@@ -166,36 +227,27 @@ class DetectionService:
         if len(body) > self.max_body_bytes:
             raise RequestError(413, f"{name}: {len(body)} bytes is over serve.max_body_bytes="
                                     f"{self.max_body_bytes}; send a smaller image or raise the setting")
-        with tempfile.TemporaryDirectory(prefix="splatpose-serve-") as tmp:
-            # The Detector reads files (content-sniffed, the suffix does not matter): the same decoding
-            # and checks as task=detect, hence the same results as the Python API on the same file.
-            path = Path(tmp) / "upload"
-            path.write_bytes(body)
-            self._check_input(path, name)
-            with self.inference_lock:
-                start = time.perf_counter()
-                try:
-                    detection = self.detector.detect(path, name)
-                except Exception as error:  # unexpected: answer 500 and keep serving
-                    self.metrics.observe_detection(time.perf_counter() - start, ok=False)
-                    log.exception("detection of %s failed", name)
-                    raise RequestError(500, f"{name}: detection failed: {type(error).__name__}: {error}") from error
-            detect_seconds = time.perf_counter() - start
-            self.metrics.observe_detection(detect_seconds, ok=detection.ok)
+        try:
+            image = self.detector.prepare(EncodedImage(body, name))
+        except InputError as error:
+            raise RequestError(422, str(error)) from error
+        return self.inference.submit(image, name)
+
+    def finish_upload(self, future: Future, name: str, map_format: str | None) -> dict:
+        """The answer of a submitted upload once its detection is done (blocks)."""
+        try:
+            detection, seconds, batch = future.result()
+        except Exception as error:  # unexpected: answer 500 and keep serving
+            self.metrics.observe_detection(0.0, ok=False)
+            log.error("detection of %s failed: %s: %s", name, type(error).__name__, error)
+            raise RequestError(500, f"{name}: detection failed: {type(error).__name__}: {error}") from error
+        self.metrics.observe_detection(seconds, ok=detection.ok)
         if not detection.ok:
             raise RequestError(500, f"{name}: detection failed: {detection.error}")
         answer = detection_answer(detection, self.detector.cfg.threshold, map_format)
-        answer["detect_seconds"] = round(detect_seconds, 6)  # Detector.detect's wall time inside the service
+        answer["detect_seconds"] = round(seconds, 6)  # the Detector call that held this image
+        answer["batch_size"] = batch
         return answer
-
-    def _check_input(self, path: Path, name: str) -> None:
-        """The Detector's own input checks (decodable image, size policy), before taking the lock, so
-        that a bad upload becomes a 422 and not a failed detection."""
-        detector = self.detector
-        try:
-            load_input(path, detector.width, detector.height, detector.cfg.on_size_mismatch)
-        except InputError as error:
-            raise RequestError(422, str(error).replace(str(path), name)) from error
 
 
 def detection_answer(detection, threshold, map_format: str | None) -> dict:
@@ -256,9 +308,10 @@ def build_app(service: DetectionService):
             if len(uploads) == 1 and not is_multipart(request):
                 body, name = uploads[0]
                 content = await run_in_threadpool(service.detect_upload, body, name, map)
-            else:
-                content = {"detections": [await run_in_threadpool(service.detect_upload, body, name, map)
-                                          for body, name in uploads]}
+            else:  # every file queued first: they can share micro-batches
+                futures = [await run_in_threadpool(service.submit_upload, body, name, map) for body, name in uploads]
+                content = {"detections": [await run_in_threadpool(service.finish_upload, future, name, map)
+                                          for future, (_, name) in zip(futures, uploads)]}
         except RequestError as error:
             return answer("/detect", error.status, {"detail": str(error)})
         except Exception as error:  # anything else is ours: 500, and the service goes on
@@ -298,7 +351,8 @@ def serve_task(cfg: DictConfig) -> None:
                          "`python run.py` printed as 'Outputs: ...')")
     serve = cfg.serve
     service = DetectionService(cfg.run_dir, cfg.get("detect"), device=cfg.get("device", "auto"),
-                               max_body_bytes=serve.max_body_bytes, max_files=serve.max_files)
+                               max_body_bytes=serve.max_body_bytes, max_files=serve.max_files,
+                               max_batch=serve.max_batch)
     service.load_in_background()
     print(f"Serving {cfg.run_dir} on http://{serve.host}:{serve.port} (POST /detect, GET /health /ready /metrics)",
           flush=True)
@@ -318,12 +372,14 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threshold", type=float, default=None, help="detect.threshold (image score)")
+    parser.add_argument("--max-batch", type=int, default=1, help="serve.max_batch (micro-batching)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     from splatpose.console import quiet_console
 
     quiet_console()
-    service = DetectionService(args.run_dir, {"threshold": args.threshold}, device=args.device)
+    service = DetectionService(args.run_dir, {"threshold": args.threshold}, device=args.device,
+                               max_batch=args.max_batch)
     service.load_in_background()
     uvicorn.run(build_app(service), host=args.host, port=args.port, log_level="warning")
 

@@ -24,7 +24,8 @@ import uvicorn
 from PIL import Image
 
 from loopback import free_loopback_port  # tests/loopback.py
-from splatpose.service import DetectionService, build_app
+from splatpose.detect.inputs import EncodedImage
+from splatpose.service import DetectionService, InferenceQueue, build_app
 
 DETECT = {"matching": "sequential", "warm_up": False, "threshold": 0.5}  # tests/conftest.py's TINY_DETECT
 GLOG_LINE = re.compile(r"^[IWEF]\d{8} ", re.MULTILINE)
@@ -102,6 +103,32 @@ def test_good_and_defective_images_score_as_the_detector_api_does(service_url, d
         anomaly_map = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["map_png"]))))
         assert anomaly_map.shape == expected.anomaly_map.shape
         assert np.abs(anomaly_map / 255.0 - np.clip(expected.anomaly_map, 0, 1)).max() <= 1 / 255 + 1e-6
+
+
+def test_micro_batches_form_under_load_and_score_as_single_images(detector, tiny_run_images):
+    """Images that wait while the detector is busy share one detect_batch call (at most max_batch); their
+    results are the single-image ones up to the float rounding of another batch size (see
+    tests/test_detector.py's batch test)."""
+    paths = tiny_run_images["all"][:5]
+    expected = [detector.detect(p) for p in paths]
+    inference = InferenceQueue(detector, max_batch=3)
+    try:
+        futures = [inference.submit(detector.prepare(EncodedImage(p.read_bytes(), p.name)), p.name) for p in paths]
+        results = [future.result(timeout=600) for future in futures]
+    finally:
+        inference.close()
+    batch_sizes = [batch for _, _, batch in results]
+    assert max(batch_sizes) > 1 and max(batch_sizes) <= 3, batch_sizes
+    for (detection, seconds, _), single in zip(results, expected):
+        assert detection.ok and seconds > 0
+        assert detection.localized == single.localized
+        assert np.abs(detection.anomaly_map - single.anomaly_map).max() < 5e-3
+
+
+def test_an_upload_decodes_as_the_file_does(detector, tiny_run_images):
+    path = Path(tiny_run_images["defect"])
+    from_bytes = detector.prepare(EncodedImage(path.read_bytes(), "upload.png"))
+    np.testing.assert_array_equal(from_bytes.pixels, detector.prepare(path).pixels)
 
 
 def test_bad_requests_get_4xx_with_a_message_and_the_service_stays_up(service_url, tiny_run_images, tmp_path):

@@ -151,7 +151,14 @@ def decode_pixels(path: Path, fast: bool = True) -> np.ndarray:
     have no RGB reading (32-bit float), naming the file and what is wrong.
     """
     path = Path(path)
-    data = _read_image_bytes(path)
+    return decode_image_bytes(_read_image_bytes(path), str(path), fast)
+
+
+def decode_image_bytes(data: bytes, label: str, fast: bool = True) -> np.ndarray:
+    """``decode_pixels`` of an encoded image held in memory (an upload); ``label`` names it in errors."""
+    path = label
+    if not data:
+        raise DatasetError(f"{path}: empty image (0 bytes); send the image's PNG or JPEG bytes")
     if data.startswith(PNG_SIGNATURE):
         damage = png_damage(data)
         if damage:
@@ -176,7 +183,7 @@ def _read_image_bytes(path: Path) -> bytes:
     return data
 
 
-def _decode_with_pillow(path: Path, data: bytes) -> np.ndarray:
+def _decode_with_pillow(path: Path | str, data: bytes) -> np.ndarray:
     try:
         im = Image.open(io.BytesIO(data))  # the format comes from the content, not the file name
     except UnidentifiedImageError as e:
@@ -193,7 +200,7 @@ def _decode_with_pillow(path: Path, data: bytes) -> np.ndarray:
         return _pillow_to_pixels(path, im)
 
 
-def _pillow_to_pixels(path: Path, im: Image.Image) -> np.ndarray:
+def _pillow_to_pixels(path: Path | str, im: Image.Image) -> np.ndarray:
     """A loaded Pillow image as uint8 RGB (opaque) or RGBA, upright; see ``decode_pixels``."""
     file_format = im.format
     if file_format != "PNG":

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from splatpose.errors import UserError
-from splatpose.data.mad_sim import DatasetError, decode_pixels, pixels_to_float
+from splatpose.data.mad_sim import DatasetError, decode_image_bytes, decode_pixels, pixels_to_float
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,17 @@ ASPECT_TOLERANCE = 0.01
 
 class InputError(UserError):
     """An input image that cannot be scored; the message says why and what would fix it."""
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes held in memory (e.g. an HTTP upload); ``name`` labels it in errors."""
+
+    data: bytes
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
 
 
 @dataclass
@@ -124,8 +135,8 @@ def display_names(paths: list[Path]) -> list[str]:
 
 def load_input(source, width: int, height: int, on_size_mismatch: str = "resize", fast_decode: bool = True
                ) -> LoadedImage:
-    """Read one input (a path, or an already decoded [H, W, 3] float array in [0, 1]) for a run of
-    ``width`` x ``height``; ``fast_decode``: see ``decode_pixels``'s ``fast``.
+    """Read one input (a path, an :class:`EncodedImage`, or an already decoded [H, W, 3] float array in
+    [0, 1]) for a run of ``width`` x ``height``; ``fast_decode``: see ``decode_pixels``'s ``fast``.
 
     Raises:
         InputError: unreadable file, or a size that cannot be used (see the module docstring).
@@ -142,7 +153,9 @@ def load_input(source, width: int, height: int, on_size_mismatch: str = "resize"
         loaded = LoadedImage(image=torch.from_numpy(np.ascontiguousarray(array.astype(np.float32))).permute(2, 0, 1))
     else:
         try:
-            loaded = LoadedImage(pixels=decode_pixels(Path(source), fast=fast_decode))
+            pixels = (decode_image_bytes(source.data, source.name, fast_decode) if isinstance(source, EncodedImage)
+                      else decode_pixels(Path(source), fast=fast_decode))
+            loaded = LoadedImage(pixels=pixels)
         except DatasetError as error:
             raise InputError(str(error)) from error
     channels = [loaded.pixels[..., c] for c in range(3)] if loaded.image is None else list(loaded.image.numpy())

@@ -46,7 +46,8 @@ from splatpose.sfm.frame_alignment import FrameAlignment, align_to_true_poses
 from splatpose.splat.ply import load_gaussians
 from splatpose.splat.rendering import render
 from splatpose.splat.train import METRICS_NAME as SPLAT_METRICS_NAME, train_splats
-from splatpose.stage_cache import StageCache, stage_key, write_json_atomic
+from splatpose.atomic_files import atomic_path, write_json_atomic
+from splatpose.stage_cache import StageCache, stage_key
 
 log = logging.getLogger(__name__)
 
@@ -381,9 +382,8 @@ def render_pseudo_references(data: ClassData, poses: list[RefinedPose], ply: Pat
                          backend=backend)
             chunks.append(rgb.clamp(0, 1).float().cpu().numpy())
     renders = np.concatenate(chunks)
-    tmp = cache_file.with_name(f".{cache_file.stem}.tmp.npz")
-    np.savez(tmp, renders=renders)
-    tmp.replace(cache_file)
+    with atomic_path(cache_file) as tmp:
+        np.savez(tmp, renders=renders)
     return renders
 
 

@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_curve
 
+from splatpose.atomic_files import write_text_atomic
 from splatpose.metrics import pro_curve
 from splatpose.sweeps.sweep_jobs import OK
 from splatpose.sweeps.sweep_table import STAGES, class_table_cells, comparison_cells
@@ -118,9 +119,7 @@ def write_run_report(run_dir: Path, curves: dict[str, np.ndarray] | None = None)
     rows = read_per_image(run_dir / "per_image.csv")
     curves = load_curves(run_dir / CURVES_NAME) if curves is None else curves
     path = run_dir / REPORT_NAME
-    tmp = path.with_name(f".{REPORT_NAME}.tmp")
-    tmp.write_text(run_report_html(results, rows, run_dir / "panels", curves), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, run_report_html(results, rows, run_dir / "panels", curves))
     return path
 
 

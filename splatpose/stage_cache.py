@@ -19,13 +19,14 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from splatpose.atomic_files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +143,3 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary sibling, then rename: readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)

@@ -32,7 +32,7 @@ from splatpose.config_checks import check_run_config
 from splatpose.console import quiet_console
 from splatpose.errors import UserError, require_extra
 from splatpose.run_dirs import claim_run_dir
-from splatpose.stage_cache import write_json_atomic
+from splatpose.atomic_files import write_json_atomic
 from splatpose.sweeps.gpu_leases import pin_gpu_for_job
 from splatpose.sweeps.resume import clear_previous_outcome, finished_results
 

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from splatpose.detect.inputs import IMAGE_SUFFIXES
 from splatpose.detect.overlays import write_overlay
-from splatpose.stage_cache import write_json_atomic
+from splatpose.atomic_files import write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from splatpose.atomic_files import write_text_atomic
 from splatpose.data.mad_sim import TRANSFORMS_FILE
 
 log = logging.getLogger(__name__)
@@ -98,9 +99,7 @@ def class_lock(dataset_root: Path, class_name: str) -> Iterator[None]:
 def write_if_changed(path: Path, text: str) -> None:
     """Write a text file atomically, and only when its content differs (keeps mtimes of equal files)."""
     if not path.is_file() or path.read_text() != text:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
 
 
 def save_png(path: Path, pixels: np.ndarray) -> None:

@@ -13,14 +13,13 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 
 from splatpose.detect.overlays import write_overlay
 from splatpose.run_info import environment_info
-from splatpose.stage_cache import write_json_atomic
+from splatpose.atomic_files import atomic_path, write_json_atomic
 
 CSV_FIELDS = ["name", "ok", "error", "flags", "score", "anomalous", "localized", "num_inliers", "num_matches",
               "fallback", "source"]
@@ -107,8 +106,7 @@ class DetectionWriter:
 
     def _write_csv(self, path: Path) -> None:
         fields = CSV_FIELDS + [f"seconds_{stage}" for stage in self.stage_names]
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as handle:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             for r in self.records:
@@ -117,7 +115,6 @@ class DetectionWriter:
                 row["score"] = "" if r["score"] is None else f"{r['score']:.6f}"
                 row.update({f"seconds_{s}": r["times"].get(s, "") for s in self.stage_names})
                 writer.writerow(row)
-        tmp.replace(path)
 
 
 def _percentiles(values: list[float]) -> dict:

@@ -38,7 +38,7 @@ from splatpose.sfm.config import default_conf_dir
 from splatpose.sfm.localization import QueryPose
 from splatpose.splat.gaussians import Gaussians
 from splatpose.splat.ply import load_gaussians
-from splatpose.stage_cache import write_json_atomic
+from splatpose.atomic_files import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -221,12 +221,10 @@ def make_search_views(gaussians: Gaussians, K: np.ndarray, width: int, height: i
 
 def save_search_views(path: Path, views: SearchViews) -> None:
     """Write the recovery's search images (float16) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, w2c=views.w2c, images=views.images.half().numpy(),
-             masks=views.masks.half().numpy(), centroids=views.centroids.numpy(),
-             areas=views.areas.numpy(), size=np.array([views.width, views.height]))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, w2c=views.w2c, images=views.images.half().numpy(),
+                 masks=views.masks.half().numpy(), centroids=views.centroids.numpy(),
+                 areas=views.areas.numpy(), size=np.array([views.width, views.height]))
 
 
 def load_search_views(path: Path) -> SearchViews:

@@ -30,12 +30,13 @@ leaves a half-written file that a later run would trust.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Iterator
 
 import h5py
 import numpy as np
+
+from splatpose.atomic_files import atomic_path, write_text_atomic
 
 
 def pair_key(name0: str, name1: str) -> str:
@@ -50,27 +51,11 @@ def atomic_h5(path: Path) -> Iterator[h5py.File]:
     Appending to a copy keeps what is already on disk valid until the new version is complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if path.exists():
-        tmp.write_bytes(path.read_bytes())
-    elif tmp.exists():
-        tmp.unlink()
-    try:
+    with atomic_path(path) as tmp:
+        if path.exists():
+            tmp.write_bytes(path.read_bytes())
         with h5py.File(tmp, "a") as handle:
             yield handle
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from splatpose.atomic_files import write_text_atomic
 from splatpose.data.mad_sim import ClassData
 from splatpose.sfm import hloc_files
 from splatpose.sfm.config import check_sfm_config
@@ -252,8 +253,8 @@ def localize_queries(data: ClassData, cfg: DictConfig, reference: Reference, out
                 hloc_files.write_pair_matches(m_handle, test.name, db_name, matches0, scores0)
                 pairs.append((test.name, db_name))
     hloc_files.write_pairs(out_dir / "pairs.txt", pairs)
-    hloc_files.write_text_atomic(out_dir / POSES_TXT, "".join(_hloc_pose_line(p) for p in poses if p.success))
-    hloc_files.write_text_atomic(out_dir / POSES_FILE, json.dumps([p.to_json() for p in poses], indent=1))
+    write_text_atomic(out_dir / POSES_TXT, "".join(_hloc_pose_line(p) for p in poses if p.success))
+    write_text_atomic(out_dir / POSES_FILE, json.dumps([p.to_json() for p in poses], indent=1))
     localized = sum(p.success for p in poses)
     log.info("localization: %d/%d queries localized", localized, len(poses))
     return poses

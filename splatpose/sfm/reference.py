@@ -35,6 +35,7 @@ import numpy as np
 import pycolmap
 from omegaconf import DictConfig
 
+from splatpose.atomic_files import atomic_path, write_text_atomic
 from splatpose.data.mad_sim import ClassData
 from splatpose.errors import UserError
 from splatpose.sfm import hloc_files
@@ -162,7 +163,7 @@ def build_reference(data: ClassData, cfg: DictConfig, out_dir: Path, device: str
                "mean_reprojection_error_px": float(reconstruction.compute_mean_reprojection_error()) if len(xyz)
                else 0.0,
                "seconds": {k: round(v, 3) for k, v in times.items()}, "cameras": cameras}
-    hloc_files.write_text_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+    write_text_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     log.info("SfM reference: %d points, track length %.1f, reprojection error %.2f px", len(xyz),
              summary["mean_track_length"], summary["mean_reprojection_error_px"])
     return Reference(xyz, rgb, paths["sfm"], paths["features"], paths["pairs"], paths["matches"], db_names,
@@ -210,9 +211,8 @@ def _image_names(reconstruction: pycolmap.Reconstruction) -> list[str]:
 
 
 def _save_points(path: Path, xyz: np.ndarray, rgb: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, xyz=xyz, rgb=rgb)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, xyz=xyz, rgb=rgb)
 
 
 def _load_reference(out_dir: Path, paths: dict[str, Path], image_root: Path) -> Reference:

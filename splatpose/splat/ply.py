@@ -12,13 +12,13 @@ Values are written as they are stored in :class:`Gaussians`, so a round trip is 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from plyfile import PlyData, PlyElement
 
+from splatpose.atomic_files import atomic_path
 from splatpose.splat.gaussians import Gaussians
 
 
@@ -44,9 +44,8 @@ def save_ply(gaussians: Gaussians, path: Path) -> Path:
     vertices = np.empty(n, dtype=[(name, "<f4") for name in names])
     for i, name in enumerate(names):
         vertices[name] = columns[:, i]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    PlyData([PlyElement.describe(vertices, "vertex")], byte_order="<").write(str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        PlyData([PlyElement.describe(vertices, "vertex")], byte_order="<").write(str(tmp))
     return path
 
 

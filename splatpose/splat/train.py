@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 
+from splatpose.atomic_files import write_text_atomic
 from splatpose.data.mad_sim import ClassData, read_image
 from splatpose.splat.gaussians import Gaussians, init_gaussians, scene_scale_from_cameras
 from splatpose.splat.initialization import initial_points
@@ -167,9 +167,7 @@ def train_splats(data: ClassData, points_xyz: np.ndarray | None, points_rgb: np.
         "device": str(device), "backend": str(cfg.backend),
         "width": data.width, "height": data.height, "num_train_views": len(train_views),
     }
-    tmp = metrics_path.with_name(f".{METRICS_NAME}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp.replace(metrics_path)
+    write_text_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
     log.info("Splats: %d Gaussians, held-out PSNR %.2f dB, SSIM %.4f, %.1f s -> %s", len(gaussians),
              metrics["psnr"], metrics["ssim"], train_seconds, ply_path)
     return ply_path

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Sequence
 
-from splatpose.stage_cache import write_json_atomic
+from splatpose.atomic_files import write_json_atomic
 
 log = logging.getLogger(__name__)
 

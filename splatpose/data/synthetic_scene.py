@@ -46,6 +46,20 @@ def mug() -> pv.PolyData:
     return pv.PolyData(merged.points, merged.faces)
 
 
+def knob() -> pv.PolyData:
+    """A control knob: a stepped body of revolution (a flared skirt, a plain grip, a domed cap)
+    whose only asymmetry about its axis is a thin pointer ridge across the cap. In one colour, a turn
+    about the axis is told by that ridge and the shading alone (the tuning family's analogue of a
+    uniform turned part with one small feature; see experiments/PROTOCOL.md)."""
+    profile = pv.PolyData(np.array([[0.0, 0.0, -0.5], [0.5, 0.0, -0.5], [0.5, 0.0, -0.38], [0.36, 0.0, -0.3],
+                                    [0.33, 0.0, 0.3], [0.28, 0.0, 0.42], [0.0, 0.0, 0.46]]),
+                          lines=np.array([7, 0, 1, 2, 3, 4, 5, 6]))
+    body = profile.extrude_rotate(resolution=96, capping=False).triangulate()
+    ridge = pv.Box(bounds=(-0.02, 0.3, -0.035, 0.035, 0.38, 0.5), level=2).triangulate()
+    merged = (body + ridge).clean()
+    return pv.PolyData(merged.points, merged.faces)
+
+
 # Class name -> mesh. Numbered like MAD-Sim's classes. Only meshes that load offline are listed.
 MESHES: dict[str, MeshSource] = {
     "01Ant": MeshSource(examples.load_ant, (("x", 90.0),)),
@@ -58,6 +72,8 @@ MESHES: dict[str, MeshSource] = {
     # near-symmetric (turned about its axis, only the handle tells the turn): the tuning family's
     # stand-in for turned and toothed parts
     "07PlainMug": MeshSource(mug, regions=2),
+    # one colour, turned, one small feature (a pointer ridge) tells the turn
+    "08PlainKnob": MeshSource(knob, regions=1),
 }
 
 

@@ -28,10 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from splatpose.sfm.features import AlikedExtractor, to_original_pixels
-from splatpose.sfm.localization import FALLBACK_RETRIEVED, Localizer, QueryPose
+from splatpose.sfm.features import AlikedExtractor
+from splatpose.sfm.localization import Localizer, QueryPose
 from splatpose.sfm.matchers import LightGlueMatcher
-from splatpose.sfm.retrieval import rank_database
 
 from splatpose.detect.batched_lightglue import match_pairs_batched
 from splatpose.detect.static_aliked import GraphedAliked
@@ -118,22 +117,13 @@ class ImageLocalizer(Localizer):
             localized: it gets the fallback pose and ``success=False``.
         """
         batch = len(names)
-        original_wh = (images.shape[-1], images.shape[-2])
         start = time.perf_counter()
         resized = self.resize_for_features(images.to(self.device))
-        features = self.extractor(resized)
-        for feats in features:
-            feats["keypoints"] = to_original_pixels(feats["keypoints"], (resized.shape[-1], resized.shape[-2]),
-                                                    original_wh)
-            feats["image_size"] = np.array(original_wh, dtype=np.int64)
+        features = self.extract(resized, (images.shape[-1], images.shape[-2]))
         extract = time.perf_counter() - start
 
         start = time.perf_counter()
-        retrieved = []
-        for b, feats in enumerate(features):
-            descriptor = self.retrieval.describe(resized[b] if self.retrieval.needs_images else None, feats)
-            ranked = rank_database(descriptor, self.db_global)
-            retrieved.append(ranked if self.retrieval.exhaustive else ranked[: self.top_k])
+        retrieved = [self.retrieve(feats, resized[b]) for b, feats in enumerate(features)]
         retrieve = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -142,7 +132,7 @@ class ImageLocalizer(Localizer):
 
         def solve(b: int) -> QueryPose:
             start = time.perf_counter()
-            pose = self._pose_from_matches(names[b], features[b], retrieved[b], matches[b])
+            pose = self.pose_from_matches(names[b], features[b], retrieved[b], matches[b])
             pose.times = {k: round(v, 6) for k, v in {"extract": extract / batch, "retrieve": retrieve / batch,
                                                        "match": match / batch,
                                                        "pnp": time.perf_counter() - start}.items()}
@@ -169,13 +159,3 @@ class ImageLocalizer(Localizer):
         pairs = [(prepared[b], self.db_prepared[i]) for b in range(len(features)) for i in retrieved[b]]
         flat = iter(match_pairs_batched(self.matcher.model, pairs, self.pairs_per_call))
         return [{self.db_names[i]: next(flat) for i in retrieved[b]} for b in range(len(features))]
-
-    def _pose_from_matches(self, name: str, features: dict, retrieved: np.ndarray, matches: dict) -> QueryPose:
-        """PnP over the 2D-3D correspondences, with the localize stage's fallback rule."""
-        query_idx, point_ids, per_db = self._correspondences(retrieved, matches)
-        pose = self._estimate_pose(name, features["keypoints"], query_idx, point_ids)
-        if not pose.success:
-            best = retrieved[int(np.argmax(per_db))] if len(retrieved) else 0
-            pose.w2c, pose.fallback = self.db_w2c[best].copy(), FALLBACK_RETRIEVED
-        pose.retrieved = [self.db_names[i] for i in retrieved]
-        return pose

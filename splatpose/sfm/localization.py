@@ -134,16 +134,11 @@ class Localizer:
         times = {}
         start = time.perf_counter()
         image, original_wh = load_image_tensor(Path(path), self.resize_max, self.resize_force)
-        features = self.extractor(image[None].to(self.device))[0]
-        features["keypoints"] = to_original_pixels(features["keypoints"], (image.shape[-1], image.shape[-2]),
-                                                   original_wh)
-        features["image_size"] = np.array(original_wh, dtype=np.int64)
+        features = self.extract(image[None], original_wh)[0]
         times["extract"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        query_global = self.retrieval.describe(image if self.retrieval.needs_images else None, features)
-        ranked = rank_database(query_global, self.db_global)
-        retrieved = ranked if self.retrieval.exhaustive else ranked[: self.top_k]
+        retrieved = self.retrieve(features, image)
         times["retrieve"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -152,16 +147,38 @@ class Localizer:
         times["match"] = time.perf_counter() - start
 
         start = time.perf_counter()
+        pose = self.pose_from_matches(name, features, retrieved, matches)
+        times["pnp"] = time.perf_counter() - start
+        pose.times = {k: round(v, 6) for k, v in times.items()}
+        return pose, LocalizationDetails(features, matches)
+
+    def extract(self, images: torch.Tensor, original_wh: tuple[int, int]) -> list[dict]:
+        """Features of [B, 3, h, w] images already resized for extraction (``resize_max``), one dict per
+        image, keypoints in the pixels of the original ``original_wh`` (width, height) image."""
+        features = self.extractor(images.to(self.device))
+        for feats in features:
+            feats["keypoints"] = to_original_pixels(feats["keypoints"], (images.shape[-1], images.shape[-2]),
+                                                    original_wh)
+            feats["image_size"] = np.array(original_wh, dtype=np.int64)
+        return features
+
+    def retrieve(self, features: dict, image: torch.Tensor) -> np.ndarray:
+        """Indices into ``db_names`` of the db images to match, best first: every one when the
+        retrieval is exhaustive, else the ``top_k`` best. ``image`` [3, h, w]: the extraction's input."""
+        descriptor = self.retrieval.describe(image if self.retrieval.needs_images else None, features)
+        ranked = rank_database(descriptor, self.db_global)
+        return ranked if self.retrieval.exhaustive else ranked[: self.top_k]
+
+    def pose_from_matches(self, name: str, features: dict, retrieved: np.ndarray, matches: dict) -> QueryPose:
+        """PnP over the 2D-3D correspondences of the matches (db name -> (matches0, scores0)); when it
+        fails, the fallback: the pose of the retrieved db image with the most correspondences."""
         query_idx, point_ids, per_db = self._correspondences(retrieved, matches)
         pose = self._estimate_pose(name, features["keypoints"], query_idx, point_ids)
         if not pose.success:
             best = retrieved[int(np.argmax(per_db))] if len(retrieved) else 0
             pose.w2c, pose.fallback = self.db_w2c[best].copy(), FALLBACK_RETRIEVED
-        times["pnp"] = time.perf_counter() - start
-
         pose.retrieved = [self.db_names[i] for i in retrieved]
-        pose.times = {k: round(v, 6) for k, v in times.items()}
-        return pose, LocalizationDetails(features, matches)
+        return pose
 
     def _correspondences(self, retrieved: np.ndarray, matches: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Unique (query keypoint, 3D point) pairs over all retrieved db images, and counts per db image."""

@@ -2,7 +2,7 @@
 
 On a finished run of generated data (true test poses), every query that PnP localized (the run's localize
 stage, ``query_poses.json``) is refined from its PnP pose by each variant (overrides of
-conf/refine/lbfgs.yaml, the current default), the variants interleaved query by query so that a load swing
+conf/refine/lbfgs.yaml; "default": the file as it is), the variants interleaved query by query so that a load swing
 on shared cores hits them alike. Per variant: seconds per query (median, mean), renders per query (forward
 and backward, line-search probes included), rotation error against the true pose (median, mean, worst,
 within 1 deg) and camera-centre error (median, % of the camera distance).
@@ -35,9 +35,12 @@ from splatpose.splat.ply import load_gaussians
 from splatpose.splat.rendering import render
 
 # name -> overrides of conf/refine/lbfgs.yaml
-BEFORE = {"rotation_centre": "camera", "first_step": None, "colours_per_level": False, "stop_patience": 0}
-NEW = {"rotation_centre": "object", "first_step": 0.01, "colours_per_level": True, "stop_patience": 4,
-       "stop_tolerance": 1e-3}
+# conf/refine/lbfgs.yaml's levels at 26a5c23 (the study's "before"), pinned so the rows stay reproducible
+THREE_LEVELS = {"levels": [0.5, 1.0, 1.0], "steps": [20, 10, 20], "blur": [0.02, 0.005, 0.005]}
+BEFORE = {**THREE_LEVELS, "rotation_centre": "camera", "first_step": None, "colours_per_level": False,
+          "stop_patience": 0}
+NEW = {**THREE_LEVELS, "rotation_centre": "object", "first_step": 0.01, "colours_per_level": True,
+       "stop_patience": 4, "stop_tolerance": 1e-3}
 VARIANTS = {
     "default": {},
     "before": BEFORE,
@@ -49,6 +52,7 @@ VARIANTS = {
     "object, colours, first_step 0.01, stop 1e-4 x4": {**NEW, "stop_tolerance": 1e-4},
     "object, first_step 0.01, stop 1e-3 x4": {**NEW, "colours_per_level": False},
     "object, colours, first_step 0.01, stop 1e-3 x3": {**NEW, "stop_patience": 3},
+    # the default since this study
     "object, colours, first_step 0.01, stop 1e-3 x4, levels [0.5, 1.0]": {**NEW, "levels": [0.5, 1.0],
                                                                           "steps": [20, 30], "blur": [0.02, 0.005]},
 }

@@ -105,7 +105,7 @@ def test_lbfgs_refinement_walks_a_perturbed_pose_back(loss):
 
 
 def test_default_refinement_runs_coarse_to_fine_and_turns_a_perturbed_pose_back():
-    """The default node: a half-size blurred level, then the full size twice, each from where the last ended.
+    """The default node: a half-size blurred level, then the full size, from where the first ended.
 
     On a dense, nearly opaque toy blob. The outline term compares alpha with the query's non-white
     mask, which a soft Gaussian edge widens by its faint tail, so on this 64 px toy it trades some
@@ -119,7 +119,7 @@ def test_default_refinement_runs_coarse_to_fine_and_turns_a_perturbed_pose_back(
                     SIZE, SIZE, backend="torch")[0].permute(2, 0, 1).clamp(0, 1)
     start = perturbed(truth, degrees=1.5, shift=0.04)
     refiner = PoseRefiner(scene, K, SIZE, SIZE, default_refine_config(), backend="torch")
-    assert [(level.width, level.steps) for level in refiner.levels] == [(SIZE // 2, 20), (SIZE, 10), (SIZE, 20)]
+    assert [(level.width, level.steps) for level in refiner.levels] == [(SIZE // 2, 20), (SIZE, 30)]
     coarse = refiner.refine(target, start, levels=[0])
     both = refiner.refine(target, start)
     assert both.steps > coarse.steps > 0

@@ -363,7 +363,7 @@ class PoseRefiner:
     def _pose_map(self, w2c: Tensor):
         """The poses [4, 4] reached from ``w2c`` [4, 4] (float64) by increments v [6] (float64, differentiable).
 
-        ``refine.rotation_centre: camera`` (the default): v = (translation / d, rotation in radians) applied
+        ``refine.rotation_centre: camera`` (also when the key is absent): v = (translation / d, rotation) applied
         on the left of ``w2c``, with d the camera's distance to the scene: turns about the camera centre.
         ``object``: turns about the object's centre c (the Gaussians' per-axis median), v = (sideways shift
         / d, depth shift * R / d^2, rotation * R / d), with R the object's radius (median distance of the

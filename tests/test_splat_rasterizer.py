@@ -10,7 +10,7 @@ from gsplat.strategy import DefaultStrategy
 
 from splatpose.splat.gaussians import Gaussians, init_gaussians
 from splatpose.splat.rendering import render, resolve_backend
-from splatpose.splat.torch_rasterizer import project_gaussians, rasterize_torch
+from splatpose.splat.torch_rasterizer import project_gaussians, rasterize_torch, world_covariances
 
 
 @pytest.fixture(autouse=True)
@@ -173,6 +173,22 @@ def test_a_pose_renders_the_same_alone_and_in_a_batch():
         rgb, alpha = render(gaussians, w2c[c], K, width, height, backend="torch", return_alpha=True)
         assert torch.equal(rgb[0], batch_rgb[c]) and torch.equal(alpha[0], batch_alpha[c])
     assert batch_rgb.shape == (2, height, width, 3) and (batch_alpha > 0.5).any()
+
+
+def test_given_world_covariances_render_what_quats_and_scales_render():
+    """``covars`` (gsplat's argument): a caller rendering one scene many times computes them once; the
+    pixels and the gradients in the pose must not change, bit for bit."""
+    gaussians = tiny_scene(n=300, dtype=torch.float32)
+    w2c, K, width, height = tiny_camera(48, 40, dtype=torch.float32)
+    viewmats = w2c[:1].clone().requires_grad_(True)
+    quats, scales = torch.nn.functional.normalize(gaussians.quats, dim=-1), torch.exp(gaussians.scales)
+    args = (gaussians.means, quats, scales, torch.sigmoid(gaussians.opacities), gaussians.sh_coeffs)
+    outputs = []
+    for covars in (None, world_covariances(quats, scales)):
+        rgb, alpha, _ = rasterize_torch(*args, viewmats, K[None], width, height, sh_degree=gaussians.sh_degree,
+                                        covars=covars)
+        outputs.append((rgb, alpha, torch.autograd.grad((rgb.square().sum() + alpha.sum()), viewmats)[0]))
+    assert all(torch.equal(a, b) for a, b in zip(*outputs)) and outputs[0][2].abs().sum() > 0
 
 
 def dense_composite(projection, colors, width, height):

@@ -18,13 +18,18 @@ Starting from the PnP pose, :class:`PoseRefiner` optimises an SE(3) increment
 
 The increment is ``xi = (translation / d, rotation)`` with ``d`` the camera's distance to the scene
 (median depth of the Gaussians): a unit of either moves the image by about the same amount, so the
-problem is well scaled for any scene size. It is still ill-conditioned: for a small object a
-rotation about an image axis and a sideways shift look nearly alike, and only parallax tells them
-apart. Plain gradient steps (Adam) align the image quickly but then crawl along that valley;
-L-BFGS (``optimizer: lbfgs``, the default, with a strong-Wolfe line search) builds the curvature up
-and walks it (measured on a toy scene: 1.5 deg -> 0.15 deg in 20 iterations where Adam stayed near
-1 deg). ``steps`` is the number of L-BFGS iterations (or Adam steps); each costs one render forward
-and backward, line-search probes add a few.
+problem is well scaled for any scene size. About the camera centre (``rotation_centre: camera``) it is
+still ill-conditioned: for a small object a rotation about an image axis and a sideways shift look
+nearly alike, and only parallax tells them apart. Plain gradient steps (Adam) align the image quickly
+but then crawl along that valley; L-BFGS (``optimizer: lbfgs``, the default, with a strong-Wolfe line
+search) builds the curvature up and walks it (measured on a toy scene: 1.5 deg -> 0.15 deg in 20
+iterations where Adam stayed near 1 deg). ``rotation_centre: object`` turns about the object's centre
+instead, in units that move its outline as far as a shift does: on 01Ant's splats the loss's Hessian
+at the true pose goes from a condition number of about 1100 to about 20, and L-BFGS settles a level in
+about 8 renders instead of walking the valley for 30 (experiments/results/refine_speed_cpu_2026-12-05.md).
+``steps`` is the number of L-BFGS iterations (or Adam steps); each costs one render forward and
+backward, line-search probes add a few. With ``stop_patience`` an L-BFGS level ends once that many
+renders in a row have not lowered its loss by ``stop_tolerance`` of its starting loss.
 
 Refinement runs **coarse to fine**: at each of ``levels`` (render sizes relative to the image) it
 optimises ``steps`` iterations from the pose the level before returned, with images and renders
@@ -51,14 +56,16 @@ from torch import Tensor
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from splatpose.data.cameras import center_error, rotation_error_deg
-from splatpose.refine.se3 import apply_increment
+from splatpose.refine.se3 import apply_increment, se3_exp
 from splatpose.scoring.anomaly_maps import AnomalyScorer
 from splatpose.splat.gaussians import Gaussians
 from splatpose.splat.losses import ssim
-from splatpose.splat.rendering import render
+from splatpose.splat.rendering import WHITE, rasterize, resolve_backend
+from splatpose.splat.torch_rasterizer import gaussian_colors, world_covariances
 
 REFINE_LOSSES = ("l1", "l1_ssim", "feature", "l1_silhouette")
 REFINE_OPTIMIZERS = ("lbfgs", "adam")
+ROTATION_CENTRES = ("camera", "object")
 # Adam's step size decays exponentially to this fraction of refine.lr over the steps.
 ADAM_FINAL_LR_FRACTION = 0.05
 # A query pixel darker than this in some channel is object, not white background.
@@ -94,6 +101,48 @@ class _Level:
         K_scaled[:2] *= [[w / width], [h / height]]  # image spans [0, W]: scale fx, cx alike
         return _Level(w, h, torch.as_tensor(K_scaled, dtype=torch.float32, device=device), settings.steps,
                       settings.blur * max(w, h), settings.loss)
+
+
+class _LevelConverged(Exception):
+    """Raised by a level's loss evaluation to end the level: its loss has stopped falling."""
+
+
+@dataclass
+class _SceneInputs:
+    """The pose-independent rasterizer inputs of a scene, activated once for every render of a refinement:
+    means [N, 3], unit quats [N, 4], scales [N, 3] (standard deviations), opacities [N] in [0, 1], SH
+    coefficients [N, K, 3] of degree ``sh_degree``, world covariances [N, 3, 3] (None on the gsplat backend,
+    which is faster from quats and scales), white backgrounds [1, 3]; the means' per-axis median [3] (float64)
+    and their median distance from it."""
+
+    means: Tensor
+    quats: Tensor
+    scales: Tensor
+    opacities: Tensor
+    sh_coeffs: Tensor
+    sh_degree: int
+    covars: Tensor | None
+    backgrounds: Tensor
+    centre: Tensor
+    radius: float
+
+    @staticmethod
+    def of(gaussians: Gaussians, backend: str) -> "_SceneInputs":
+        means = gaussians.means.detach()
+        quats = F.normalize(gaussians.quats.detach(), dim=-1)
+        scales = torch.exp(gaussians.scales.detach())
+        covars = world_covariances(quats, scales) if resolve_backend(backend, means.device) == "torch" else None
+        backgrounds = torch.tensor([WHITE], dtype=means.dtype, device=means.device)
+        centre = means.double().median(dim=0).values
+        radius = float((means.double() - centre).norm(dim=1).median().clamp(min=1e-9))
+        return _SceneInputs(means, quats, scales, torch.sigmoid(gaussians.opacities.detach()),
+                            gaussians.sh_coeffs.detach(), gaussians.sh_degree, covars, backgrounds, centre, radius)
+
+    def colours(self, w2c: Tensor) -> Tensor:
+        """[N, 3] the Gaussians' colours seen from the camera ``w2c`` [4, 4] (no gradient)."""
+        with torch.no_grad():
+            viewmats = w2c[None].to(self.means.device, self.means.dtype)
+            return gaussian_colors(self.sh_coeffs, self.means, viewmats, self.sh_degree)[0]
 
 
 @dataclass
@@ -132,6 +181,14 @@ def check_refine_config(cfg: DictConfig) -> None:
                          f"{', '.join(REFINE_OPTIMIZERS)}")
     if not levels:
         raise ValueError("refine.levels is empty; give at least one render size, e.g. [1.0]")
+    if cfg.get("rotation_centre", "camera") not in ROTATION_CENTRES:
+        raise ValueError(f"refine.rotation_centre={cfg.rotation_centre!r} is unknown; choose one of "
+                         f"{', '.join(ROTATION_CENTRES)}")
+    if cfg.get("first_step") is not None and not float(cfg.first_step) > 0:
+        raise ValueError(f"refine.first_step must be > 0 (or null: torch's own first step), got {cfg.first_step}")
+    if int(cfg.get("stop_patience") or 0) < 0 or float(cfg.get("stop_tolerance") or 0.0) < 0:
+        raise ValueError(f"refine.stop_patience and refine.stop_tolerance must be >= 0 (stop_patience 0: no early "
+                         f"stop), got {cfg.get('stop_patience')} and {cfg.get('stop_tolerance')}")
     for scale, steps, blur, _ in levels:
         if steps < 1:
             raise ValueError(f"refine.steps must be >= 1 (or set refine.enabled=false), got {cfg.steps}")
@@ -164,10 +221,11 @@ class PoseRefiner:
     """Refines camera poses of one scene against query images.
 
     Args:
-        gaussians: the scene (on ``device``).
+        gaussians: the scene (on ``device``), as it is now: its activated parameters are kept.
         K: [3, 3] intrinsics of the full-size image; width, height its size.
         cfg: the ``refine`` node (optimizer, lr, loss, ssim_weight, silhouette_weight, levels, steps, blur,
-            keep_best).
+            keep_best; optional, absent in older runs' nodes, which then refine as they did: rotation_centre
+            (camera), first_step (null), stop_patience (0), stop_tolerance, colours_per_level (false)).
         backend: renderer backend ("auto" | "gsplat" | "torch"); both are differentiable in the pose.
         scorer: the anomaly scorer whose backbone the ``feature`` loss uses (None otherwise).
     """
@@ -182,6 +240,7 @@ class PoseRefiner:
         self.gaussians, self.cfg, self.backend, self.scorer = gaussians, cfg, backend, scorer
         self.device = gaussians.means.device
         self.levels = [_Level.of(settings, K, width, height, self.device) for settings in levels]
+        self.scene = _SceneInputs.of(gaussians, backend)
 
     def refine(self, query: Tensor, w2c: np.ndarray, levels: list[int] | None = None) -> Refinement:
         """Refine ``w2c`` [4, 4] (OpenCV world-to-camera) against ``query`` [3, H, W] in [0, 1], through
@@ -213,18 +272,29 @@ class PoseRefiner:
         start_time = time.perf_counter()
         target, target_mask = self._target(query, level)
         w2c_start = torch.as_tensor(w2c, dtype=torch.float64, device=self.device)
-        distance = self._scene_distance(w2c_start)
-        # xi = (translation / distance, rotation): both about "one image width per radian" in effect.
-        xi = torch.zeros(6, dtype=torch.float64, device=self.device, requires_grad=True)
-        state = {"region": None, "first": None, "best": float("inf"), "best_w2c": w2c_start, "evaluations": 0}
+        # The optimiser's variable is the increment / first_step: L-BFGS's first step (steepest descent, at
+        # most 1 in L1 norm of its variable) then moves the pose by at most first_step; later steps follow
+        # the curvature, which the scaling does not change.
+        lbfgs = self.cfg.optimizer == "lbfgs"
+        first_step = float(self.cfg.get("first_step") or 1.0) if lbfgs else 1.0
+        pose_at = self._pose_map(w2c_start)
+        # Early stop with keep_best only: a stop inside a line search would return a probe otherwise.
+        patience = int(self.cfg.get("stop_patience") or 0) if lbfgs and self.cfg.keep_best else 0
+        tolerance = float(self.cfg.get("stop_tolerance") or 0.0)
+        u = torch.zeros(6, dtype=torch.float64, device=self.device, requires_grad=True)
+        state = {"region": None, "first": None, "best": float("inf"), "best_w2c": w2c_start, "evaluations": 0,
+                 "progress_at": 0, "progress_loss": float("inf")}
+        # The view-dependent colours barely change over a level's few tenths of a degree; fixed at its start,
+        # the Gaussians' SH are evaluated once per level instead of forward and backward at every render.
+        colours = self.scene.colours(w2c_start) if self.cfg.get("colours_per_level") else None
 
-        def pose_of(xi: Tensor) -> Tensor:
-            return apply_increment(torch.cat([xi[:3] * distance, xi[3:]]), w2c_start)
+        def pose_of(u: Tensor) -> Tensor:
+            return pose_at(u * first_step)
 
         def evaluate(optimizer: torch.optim.Optimizer) -> Tensor:
             optimizer.zero_grad(set_to_none=True)
-            pose = pose_of(xi)
-            rgb, alpha = self._blurred(level, *self._render(pose, level))
+            pose = pose_of(u)
+            rgb, alpha = self._blurred(level, *self._render(pose, level, colours))
             if state["region"] is None:  # fixed at the start pose, so losses compare between steps
                 state["region"] = target_mask if level.loss == "l1_silhouette" else \
                     self._object_region(target, alpha.detach())
@@ -235,27 +305,35 @@ class PoseRefiner:
             state["first"] = value if state["first"] is None else state["first"]
             if value < state["best"] or not self.cfg.keep_best:
                 state["best"], state["best_w2c"] = value, pose.detach()
+            if patience:
+                if value < state["progress_loss"] - tolerance * state["first"]:
+                    state["progress_at"], state["progress_loss"] = state["evaluations"], value
+                elif state["evaluations"] - state["progress_at"] >= patience:
+                    raise _LevelConverged
             return loss
 
         steps = level.steps
         with torch.enable_grad():
-            if self.cfg.optimizer == "lbfgs":
-                optimizer = torch.optim.LBFGS([xi], lr=float(self.cfg.lr), max_iter=steps, max_eval=steps + steps // 4 + 1,
+            if lbfgs:
+                optimizer = torch.optim.LBFGS([u], lr=float(self.cfg.lr), max_iter=steps, max_eval=steps + steps // 4 + 1,
                                               history_size=10, line_search_fn="strong_wolfe",
                                               tolerance_grad=1e-10, tolerance_change=1e-12)
-                optimizer.step(lambda: evaluate(optimizer))
+                try:
+                    optimizer.step(lambda: evaluate(optimizer))
+                except _LevelConverged:
+                    pass
             else:
-                optimizer = torch.optim.Adam([xi], lr=float(self.cfg.lr))
+                optimizer = torch.optim.Adam([u], lr=float(self.cfg.lr))
                 decay = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=ADAM_FINAL_LR_FRACTION ** (1 / steps))
                 for _ in range(steps):
                     evaluate(optimizer)
                     optimizer.step()
                     decay.step()
                 with torch.no_grad():  # the pose after the last step has not been scored yet
-                    evaluate_last = float(self._loss(*self._blurred(level, *self._render(pose_of(xi), level)), target,
+                    evaluate_last = float(self._loss(*self._blurred(level, *self._render(pose_of(u), level, colours)), target,
                                                      state["region"], level.loss))
                 if evaluate_last < state["best"] or not self.cfg.keep_best:
-                    state["best"], state["best_w2c"] = evaluate_last, pose_of(xi).detach()
+                    state["best"], state["best_w2c"] = evaluate_last, pose_of(u).detach()
         refined = state["best_w2c"].cpu().numpy()
         return Refinement(w2c=refined, steps=state["evaluations"], loss_start=state["first"], loss_end=state["best"],
                           rotation_change_deg=rotation_error_deg(w2c, refined),
@@ -282,6 +360,33 @@ class PoseRefiner:
             images = tuple(gaussian_blur(image, [size, size], [sigma, sigma]) for image in images)
         return images[0] if len(images) == 1 else images
 
+    def _pose_map(self, w2c: Tensor):
+        """The poses [4, 4] reached from ``w2c`` [4, 4] (float64) by increments v [6] (float64, differentiable).
+
+        ``refine.rotation_centre: camera`` (also when the key is absent): v = (translation / d, rotation) applied
+        on the left of ``w2c``, with d the camera's distance to the scene: turns about the camera centre.
+        ``object``: turns about the object's centre c (the Gaussians' per-axis median), v = (sideways shift
+        / d, depth shift * R / d^2, rotation * R / d), with R the object's radius (median distance of the
+        Gaussians from c): every unit moves the object's outline by about the same number of pixels.
+        A turn about the camera shifts the image as a sideways shift does, and the loss then has a narrow
+        valley (a turn and a shift that nearly cancel) that L-BFGS walks slowly; about the object, a turn
+        moves the image only by parallax and the variables are far less coupled.
+        """
+        distance = self._scene_distance(w2c)
+        if self.cfg.get("rotation_centre", "camera") != "object":
+            return lambda v: apply_increment(torch.cat([v[:3] * distance, v[3:]]), w2c)
+        centre = w2c[:3, :3] @ self.scene.centre + w2c[:3, 3]  # [3] in the camera frame
+        reach = distance / self.scene.radius
+        bottom = w2c.new_tensor([[0.0, 0.0, 0.0, 1.0]])
+
+        def pose(v: Tensor) -> Tensor:
+            step = se3_exp(torch.cat([v[:2] * distance, v[2:3] * distance * reach, v[3:] * reach]))
+            rotation = step[:3, :3]  # about c: x -> c + rotation (x - c) + shift
+            about_centre = torch.cat([rotation, (step[:3, 3] + centre - rotation @ centre)[:, None]], dim=1)
+            return torch.cat([about_centre, bottom]) @ w2c
+
+        return pose
+
     def _scene_distance(self, w2c: Tensor) -> float:
         """Median depth of the Gaussians in this camera: the unit of the translation increment."""
         means = self.gaussians.means.to(torch.float64)
@@ -289,10 +394,16 @@ class PoseRefiner:
         depth = depth[depth > 0]
         return float(depth.median()) if len(depth) else float(w2c[:3, 3].norm())
 
-    def _render(self, w2c: Tensor, level: _Level) -> tuple[Tensor, Tensor]:
-        """[4, 4] -> rgb [1, 3, h, w] on the white background and its alpha [1, 1, h, w], at the level's size."""
-        rgb, alpha = render(self.gaussians, w2c[None], level.K, level.width, level.height, backend=self.backend,
-                            return_alpha=True)
+    def _render(self, w2c: Tensor, level: _Level, colours: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """[4, 4] -> rgb [1, 3, h, w] on the white background and its alpha [1, 1, h, w], at the level's size;
+        what :func:`~splatpose.splat.rendering.render` gives. ``colours`` [N, 3]: the Gaussians' colours
+        instead of their SH seen from ``w2c``."""
+        scene = self.scene
+        colors, sh_degree = (scene.sh_coeffs, scene.sh_degree) if colours is None else (colours, None)
+        rgb, alpha, _ = rasterize(scene.means, scene.quats, scene.scales, scene.opacities, colors,
+                                  w2c[None].to(self.device, scene.means.dtype), level.K[None], level.width,
+                                  level.height, backend=self.backend, sh_degree=sh_degree,
+                                  backgrounds=scene.backgrounds, covars=scene.covars)
         return rgb.permute(0, 3, 1, 2), alpha.permute(0, 3, 1, 2)
 
     @staticmethod

@@ -38,20 +38,21 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, c
               sh_degree: int | None = None, backgrounds: Tensor | None = None,
               packed: bool = False, absgrad: bool = False, eps2d: float = 0.3,
               near_plane: float = 0.01, far_plane: float = 1e10, radius_clip: float = 0.0,
-              rasterize_mode: str = "classic") -> tuple[Tensor, Tensor, dict]:
+              rasterize_mode: str = "classic", covars: Tensor | None = None) -> tuple[Tensor, Tensor, dict]:
     """Rasterize N Gaussians into C cameras (arguments as ``gsplat.rasterization``).
 
     Args:
         means [N,3], quats [N,4] (w,x,y,z), scales [N,3] (std-devs, activated), opacities [N]
         (in [0,1]), colors [N,D] or SH coefficients [N,K,3] with ``sh_degree``,
-        viewmats [C,4,4] world-to-camera (OpenCV axes), Ks [C,3,3], backgrounds [C,D]
+        viewmats [C,4,4] world-to-camera (OpenCV axes), Ks [C,3,3], backgrounds [C,D],
+        covars [N,3,3] world covariances or None (when given, quats and scales are ignored)
 
     Returns: colors [C,H,W,D], alphas [C,H,W,1], info (see ``rasterize_torch``)
     """
     backend = resolve_backend(backend, means.device)
     kwargs = dict(sh_degree=sh_degree, backgrounds=backgrounds, packed=packed, absgrad=absgrad,
                   eps2d=eps2d, near_plane=near_plane, far_plane=far_plane, radius_clip=radius_clip,
-                  rasterize_mode=rasterize_mode)
+                  rasterize_mode=rasterize_mode, covars=covars)
     if backend == "gsplat":
         from gsplat import rasterization  # compiles its CUDA code on first use
 

@@ -73,6 +73,7 @@ def rasterize_torch(
     rasterize_mode: str = "classic",
     render_mode: str = "RGB",
     camera_model: str = "pinhole",
+    covars: Tensor | None = None,  # [N, 3, 3]: when given, quats and scales are ignored
     **unsupported,
 ) -> tuple[Tensor, Tensor, dict]:
     """Render C images of N Gaussians; argument meanings as in ``gsplat.rasterization``.
@@ -103,7 +104,7 @@ def rasterize_torch(
     projection = project_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height,
                                    eps2d=eps2d, near_plane=near_plane, far_plane=far_plane,
                                    radius_clip=radius_clip,
-                                   antialiased=rasterize_mode == "antialiased")
+                                   antialiased=rasterize_mode == "antialiased", covars=covars)
     point_colors = gaussian_colors(colors, means, viewmats, sh_degree)  # [C, N, D]
     render_colors, render_alphas, n_pairs = composite(
         projection["means2d"], projection["conics"], projection["opacities"], point_colors,
@@ -126,14 +127,19 @@ def rasterize_torch(
 def project_gaussians(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor,
                       viewmats: Tensor, Ks: Tensor, width: int, height: int, eps2d: float = 0.3,
                       near_plane: float = 0.01, far_plane: float = 1e10, radius_clip: float = 0.0,
-                      antialiased: bool = False) -> dict[str, Tensor]:
+                      antialiased: bool = False, covars: Tensor | None = None) -> dict[str, Tensor]:
     """EWA projection of 3D Gaussians into C cameras, as gsplat's fused CUDA projection does it.
+
+    ``covars`` [N, 3, 3]: the world covariances, when the caller has them (:func:`world_covariances` of
+    ``quats`` and ``scales``, which are then ignored): a camera-independent step a caller rendering one
+    scene many times need not repeat.
 
     Returns a dict: means2d [C,N,2] (pixels), conics [C,N,3] (inverse blurred 2D covariance,
     entries xx, xy, yy), depths [C,N] (camera z), opacities [C,N] (times the antialiasing
     compensation when ``antialiased``), radii [C,N,2] int32 (0 = culled).
     """
-    covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_covar=True, compute_preci=False)
+    if covars is None:
+        covars = world_covariances(quats, scales)
     means_cam, covars_cam = _world_to_cam(means, covars, viewmats)  # [C,N,3], [C,N,3,3]
     means2d, covars2d = _persp_proj(means_cam, covars_cam, Ks, width, height)  # [C,N,2], [C,N,2,2]
 
@@ -163,6 +169,12 @@ def project_gaussians(means: Tensor, quats: Tensor, scales: Tensor, opacities: T
         radii = torch.where(valid[..., None], torch.stack([radius_x, radius_y], -1), 0).int()
     return {"means2d": means2d, "conics": conics, "depths": depths, "opacities": opacities,
             "radii": radii}
+
+
+def world_covariances(quats: Tensor, scales: Tensor) -> Tensor:
+    """[N, 4] unit quaternions (w, x, y, z), [N, 3] standard deviations -> [N, 3, 3] covariances R S S R^T."""
+    covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_covar=True, compute_preci=False)
+    return covars
 
 
 def gaussian_colors(colors: Tensor, means: Tensor, viewmats: Tensor, sh_degree: int | None) -> Tensor:

@@ -285,6 +285,10 @@ class Recovery:
                 "seconds": round(self.seconds, 4), **self.confidence.summary()}
 
 
+# Keys of the PoseRefiner's search a ``refine.recovery`` node may set (see PoseRefiner; absent: its defaults).
+SEARCH_KEYS = ("rotation_centre", "first_step", "stop_patience", "stop_tolerance", "colours_per_level")
+
+
 class PoseRecovery:
     """Recovers query poses of one scene from its search views and splats.
 
@@ -303,10 +307,11 @@ class PoseRecovery:
         if len(cfg.hypotheses) != len(cfg.levels):
             raise ValueError(f"refine.recovery.hypotheses has {len(cfg.hypotheses)} entries for "
                              f"{len(cfg.levels)} levels ({list(cfg.levels)}); give one per level")
+        search = {key: cfg[key] for key in SEARCH_KEYS if cfg.get(key) is not None}
         self.refiner = PoseRefiner(gaussians, K, width, height, OmegaConf.create({
             "enabled": True, "optimizer": "lbfgs", "lr": 1.0, "loss": "l1_silhouette",
             "silhouette_weight": float(cfg.silhouette_weight), "ssim_weight": 0.0, "keep_best": True,
-            "levels": list(cfg.levels), "steps": list(cfg.steps), "blur": list(cfg.blur)}), backend=backend)
+            "levels": list(cfg.levels), "steps": list(cfg.steps), "blur": list(cfg.blur), **search}), backend=backend)
 
     def recover(self, query: Tensor, start_w2c: np.ndarray | None = None) -> Recovery:
         """Best pose for ``query`` [3, H, W] in [0, 1]; ``start_w2c`` (e.g. a weak PnP pose) competes too."""

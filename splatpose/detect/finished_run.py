@@ -130,8 +130,9 @@ def keep_detector_artifacts(run_dir: Path, sfm_dir: Path, ply: Path, search_view
     """Put what a detector reads into ``run_dir/artifacts/``: the SfM reference (summary, points,
     features, COLMAP model), the Gaussians' PLY, the pose recovery's search views (when the run made
     them) and the refined reference cameras (when the splat training refined them: the detector then
-    uses them, not the SfM model's, as the reference views' poses). Hard links where the file system allows (no space, no copy time; the cache writes files by
-    rename, so a link keeps the content it had), else copies.
+    uses them, not the SfM model's, as the reference views' poses). Hard links where the file system
+    allows (no space, no copy time; the cache writes files by rename, so a link keeps the content it
+    had), else copies.
 
     Returns: {"sfm": ..., "gaussians_ply": ..., ["search_views": ...], ["reference_cameras": ...]}, paths
     relative to ``run_dir``.

@@ -87,8 +87,9 @@ class GaussianSplatModule(LightningModule):
     def render_batch(self, batch: dict, sh_degree: int, gaussians: Gaussians | None = None, **kwargs):
         """Render ``batch`` (w2c [B,4,4], K) with the module's Gaussians, or ``gaussians`` (e.g. detached)."""
         backend = resolve_backend(self.cfg.backend, self.device)
-        return render(gaussians if gaussians is not None else self.gaussians, batch["w2c"], batch["K"], self.width, self.height,
-                      backend=backend, sh_degree=sh_degree, return_alpha=True, return_info=True,
+        gaussians = gaussians if gaussians is not None else self.gaussians
+        return render(gaussians, batch["w2c"], batch["K"], self.width, self.height, backend=backend,
+                      sh_degree=sh_degree, return_alpha=True, return_info=True,
                       rasterize_mode="antialiased" if self.cfg.get("antialiased", False) else "classic",
                       **kwargs)
 

@@ -63,6 +63,13 @@ def check_splat_values(splat: DictConfig) -> None:
         raise ConfigError(f"splat.backend={splat.backend!r} is unknown; choose one of {', '.join(SPLAT_BACKENDS)}")
     for key, value in splat.lr.items():
         _positive_number(value, f"splat.lr.{key}")
+    camera_opt = splat.get("camera_opt")
+    if camera_opt is not None:
+        if camera_opt.get("enabled") not in ("auto", True, False):
+            raise ConfigError(f"splat.camera_opt.enabled={camera_opt.get('enabled')!r}: choose auto (on only for "
+                              "estimated cameras, sfm.reference_poses=estimate), true or false")
+        for key in ("lr", "lr_final"):
+            _positive_number(camera_opt.get(key), f"splat.camera_opt.{key}")
     strategy = splat.get("strategy") or {}
     for key in ("refine_start_iter", "refine_stop_iter", "refine_every"):
         if key in strategy:

@@ -28,6 +28,7 @@ from lightning.pytorch import Trainer
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from splatpose.atomic_files import atomic_path, write_json_atomic
 from splatpose.callbacks.evaluation import Evaluation, flatten_metrics
 from splatpose.config_checks import ConfigError, check_run_config
 from splatpose.data import resolve_dataset
@@ -43,10 +44,11 @@ from splatpose.sfm import QueryPose, Reference, build_reference, check_sfm_confi
 from splatpose.sfm.config import sfm_settings
 from splatpose.sfm.estimated_poses import posed_class_data, resolve_reference_poses
 from splatpose.sfm.frame_alignment import FrameAlignment, align_to_true_poses
+from splatpose.splat.camera_refinement import resolve_camera_refinement
 from splatpose.splat.ply import load_gaussians
 from splatpose.splat.rendering import render
-from splatpose.splat.train import METRICS_NAME as SPLAT_METRICS_NAME, train_splats
-from splatpose.atomic_files import atomic_path, write_json_atomic
+from splatpose.splat.train import CAMERAS_NAME as SPLAT_CAMERAS_NAME, METRICS_NAME as SPLAT_METRICS_NAME
+from splatpose.splat.train import read_refined_cameras, train_splats
 from splatpose.stage_cache import StageCache, stage_key
 
 log = logging.getLogger(__name__)
@@ -146,12 +148,16 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData |
     localization = localization_summary(truth, [in_true_frame(pose, alignment) for pose in poses])
     log.info("Localized %d/%d queries", localization["num_localized"], len(poses))
 
-    with timer("splat", subject) as record, cache.stage("splat", {"splat": cfg.splat, "seed": cfg.seed},
+    # Estimated cameras are refined with the splats (splat.camera_opt); from here on every stage works at
+    # the refined cameras, in the splats' frame.
+    splat_cfg = resolve_camera_refinement(cfg.splat, sfm_cfg.reference_poses)
+    with timer("splat", subject) as record, cache.stage("splat", {"splat": splat_cfg, "seed": cfg.seed},
                                                          (data_key, st.key)) as sp:
         record["reused"] = sp.reused
-        ply = train_splats(posed, reference.points_xyz, reference.points_rgb, cfg.splat, sp.dir,
+        ply = train_splats(posed, reference.points_xyz, reference.points_rgb, splat_cfg, sp.dir,
                            trainer_kwargs=splat_trainer_kwargs(cfg, loggers))
     log.info("Gaussians: %s", ply)
+    posed, alignment = refined_reference_frame(data, posed, sp.dir, alignment, cameras)
 
     backend = cfg.splat.get("backend", "auto")
     refine_settings = {"refine": cfg.refine, "backend": backend,
@@ -187,7 +193,8 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData |
         "stage_dirs": {"sfm": str(st.dir), "localize": str(loc.dir), "splat": str(sp.dir),
                        "refine": str(rf.dir), "render": str(rd.dir)},
         "gaussians_ply": str(ply),
-        "artifacts": keep_detector_artifacts(out_dir, st.dir, ply, rf.dir / SEARCH_VIEWS_FILE),
+        "artifacts": keep_detector_artifacts(out_dir, st.dir, ply, rf.dir / SEARCH_VIEWS_FILE,
+                                             sp.dir / SPLAT_CAMERAS_NAME),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "environment": environment_info(device),
     }
@@ -254,6 +261,44 @@ def reference_frames(data: ClassData, reference: Reference, sfm_cfg: DictConfig
         log.warning("The estimated reference cameras could not be aligned to the true ones: no pose errors")
         return posed, dataclasses.replace(data, test_poses=None), None
     return posed, data, alignment
+
+
+def refined_reference_frame(data: ClassData, posed: ClassData, splat_dir: Path, alignment: FrameAlignment | None,
+                            cameras: dict) -> tuple[ClassData, FrameAlignment | None]:
+    """The class at the cameras the splats were trained at, and its alignment to the true frame.
+
+    Without camera refinement (no ``reference_cameras.json`` in ``splat_dir``): ``posed`` and ``alignment``
+    unchanged. With it: ``posed`` with every train view at its refined camera, and, when the true poses
+    are known, the refined cameras aligned to the true ones afresh; ``cameras`` (results.json
+    ``reference_cameras``) gains ``refined_alignment`` (the same numbers as ``alignment``, after the
+    refinement) and ``camera_refinement`` (how far the corrections moved the cameras).
+    """
+    refined = read_refined_cameras(splat_dir)
+    if refined is None:
+        return posed, alignment
+    missing = [view.name for view in posed.train if view.name not in refined]
+    if missing:
+        raise ValueError(f"{Path(splat_dir) / SPLAT_CAMERAS_NAME}: no refined camera for {missing}; delete "
+                         f"the splat stage folder {splat_dir} to retrain it")
+    posed = dataclasses.replace(posed, train=[dataclasses.replace(view, w2c=refined[view.name])
+                                              for view in posed.train])
+    metrics = json.loads((Path(splat_dir) / SPLAT_METRICS_NAME).read_text())
+    cameras["camera_refinement"] = {**metrics.get("camera_refinement", {}),
+                                    "holdout_psnr_at_aligned_cameras": metrics.get("psnr_aligned")}
+    if alignment is None:
+        return posed, None
+    true_w2c = {view.name: view.w2c for view in data.train}
+    refined_alignment = align_to_true_poses([v.name for v in posed.train], posed.train_w2c,
+                                            np.stack([true_w2c[v.name] for v in posed.train]))
+    if refined_alignment is None:
+        log.warning("The refined reference cameras could not be aligned to the true ones: no pose errors")
+        return posed, None
+    cameras["refined_alignment"] = refined_alignment.summary()
+    log.info("Refined cameras vs true: alignment residual %.4f (median centre error / scene radius), %.3f deg "
+             "(before the refinement %.4f, %.3f deg)", cameras["refined_alignment"]["median_center_error_rel"],
+             cameras["refined_alignment"]["median_rotation_error_deg"],
+             cameras["alignment"]["median_center_error_rel"], cameras["alignment"]["median_rotation_error_deg"])
+    return posed, refined_alignment
 
 
 def in_true_frame(pose, alignment: FrameAlignment | None):

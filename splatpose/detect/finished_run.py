@@ -91,6 +91,7 @@ def load_finished_run(run_dir: Path | str) -> FinishedRun:
         raise RunFolderError(f"{results_path}: map_range = {results['map_range']} is empty (hi <= lo), so "
                              "maps cannot be normalised; the evaluation's maps were constant")
     reference, K, width, height, db_w2c = read_reference(sfm_dir)
+    db_w2c = refined_db_w2c(run_dir, results, reference.db_names, db_w2c)
     return FinishedRun(run_dir=run_dir, config=OmegaConf.create(results["config"]), reference=reference,
                        gaussians_ply=ply, K=K, width=width, height=height, db_w2c=db_w2c,
                        map_range=(lo, hi), stage_dirs=stage_dirs, metrics=results.get("metrics", {}),
@@ -124,13 +125,17 @@ def detector_inputs(run_dir: Path, results: dict) -> tuple[Path, Path]:
     return sfm_dir, ply
 
 
-def keep_detector_artifacts(run_dir: Path, sfm_dir: Path, ply: Path, search_views: Path | None = None) -> dict[str, str]:
+def keep_detector_artifacts(run_dir: Path, sfm_dir: Path, ply: Path, search_views: Path | None = None,
+                            reference_cameras: Path | None = None) -> dict[str, str]:
     """Put what a detector reads into ``run_dir/artifacts/``: the SfM reference (summary, points,
-    features, COLMAP model), the Gaussians' PLY and the pose recovery's search views (when the run made
-    them). Hard links where the file system allows (no space, no copy time; the cache writes files by
-    rename, so a link keeps the content it had), else copies.
+    features, COLMAP model), the Gaussians' PLY, the pose recovery's search views (when the run made
+    them) and the refined reference cameras (when the splat training refined them: the detector then
+    uses them, not the SfM model's, as the reference views' poses). Hard links where the file system
+    allows (no space, no copy time; the cache writes files by rename, so a link keeps the content it
+    had), else copies.
 
-    Returns: {"sfm": ..., "gaussians_ply": ..., ["search_views": ...]}, paths relative to ``run_dir``.
+    Returns: {"sfm": ..., "gaussians_ply": ..., ["search_views": ...], ["reference_cameras": ...]}, paths
+    relative to ``run_dir``.
     """
     target = Path(run_dir) / ARTIFACTS_DIR
     for name in SFM_ARTIFACTS:
@@ -140,7 +145,30 @@ def keep_detector_artifacts(run_dir: Path, sfm_dir: Path, ply: Path, search_view
     if search_views is not None and Path(search_views).is_file():
         _link_or_copy(Path(search_views), target / Path(search_views).name)
         kept["search_views"] = f"{ARTIFACTS_DIR}/{Path(search_views).name}"
+    if reference_cameras is not None and Path(reference_cameras).is_file():
+        _link_or_copy(Path(reference_cameras), target / Path(reference_cameras).name)
+        kept["reference_cameras"] = f"{ARTIFACTS_DIR}/{Path(reference_cameras).name}"
     return kept
+
+
+def refined_db_w2c(run_dir: Path, results: dict, db_names: list[str], db_w2c: np.ndarray) -> np.ndarray:
+    """The db images' poses [N, 4, 4] the run's splats were trained at: the refined reference cameras the
+    run kept in artifacts/ (``reference_cameras.json``: names, w2c), else ``db_w2c`` (the SfM model's).
+
+    Raises:
+        RunFolderError: the file lacks a db image (it belongs to another run).
+    """
+    relative = (results.get("artifacts") or {}).get("reference_cameras")
+    if relative is None:
+        return db_w2c
+    path = run_dir / relative
+    content = json.loads(path.read_text())
+    refined = dict(zip(content["names"], content["w2c"]))
+    missing = [name for name in db_names if name not in refined]
+    if missing:
+        raise RunFolderError(f"{path}: no refined camera for the db images {missing[:5]}; it does not belong to "
+                             "this run's SfM model, rerun the evaluation")
+    return np.stack([np.asarray(refined[name], dtype=np.float64) for name in db_names])
 
 
 def search_views_file(run_dir: Path, results: dict) -> Path | None:

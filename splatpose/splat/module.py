@@ -23,6 +23,7 @@ from lightning.pytorch import LightningModule
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from splatpose.splat.camera_refinement import CameraCorrections
 from splatpose.splat.gaussians import PARAMETER_NAMES, Gaussians
 from splatpose.splat.losses import exponential_decay_gamma, l1_dssim_loss, psnr, ssim
 from splatpose.splat.rendering import render, resolve_backend
@@ -36,7 +37,9 @@ class GaussianSplatModule(LightningModule):
         gaussians: the initial scene
         cfg: the ``splat`` config node (conf/splat/*.yaml): steps, lr.*, loss.*, sh_degree,
             sh_degree_interval, strategy (a gsplat strategy ``_target_``), backend, absgrad,
-            antialiased, init.*, eval.*
+            antialiased, init.*, eval.*, and optionally camera_opt.* (``enabled: true`` trains a rigid
+            correction per training view, :class:`CameraCorrections`; anything else, ``auto`` included,
+            leaves the cameras as given: the pipeline resolves ``auto``)
         scene_scale: size of the camera rig; the means' learning rate and the strategy's 3D scale
             thresholds are relative to it (as in gsplat's trainer)
         width, height: image size of the training views
@@ -57,6 +60,9 @@ class GaussianSplatModule(LightningModule):
         self.register_buffer("view_images", views.images, persistent=False)
         self.register_buffer("view_w2c", views.w2c.float(), persistent=False)
         self.register_buffer("view_K", views.K.float(), persistent=False)
+        # One correction per training view, trained with the Gaussians (``refined_w2c``).
+        self.cameras = (CameraCorrections(len(views), self.scene_scale)
+                        if camera_refinement_enabled(self.cfg) else None)
         self.splats = torch.nn.ParameterDict(
             {name: torch.nn.Parameter(tensor.float().clone()) for name, tensor in gaussians.as_dict().items()})
         self.strategy = hydra.utils.instantiate(self.cfg.strategy)
@@ -78,15 +84,18 @@ class GaussianSplatModule(LightningModule):
         """SH degree ramp: one more band every ``sh_degree_interval`` steps, up to ``sh_degree``."""
         return min(step // max(int(self.cfg.sh_degree_interval), 1), int(self.cfg.sh_degree))
 
-    def render_batch(self, batch: dict, sh_degree: int, **kwargs):
+    def render_batch(self, batch: dict, sh_degree: int, gaussians: Gaussians | None = None, **kwargs):
+        """Render ``batch`` (w2c [B,4,4], K) with the module's Gaussians, or ``gaussians`` (e.g. detached)."""
         backend = resolve_backend(self.cfg.backend, self.device)
-        return render(self.gaussians, batch["w2c"], batch["K"], self.width, self.height,
-                      backend=backend, sh_degree=sh_degree, return_alpha=True, return_info=True,
+        gaussians = gaussians if gaussians is not None else self.gaussians
+        return render(gaussians, batch["w2c"], batch["K"], self.width, self.height, backend=backend,
+                      sh_degree=sh_degree, return_alpha=True, return_info=True,
                       rasterize_mode="antialiased" if self.cfg.get("antialiased", False) else "classic",
                       **kwargs)
 
     def raw_optimizers(self, wrapped=None) -> dict[str, torch.optim.Optimizer]:
-        """Parameter name -> its torch optimizer, the mapping gsplat's strategies edit in place."""
+        """Parameter name -> its torch optimizer, the mapping gsplat's strategies edit in place (the
+        camera corrections' optimizer, last in the list when present, is not theirs to edit)."""
         return {name: opt.optimizer for name, opt in zip(PARAMETER_NAMES, wrapped or self.optimizers())}
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -101,13 +110,29 @@ class GaussianSplatModule(LightningModule):
         optimizers = [torch.optim.Adam([{"params": [self.splats[name]], "lr": rates[name], "name": name}],
                                        eps=1e-15, fused=fused) for name in PARAMETER_NAMES]
         gamma = exponential_decay_gamma(lr.means, lr.means_final, int(self.cfg.steps))
-        means_schedule = torch.optim.lr_scheduler.ExponentialLR(optimizers[0], gamma=gamma)
-        return optimizers, [means_schedule]
+        schedules = [torch.optim.lr_scheduler.ExponentialLR(optimizers[0], gamma=gamma)]
+        if self.cameras is not None:
+            camera_opt = self.cfg.camera_opt
+            optimizers.append(torch.optim.Adam(self.cameras.parameters(), lr=float(camera_opt.lr), eps=1e-15))
+            schedules.append(torch.optim.lr_scheduler.ExponentialLR(optimizers[-1], gamma=exponential_decay_gamma(
+                float(camera_opt.lr), float(camera_opt.lr_final), int(self.cfg.steps))))
+        return optimizers, schedules
 
     def views_batch(self, indices: list[int]) -> dict:
-        """The batch of train views ``indices`` (Python ints: indexing with them needs no host sync)."""
-        return {"image": torch.stack([self.view_images[i] for i in indices]),
-                "w2c": torch.stack([self.view_w2c[i] for i in indices]), "K": self.view_K}
+        """The batch of train views ``indices`` (Python ints: indexing with them needs no host sync), at
+        their corrected cameras when the cameras are refined."""
+        w2c = torch.stack([self.view_w2c[i] for i in indices])
+        if self.cameras is not None:
+            w2c = self.cameras(w2c, indices)
+        return {"image": torch.stack([self.view_images[i] for i in indices]), "w2c": w2c, "K": self.view_K}
+
+    @torch.no_grad()
+    def refined_w2c(self) -> Tensor:
+        """[V, 4, 4] the training views' world-to-camera poses (OpenCV) as trained: corrected when the
+        cameras are refined, else as given."""
+        if self.cameras is None:
+            return self.view_w2c.clone()
+        return self.cameras(self.view_w2c, list(range(len(self.view_w2c))))
 
     def training_step(self, batch: list[int], batch_idx: int) -> Tensor:
         step = self.global_step
@@ -128,11 +153,13 @@ class GaussianSplatModule(LightningModule):
         wrapped[0].step()
         for optimizer in wrapped[1:]:
             optimizer.optimizer.step()
-        for optimizer in optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        schedule = self.lr_schedulers()
-        means_lr = schedule.get_last_lr()[0]
-        schedule.step()
+        for optimizer in wrapped:
+            optimizer.optimizer.zero_grad(set_to_none=True)
+        schedules = self.lr_schedulers()
+        schedules = schedules if isinstance(schedules, list) else [schedules]
+        means_lr = schedules[0].get_last_lr()[0]
+        for schedule in schedules:
+            schedule.step()
 
         if isinstance(self.strategy, MCMCStrategy):
             self.strategy.step_post_backward(self.splats, optimizers, self.strategy_state, step, info,
@@ -153,8 +180,12 @@ class GaussianSplatModule(LightningModule):
         return loss.detach()
 
     def regularization(self) -> Tensor:
-        """MCMC's opacity and scale penalties (weights 0 disable them)."""
+        """MCMC's opacity and scale penalties (weights 0 disable them), and the camera corrections'
+        pull toward zero (``camera_opt.reg`` times their mean square): it holds the frame, which the
+        images alone leave free (moving every camera and the Gaussians together costs nothing)."""
         total = self.splats["means"].new_zeros(())
+        if self.cameras is not None and float(self.cfg.camera_opt.get("reg", 0.0)):
+            total = total + float(self.cfg.camera_opt.reg) * self.cameras.delta.square().sum(-1).mean()
         if self.cfg.loss.get("opacity_reg", 0.0):
             total = total + self.cfg.loss.opacity_reg * torch.sigmoid(self.splats["opacities"]).mean()
         if self.cfg.loss.get("scale_reg", 0.0):
@@ -197,6 +228,13 @@ class GaussianSplatModule(LightningModule):
             self.strategy_state = checkpoint["strategy_state"]
         self._resumed_rng_states = checkpoint.get("rng_states")
 
+
+
+def camera_refinement_enabled(cfg: DictConfig) -> bool:
+    """Whether the ``splat`` node asks for camera corrections: ``camera_opt.enabled`` is true (a
+    resolved setting; ``auto`` is resolved by the pipeline from ``sfm.reference_poses``)."""
+    camera_opt = cfg.get("camera_opt")
+    return camera_opt is not None and camera_opt.get("enabled") is True
 
 
 def capture_rng_states() -> dict[str, Any]:

@@ -7,6 +7,7 @@ are the reference views and the queries, so every true pose is known exactly.
 import math
 
 import numpy as np
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -99,14 +100,22 @@ def test_search_finds_the_view_and_roll():
     assert abs(roll_error) <= 10.0
 
 
-def test_recovery_turns_a_far_pose_into_an_accurate_one():
+# The PoseRefiner's faster search (turns about the object, bounded first step, early stop), which the
+# recovery takes when its node sets the keys (experiments/results/recovery_speed_cpu_2026-12-05.md).
+OBJECT_SEARCH = {"rotation_centre": "object", "first_step": 0.01, "stop_patience": 4, "stop_tolerance": 1e-3,
+                 "colours_per_level": True}
+
+
+@pytest.mark.parametrize("search", [{}, OBJECT_SEARCH], ids=["camera", "object"])
+def test_recovery_turns_a_far_pose_into_an_accurate_one(search):
     """A query 15 degrees of yaw away from the nearest reference view and rolled by 50 degrees: no start
     pose at all, and the recovered pose is within 1 degree."""
     scene = random_scene(n=1500)
     views, _ = reference_views(scene)
     truth = rolled(camera(yaw_deg=45.0), 50.0)
     query = torch.as_tensor(shot(scene, truth)).permute(2, 0, 1)
-    recovery = PoseRecovery(scene, K, SIZE, SIZE, views, recovery_cfg(), backend="torch")
+    recovery = PoseRecovery(scene, K, SIZE, SIZE, views, recovery_cfg(**search), backend="torch")
+    assert all(recovery.refiner.cfg[key] == value for key, value in search.items())
     result = recovery.recover(query)
     assert result.accepted, result.summary()
     assert rotation_error_deg(result.w2c, truth) < 1.0, result.summary()

@@ -51,7 +51,7 @@ def composite(on_white: np.ndarray, alpha: np.ndarray, background: np.ndarray) -
 def smooth_noise(shape: tuple[int, int], cells: int, rng: np.random.Generator) -> np.ndarray:
     """[H, W] value noise in [0, 1]: a ``cells`` x ``cells`` grid of uniform values, cubic-interpolated."""
     grid = rng.uniform(0.0, 1.0, (cells + 3, cells + 3))
-    up = zoom(grid, ((shape[0] + 2) / grid.shape[0] * 1.0, (shape[1] + 2) / grid.shape[1]), order=3)
+    up = zoom(grid, ((shape[0] + 2) / grid.shape[0], (shape[1] + 2) / grid.shape[1]), order=3)
     return np.clip(up[1:shape[0] + 1, 1:shape[1] + 1], 0.0, 1.0)
 
 

@@ -346,11 +346,13 @@ class Detector:
                 detection.flags.append("not_localized")
 
         start = self._clock()
-        renders = self.render_references(w2c)
+        # alpha only for a scorer that reads it: without one the scorer replays its CUDA graph
+        renders, alphas = self.render_references(w2c, return_alpha=True)
+        alphas = alphas if getattr(self.scorer, "uses_alpha", False) else None
         render_seconds = self._clock() - start
 
         start = self._clock()
-        maps_np = self.score(queries, renders).float().cpu().numpy()
+        maps_np = self.score(queries, renders, alphas).float().cpu().numpy()
         score_seconds = self._clock() - start
 
         threshold = self.cfg.threshold
@@ -412,16 +414,19 @@ class Detector:
         np.stack(arrays, out=staging.numpy())
         return staging
 
-    def render_references(self, w2c: np.ndarray) -> torch.Tensor:
-        """Defect-free renders at poses w2c [B, 4, 4] (OpenCV world-to-camera): [B, H, W, 3] in [0, 1]."""
+    def render_references(self, w2c: np.ndarray, return_alpha: bool = False):
+        """Defect-free renders at poses w2c [B, 4, 4] (OpenCV world-to-camera): [B, H, W, 3] in [0, 1],
+        and with ``return_alpha`` their coverage [B, H, W] in [0, 1]."""
         with torch.no_grad():
-            return render(self.gaussians, torch.as_tensor(w2c, dtype=torch.float32, device=self.device), self.K,
-                          self.width, self.height, backend=self.backend).clamp(0, 1)
+            rgb, alpha = render(self.gaussians, torch.as_tensor(w2c, dtype=torch.float32, device=self.device),
+                                self.K, self.width, self.height, backend=self.backend, return_alpha=True)
+        return (rgb.clamp(0, 1), alpha[..., 0].clamp(0, 1)) if return_alpha else rgb.clamp(0, 1)
 
-    def score(self, queries: torch.Tensor, renders: torch.Tensor) -> torch.Tensor:
-        """Anomaly maps [B, S, S] of queries [B, 3, H, W] against renders [B, H, W, 3], normalised with the
-        run's map_range."""
-        raw = self.score_maps(queries.to(self.device), renders.permute(0, 3, 1, 2))
+    def score(self, queries: torch.Tensor, renders: torch.Tensor, alphas: torch.Tensor | None = None) -> torch.Tensor:
+        """Anomaly maps [B, S, S] of queries [B, 3, H, W] against renders [B, H, W, 3] (alphas [B, H, W]:
+        their coverage, for the scorer's object region, as in the evaluation), normalised with the run's
+        map_range."""
+        raw = self.score_maps(queries.to(self.device), renders.permute(0, 3, 1, 2), alphas)
         return normalise_maps(raw, self.lo, self.hi)
 
     def _clock(self) -> float:

@@ -132,7 +132,8 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData |
 
     # The reference model depends on features, matcher and db pairs, not on query retrieval/PnP.
     sfm_cfg = resolve_reference_poses(cfg.sfm, data)
-    with timer("sfm", subject) as record, cache.stage("sfm", reference_settings(sfm_cfg), (data_key,)) as st:
+    with timer("sfm", subject) as record, cache.stage("sfm", without_unused_masks(reference_settings(sfm_cfg), data),
+                                                       (data_key,)) as st:
         record["reused"] = st.reused
         reference = build_reference(data, sfm_cfg, st.dir, device)
         st.summary = {"num_points": int(len(reference.points_xyz))}
@@ -142,7 +143,8 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData |
     posed, truth, alignment = reference_frames(data, reference, sfm_cfg)
     cameras = reference_cameras_summary(data, posed, reference, alignment)
 
-    with timer("localize", subject) as record, cache.stage("localize", sfm_settings(sfm_cfg), (st.key,)) as loc:
+    with timer("localize", subject) as record, cache.stage("localize", without_unused_masks(sfm_settings(sfm_cfg), data),
+                                                            (st.key,)) as loc:
         record["reused"] = loc.reused
         poses = localize_queries(posed, sfm_cfg, reference, loc.dir, device)
     localization = localization_summary(truth, [in_true_frame(pose, alignment) for pose in poses])
@@ -151,7 +153,7 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData |
     # Estimated cameras are refined with the splats (splat.camera_opt); from here on every stage works at
     # the refined cameras, in the splats' frame.
     splat_cfg = resolve_camera_refinement(cfg.splat, sfm_cfg.reference_poses)
-    with timer("splat", subject) as record, cache.stage("splat", {"splat": splat_cfg, "seed": cfg.seed},
+    with timer("splat", subject) as record, cache.stage("splat", splat_settings(splat_cfg, posed, cfg.seed),
                                                          (data_key, st.key)) as sp:
         record["reused"] = sp.reused
         ply = train_splats(posed, reference.points_xyz, reference.points_rgb, splat_cfg, sp.dir,
@@ -172,10 +174,11 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData |
 
     with timer("render", subject) as record, cache.stage("render", {"backend": backend}, (sp.key, rf.key)) as rd:
         record["reused"] = rd.reused
-        renders = render_pseudo_references(posed, refined, ply, rd.dir / "renders.npz", device, backend=backend)
+        renders, alphas = render_pseudo_references(posed, refined, ply, rd.dir / "renders.npz", device,
+                                                   backend=backend)
 
     with timer("score", subject):
-        evaluation = score_and_evaluate(cfg, data, renders, loggers, device)
+        evaluation = score_and_evaluate(cfg, data, renders, loggers, device, alphas=alphas)
     if not any(t.mask_path for t in data.test):
         log.warning("%s has no ground-truth masks: pixel AUROC, AUPRO and image AUROC need masks (and defect "
                     "labels), so they are undefined; the anomaly maps and scores are in %s (per_image.csv, "
@@ -229,6 +232,19 @@ def dataset_identity(cfg_dataset: DictConfig) -> dict:
     content, so the same files in another checkout, cache or machine give the same keys, seeds and results."""
     return {k: v for k, v in OmegaConf.to_container(cfg_dataset, resolve=True).items()
             if k not in ("classes", "default_class", "root", "good", "inspect")}
+
+
+def without_unused_masks(settings: dict, data: ClassData) -> dict:
+    """A stage's settings without ``object_masks`` for a class that ships no reference masks: there the
+    switch changes nothing, so it must not change the stage's key."""
+    if data.has_reference_masks:
+        return settings
+    return {k: v for k, v in settings.items() if k != "object_masks"}
+
+
+def splat_settings(cfg_splat: DictConfig, data: ClassData, seed: int) -> dict:
+    """What decides the splat stage: the splat config (``object_masks`` only with reference masks) and the seed."""
+    return {"splat": without_unused_masks(OmegaConf.to_container(cfg_splat, resolve=True), data), "seed": seed}
 
 
 def splat_trainer_kwargs(cfg: DictConfig, loggers: list) -> dict:
@@ -410,36 +426,42 @@ def final_pose_summary(data: ClassData, refined: list[RefinedPose]) -> dict:
 
 
 def render_pseudo_references(data: ClassData, poses: list[RefinedPose], ply: Path, cache_file: Path,
-                             device: str, backend: str = "auto") -> np.ndarray:
+                             device: str, backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Render the defect-free splats at every query's pose (refined, or as localized).
 
-    Returns: [N, H, W, 3] float32 in [0,1], in the order of ``poses``; cached in ``cache_file``.
+    Returns: renders [N, H, W, 3] float32 in [0,1] and their alphas [N, H, W] float32 in [0, 1] (the
+    object's rendered coverage), in the order of ``poses``; cached in ``cache_file``.
     """
     if cache_file.exists():
-        return np.load(cache_file)["renders"]
+        with np.load(cache_file) as cached:
+            if "alphas" in cached:
+                return cached["renders"], cached["alphas"]
     gaussians = load_gaussians(ply, device)
     K = torch.as_tensor(data.K, dtype=torch.float32, device=device)
     w2c = torch.as_tensor(np.stack([p.w2c for p in poses]), dtype=torch.float32, device=device)
-    chunks = []
+    chunks, alpha_chunks = [], []
     with torch.no_grad():
         for start in range(0, len(poses), RENDER_BATCH):
-            rgb = render(gaussians, w2c[start:start + RENDER_BATCH], K, data.width, data.height,
-                         backend=backend)
+            rgb, alpha = render(gaussians, w2c[start:start + RENDER_BATCH], K, data.width, data.height,
+                                backend=backend, return_alpha=True)
             chunks.append(rgb.clamp(0, 1).float().cpu().numpy())
-    renders = np.concatenate(chunks)
+            alpha_chunks.append(alpha[..., 0].clamp(0, 1).float().cpu().numpy())
+    renders, alphas = np.concatenate(chunks), np.concatenate(alpha_chunks)
     with atomic_path(cache_file) as tmp:
-        np.savez(tmp, renders=renders)
-    return renders
+        np.savez(tmp, renders=renders, alphas=alphas)
+    return renders, alphas
 
 
 def score_and_evaluate(cfg: DictConfig, data: ClassData, renders: np.ndarray, loggers: list,
-                       device: str) -> Evaluation:
-    """Anomaly maps for every (query, render) pair through ``Trainer.test``; metrics via callbacks."""
+                       device: str, alphas: np.ndarray | None = None) -> Evaluation:
+    """Anomaly maps for every (query, render) pair through ``Trainer.test``; metrics via callbacks.
+
+    ``alphas`` [N, H, W]: the renders' coverage, for the scorer's object region (None: whole image)."""
     queries = np.stack([read_image(t.path) for t in data.test])
     masks = np.stack([read_mask(t.mask_path) if t.mask_path else np.zeros(queries.shape[1:3], bool)
                       for t in data.test])
     pairs = QueryRenderPairs(queries, renders, masks, [t.name for t in data.test],
-                             [t.defect for t in data.test])
+                             [t.defect for t in data.test], alphas=alphas)
     module = AnomalyScoringModule(build_scorer(cfg.scorer, device))
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
     trainer = Trainer(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1,

@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 
 
 def settings_key(generator_version: int, settings) -> str:
-    """12 hex digits hashing a generator version and a settings dataclass (the cache folder's key)."""
-    blob = json.dumps({"version": generator_version, **dataclasses.asdict(settings)}, sort_keys=True)
+    """12 hex digits hashing a generator version and a settings dataclass, or the dict of the settings
+    that enter the key (the cache folder's key)."""
+    fields = settings if isinstance(settings, dict) else dataclasses.asdict(settings)
+    blob = json.dumps({"version": generator_version, **fields}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

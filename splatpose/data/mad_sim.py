@@ -8,6 +8,8 @@ One class folder looks like this (see shared/MAD_SIM_FORMAT.md)::
     <root>/<class>/test/{good,Burrs,Missing,Stains}/*.png   (any other defect folder name works too)
     <root>/<class>/ground_truth/<defect>/<stem>_mask.png
     <root>/<class>/test_poses.json            optional: true test poses (only in generated data)
+    <root>/<class>/train/masks/<stem>.png     optional: the object's mask in each train view (8-bit
+                                              grey or alpha, 255 = object; soft edges allowed); all or none
 
 :func:`load_class` checks the whole folder up front (file headers only, so it is cheap) and raises a
 :class:`DatasetError` that names the file, what is wrong and how to fix it, so that a broken dataset
@@ -16,6 +18,7 @@ stops a run before any expensive stage. Poses are converted once, here, to OpenC
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -36,6 +39,8 @@ DEFECT_TYPES = ("Burrs", "Missing", "Stains")
 GOOD = "good"
 TRANSFORMS_FILE = "transforms.json"
 TEST_POSES_FILE = "test_poses.json"
+# Optional object masks of the train views: train/masks/<stem of the train image>.png.
+REFERENCE_MASKS_DIR = "train/masks"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -50,11 +55,13 @@ class TrainView:
     name: path relative to the class folder, e.g. "train/good/0.png".
     w2c: [4, 4] float64 world-to-camera, OpenCV axes (x right, y down, z forward); None in a class
         without transforms.json (poses unknown until estimated: splatpose.sfm.estimated_poses).
+    mask_path: the object's mask in this view (train/masks/<stem>.png), None when the class ships none.
     """
 
     name: str
     path: Path
     w2c: np.ndarray | None
+    mask_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,11 @@ class ClassData:
         return self.K is not None and all(view.w2c is not None for view in self.train)
 
     @property
+    def has_reference_masks(self) -> bool:
+        """Whether every train view comes with an object mask."""
+        return bool(self.train) and all(view.mask_path is not None for view in self.train)
+
+    @property
     def train_w2c(self) -> np.ndarray:
         """[N, 4, 4] world-to-camera matrices of the train views, in ``train`` order."""
         return np.stack([view.w2c for view in self.train])
@@ -111,6 +123,7 @@ class ClassData:
         files = [self.root / TRANSFORMS_FILE, self.root / TEST_POSES_FILE]
         files += [view.path for view in self.train] + [t.path for t in self.test]
         files += [t.mask_path for t in self.test if t.mask_path]
+        files += [view.mask_path for view in self.train if view.mask_path]
         digest = hashlib.sha256()
         for path in files:
             if Path(path).exists():
@@ -302,6 +315,28 @@ def read_mask(path: Path) -> np.ndarray:
     return values > 0
 
 
+def read_object_mask(path: Path) -> np.ndarray:
+    """Decode an object mask to float32 [H, W] in [0, 1] (1 = object): a grey file's value (8 or 16
+    bit), an RGBA or grey+alpha file's alpha, an RGB file's largest channel."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+                return np.asarray(im.convert("RGBA"))[..., 3].astype(np.float32) / 255.0
+            values = np.asarray(im)
+    except FileNotFoundError as e:
+        raise DatasetError(f"{path}: object mask not found") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"{path}: unreadable or truncated object mask ({e}); re-export it") from e
+    if values.ndim == 3:
+        values = values[..., :3].max(axis=-1)
+    if values.dtype == bool:
+        return values.astype(np.float32)
+    scale = 255.0 if values.dtype == np.uint8 else 65535.0
+    return np.clip(values.astype(np.float32) / scale, 0.0, 1.0)
+
+
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) of an image as ``decode_pixels`` reads it (upright), after decoding it whole.
 
@@ -354,6 +389,7 @@ def load_class(root: Path, class_name: str) -> ClassData:
     else:
         camera_angle_x, train = None, _unposed_train_views(class_dir)
     width, height = common_image_size([view.path for view in train], class_dir)
+    train = _attach_reference_masks(class_dir, train, width, height)
     test = _read_test_images(class_dir, width, height)
     return ClassData(
         root=class_dir,
@@ -365,6 +401,26 @@ def load_class(root: Path, class_name: str) -> ClassData:
         test=test,
         test_poses=_read_test_poses(class_dir, test),
     )
+
+
+def _attach_reference_masks(class_dir: Path, train: list[TrainView], width: int, height: int) -> list[TrainView]:
+    """The train views with their object masks from train/masks/ (when that folder exists: then every
+    view needs its mask, of its size)."""
+    mask_dir = class_dir / REFERENCE_MASKS_DIR
+    if not mask_dir.is_dir():
+        return train
+    views = []
+    for view in train:
+        mask = mask_dir / f"{view.path.stem}.png"
+        if not mask.is_file():
+            raise DatasetError(f"{mask}: {mask_dir} holds object masks but none for the train image {view.path}; "
+                               "add it (255 = object), or remove the folder to use no masks")
+        size = image_size(mask)
+        if size != (width, height):
+            raise DatasetError(f"{mask}: mask size {size[0]}x{size[1]} differs from its image {view.path} "
+                               f"({width}x{height}); re-export the mask at the image's size")
+        views.append(dataclasses.replace(view, mask_path=mask))
+    return views
 
 
 def _read_json(path: Path, what: str) -> dict:

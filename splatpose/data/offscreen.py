@@ -96,6 +96,19 @@ class OffscreenRenderer:
 
     def render_surface_ids(self, mesh: pv.PolyData, c2w_opengl: np.ndarray) -> np.ndarray:
         """Id pass int64 [H, W]: the ``surface_id`` of the triangle seen at each pixel, -1 for background."""
+        centre = self.supersample // 2
+        return self._sub_pixel_ids(mesh, c2w_opengl)[centre::self.supersample, centre::self.supersample]
+
+    def render_coverage(self, mesh: pv.PolyData, c2w_opengl: np.ndarray) -> np.ndarray:
+        """Object coverage float32 [H, W] in [0, 1]: the share of each pixel's ``supersample``² sub-pixels
+        that show the mesh. It is the alpha of ``render_rgb`` (same sub-pixels, same averaging), so
+        ``rgb = alpha * colour + (1 - alpha) * white`` holds at every edge pixel."""
+        s = self.supersample
+        inside = (self._sub_pixel_ids(mesh, c2w_opengl) >= 0).astype(np.float32)
+        return inside.reshape(self.height, s, self.width, s).mean(axis=(1, 3))
+
+    def _sub_pixel_ids(self, mesh: pv.PolyData, c2w_opengl: np.ndarray) -> np.ndarray:
+        """int64 [H * s, W * s]: the ``surface_id`` at every sub-pixel, -1 for background."""
         ids = np.asarray(mesh.cell_data[SURFACE_ID], dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= BACKGROUND_ID):
             raise ValueError(f"surface ids must lie in [0, {BACKGROUND_ID}), got [{ids.min()}, {ids.max()}]")
@@ -105,8 +118,7 @@ class OffscreenRenderer:
         self._clear()
         self._plotter.add_mesh(coloured, scalars="id_rgb", rgb=True, preference="cell", lighting=False,
                                show_scalar_bar=False, reset_camera=False)
-        centre = self.supersample // 2
-        rgb = self._screenshot(c2w_opengl)[centre::self.supersample, centre::self.supersample].astype(np.int64)
+        rgb = self._screenshot(c2w_opengl).astype(np.int64)
         decoded = rgb[..., 0] | (rgb[..., 1] << 8) | (rgb[..., 2] << 16)
         return np.where(decoded == BACKGROUND_ID, -1, decoded)
 

@@ -9,6 +9,15 @@ Per class (see shared/MAD_SIM_FORMAT.md for the layout it writes)::
     ground_truth/<defect>/<k>_mask.png    pixels where the defective render differs from the
                                           defect-free render at the same pose (colour or surface id)
     test_poses.json        the true test poses (OpenGL camera-to-world), only to measure localization
+    train/masks/<i>.png    only with ``reference_masks``: the object's coverage (8-bit alpha, 255 =
+                           object) in each train view, from the render's sub-pixel id pass
+
+The ``realistic`` preset turns on what a real capture adds (``splatpose.data.capture_effects``): a
+textured bench with clutter behind the object (another kind of surface behind the test views than
+behind the train views, and a new draw in every view), lighting that drifts between views (gain,
+colour temperature, a smooth shading field; wider ranges for the test views), Poisson and Gaussian
+sensor noise, and a JPEG round trip (stored as PNG). Objects, poses and defect masks are those of the
+clean preset with the same seed: the capture draws come from their own per-image random streams.
 
 ``ensure_synthetic_dataset(root, classes, preset=..., **overrides)`` generates what is missing into
 ``root/synthetic-<key>/`` (``key`` hashes the settings and the generator version) and returns that
@@ -30,9 +39,11 @@ from tqdm import tqdm
 
 from splatpose.data import generated_cache
 from splatpose.data.cameras import look_at_opengl_c2w
+from splatpose.data.capture_effects import (BACKGROUND_KINDS, apply_lighting, composite, jpeg_round_trip, quantise,
+                                            random_background, random_lighting, sensor_noise)
 from splatpose.data.generated_cache import save_png as _save_png
 from splatpose.data.generated_cache import write_json as _write_json
-from splatpose.data.mad_sim import DEFECT_TYPES, TEST_POSES_FILE, TRANSFORMS_FILE
+from splatpose.data.mad_sim import DEFECT_TYPES, REFERENCE_MASKS_DIR, TEST_POSES_FILE, TRANSFORMS_FILE
 from splatpose.data.offscreen import OffscreenRenderer
 from splatpose.data.synthetic_scene import MESHES, SolidTexture, add_burrs, add_stain, load_object, remove_part
 
@@ -71,9 +82,43 @@ class GeneratorSettings:
     # A defect is kept only if it changes this many pixels (and at most this share of the object's).
     min_defect_pixels: int = 12
     max_defect_fraction: float = 0.05
+    # Realistic capture (capture_effects.py); all off in the clean presets, and then absent from the key.
+    backgrounds: bool = False                  # a textured bench with clutter behind the object, per view
+    clutter_shapes: tuple[int, int] = (1, 4)   # how many clutter shapes per view (low, high)
+    lighting: bool = False                     # gain, colour temperature and shading drawn per view
+    reference_gain: tuple[float, float] = (0.95, 1.05)   # global gain range of the train views
+    test_gain: tuple[float, float] = (0.8, 1.2)          # and of the test views
+    reference_temperature_shift: float = 0.02  # red *= 1 + t, blue *= 1 - t, |t| up to this (train)
+    test_temperature_shift: float = 0.08       # the same for the test views
+    reference_shading: float = 0.05            # shading field amplitude (1 +- this) of the train views
+    test_shading: float = 0.15                 # and of the test views
+    photons_at_white: float = 0.0              # Poisson noise: electrons at value 1 (0: off)
+    read_noise_std: float = 0.0                # Gaussian read noise, std in [0, 1] units (0: off)
+    jpeg_quality: int = 0                      # JPEG round trip at this quality (0: off)
+    reference_masks: bool = False              # write train/masks/<i>.png (object coverage)
 
     def key(self) -> str:
-        return generated_cache.settings_key(GENERATOR_VERSION, self)
+        # Capture settings at their defaults are left out, so the clean presets keep their folders.
+        defaults = {f.name: f.default for f in dataclasses.fields(GeneratorSettings)}
+        values = {k: v for k, v in dataclasses.asdict(self).items()
+                  if k not in CAPTURE_FIELDS or v != defaults[k]}
+        return generated_cache.settings_key(GENERATOR_VERSION, values)
+
+    @property
+    def realistic(self) -> bool:
+        """Whether any capture effect is on (then every image goes through ``capture_view``)."""
+        return bool(self.backgrounds or self.lighting or self.photons_at_white or self.read_noise_std
+                    or self.jpeg_quality)
+
+
+CAPTURE_FIELDS = ("backgrounds", "clutter_shapes", "lighting", "reference_gain", "test_gain",
+                  "reference_temperature_shift", "test_temperature_shift", "reference_shading", "test_shading",
+                  "photons_at_white", "read_noise_std", "jpeg_quality", "reference_masks")
+
+
+def _realistic(**overrides) -> dict:
+    return {"backgrounds": True, "lighting": True, "photons_at_white": 400.0, "read_noise_std": 0.01,
+            "jpeg_quality": 85, "reference_masks": True, **overrides}
 
 
 PRESETS: dict[str, dict] = {
@@ -85,6 +130,12 @@ PRESETS: dict[str, dict] = {
     # For tests and smoke runs: tiny images, a handful of views, coarse meshes (a few seconds per class).
     "tiny": {"width": 64, "height": 64, "n_train": 6, "n_test_good": 2, "n_test_per_defect": 1,
              "edge_len": 0.05, "defect_size": 0.15, "min_defect_pixels": 4, "max_defect_fraction": 0.15},
+    # "small" as a real capture: textured bench and clutter, drifting light, sensor noise, JPEG 85,
+    # reference masks (same objects, poses and defect masks as "small").
+    "realistic": _realistic(),
+    # "tiny" as a real capture, for tests.
+    "tiny_realistic": _realistic(width=64, height=64, n_train=6, n_test_good=2, n_test_per_defect=1,
+                                 edge_len=0.05, defect_size=0.15, min_defect_pixels=4, max_defect_fraction=0.15),
 }
 
 
@@ -157,10 +208,17 @@ def generate_class(out_dir: Path, class_name: str, settings: GeneratorSettings) 
                            settings.supersample) as renderer, \
             tqdm(total=len(train_c2w) + n_test, desc=f"generating {class_name}", unit="img",
                  leave=False) as progress:
+        capture = CaptureDraws(settings, class_name)
         frames = []
         for i, c2w in enumerate(train_c2w):
             name = f"train/good/{i}.png"
-            _save_png(out_dir / name, renderer.render_rgb(mesh, c2w))
+            image = renderer.render_rgb(mesh, c2w)
+            if settings.realistic or settings.reference_masks:
+                alpha = renderer.render_coverage(mesh, c2w)
+                if settings.reference_masks:
+                    _save_png(out_dir / REFERENCE_MASKS_DIR / f"{i}.png", np.round(alpha * 255).astype(np.uint8))
+                image = capture.view(name, image, alpha, reference=True)
+            _save_png(out_dir / name, image)
             frames.append({"file_path": name, "transform_matrix": c2w.tolist()})
             progress.update()
         _write_json(out_dir / TRANSFORMS_FILE, {"camera_angle_x": settings.camera_angle_x, "frames": frames})
@@ -169,13 +227,18 @@ def generate_class(out_dir: Path, class_name: str, settings: GeneratorSettings) 
         for k in range(settings.n_test_good):
             c2w = test_pose(settings, rng)
             name = f"test/good/{k:03d}.png"
-            _save_png(out_dir / name, renderer.render_rgb(mesh, c2w))
+            image = renderer.render_rgb(mesh, c2w)
+            if settings.realistic:
+                image = capture.view(name, image, renderer.render_coverage(mesh, c2w), reference=False)
+            _save_png(out_dir / name, image)
             test_poses[name] = c2w.tolist()
             progress.update()
         for defect in DEFECT_TYPES:
             for k in range(settings.n_test_per_defect):
-                c2w, image, mask = render_defect_view(renderer, mesh, texture, defect, settings, rng)
+                c2w, image, mask, defective = render_defect_view(renderer, mesh, texture, defect, settings, rng)
                 name = f"test/{defect}/{k:03d}.png"
+                if settings.realistic:
+                    image = capture.view(name, image, renderer.render_coverage(defective, c2w), reference=False)
                 _save_png(out_dir / name, image)
                 _save_png(out_dir / "ground_truth" / defect / f"{k:03d}_mask.png", mask.astype(np.uint8) * 255)
                 test_poses[name] = c2w.tolist()
@@ -215,7 +278,7 @@ def test_pose(settings: GeneratorSettings, rng: np.random.Generator) -> np.ndarr
 
 def render_defect_view(renderer: OffscreenRenderer, mesh, texture: SolidTexture, defect: str,
                        settings: GeneratorSettings, rng: np.random.Generator,
-                       max_tries: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       max_tries: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray, object]:
     """A test pose, the defective render there, and its mask.
 
     The defect is placed on a surface point visible from the pose, and kept only if it changes
@@ -223,7 +286,8 @@ def render_defect_view(renderer: OffscreenRenderer, mesh, texture: SolidTexture,
     small, as in MAD-Sim); otherwise another point, and after a few failures another pose, is drawn.
 
     Returns:
-        c2w: [4, 4] OpenGL camera-to-world; image: uint8 [H, W, 3]; mask: bool [H, W].
+        c2w: [4, 4] OpenGL camera-to-world; image: uint8 [H, W, 3]; mask: bool [H, W]; the defective
+        mesh (for its coverage pass).
     """
     for attempt in range(max_tries):
         if attempt % 5 == 0:
@@ -242,9 +306,48 @@ def render_defect_view(renderer: OffscreenRenderer, mesh, texture: SolidTexture,
         mask = (image != good_rgb).any(axis=-1) | (renderer.render_surface_ids(defective, c2w) != good_ids)
         changed = int(mask.sum())
         if settings.min_defect_pixels <= changed <= settings.max_defect_fraction * object_pixels:
-            return c2w, image, mask
+            return c2w, image, mask, defective
     raise RuntimeError(f"could not place a visible {defect} defect of size {settings.defect_size} in "
                        f"{max_tries} tries; adjust defect_size, min_defect_pixels or max_defect_fraction")
+
+
+class CaptureDraws:
+    """The realistic-capture draws of one class: which bench kind stands behind the train views (the
+    test views get the other kinds), and each image's own random stream, seeded by (seed, class,
+    image name) so that the object, pose and defect draws of the class are those of the clean preset."""
+
+    def __init__(self, settings: GeneratorSettings, class_name: str):
+        self.settings, self.class_name = settings, class_name
+        kind = int(class_rng(settings, f"{class_name}|capture").integers(len(BACKGROUND_KINDS)))
+        self.reference_kind = BACKGROUND_KINDS[kind]
+        self.test_kinds = tuple(k for k in BACKGROUND_KINDS if k != self.reference_kind)
+
+    def view(self, name: str, on_white: np.ndarray, alpha: np.ndarray, reference: bool) -> np.ndarray:
+        """One image as the camera would record it.
+
+        Args:
+            name: the image's path in the class ("train/good/3.png"): seeds its draws.
+            on_white: uint8 [H, W, 3] render over white; alpha: float [H, W] its coverage in [0, 1].
+            reference: a train view (reference ranges and bench) or a test view.
+        Returns: uint8 [H, W, 3].
+        """
+        s = self.settings
+        if not s.realistic:
+            return on_white
+        rng = class_rng(s, f"{self.class_name}|capture|{name}")
+        shape = on_white.shape[:2]
+        image = on_white.astype(np.float64) / 255.0
+        if s.backgrounds:
+            kind = self.reference_kind if reference else self.test_kinds[int(rng.integers(len(self.test_kinds)))]
+            image = composite(image, alpha, random_background(kind, shape, rng, tuple(s.clutter_shapes)))
+        if s.lighting:
+            image = apply_lighting(image, random_lighting(
+                shape, rng, s.reference_gain if reference else s.test_gain,
+                s.reference_temperature_shift if reference else s.test_temperature_shift,
+                s.reference_shading if reference else s.test_shading))
+        image = sensor_noise(image, rng, s.photons_at_white or None, s.read_noise_std)
+        pixels = quantise(image)
+        return jpeg_round_trip(pixels, s.jpeg_quality) if s.jpeg_quality else pixels
 
 
 def apply_defect(mesh, texture: SolidTexture, defect: str, vertex: int, size: float, rng: np.random.Generator):

@@ -34,9 +34,11 @@ class GraphedScorer:
     def __getattr__(self, name: str):  # backbone, prepare, size ... as the wrapped scorer
         return getattr(self.__dict__["scorer"], name)
 
-    def __call__(self, query: torch.Tensor, render: torch.Tensor) -> torch.Tensor:
-        if self.failed or query.device.type != "cuda":
-            return self.scorer(query, render)
+    def __call__(self, query: torch.Tensor, render: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+        # The object region and the photometric fit decide per image on the host (how many pixels are
+        # object, trimmed fits): they run eagerly.
+        if self.failed or query.device.type != "cuda" or alpha is not None:
+            return self.scorer(query, render, alpha)
         key = (tuple(query.shape), query.dtype, render.dtype)
         if key not in self.graphs:
             try:

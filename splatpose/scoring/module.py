@@ -21,20 +21,24 @@ class QueryRenderPairs(Dataset):
         renders: [N, H, W, 3] float32 in [0,1] (rendered at each query's localized pose)
         masks: [N, H, W] bool defect masks (all False for good images)
         names, defects: per-image test name ("test/Burrs/003.png") and defect type ("good", ...)
+        alphas: [N, H, W] float32 in [0, 1], each render's coverage (None: batches carry no "alpha")
     """
 
     def __init__(self, queries: np.ndarray, renders: np.ndarray, masks: np.ndarray,
-                 names: list[str], defects: list[str]):
+                 names: list[str], defects: list[str], alphas: np.ndarray | None = None):
         if not (len(queries) == len(renders) == len(masks) == len(names) == len(defects)):
             raise ValueError("queries, renders, masks, names and defects must have one entry per image")
-        self.queries, self.renders, self.masks = queries, renders, masks
+        if alphas is not None and len(alphas) != len(renders):
+            raise ValueError(f"alphas: {len(alphas)} for {len(renders)} renders; give one per render")
+        self.queries, self.renders, self.masks, self.alphas = queries, renders, masks, alphas
         self.names, self.defects = names, defects
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, i: int) -> dict:
-        return {
+        alpha = {} if self.alphas is None else {"alpha": torch.from_numpy(self.alphas[i])}
+        return {**alpha,
             "query": torch.from_numpy(self.queries[i]).permute(2, 0, 1),
             "render": torch.from_numpy(self.renders[i]).permute(2, 0, 1),
             "mask": torch.from_numpy(self.masks[i]),
@@ -44,12 +48,12 @@ class QueryRenderPairs(Dataset):
 
 
 class AnomalyScoringModule(LightningModule):
-    """Runs ``scorer(query, render)`` on each test batch and returns raw maps for the callbacks."""
+    """Runs ``scorer(query, render, alpha)`` on each test batch and returns raw maps for the callbacks."""
 
     def __init__(self, scorer: torch.nn.Module):
         super().__init__()
         self.scorer = scorer
 
     def test_step(self, batch: dict, batch_idx: int) -> dict:
-        maps = self.scorer(batch["query"], batch["render"])  # [B, S, S], raw
+        maps = self.scorer(batch["query"], batch["render"], batch.get("alpha"))  # [B, S, S], raw
         return {"maps": maps.float().cpu()}

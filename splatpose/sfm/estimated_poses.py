@@ -39,7 +39,7 @@ import pycolmap
 from omegaconf import DictConfig, OmegaConf
 from scipy import ndimage
 
-from splatpose.data.mad_sim import ClassData, TrainView
+from splatpose.data.mad_sim import ClassData
 from splatpose.errors import UserError
 from splatpose.sfm.retrieval import VladRetrieval, rank_database
 from splatpose.sfm.triangulation import colmap_camera, w2c_from_rigid, write_database
@@ -429,9 +429,8 @@ def posed_class_data(data: ClassData, reconstruction: pycolmap.Reconstruction) -
     The true test poses (if any) are dropped: they live in another frame; evaluation maps the
     estimated poses into theirs (:mod:`splatpose.sfm.frame_alignment`).
     """
-    paths = {view.name: view.path for view in data.train}
+    views = {view.name: view for view in data.train}
     images = sorted(reconstruction.images.values(), key=lambda image: image.image_id)
-    train = [TrainView(name=image.name, path=paths[image.name], w2c=w2c_from_rigid(image.cam_from_world()))
-             for image in images]
+    train = [dataclasses.replace(views[image.name], w2c=w2c_from_rigid(image.cam_from_world())) for image in images]
     K = reconstruction.camera(images[0].camera_id).calibration_matrix()
     return dataclasses.replace(data, K=np.asarray(K, dtype=np.float64), train=train, test_poses=None)

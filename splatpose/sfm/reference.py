@@ -114,9 +114,12 @@ def build_reference(data: ClassData, cfg: DictConfig, out_dir: Path, device: str
     times: dict[str, float] = {}
     start = time.perf_counter()
     extractor = build_extractor(cfg.feature, cfg.max_keypoints, device)
+    # With reference masks the model holds points of the object only, not of the bench behind it.
+    masks = {view.name: view.mask_path for view in data.train} \
+        if cfg.get("object_masks", False) and data.has_reference_masks else None
     extract_features(extractor, {view.name: view.path for view in data.train}, paths["features"],
                      cfg.resize_max, device, batch_size=int(cfg.batch_size),
-                     resize_force=bool(cfg.resize_force))
+                     resize_force=bool(cfg.resize_force), masks=masks)
     del extractor
     times["extract"] = time.perf_counter() - start
 

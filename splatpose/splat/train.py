@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 
 from splatpose.atomic_files import write_text_atomic
-from splatpose.data.mad_sim import ClassData, read_image
+from splatpose.data.mad_sim import ClassData, read_image, read_object_mask
 from splatpose.splat.camera_refinement import align_cameras
 from splatpose.splat.gaussians import Gaussians, init_gaussians, scene_scale_from_cameras
 from splatpose.splat.initialization import initial_points
@@ -53,14 +53,22 @@ REQUIRED_KEYS = ("steps", "sh_degree", "sh_degree_interval", "backend", "lr", "l
                  "checkpoint_every", "batch_size")
 
 
-def load_posed_views(data: ClassData) -> PosedViews:
-    """Read every train view of ``data`` (RGBA composited on white) into a :class:`PosedViews`."""
+def load_posed_views(data: ClassData, object_masks: bool = False) -> PosedViews:
+    """Read every train view of ``data`` (RGBA composited on white) into a :class:`PosedViews`.
+
+    With ``object_masks`` and a class whose train views come with object masks (train/masks/), each
+    view is composited onto white through its mask, ``mask * image + (1 - mask) * 1``: the splats then
+    model the part alone, not the bench behind it, and render it on white as they were trained.
+    """
     images = []
     for view in data.train:
         image = read_image(view.path)
         if image.shape[:2] != (data.height, data.width):
             raise ValueError(f"{view.path}: image is {image.shape[1]}x{image.shape[0]} but the class "
                              f"{data.class_name} is {data.width}x{data.height}; all views must share one size")
+        if object_masks and view.mask_path is not None:
+            mask = read_object_mask(view.mask_path)[..., None]
+            image = mask * image + (1.0 - mask)
         images.append(np.round(image * 255.0).astype(np.uint8))
     return PosedViews(names=[v.name for v in data.train],
                       images=torch.from_numpy(np.stack(images)),
@@ -121,7 +129,7 @@ def train_splats(data: ClassData, points_xyz: np.ndarray | None, points_rgb: np.
         return ply_path
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    views = load_posed_views(data)
+    views = load_posed_views(data, object_masks=bool(cfg.get("object_masks", False)))
     train_ids, holdout_ids = holdout_split(len(views), int(cfg.eval.holdout_every))
     train_views = views.subset(train_ids)
     eval_views = views.subset(holdout_ids) if holdout_ids else views.subset(train_ids[:: max(len(train_ids) // 8, 1)])

@@ -1,0 +1,107 @@
+"""The object, not the scene: what the scorer does with the render's alpha before and after comparing.
+
+Real captures put a bench behind the part and change the light between the reference capture and the
+line; the splats (trained on the object alone, on white) know neither. Three steps, each switchable in
+``scorer`` (conf/scorer/*.yaml, ``object_region`` and ``photometric_fit``):
+
+- ``fit_query_to_render``: a per-channel gain and offset, fitted by least squares inside the object
+  (render alpha >= ``fit_alpha``), maps the query's colours onto the render's, so a dimmer lamp or a
+  warmer white does not fire.
+- ``render_on_query_background``: the render (object on white) is put onto the query's own
+  background, filled into the band around the silhouette from the query pixels just outside it, so that
+  the bench behind the part is not compared against white.
+- ``silhouette_region``: the render's silhouette, dilated by ``dilation_px`` so that a burr sticking
+  out of it is still inside; the anomaly map is zero outside it.
+
+Tensors are [B, C, H, W] float32; alphas [B, 1, H, W] in [0, 1] (1 = object).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2.functional import gaussian_blur
+
+
+def fit_query_to_render(query: torch.Tensor, render: torch.Tensor, weight: torch.Tensor,
+                        min_pixels: int = 32, gain_range: tuple[float, float] = (0.2, 5.0),
+                        trim_quantile: float = 0.9) -> torch.Tensor:
+    """The query with each channel mapped by ``gain * q + offset``, fitted to the render.
+
+    Least squares of ``render ~ gain * query + offset`` per image and channel over the pixels where
+    ``weight`` > 0, then fitted again without the pixels whose residual is above ``trim_quantile`` (a
+    defect inside the region must not bend the fit). Images with fewer than ``min_pixels`` region
+    pixels are left as they are.
+
+    Args:
+        query, render: [B, 3, H, W] in [0, 1]; weight: [B, 1, H, W] (0/1 or soft) region weights.
+    Returns: [B, 3, H, W], not clamped (a brighter-than-white fit stays comparable to the render).
+    """
+    out = query.clone()
+    for b in range(query.shape[0]):
+        w = weight[b, 0].reshape(-1)
+        inside = w > 0
+        if int(inside.sum()) < min_pixels:
+            continue
+        q, r, wi = query[b].reshape(3, -1)[:, inside], render[b].reshape(3, -1)[:, inside], w[inside]
+        gain, offset = _weighted_affine(q, r, wi.expand_as(q))
+        residual = (gain[:, None] * q + offset[:, None] - r).abs()
+        cut = torch.quantile(residual, trim_quantile, dim=1, keepdim=True)
+        kept = (residual <= cut).float() * wi
+        gain, offset = _weighted_affine(q, r, kept)
+        gain = gain.clamp(*gain_range)
+        out[b] = gain.view(3, 1, 1) * query[b] + offset.view(3, 1, 1)
+    return out
+
+
+def _weighted_affine(q: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (channel) weighted least squares of r ~ gain * q + offset: q, r, w [3, N] -> ([3], [3])."""
+    total = w.sum(1).clamp_min(1e-8)
+    mq, mr = (w * q).sum(1) / total, (w * r).sum(1) / total
+    var = (w * (q - mq[:, None]).square()).sum(1) / total
+    cov = (w * (q - mq[:, None]) * (r - mr[:, None])).sum(1) / total
+    gain = torch.where(var > 1e-6, cov / var.clamp_min(1e-6), torch.ones_like(var))
+    return gain, mr - gain * mq
+
+
+def silhouette_region(alpha: torch.Tensor, threshold: float, dilation_px: int) -> torch.Tensor:
+    """[B, 1, H, W] 0/1: pixels with ``alpha >= threshold``, dilated by ``dilation_px`` pixels (a square)."""
+    region = (alpha >= threshold).float()
+    if dilation_px > 0:
+        region = F.max_pool2d(region, 2 * dilation_px + 1, stride=1, padding=dilation_px)
+    return region
+
+
+def render_on_query_background(render: torch.Tensor, alpha: torch.Tensor, query: torch.Tensor,
+                               region: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The render moved from white onto the query's background.
+
+    The background is the query itself outside ``region`` and, inside it, a smooth fill from the query
+    pixels around it (normalised Gaussian convolution with ``sigma`` pixels, repeated until the region
+    is covered): a part that sticks out of the silhouette in the query is compared against the bench
+    around it, not against itself. A render over white is ``a * C + (1 - a)``, so over a background
+    ``B`` it becomes ``render + (1 - a) * (B - 1)``.
+
+    Args:
+        render, query: [B, 3, H, W]; alpha, region: [B, 1, H, W] (region: 1 where the background is
+            unknown, i.e. the dilated silhouette).
+    Returns: [B, 3, H, W].
+    """
+    known = 1.0 - region
+    kernel = 2 * int(round(3 * sigma)) + 1
+    background, weight = query * known, known
+    filled = query * known
+    have = known.clone()
+    for _ in range(6):
+        num = gaussian_blur(background, [kernel, kernel], [sigma, sigma])
+        den = gaussian_blur(weight, [kernel, kernel], [sigma, sigma])
+        estimate = num / den.clamp_min(1e-6)
+        new = (den > 1e-3).float() * (1.0 - have)
+        filled = filled + new * estimate
+        have = have + new
+        if bool((have > 0).all()):
+            break
+        background, weight = filled, have
+    # Pixels no fill reached (a region covering the whole image) stay white, as the render has them.
+    filled = filled + (1.0 - have)
+    return render + (1.0 - alpha) * (filled - 1.0)

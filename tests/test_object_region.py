@@ -1,0 +1,131 @@
+"""The object, not the scene, on the tiny run of tests/conftest.py (03Nut, its splats and renders): a
+good image under other light or on another background stays within the class's good-image scores, and
+a defect that sticks out of the rendered silhouette is still found. Plus the region functions alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from splatpose.data.capture_effects import background_texture
+from splatpose.data.mad_sim import read_image
+from splatpose.scoring import build_scorer
+from splatpose.scoring.object_region import fit_query_to_render, render_on_query_background, silhouette_region
+
+
+@pytest.fixture(scope="module")
+def tiny_pairs(tiny_run):
+    """The tiny run's scorer config, good (query, render, alpha) triples and the class folder."""
+    run_dir, _ = tiny_run
+    results = json.loads((run_dir / "results.json").read_text())
+    cfg = OmegaConf.create(results["config"])
+    cached = np.load(Path(results["stage_dirs"]["render"]) / "renders.npz")
+    per_image = (run_dir / "per_image.csv").read_text().splitlines()[1:]
+    names = [line.split(",")[0] for line in per_image]
+    class_dir = Path(cfg.dataset.root).glob(f"*/{cfg['class']}")
+    class_dir = next(iter(class_dir))
+    good = [i for i, name in enumerate(names) if "/good/" in name]
+    queries = np.stack([read_image(class_dir / names[i]) for i in good])
+    return cfg.scorer, queries, cached["renders"][good], cached["alphas"][good]
+
+
+# The scorer pieces for real captures (off by default): the photometric fit and the object region.
+CAPTURE_SCORING = {"photometric_fit": {"enabled": True}, "object_region": {"enabled": True}}
+
+
+def _maps(cfg_scorer, queries, renders, alphas, **overrides) -> np.ndarray:
+    scorer = build_scorer(OmegaConf.merge(cfg_scorer, CAPTURE_SCORING, overrides), "cpu")
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()  # noqa: E731
+    return scorer(t(queries).permute(0, 3, 1, 2), t(renders).permute(0, 3, 1, 2), t(alphas)).numpy()
+
+
+def test_brightness_change_stays_within_good_scores(tiny_pairs):
+    cfg, queries, renders, alphas = tiny_pairs
+    good_max = _maps(cfg, queries, renders, alphas).max(axis=(1, 2)).max()
+    for factor in (0.8, 1.2):
+        scaled = np.clip(queries * factor, 0.0, 1.0)
+        score = _maps(cfg, scaled, renders, alphas).max(axis=(1, 2))
+        assert (score <= good_max).all(), f"x{factor}: {score} above the good images' {good_max}"
+    # without the photometric fit a dimmer lamp does fire: the check above is not trivially true
+    dim = _maps(cfg, queries * 0.8, renders, alphas, photometric_fit={"enabled": False}).max(axis=(1, 2))
+    assert (dim > good_max).any()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 18 acceptance not met (2026-12-05): a tiled bench behind a good 03Nut view "
+                   "scores 19209 against the good images' maximum 17508 (12781 on the other view); the bench changes "
+                   "the backbone's features on the object's edge and in the dilated band, where it is compared "
+                   "against a smooth fill (experiments/results/realistic_cpu_2026-12-05.md)")
+def test_background_change_stays_within_good_scores(tiny_pairs):
+    cfg, queries, renders, alphas = tiny_pairs
+    good_max = _maps(cfg, queries, renders, alphas).max(axis=(1, 2)).max()
+    rng = np.random.default_rng(0)
+    bench = np.stack([background_texture("tiles", q.shape[:2], rng) for q in queries])
+    background = (queries > 0.99).all(-1, keepdims=True)
+    benched = np.where(background, bench, queries)
+    score = _maps(cfg, benched, renders, alphas).max(axis=(1, 2))
+    assert (score <= good_max).all(), f"{score} above the good images' {good_max}"
+    whole = _maps(cfg, benched, renders, alphas, object_region={"enabled": False}).max(axis=(1, 2))
+    assert (whole > good_max).any()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 18 acceptance not met (2026-12-05): on the tiny run (30 splat steps) a dark "
+                   "5x5 blob 1-3 px outside the silhouette scores at a median of 0.6-0.7x the good pixels' 99th "
+                   "percentile (their render errors are large); the dilation keeps it in the map, but not above p99")
+def test_defect_outside_the_silhouette_is_found(tiny_pairs):
+    cfg, queries, renders, alphas = tiny_pairs
+    good_maps = _maps(cfg, queries, renders, alphas)
+    threshold = np.percentile(good_maps, 99)
+    query, alpha = queries[0].copy(), alphas[0]
+    # a burr: a dark 5x5 blob 3 px outside the rendered silhouette, on the side facing the image centre
+    inside = alpha >= 0.5
+    grown = silhouette_region(torch.from_numpy(alpha)[None, None], 0.5, 3)[0, 0].numpy() > 0
+    ring = np.argwhere(grown & ~silhouette_region(torch.from_numpy(alpha)[None, None], 0.5, 2)[0, 0].numpy().astype(bool))
+    assert inside.any() and len(ring)
+    y, x = ring[np.argmin(np.abs(ring - np.array(alpha.shape) / 2).sum(1))]
+    mask = np.zeros(alpha.shape, bool)
+    mask[max(y - 2, 0):y + 3, max(x - 2, 0):x + 3] = True
+    mask &= ~inside
+    query[mask] = (0.25, 0.2, 0.15)
+    size = cfg.size
+    defect_map = _maps(cfg, query[None], renders[:1], alphas[:1])[0]
+    cells = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None].float(), size=(size, size),
+                                            mode="nearest")[0, 0].numpy() > 0
+    assert np.median(defect_map[cells]) > threshold, (np.median(defect_map[cells]), threshold)
+    # with no dilation the same burr is cut away
+    undilated = _maps(cfg, query[None], renders[:1], alphas[:1], object_region={"dilation_px": 0})[0]
+    assert np.median(undilated[cells]) <= threshold
+
+
+def test_fit_recovers_gain_and_offset_despite_a_defect():
+    rng = np.random.default_rng(0)
+    render = torch.from_numpy(rng.uniform(0.1, 0.9, (1, 3, 32, 32))).float()
+    gain, offset = torch.tensor([0.7, 1.1, 0.9]).view(1, 3, 1, 1), torch.tensor([0.05, -0.02, 0.1]).view(1, 3, 1, 1)
+    query = (render - offset) / gain
+    query[..., 10:13, 10:13] = 0.0                                # a defect inside the region
+    fitted = fit_query_to_render(query, render, torch.ones(1, 1, 32, 32))
+    keep = torch.ones(32, 32, dtype=torch.bool)
+    keep[10:13, 10:13] = False
+    assert torch.allclose(fitted[..., keep], render[..., keep], atol=1e-4)
+
+
+def test_render_goes_onto_the_query_background():
+    h = w = 48
+    alpha = torch.zeros(1, 1, h, w)
+    alpha[..., 16:32, 16:32] = 1.0
+    render = torch.ones(1, 3, h, w)
+    render[..., 16:32, 16:32] = 0.3
+    bench = torch.full((1, 3, h, w), 0.6)
+    query = bench.clone()
+    query[..., 16:32, 16:32] = 0.3
+    query[..., 12:14, 20:24] = 0.0                                 # a burr just outside the silhouette
+    region = silhouette_region(alpha, 0.5, 6)
+    placed = render_on_query_background(render, alpha, query, region, sigma=3.0)
+    assert torch.allclose(placed[..., 16:32, 16:32], render[..., 16:32, 16:32])
+    assert torch.allclose(placed[..., :8, :], bench[..., :8, :])     # outside the region: the query itself
+    # in the band the bench is filled in from around, not copied from the burr
+    assert (placed[..., 12:14, 20:24] - 0.6).abs().max() < 0.05

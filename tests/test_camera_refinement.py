@@ -18,6 +18,7 @@ from splatpose.splat.gaussians import init_gaussians
 from splatpose.splat.module import GaussianSplatModule
 from splatpose.splat.rendering import render
 from splatpose.splat.train import CAMERAS_NAME, METRICS_NAME, load_posed_views, read_refined_cameras, train_splats
+from scene_cameras import look_at  # tests/scene_cameras.py
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "splat"
 SIZE = 64
@@ -31,17 +32,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def look_at(eye) -> np.ndarray:
-    eye = np.asarray(eye, dtype=np.float64)
-    forward = -eye / np.linalg.norm(eye)
-    right = np.cross(forward, [0.0, 0.0, 1.0])
-    right /= np.linalg.norm(right)
-    w2c = np.eye(4)
-    w2c[:3, :3] = np.stack([right, np.cross(forward, right), forward])
-    w2c[:3, 3] = -w2c[:3, :3] @ eye
-    return w2c
 
 
 def turned(w2c: np.ndarray, degrees: float, seed: int) -> np.ndarray:

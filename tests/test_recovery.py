@@ -121,6 +121,20 @@ def test_recovery_turns_a_far_pose_into_an_accurate_one(search):
     assert rotation_error_deg(result.w2c, truth) < 1.0, result.summary()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_recovery_on_cuda_takes_a_query_on_the_gpu():
+    """The detector hands the recovery its query on the GPU (the search views stay on the host)."""
+    scene = random_scene(n=1500)
+    views, _ = reference_views(scene)
+    truth = rolled(camera(yaw_deg=45.0), 50.0)
+    query = torch.as_tensor(shot(scene, truth)).permute(2, 0, 1)
+    recovery = PoseRecovery(scene.to("cuda"), K, SIZE, SIZE, views, recovery_cfg(**OBJECT_SEARCH), backend="auto")
+    result = recovery.recover(query.cuda())
+    assert result.accepted, result.summary()
+    assert rotation_error_deg(result.w2c, truth) < 1.0, result.summary()
+
+
 def test_blank_and_foreign_images_are_not_recovered():
     scene = random_scene(n=1500)
     views, _ = reference_views(scene)

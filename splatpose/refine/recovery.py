@@ -316,9 +316,10 @@ class PoseRecovery:
     def recover(self, query: Tensor, start_w2c: np.ndarray | None = None) -> Recovery:
         """Best pose for ``query`` [3, H, W] in [0, 1]; ``start_w2c`` (e.g. a weak PnP pose) competes too."""
         started = time.perf_counter()
-        hypotheses = search_similarities(query, self.reference, int(self.cfg.rolls), int(self.cfg.hypotheses[0]),
+        query_host = query.float().cpu()  # the search views live on the host (the query may be on the GPU)
+        hypotheses = search_similarities(query_host, self.reference, int(self.cfg.rolls), int(self.cfg.hypotheses[0]),
                                          float(self.cfg.colour_weight))
-        centroid_q = silhouette_moments(foreground_mask(query[None].float()))[0][0].numpy()
+        centroid_q = silhouette_moments(foreground_mask(query_host[None]))[0][0].numpy()
         starts = [(h.view, self._pose_of(h, centroid_q)) for h in hypotheses]
         if start_w2c is not None:  # first, so the first level always refines it
             starts.insert(0, (-1, np.asarray(start_w2c, dtype=np.float64)))

@@ -45,7 +45,7 @@ from splatpose.data.mad_sim import decode_pixels, read_image
 from splatpose.detect.batched_lightglue import match_pairs_batched
 from splatpose.detect.cuda_graphs import GraphedScorer
 from splatpose.detect.inputs import load_input
-from splatpose.detector import STAGES, Detector
+from splatpose.detect.detector import STAGES, Detector
 from splatpose.refine import default_refine_config
 from splatpose.sfm.pnp import PNP_SOLVERS, PnPSolver, solver_name
 from splatpose.sfm.retrieval import rank_database

@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    from splatpose.detector import Detector
+    from splatpose.detect.detector import Detector
 
     images = test_images(args.run_dir)
     detector = Detector.from_run(args.run_dir, {"warm_up": False}, device=args.device)

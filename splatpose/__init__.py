@@ -4,7 +4,7 @@
 def __getattr__(name: str):
     # Lazy, so that `import splatpose` stays cheap (the detector pulls in torch, pycolmap and the networks).
     if name == "Detector":
-        from splatpose.detector import Detector
+        from splatpose.detect.detector import Detector
 
         return Detector
     raise AttributeError(f"module 'splatpose' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The detection service: a finished run's :class:`~splatpose.detector.Detector` behind HTTP.
+"""The detection service: a finished run's :class:`~splatpose.detect.detector.Detector` behind HTTP.
 
     python run.py task=serve run_dir=outputs/runs/synthetic/01Ant/<time> serve.port=8000
     curl --data-binary @part.png 'http://127.0.0.1:8000/detect?map=png'
@@ -182,7 +182,7 @@ class DetectionService:
 
     def load(self) -> None:
         """Build the Detector (and warm it up when ``detect.warm_up``); failures are kept for /ready."""
-        from splatpose.detector import Detector
+        from splatpose.detect.detector import Detector
 
         try:
             detector = Detector.from_run(self.run_dir, self.detect_cfg, device=self.device)

@@ -69,7 +69,7 @@ def run_task(cfg: DictConfig) -> float | None:
             status = "ok"
             return None
         if cfg.task == "detect":
-            from splatpose.detector import detect_task
+            from splatpose.detect.detector import detect_task
             result = detect_task(cfg)
             status = "ok"
             return None

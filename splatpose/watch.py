@@ -98,7 +98,7 @@ def watch_folder(detector, folder: Path, poll_s: float = 1.0, settle_s: float = 
 
 def watch_task(cfg: DictConfig) -> int:
     """``python run.py task=watch run_dir=... watch.dir=...``."""
-    from splatpose.detector import Detector
+    from splatpose.detect.detector import Detector
 
     if not cfg.get("run_dir"):
         raise ValueError("run_dir is not set; pass run_dir=<folder of a finished evaluation run>")

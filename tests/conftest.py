@@ -43,7 +43,7 @@ TINY_DETECT = {"matching": "sequential", "warm_up": False, "threshold": 0.5}
 @pytest.fixture(scope="session")
 def tiny_detector(tiny_run):
     """The tiny run's Detector on CPU (TINY_DETECT), loaded once per session."""
-    from splatpose.detector import Detector
+    from splatpose.detect.detector import Detector
 
     run_dir, _ = tiny_run
     return Detector.from_run(run_dir, TINY_DETECT, device="cpu")

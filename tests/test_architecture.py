@@ -1,7 +1,7 @@
 """The package's import structure: modules import each other without cycles, and the layers point one
 way. The reconstruction and scoring layers (data, sfm, splat, scoring, refine, metrics) never import the
-detector, the detection package (its accelerators included), the service or the tasks built on them, so
-that each can be used and tested without them."""
+detection package (the Detector and its accelerators), the service or the tasks built on them, so that
+each can be used and tested without them. Detection has one home, ``splatpose.detect``."""
 
 import ast
 from pathlib import Path
@@ -10,7 +10,7 @@ import splatpose
 
 PACKAGE = Path(splatpose.__file__).parent
 CORE = ("data", "sfm", "splat", "scoring", "refine", "metrics")
-ABOVE_CORE = ("detect", "detector", "service", "watch", "tasks", "pipeline")
+ABOVE_CORE = ("detect", "service", "watch", "tasks", "pipeline")
 
 
 def module_name(path: Path) -> str:
@@ -96,3 +96,14 @@ def test_one_localizer_serves_the_evaluation_and_the_detector():
     assert issubclass(ImageLocalizer, Localizer)
     shared = ("extract", "retrieve", "pose_from_matches", "_correspondences", "_estimate_pose")
     assert all(name not in ImageLocalizer.__dict__ for name in shared)  # inherited, not copied
+    assert "splatpose.detect.localization" in import_graph()["splatpose.detect.detector"]
+
+
+def test_detection_has_one_home():
+    # checked on disk: an editable install of another checkout could still resolve a stale module by name
+    assert not (PACKAGE / "detector.py").exists() and not (PACKAGE / "detector").exists()
+    from splatpose import Detector
+    from splatpose.detect import Detector as PackageDetector
+    from splatpose.detect.detector import Detector as ModuleDetector
+
+    assert Detector is PackageDetector is ModuleDetector

@@ -25,7 +25,7 @@ from splatpose.data.mad_sim import read_image
 from splatpose.detect.batched_lightglue import match_pairs_batched
 from splatpose.detect.finished_run import RunFolderError, load_finished_run
 from splatpose.detect.inputs import InputError, expand_inputs, load_input, pixels_to_float_torch
-from splatpose.detector import Detector, detect_task
+from splatpose.detect.detector import Detector, detect_task
 from splatpose.metrics import normalise_maps
 from splatpose.scoring.anomaly_maps import build_scorer
 from splatpose.sfm.matchers import build_matcher

@@ -30,7 +30,7 @@ import json, sys
 from pathlib import Path
 import splatpose
 from splatpose import Detector
-from splatpose.detector import default_detect_config
+from splatpose.detect.detector import default_detect_config
 from splatpose.refine.queries import default_refine_config
 from splatpose.sfm.config import compose_sfm_config, default_conf_dir
 

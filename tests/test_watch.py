@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from splatpose.detector import Detector
+from splatpose.detect.detector import Detector
 from splatpose.watch import LEDGER_NAME, watch_folder
 
 

@@ -55,7 +55,7 @@ from splatpose.splat.rendering import render
 log = logging.getLogger(__name__)
 
 # splatpose/conf: the repository's conf/ (a symlink in a checkout, packaged in a wheel).
-DEFAULTS_FILE = Path(__file__).resolve().parent / "conf" / "detect" / "default.yaml"
+DEFAULTS_FILE = Path(__file__).resolve().parent.parent / "conf" / "detect" / "default.yaml"
 STAGES = ("load", "upload", "extract", "retrieve", "match", "pnp", "refine", "render", "score")
 
 

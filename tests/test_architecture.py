@@ -4,6 +4,8 @@ detection package (the Detector and its accelerators), the service or the tasks 
 each can be used and tested without them. Detection has one home, ``splatpose.detect``."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import splatpose
@@ -115,3 +117,12 @@ def test_cuda_graphs_are_captured_in_one_place():
     elsewhere = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py") if path != home
                        and any(call in path.read_text() for call in ("torch.cuda.graph(", "torch.cuda.Stream(")))
     assert elsewhere == []
+
+
+def test_the_detection_package_loads_the_detector_only_when_asked():
+    # the service and the watch-folder mode import splatpose.detect.inputs at start-up; the Detector (its
+    # networks and renderer) loads when they build one
+    script = ("import sys, splatpose.detect.inputs, splatpose.detect.overlays; "
+              "assert 'splatpose.detect.detector' not in sys.modules; "
+              "from splatpose.detect import Detector; assert Detector.__module__ == 'splatpose.detect.detector'")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)

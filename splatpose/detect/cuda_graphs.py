@@ -17,10 +17,9 @@ The protocol (the scorer here, ALIKED in :mod:`splatpose.detect.static_aliked`, 
    is its own.
 
 The scorer: scoring one (query, render) pair with EfficientNet-Lite0 is a few hundred small kernels: at
-batch 1 the GPU waits on their launches, not on arithmetic (about 4 ms per pair at batch 1 against
-0.25 ms per pair at batch 16 on an H100, experiments/results/bench_metrics.md). Its shapes are fixed
-for a run, so the whole forward pass is captured once per batch size and replayed with a single launch;
-the kernels, and so the maps, are the same as eager execution's.
+batch 1 the GPU waits on their launches, not on arithmetic (experiments/results/bench_metrics.md). Its
+shapes are fixed for a run, so the whole forward pass is captured once per batch size and replayed with
+a single launch; the kernels, and so the maps, are the same as eager execution's.
 """
 
 from __future__ import annotations

@@ -172,7 +172,7 @@ class Detector:
         self.score_maps = GraphedScorer(self.scorer) if use_graphs else self.scorer
         self.backend = self.cfg.render_backend or run.config.splat.get("backend", "auto")
         self.K = torch.as_tensor(run.K, dtype=torch.float32, device=self.device)
-        # The run's own refinement unless overridden (runs made before the refine stage existed: none).
+        # The run's own refinement unless overridden (a run config without a refine node: none).
         self.refine_cfg = self.cfg.refine if self.cfg.refine is not None else run.config.get("refine")
         self.settler = None
         if self.refine_cfg is not None and self.refine_cfg.enabled:
@@ -248,7 +248,7 @@ class Detector:
     def _capture_matching_shapes(self, batch_size: int) -> int:
         """The static LightGlue's graphs for every keypoint count a query of a ``batch_size`` batch can have
         (one render found one shape; a query with more or fewer keypoints would capture its own at first
-        sight, 50-70 ms). Returns how many shapes were captured."""
+        sight, inside its latency). Returns how many shapes were captured."""
         localizer = self.localizer
         if localizer.matching != "static" or localizer.static is None:
             return 0
@@ -262,8 +262,7 @@ class Detector:
 
     def _prefetch(self, sources: list) -> list:
         # Pillow in these threads: it releases the GIL while it decodes, so the decoding hides behind
-        # the current batch; libspng holds it (seen on the H100: a streamed image's upload stage took
-        # 2.3 instead of 0.4 ms while the next file was decoded beside it)
+        # the current batch; libspng holds it and would stall the thread that drives the GPU
         return [self._loader.submit(self._load, source, self.background_fast_decode) for source in sources]
 
     def prepare(self, source) -> LoadedImage:
@@ -384,8 +383,8 @@ class Detector:
 
         Files at the run's size travel as the decoded uint8 pixels (a quarter of the float bytes),
         through a page-locked buffer kept per batch shape, and become floats on the device
-        (``pixels_to_float_torch``, equal to the CPU's ``read_image`` to the bit): the upload stage took
-        6 ms per 400^2 image as float32 staged on the host, 0.4 ms so
+        (``pixels_to_float_torch``, equal to the CPU's ``read_image`` to the bit), which makes the upload
+        stage several times shorter than float32 staged on the host
         (experiments/results/detector_h100_2026-11-24.md). Arrays and resized images (float already) are
         stacked and copied as they are.
         """

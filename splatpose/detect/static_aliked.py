@@ -10,23 +10,18 @@ descriptors equal ALIKED's own forward up to float rounding (tests/test_static_a
 
 The two deformable blocks of the encoder (block3, block4) need one more change: torchvision's
 ``deform_conv2d`` launches its kernel on the legacy default stream, not on PyTorch's current stream,
-so a capture does not record it and a replay would skip it (seen on the H100: half the keypoints,
-wrong descriptors). These blocks used to run eagerly between two graphs, on the host's clock
-(torchvision's op alone took 0.35 ms of host time per call on the H100, four calls per image:
-experiments/results/detector_h100_2026-11-24_s5_b_profile_device.txt). In the graph they run as
-:func:`sampled_deform_conv`, the same deformable convolution from ``grid_sample`` and a matrix
-product, so the whole network is one graph (extraction 3.2 instead of 5.2 ms per image eagerly:
-experiments/results/detector_h100_2026-11-25.md).
+so a capture does not record it and a replay would skip it (half the keypoints, wrong descriptors).
+Run eagerly between two graphs, these blocks would cost host time on every image. In the graph they
+run as :func:`sampled_deform_conv`, the same deformable convolution from ``grid_sample`` and a matrix
+product, so the whole network is one graph (experiments/results/detector_h100_2026-11-25.md).
 
 The first replay of each shape is checked against ALIKED's own forward (:func:`same_features`); a
 difference turns the graph off (and, if the eager batched heads differ too, the extractor falls back
 to ALIKED's own forward), so a wrong fast path cannot survive its first image.
 
-Two ways to fewer kernels were tried on the H100 and failed that check, so neither is done: compiling
-the two graphed parts with torch.compile (keypoints at the detection threshold came and went), and
-folding the batch norms into the convolutions (under TF32 convolutions scores moved by up to 0.045,
-far beyond rounding, probably a folded bias cancelling a large term; it failed even a check that
-allowed 1 % of the keypoints to differ).
+Neither torch.compile of the graphed parts nor batch norms folded into the convolutions is used: both
+fail that check (keypoints at the detection threshold change; scores move far beyond rounding under
+TF32): experiments/results/notes_detector_gpu.md.
 
 The detection threshold of :class:`splatpose.sfm.features.AlikedExtractor` (which keypoints to keep)
 changes the count per image, so it is applied on the host after the graph.
@@ -156,8 +151,7 @@ def sampled_deform_conv(conv: DeformableConv2d, x: torch.Tensor) -> torch.Tensor
     (dy, dx) from ``offset_conv``; the samples of all taps are the columns of an ordinary convolution.
     ``grid_sample`` (bilinear, zeros padding) samples every tap at once, and the product with the
     convolution's weight [out, in * 9] sums them, as torchvision's deform_conv2d does with its im2col
-    kernel and a GEMM: the same function up to float rounding (2e-5 on the H100;
-    tests/test_static_aliked.py).
+    kernel and a GEMM: the same function up to float rounding (tests/test_static_aliked.py).
     """
     if conv.mask or conv.regular_conv.stride != (1, 1) or conv.regular_conv.dilation != (1, 1):
         raise ValueError("sampled_deform_conv supports ALIKED's deformable convolutions: stride 1, no mask")
@@ -224,7 +218,7 @@ def same_features(expected: list[Features], actual: list[Features], atol: float 
     weaker peaks differ by less than float rounding, so any other arithmetic (the graph's deformable
     convolution, another kernel) reorders them and moves a few across the top-k cut; some of those have
     sub-pixel scores above the detection threshold, so the kept sets can differ by a keypoint or two
-    (seen on the H100: 398 vs 399 of 1024). A real difference (wrong weights, a skipped kernel, folded
+    (e.g. 398 vs 399 of 1024). A real difference (wrong weights, a skipped kernel, folded
     batch norms under TF32) moves scores and descriptors of most keypoints, far beyond ``atol``.
     """
     for want, got in zip(expected, actual, strict=True):

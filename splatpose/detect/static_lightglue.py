@@ -1,8 +1,8 @@
 """LightGlue for a detector at fixed shapes, so that a GPU can replay it from a CUDA graph.
 
 Eager LightGlue over one query's top-k pairs is about a thousand small kernels plus one host sync per
-layer (adaptive depth asks the host whether to stop), and each new keypoint count is a new shape: on
-an H100 it cost 31 ms per query (median, p95 154 ms) for a few ms of arithmetic
+layer (adaptive depth asks the host whether to stop), and each new keypoint count is a new shape, so
+on a GPU its time goes to launches, syncs and new shapes rather than arithmetic
 (experiments/results/detector_h100_2026-11-24.md). Here every shape is fixed in advance:
 
 - the db side is padded once, at load, to one length (its longest image, rounded up to a bucket), and
@@ -24,8 +24,8 @@ agree on a GPU. On the CPU LightGlue prunes always; compare with pruning off the
 The forward pass per (query length, db length, pairs) is captured as CUDA graphs on first use (set-up,
 one per layer, assignment) and replayed after; when capture fails, or on the CPU, the same functions
 run eagerly. A replayed graph is still about a hundred small kernels per layer, so on a GPU the three
-steps are first compiled by torch.compile (``compile``): TorchInductor fuses them, and LightGlue's
-stage took 4.5-5.1 instead of 7.5-8.2 ms per query on the H100 (experiments/results/detector_h100_*.md).
+steps are first compiled by torch.compile (``compile``): TorchInductor fuses each layer's kernels,
+which shortens the matching stage (experiments/results/notes_detector_gpu.md).
 :attr:`StaticLightGlue.path` says which ran.
 """
 
@@ -106,7 +106,7 @@ class LayerHeads(torch.nn.Module):
         # LightGlue's sigmoid_log_double_softmax, with each softmax over the real keypoints only
         scores0 = torch.log_softmax(sim.masked_fill(~valid1[:, None, :], -math.inf), 2)
         # over dim 1 through a transposed copy, as LightGlue does: a softmax over the last dimension is
-        # a fast kernel, one over dim 1 is not (0.26 ms of a query's 5 pairs on the H100)
+        # a fast kernel, one over dim 1 is not
         scores1 = torch.log_softmax(sim.masked_fill(~valid0[:, :, None], -math.inf).transpose(1, 2).contiguous(),
                                     2).transpose(1, 2)
         certainties = torch.nn.functional.logsigmoid(z0)[:, :, None] + torch.nn.functional.logsigmoid(z1)[:, None, :]
@@ -285,8 +285,8 @@ class StaticLightGlue:
         """Capture now the graphs of every shape that a call with ``num_queries`` queries of
         ``pairs_per_query`` db images each can take: every query bucket up to ``max_query_keypoints``,
         times every bucket the db images fall in (a call uses the bucket of its longest db image).
-        Otherwise a query whose keypoints fall in a bucket not seen yet is captured when it comes
-        (50-70 ms: the p95 of task=detect on the H100 after warming up on one image). Graph inputs are
+        Otherwise a query whose keypoints fall in a bucket not seen yet is captured when it comes, and
+        that capture lands in the query's latency (experiments/results/notes_detector_gpu.md). Graph inputs are
         placeholders (a replay copies the real ones in). Returns the number of shapes captured."""
         if not self.use_graphs:
             return 0
@@ -418,7 +418,7 @@ class StaticLightGlue:
         """Eager calls through every layer on a side stream before capture: SDPA and cuBLAS pick their
         kernels, and compiled steps compile, the last layer's variant too. Compiling inside a capture
         invalidates it, and a failed capture can leave the allocator handing out memory that other
-        graphs own (seen on the H100: ALIKED and LightGlue graphs replayed garbage after one)."""
+        graphs own, so that those graphs (ALIKED's, LightGlue's) replay garbage."""
         warm_up_on_side_stream(lambda: self._eager(*inputs, db_length, every_layer=True), self.device, WARMUP_CALLS)
 
     def _capture(self, *inputs, db_length: int) -> "CapturedPairs":

@@ -76,8 +76,8 @@ def _rename_legacy_lightglue_keys(state: dict[str, torch.Tensor], n_layers: int)
 
 
 # Attention kernels for LightGlue's eager forward: everything but cuDNN's. cuDNN attention builds an
-# execution plan for every new sequence length, and every image brings another keypoint count: on
-# the H100 that made a pair cost 234 ms instead of 10 ms (experiments/gpu_lightglue_shapes.py).
+# execution plan for every new sequence length, and every image brings another keypoint count, so each
+# pair would pay for a new plan (experiments/results/detector_h100_2026-11-24.md).
 VARIABLE_LENGTH_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

@@ -240,8 +240,8 @@ def extract_images(extractor: Extractor, paths: list[Path], resize_max: int | No
     Consecutive images of the same size are batched on a GPU; ``progress`` names a tqdm bar (None: no bar).
     """
     if not str(device).startswith("cuda"):
-        # On the CPU a batch is slower per image than one image at a time (ALIKED at 600x600 on 2 cores:
-        # 1.83 s per image in batches of 4, 1.23 s alone; the feature maps outgrow the caches).
+        # On the CPU a batch is slower per image than one image at a time: the feature maps outgrow the
+        # caches (experiments/results/notes_localization.md).
         batch_size = 1
     results: list[Features] = []
     bar = tqdm(total=len(paths), desc=progress, disable=progress is None, leave=False)

@@ -4,13 +4,12 @@ Two solvers, chosen by ``sfm.localization.pnp``:
 
 - ``poselib`` (the default): PoseLib's LO-RANSAC, then its Levenberg-Marquardt refinement of the pose on
   the RANSAC inliers with a Cauchy loss of 1 px, the objective of pycolmap's refinement. Same errors
-  against the true poses as pycolmap, about 3x faster (1.24 vs 3.40 ms at 400 px, 0.62 vs 1.87 ms at
-  200 px on the generated 01Ant), its refinement being a small dense solver rather than a Ceres problem.
-  (PoseLib's ``estimate_absolute_pose`` has a final refinement of its own; it gave 5-10 % larger
-  rotation errors on the same data, so it is skipped: ``max_iterations`` 0.)
-  experiments/results/localization_options_*.md.
-- ``pycolmap``: COLMAP's LO-RANSAC and its Ceres refinement (what runs made before the setting existed
-  used; a finished run without the key localizes with it).
+  against the true poses as pycolmap in a fraction of its time, its refinement being a small dense
+  solver rather than a Ceres problem. The final refinement inside PoseLib's ``estimate_absolute_pose``
+  is skipped (``max_iterations`` 0): refining the inliers separately gives smaller rotation errors.
+  Chosen in experiments/results/localization_options_cpu_01Ant400_2026-11-25.md.
+- ``pycolmap``: COLMAP's LO-RANSAC and its Ceres refinement (also what a finished run whose config has
+  no ``pnp`` key localizes with).
 
 Both take points in COLMAP's pixel convention (pixel centres at +0.5) and a PINHOLE camera, and return
 the world-to-camera pose with the number of RANSAC inliers, or None when RANSAC found nothing.

@@ -3,8 +3,8 @@
 gsplat 1.5.3 accumulates each step's screen-space gradients with ``torch.where(sel)`` and boolean
 indexing (``DefaultStrategy._update_state``, non-packed mode). Both need the number of selected
 Gaussians on the host, so every training step waits there for the GPU to finish the backward pass
-before Python can queue the next step: on the H100 the host's launch work and the GPU's kernels then
-run one after the other instead of overlapping. The same sums written as dense masked additions give
+before Python can queue the next step: the host's launch work and the GPU's kernels then run one after
+the other instead of overlapping. The same sums written as dense masked additions give
 the same statistics with no sync; growing, splitting and pruning (every ``refine_every`` steps) are
 gsplat's own, unchanged.
 """

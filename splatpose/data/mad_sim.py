@@ -154,7 +154,7 @@ def decode_pixels(path: Path, fast: bool = True) -> np.ndarray:
     orientation. A PNG whose chunks fail their CRC is refused (libspng would decode it to garbage).
 
     With ``fast``, 8-bit RGB and RGBA PNGs, what renderers and cameras write, go through libspng
-    (pyspng): 3x faster than Pillow (1.2 vs 3.6 ms per 400^2 test image on the dev CPU) and, PNG being
+    (pyspng): several times faster than Pillow (experiments/results/notes_data_io.md) and, PNG being
     lossless, the same pixels. Every other file, any file libspng refuses, and every file without
     ``fast`` go through Pillow, whose errors name the problem. libspng holds the GIL while it decodes
     and Pillow does not: threads that decode in the background, beside a thread that runs the GPU,
@@ -288,7 +288,7 @@ def pixels_to_float(pixels: np.ndarray) -> np.ndarray:
     the bit), so that it uploads a quarter of the bytes.
     """
     # Compositing only where there is transparency: for an opaque image rgb * 1 + (1 - 1) is rgb
-    # exactly, and skipping the float RGBA pass saves 6 of 9 ms per 400^2 image (the detector's load).
+    # exactly, and skipping the float RGBA pass saves most of the conversion's time (the detector's load).
     rgb = pixels[..., :3].astype(np.float32) / 255.0
     if pixels.shape[-1] == 3 or pixels[..., 3].min() == 255:
         return rgb

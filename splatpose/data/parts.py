@@ -83,7 +83,7 @@ class PartsSettings:
 
 
 PRESETS: dict[str, dict] = {
-    # The CPU default: a class in 75-120 s on the shared 2-core dev machine (llvm_ad_rgb, load ~7).
+    # The CPU default: 200x200, quick enough to path-trace on a CPU (experiments/results/notes_data_io.md).
     "small": {},
     # Closer to MAD-Sim; 400x400 keeps CPU runs possible.
     "mad_sim_like": {"width": 400, "height": 400, "n_train": 120, "n_test_good": 25, "n_test_per_defect": 15,

@@ -9,8 +9,8 @@ pure white (1, 1, 1) as in MAD-Sim.
 
 Determinism: a box pixel filter (each sample lands in exactly one pixel, so no sums across render
 blocks whose order depends on thread timing) and a fixed sampler seed per image give the same bytes on
-every run with the same Mitsuba variant. Measured on the 2-core dev machine: two renders with the same
-seed are bit-identical in both variants; with the default Gaussian filter they differ by ~1e-7.
+every run with the same Mitsuba variant, scalar or JIT (tests/test_parts_dataset.py); Mitsuba's default
+Gaussian filter would not (experiments/results/notes_data_io.md).
 
 Camera: project poses are OpenGL camera-to-world (x right, y up, z back). Mitsuba's ``perspective``
 sensor looks along its local +z with +y up and +x to the LEFT, so its to_world is c2w @ diag(-1, 1, -1, 1).
@@ -38,7 +38,8 @@ OPENGL_TO_MITSUBA_CAMERA = np.diag([-1.0, 1.0, -1.0, 1.0])
 DEFECT_SHAPE_ID = "defect"
 
 # Dr.Jit's LLVM backend needs LLVM >= 16 (Debian 12's default 14 is refused, 15 fails to compile
-# Mitsuba's kernels: "Cannot select fminimum"); with libLLVM 19 it renders 2-3x faster than scalar_rgb.
+# Mitsuba's kernels: "Cannot select fminimum"); it renders faster than scalar_rgb
+# (experiments/results/notes_data_io.md).
 _LLVM_LIBRARY_PATTERNS = ("/usr/lib/x86_64-linux-gnu/libLLVM-*.so*", "/usr/lib/llvm-*/lib/libLLVM*.so*",
                           "/usr/lib64/libLLVM*.so*", "{conda}/lib/libLLVM*.so*")
 _MIN_LLVM = 16
@@ -200,8 +201,8 @@ class PathTracer:
             "to_world": self.mi.ScalarTransform4f(mitsuba_to_world(c2w_opengl).tolist()),
             "film": {"type": "hdrfilm", "width": self.width, "height": self.height, "pixel_format": "rgba",
                      "rfilter": {"type": "box"}},
-            # Stratified samples: a third of the noise of independent ones at the same cost (measured:
-            # rms 0.0035 vs 0.011 in linear units at 64 spp, 200x200).
+            # Stratified samples: less noise than independent ones at the same cost
+            # (experiments/results/notes_data_io.md).
             "sampler": {"type": "multijitter"},
         })
 
@@ -247,7 +248,7 @@ class PathTracer:
 
     def _shape_index_values(self, scene) -> list[int]:
         """The value the aov integrator's shape_index writes for each of scene.shapes(), in order (0 is
-        "no hit"). Measured with Mitsuba 3.9.1: the JIT variants write the shape's Dr.Jit registry id
+        "no hit"). With Mitsuba 3.9.1 the JIT variants write the shape's Dr.Jit registry id
         (it changes as scenes come and go), the scalar variant 1 + the shape's position."""
         if self.mi.variant().startswith("scalar"):
             return list(range(1, len(scene.shapes()) + 1))

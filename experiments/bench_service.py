@@ -6,7 +6,7 @@ beside an in-process ``Detector`` of the same run.
 1. Paired, one client: ``--requests`` images (the run's test images, cycled), after ``--warmup`` of
    each; image i goes through ``Detector.detect(path)`` in process, then through POST /detect, so that
    both see the same machine load (a shared CPU's load swings by seconds). p50/p95/p99 of each, and the
-   service's overhead (HTTP, upload to a temporary file, the input check, JSON): the median of HTTP
+   service's overhead (HTTP, decoding the upload in memory, the input check, JSON): the median of HTTP
    latency minus the service's own detect time reported in the same answer (``detect_seconds``), and
    the median of the paired differences.
 2. For each ``--max-batch`` B (a service started with ``--max-batch B``) and each ``--concurrency``

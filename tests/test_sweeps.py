@@ -117,6 +117,17 @@ def test_finished_job_is_recognised_only_with_the_same_config(tmp_path):
     assert finished_results(tmp_path, cfg) is None
 
 
+def test_job_finished_before_task_became_a_group_is_still_recognised(tmp_path):
+    """A sweep finished when every run composed detect/serve/watch; its evaluate jobs' configs now lack them."""
+    cfg = OmegaConf.create({"class": "01Ant", "task": "evaluate", "sfm": {"max_keypoints": 512}})
+    old = {**OmegaConf.to_container(cfg), "run_dir": None, "inputs": None, "detect": {"batch_size": 8},
+           "serve": {"port": 8000}, "watch": {"dir": None}}
+    (tmp_path / "results.json").write_text(json.dumps({"metrics": {"pixel_auroc": 0.9}, "config": old}))
+    assert finished_results(tmp_path, cfg) is not None
+    # a job that composes detect still compares it
+    assert finished_results(tmp_path, OmegaConf.merge(cfg, {"detect": {"batch_size": 16}})) is None
+
+
 # ------------------------------------------------------------------------------ table arithmetic
 
 def _job(num, class_name, seed, pixel, variant="aliked"):

@@ -7,7 +7,8 @@ by a crash, a time limit or a failed job is finished by running the same command
 
 "Same configuration" compares the resolved config stored in ``results.json`` with the job's
 config, leaving out the keys that say where and how results are reported rather than what is
-computed (:data:`REPORTING_KEYS`).
+computed (:data:`REPORTING_KEYS`), and the detect/serve/watch nodes that a run made before ``task``
+became a config group stored although its job lacks them (:data:`TASK_ONLY_KEYS`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ RESULTS = "results.json"
 FAILURE = "failure.json"
 # Top-level keys that do not change the numbers: where files go, which loggers, sweep bookkeeping.
 REPORTING_KEYS = ("paths", "logger", "sweep")
+# Nodes that only the detect/serve/watch tasks compose (conf/task/). Runs made before `task` became a config
+# group carry them whatever their task; a job whose own config lacks them never read them.
+TASK_ONLY_KEYS = ("detect", "serve", "watch", "run_dir", "inputs")
 
 
 def comparable_config(config: DictConfig | dict) -> dict:
@@ -55,8 +59,11 @@ def finished_results(out_dir: Path, cfg: DictConfig) -> dict | None:
     if failure.exists() and failure.stat().st_mtime >= results_path.stat().st_mtime:
         return None
     stored = results.get("config")
-    if stored is None or comparable_config(stored) != comparable_config(cfg):
-        changed = _changed_keys(comparable_config(stored or {}), comparable_config(cfg))
+    current = comparable_config(cfg)
+    if stored is not None:
+        stored = {k: v for k, v in comparable_config(stored).items() if k in current or k not in TASK_ONLY_KEYS}
+    if stored is None or stored != current:
+        changed = _changed_keys(stored or {}, current)
         log.info("Rerunning: %s was computed with another config (differs in %s)", results_path,
                  ", ".join(changed[:8]) or "unknown keys")
         return None

@@ -293,7 +293,8 @@ def timings_figure(timings: dict) -> Figure:
 def image_threshold(rows: list[dict], results: dict) -> tuple[float | None, str]:
     """The image-score threshold that splits the gallery into predicted defective / good, and its origin:
     the run's ``detect.threshold`` when set, else the threshold of this test set's image ROC that
-    maximises TPR - FPR (Youden's J); None when the test set lacks good or defective images."""
+    maximises TPR - FPR (Youden's J); None when the test set lacks good or defective images.
+    An evaluate run composes no detect node (conf/task/evaluate.yaml): ``+detect.threshold=T`` adds it."""
     configured = ((results.get("config") or {}).get("detect") or {}).get("threshold")
     if configured is not None:
         return float(configured), "detect.threshold"

@@ -121,6 +121,7 @@ def test_recovery_turns_a_far_pose_into_an_accurate_one(search):
     result = recovery.recover(query)
     assert result.accepted, result.summary()
     assert rotation_error_deg(result.w2c, truth) < 1.0, result.summary()
+    assert result.searches == 1  # lined up at the first try: no second search
 
 
 @pytest.mark.gpu
@@ -145,4 +146,7 @@ def test_blank_and_foreign_images_are_not_recovered():
     assert not blank.accepted and blank.hypotheses == 0
     foreign_scene = random_scene(n=150, seed=7)  # another object: other colours, another outline
     foreign = torch.as_tensor(shot(foreign_scene, camera(yaw_deg=30.0))).permute(2, 0, 1)
-    assert not recovery.recover(foreign).accepted
+    foreign_result = recovery.recover(foreign)
+    assert not foreign_result.accepted
+    # the configured search lined nothing up, so the search about the camera had its try too
+    assert foreign_result.searches == 2 and foreign_result.summary()["searches"] == 2

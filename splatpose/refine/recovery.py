@@ -270,7 +270,10 @@ class Recovery:
     w2c: [4, 4] float64 the best pose found (valid only when ``accepted``).
     confidence: its alignment with the query; accepted: confidence passed the thresholds.
     start_view: the reference view index of the winning hypothesis (-1: the given start pose).
-    hypotheses: how many coarse poses were refined; seconds: wall time.
+    hypotheses: how many coarse poses were refined; seconds: wall time (both searches, when two ran).
+    search: the refinement search that produced ``w2c``: "configured" (the node's search keys), or
+        "camera" (the second try, turning about the camera, after the configured search lined nothing up).
+    searches: how many searches ran (2 when the second try did).
     """
 
     w2c: np.ndarray
@@ -279,10 +282,13 @@ class Recovery:
     start_view: int
     hypotheses: int
     seconds: float
+    search: str = "configured"
+    searches: int = 1
 
     def summary(self) -> dict:
         return {"accepted": self.accepted, "start_view": self.start_view, "hypotheses": self.hypotheses,
-                "seconds": round(self.seconds, 4), **self.confidence.summary()}
+                "seconds": round(self.seconds, 4), "search": self.search, "searches": self.searches,
+                **self.confidence.summary()}
 
 
 # Keys of the PoseRefiner's search a ``refine.recovery`` node may set (see PoseRefiner; absent: its defaults).
@@ -308,10 +314,11 @@ class PoseRecovery:
             raise ValueError(f"refine.recovery.hypotheses has {len(cfg.hypotheses)} entries for "
                              f"{len(cfg.levels)} levels ({list(cfg.levels)}); give one per level")
         search = {key: cfg[key] for key in SEARCH_KEYS if cfg.get(key) is not None}
-        self.refiner = PoseRefiner(gaussians, K, width, height, OmegaConf.create({
-            "enabled": True, "optimizer": "lbfgs", "lr": 1.0, "loss": "l1_silhouette",
-            "silhouette_weight": float(cfg.silhouette_weight), "ssim_weight": 0.0, "keep_best": True,
-            "levels": list(cfg.levels), "steps": list(cfg.steps), "blur": list(cfg.blur), **search}), backend=backend)
+        self.refiner = self._refiner(search)
+        # Turning about the object with bounded first steps settles turned parts' poses; its short steps can
+        # stall on a hypothesis far off, where torch's long probes about the camera still reach the pose. So
+        # a query the configured search lines nothing up for gets one more try with that search.
+        self.second_refiner = self._refiner({}) if search else None
 
     def recover(self, query: Tensor, start_w2c: np.ndarray | None = None) -> Recovery:
         """Best pose for ``query`` [3, H, W] in [0, 1]; ``start_w2c`` (e.g. a weak PnP pose) competes too."""
@@ -325,16 +332,38 @@ class PoseRecovery:
             starts.insert(0, (-1, np.asarray(start_w2c, dtype=np.float64)))
         if not starts:
             return Recovery(np.eye(4), Confidence(0.0, 1.0), False, -1, 0, time.perf_counter() - started)
+        result = self._refine_starts(query, starts, self.refiner, "configured")
+        if not result.accepted and self.second_refiner is not None:
+            second = self._refine_starts(query, starts, self.second_refiner, "camera")
+            if second.accepted or second.confidence.iou > result.confidence.iou:
+                result = second
+            result.searches = 2
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _refine_starts(self, query: Tensor, starts: list[tuple[int, np.ndarray]], refiner: PoseRefiner,
+                       search: str) -> Recovery:
+        """Refine the coarse poses ``starts`` [(view, [4, 4])] level by level with ``refiner``; the best
+        one, with its alignment (``seconds`` left for the caller)."""
         # The finer levels cost more: each refines only the best ``hypotheses[level]`` of the level before.
         candidates = starts
         for level, keep in enumerate(self.cfg.hypotheses):
-            refined = sorted(((view, self.refiner.refine(query, w2c, levels=[level]))
+            refined = sorted(((view, refiner.refine(query, w2c, levels=[level]))
                               for view, w2c in candidates[:int(keep)]), key=lambda item: item[1].loss_end)
             candidates = [(view, result.w2c) for view, result in refined]
         view, w2c = candidates[0]
         confidence = alignment_confidence(self.gaussians, w2c, query, self.K, self.backend)
         accepted = confidence.accepted(float(self.cfg.min_iou), float(self.cfg.max_l1))
-        return Recovery(w2c, confidence, accepted, view, len(starts), time.perf_counter() - started)
+        return Recovery(w2c, confidence, accepted, view, len(starts), 0.0, search)
+
+    def _refiner(self, search: dict) -> PoseRefiner:
+        """The recovery's refinement (l1_silhouette, L-BFGS, the node's levels) with ``search`` (SEARCH_KEYS)."""
+        cfg = self.cfg
+        return PoseRefiner(self.gaussians, self.K, self.width, self.height, OmegaConf.create({
+            "enabled": True, "optimizer": "lbfgs", "lr": 1.0, "loss": "l1_silhouette",
+            "silhouette_weight": float(cfg.silhouette_weight), "ssim_weight": 0.0, "keep_best": True,
+            "levels": list(cfg.levels), "steps": list(cfg.steps), "blur": list(cfg.blur), **search}),
+            backend=self.backend)
 
     def _pose_of(self, hypothesis: Hypothesis, centroid_query: np.ndarray) -> np.ndarray:
         w2c_ref = self.reference.w2c[hypothesis.view]

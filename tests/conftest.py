@@ -22,6 +22,18 @@ TINY_RUN_OVERRIDES = ["debug=fast", "logger=csv", "device=cpu", f"class={TINY_CL
                       "splat.steps=30"]
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (modules of tiny tensors use it: two OpenMP threads on a shared
+    CPU stall more than they gain)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(request, tmp_path_factory):
     """(run folder, console output) of ``python run.py`` on a tiny generated class."""

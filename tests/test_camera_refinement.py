@@ -26,12 +26,7 @@ NUM_VIEWS = 16
 PERTURBED = (1, 2, 4, 6, 9, 10, 13)  # views 0, 4, 8, 12 are held out (holdout_every=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def turned(w2c: np.ndarray, degrees: float, seed: int) -> np.ndarray:

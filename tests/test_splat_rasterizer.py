@@ -14,13 +14,7 @@ from splatpose.splat.torch_rasterizer import project_gaussians, rasterize_torch,
 from scene_cameras import look_at  # tests/scene_cameras.py
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread avoids the stalls of two OpenMP threads on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_scene(n=40, seed=0, dtype=torch.float64, sh_degree=1) -> Gaussians:

@@ -22,13 +22,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "splat"
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread avoids the stalls of two OpenMP threads on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def blob_points() -> np.ndarray:

@@ -296,17 +296,22 @@ def pixels_to_float(pixels: np.ndarray) -> np.ndarray:
     return rgb * alpha + (1.0 - alpha)
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """Decode a ground-truth mask to bool [H, W]: any value > 0 (in any channel) is defect."""
-    path = Path(path)
+def _open_mask(path: Path, missing: str, unreadable: str, fix: str) -> Image.Image:
+    """The decoded mask image at ``path``; DatasetError "<path>: <missing> not found" or "<path>: unreadable
+    or truncated <unreadable> (<why>); <fix>"."""
     try:
         with Image.open(path) as im:
             im.load()
-            values = np.asarray(im)
+            return im
     except FileNotFoundError as e:
-        raise DatasetError(f"{path}: mask file not found") from e
+        raise DatasetError(f"{path}: {missing} not found") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{path}: unreadable or truncated mask ({e}); re-export or re-copy this file") from e
+        raise DatasetError(f"{path}: unreadable or truncated {unreadable} ({e}); {fix}") from e
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Decode a ground-truth mask to bool [H, W]: any value > 0 (in any channel) is defect."""
+    values = np.asarray(_open_mask(Path(path), "mask file", "mask", "re-export or re-copy this file"))
     if values.ndim == 3:
         # An RGBA mask's alpha channel is opacity, not a label.
         values = values[..., :3] if values.shape[-1] == 4 else values
@@ -317,17 +322,10 @@ def read_mask(path: Path) -> np.ndarray:
 def read_object_mask(path: Path) -> np.ndarray:
     """Decode an object mask to float32 [H, W] in [0, 1] (1 = object): a grey file's value (8 or 16
     bit), an RGBA or grey+alpha file's alpha, an RGB file's largest channel."""
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-                return np.asarray(im.convert("RGBA"))[..., 3].astype(np.float32) / 255.0
-            values = np.asarray(im)
-    except FileNotFoundError as e:
-        raise DatasetError(f"{path}: object mask not found") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{path}: unreadable or truncated object mask ({e}); re-export it") from e
+    im = _open_mask(Path(path), "object mask", "object mask", "re-export it")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return np.asarray(im.convert("RGBA"))[..., 3].astype(np.float32) / 255.0
+    values = np.asarray(im)
     if values.ndim == 3:
         values = values[..., :3].max(axis=-1)
     if values.dtype == bool:

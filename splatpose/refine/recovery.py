@@ -27,6 +27,7 @@ pixels darker than ``BACKGROUND_LEVEL`` in some channel.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -317,8 +318,9 @@ class PoseRecovery:
         self.refiner = self._refiner(search)
         # Turning about the object with bounded first steps settles turned parts' poses; its short steps can
         # stall on a hypothesis far off, where torch's long probes about the camera still reach the pose. So
-        # a query the configured search lines nothing up for gets one more try with that search.
-        self.second_refiner = self._refiner({}) if search else None
+        # a query the configured search lines nothing up for gets one more try with that search (its
+        # refiner built on the first such query).
+        self.has_second_try = bool(search)
 
     def recover(self, query: Tensor, start_w2c: np.ndarray | None = None) -> Recovery:
         """Best pose for ``query`` [3, H, W] in [0, 1]; ``start_w2c`` (e.g. a weak PnP pose) competes too."""
@@ -333,8 +335,8 @@ class PoseRecovery:
         if not starts:
             return Recovery(np.eye(4), Confidence(0.0, 1.0), False, -1, 0, time.perf_counter() - started)
         result = self._refine_starts(query, starts, self.refiner, "configured")
-        if not result.accepted and self.second_refiner is not None:
-            second = self._refine_starts(query, starts, self.second_refiner, "camera")
+        if not result.accepted and self.has_second_try:
+            second = self._refine_starts(query, starts, self._second_refiner, "camera")
             if second.accepted or second.confidence.iou > result.confidence.iou:
                 result = second
             result.searches = 2
@@ -355,6 +357,10 @@ class PoseRecovery:
         confidence = alignment_confidence(self.gaussians, w2c, query, self.K, self.backend)
         accepted = confidence.accepted(float(self.cfg.min_iou), float(self.cfg.max_l1))
         return Recovery(w2c, confidence, accepted, view, len(starts), 0.0, search)
+
+    @functools.cached_property
+    def _second_refiner(self) -> PoseRefiner:
+        return self._refiner({})
 
     def _refiner(self, search: dict) -> PoseRefiner:
         """The recovery's refinement (l1_silhouette, L-BFGS, the node's levels) with ``search`` (SEARCH_KEYS)."""

@@ -14,7 +14,9 @@ beside an in-process ``Detector`` of the same run.
    p50/p95/p99 per request, throughput, errors (any non-200). Inference is serialised in the service;
    with B > 1 the requests that wait go through the Detector together (micro-batches).
 
-Writes a markdown table to stdout (and ``--out`` when given).
+Writes a markdown table to stdout (and ``--out`` when given, rewritten after every row so that a run
+cut short keeps what it measured); progress on stderr; each service's own output goes to
+``<out>.service<B>.log`` (or is dropped without ``--out``).
 
     python experiments/bench_service.py --run-dir outputs/runs/synthetic/03Nut/<time> --device cpu \
         --requests 12 --concurrency 4 --out experiments/results/service_cpu_<date>.md
@@ -87,24 +89,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_service(run_dir: Path, device: str, max_batch: int = 1) -> tuple[subprocess.Popen, str]:
+def progress(message: str) -> None:
+    print(f"[bench_service {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def start_service(run_dir: Path, device: str, max_batch: int, log: Path | None) -> tuple[subprocess.Popen, str]:
+    """A service process on a free loopback port, once GET /ready answers 200 (its warm-up included)."""
     port = free_port()
+    sink = open(log, "w") if log else subprocess.DEVNULL
     proc = subprocess.Popen([sys.executable, "-m", "splatpose.service", str(run_dir), "--port", str(port),
                              "--device", device, "--max-batch", str(max_batch)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+                            stdout=sink, stderr=subprocess.STDOUT)
+    url, start = f"http://127.0.0.1:{port}", time.monotonic()
+    while time.monotonic() < start + 300:
         try:
             if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                progress(f"service (max_batch {max_batch}) ready in {time.monotonic() - start:.1f} s")
                 return proc, url
         except httpx.TransportError:
             pass
         if proc.poll() is not None:
-            raise SystemExit(f"the service exited with {proc.returncode}")
+            raise SystemExit(f"the service exited with {proc.returncode}" + (f"; its output: {log}" if log else ""))
         time.sleep(0.5)
     proc.kill()
-    raise SystemExit("the service did not become ready in 300 s")
+    raise SystemExit("the service did not become ready in 300 s" + (f"; its output: {log}" if log else ""))
 
 
 def bench_http(url: str, images: list[Path], n: int, warmup: int, concurrency: int) -> dict:
@@ -144,23 +152,34 @@ def main() -> None:
     from splatpose.detect.detector import Detector
 
     images = test_images(args.run_dir)
-    detector = Detector.from_run(args.run_dir, {"warm_up": False}, device=args.device)
-    rows = []
+    progress(f"in-process detector on {args.device} ({len(images)} distinct test images)")
+    detector = Detector.from_run(args.run_dir, device=args.device)  # warmed up as the service's is
+    if detector.cfg.warm_up:
+        detector.warm_up()
+    rows, overhead_ms = [], None
     try:
         for k, max_batch in enumerate(args.max_batch):
-            proc, url = start_service(args.run_dir, args.device, max_batch)
+            log = args.out.with_suffix(f".service{max_batch}.log") if args.out else None
+            proc, url = start_service(args.run_dir, args.device, max_batch, log)
             try:
                 if k == 0:
                     local, remote, overhead_ms = paired_one_client(detector, url, images, args.requests, args.warmup)
                     rows += [("in-process Detector.detect", 1, 1, local), ("HTTP POST /detect", max_batch, 1, remote)]
+                    report(args, rows, overhead_ms, len(images))
                 for c in [c for c in args.concurrency if c > 1]:
                     rows.append(("HTTP POST /detect", max_batch, c,
                                  bench_http(url, images, args.requests, args.warmup, c)))
+                    report(args, rows, overhead_ms, len(images))
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
     finally:
         detector.close()
+    print(report(args, rows, overhead_ms, len(images)))
+
+
+def report(args, rows: list, overhead_ms: tuple | None, distinct_images: int) -> str:
+    """The markdown table of the rows so far (also written to ``--out``); progress names the last row."""
     load = os.getloadavg()
     if args.device.startswith("cuda"):
         import torch
@@ -170,19 +189,24 @@ def main() -> None:
         machine = f"{platform.machine()} CPU, {os.cpu_count()} cores"
     lines = [f"Device: {machine} (load average {load[0]:.1f} at the end), device={args.device}; "
              f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-             f"{args.requests} requests per row, {len(images)} distinct test images of {args.run_dir}",
+             f"{args.requests} requests per row, {distinct_images} distinct test images of {args.run_dir}",
              "", "| path | serve.max_batch | clients | p50 ms | p95 ms | p99 ms | images/s | errors |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {what} | {b} | {c} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['throughput']:.2f} | "
               f"{r['errors']} |" for what, b, c, r in rows]
-    lines += ["", "Service overhead at 1 client, median per request:",
-              f"- HTTP latency minus the service's own Detector call (detect_seconds): {overhead_ms[1]:.2f} ms",
-              f"- HTTP latency minus the in-process call just before it (paired; load swings blur it): "
-              f"{overhead_ms[0]:.2f} ms"]
+    if overhead_ms:
+        lines += ["", "Service overhead at 1 client, median per request:",
+                  f"- HTTP latency minus the service's own Detector call (detect_seconds): {overhead_ms[1]:.2f} ms",
+                  f"- HTTP latency minus the in-process call just before it (paired; load swings blur it): "
+                  f"{overhead_ms[0]:.2f} ms"]
     text = "\n".join(lines) + "\n"
-    print(text)
+    if rows:
+        what, b, c, r = rows[-1]
+        progress(f"{what} max_batch {b}, {c} clients: p50 {r['p50']:.1f} ms, {r['throughput']:.1f} images/s, "
+                 f"{r['errors']} errors")
     if args.out:
         args.out.write_text(text)
+    return text
 
 
 if __name__ == "__main__":

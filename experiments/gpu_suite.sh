@@ -10,6 +10,7 @@
 #   detector  the detector's latency and throughput, the task=detect CLI, the GPU tests;
 #   service   the detection service under load (experiments/bench_service.py), micro-batching on and off
 #             (its web stack travels as service.tar.xz: gpu_carry.py --only ... service);
+#   tests     the tests marked gpu alone (the detector phase runs them too);
 #   families  experiments/bench_families.py on the carried classes of both dataset families
 #             (carry/families or FAMILIES_DIR; gpu_carry.py --only ... families): FAMILIES, FAMILY_ARGS (run.py
 #             overrides; default: the CPU defaults' settings, run with gsplat on the GPU).
@@ -103,6 +104,12 @@ evaluation_run() {  # the whole pipeline on the GPU: SfM reference, localization
   if [ -f "$WORK/run_eval/results.json" ]; then cp "$WORK/run_eval/results.json" "$OUT/eval_results.json"; fi
 }
 
+gpu_tests() {  # the tests marked gpu; collection imports every test module: those needing pyvista (not on the device) error, the rest run
+  SPLATPOSE_LITE0_WEIGHTS=$WORK/lite0_fp16.pth step pytest_gpu 240 python3 -m pytest -q -p no:cacheprovider -m gpu --continue-on-collection-errors \
+    -o addopts="" "$REPO/tests" > "$OUT/pytest_gpu.txt" 2>&1
+  tail -n 15 "$OUT/pytest_gpu.txt"
+}
+
 export REPO CARRY OUT WORK SITE
 export -f setup evaluation_run
 step setup 150 setup || { printf '%s\n' "${SUMMARY[@]}"; exit 1; }
@@ -156,10 +163,7 @@ if [[ " $PHASES " == *" detector "* ]]; then
   step detect_cli 90 python3 "$REPO/run.py" task=detect run_dir="$WORK/run_eval_norefine" \
     "inputs='$CARRY/data/01Ant/test/*/*.png'" device=cuda logger=none hydra.run.dir="$WORK/run_detect" \
     detect.batch_size=16 && cp "$WORK/run_detect/summary.json" "$OUT/detect_summary.json"
-  # Collection imports every test module: those needing pyvista (not on the device) error, the rest run.
-  SPLATPOSE_LITE0_WEIGHTS=$WORK/lite0_fp16.pth step pytest_gpu 150 python3 -m pytest -q -p no:cacheprovider -m gpu --continue-on-collection-errors \
-    -o addopts="" "$REPO/tests" > "$OUT/pytest_gpu.txt" 2>&1
-  tail -n 15 "$OUT/pytest_gpu.txt"
+  gpu_tests
 fi
 
 if [[ " $PHASES " == *" service "* ]]; then
@@ -167,10 +171,12 @@ if [[ " $PHASES " == *" service "* ]]; then
   # pipeline's 01Ant run without refinement (made here when the detector phase did not run before).
   [ -f "$WORK/run_eval_norefine/results.json" ] \
     || step evaluation_run 330 evaluation_run refine=off hydra.run.dir="$WORK/run_eval_norefine"
-  step bench_service 200 python3 "$REPO/experiments/bench_service.py" --run-dir "$WORK/run_eval_norefine" \
+  step bench_service 400 python3 "$REPO/experiments/bench_service.py" --run-dir "$WORK/run_eval_norefine" \
     --device cuda --requests ${SERVICE_REQUESTS:-200} --warmup 10 --concurrency 4 16 --max-batch 1 8 \
     --out "$OUT/service.md"
 fi
+
+[[ " $PHASES " == *" tests "* ]] && gpu_tests
 
 if [[ " $PHASES " == *" families "* ]]; then
   step families $((SUITE_SECONDS - 40)) python3 "$REPO/experiments/bench_families.py" --families ${FAMILIES:-synthetic parts} \

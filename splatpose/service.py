@@ -181,13 +181,17 @@ class DetectionService:
         self.metrics = ServiceMetrics()
 
     def load(self) -> None:
-        """Build the Detector (and warm it up when ``detect.warm_up``); failures are kept for /ready."""
+        """Build the Detector (and warm it up when ``detect.warm_up``, on a GPU for every micro-batch size);
+        failures are kept for /ready."""
         from splatpose.detect.detector import Detector
 
         try:
             detector = Detector.from_run(self.run_dir, self.detect_cfg, device=self.device)
             if detector.cfg.warm_up:
-                detector.warm_up(self.max_batch)
+                # a micro-batch holds 1 to max_batch images, and on a GPU each batch size has its own CUDA
+                # graphs: capture them all now, not on the first request that forms that size
+                for size in range(1, self.max_batch + 1) if detector.device.startswith("cuda") else [1]:
+                    detector.warm_up(size)
             self.inference = InferenceQueue(detector, self.max_batch)
             self.detector = detector
             log.info("Serving %s", self.run_dir)

@@ -301,10 +301,13 @@ def test_batched_lightglue_on_cuda_matches_like_pairwise():
     give each pair's own matches (up to float16 attention rounding)."""
     extractor, matcher = aliked_lightglue("cuda")
     pairs = textured_pairs(extractor, matcher, "cuda", count=3)
-    for (feats0, feats1), (matches0, scores0) in zip(pairs, match_pairs_batched(matcher.model, pairs)):
+    for index, ((feats0, feats1), (matches0, scores0)) in enumerate(zip(pairs, match_pairs_batched(matcher.model, pairs))):
         expected0, expected_scores = matcher(feats0, feats1)
-        assert (expected0 > -1).sum() > 50
+        if index < 3:  # the last pair mixes two textures: few matches, but they must agree too
+            assert (expected0 > -1).sum() > 50
         agree = matches0 == expected0
         assert np.mean(agree) > 0.98
-        # where float16 rounding flipped a match, one side's score is 0: compare the agreeing ones
-        np.testing.assert_allclose(scores0[agree], expected_scores[agree], atol=2e-2)
+        # float16 rounding flips a few matches (one side's score is 0) and which weak unmatched keypoints
+        # are mutual nearest neighbours (a score below the threshold or 0): compare the agreeing matches
+        matched = agree & (expected0 > -1)
+        np.testing.assert_allclose(scores0[matched], expected_scores[matched], atol=2e-2)

@@ -212,7 +212,7 @@ def same_features(expected: list[Features], actual: list[Features], atol: float 
                   boundary: float = 0.01) -> bool:
     """Whether two extractions agree: per image, the keypoints of ``expected`` found in ``actual`` at the
     same places (within ``atol`` px), with the same scores and descriptors (within ``atol``), except at
-    most a ``boundary`` fraction of them.
+    most a ``boundary`` fraction of them (at least one); the image counts of keypoints may differ by as many.
 
     Why not keypoint by keypoint in order: ALIKED keeps the top-k local maxima of its score map, and its
     weaker peaks differ by less than float rounding, so any other arithmetic (the graph's deformable
@@ -221,21 +221,25 @@ def same_features(expected: list[Features], actual: list[Features], atol: float 
     (e.g. 398 vs 399 of 1024). A real difference (wrong weights, a skipped kernel, folded
     batch norms under TF32) moves scores and descriptors of most keypoints, far beyond ``atol``.
     """
+    return all(unpaired <= max(1, int(boundary * count)) for unpaired, count in disagreements(expected, actual, atol))
+
+
+def disagreements(expected: list[Features], actual: list[Features], atol: float = 1e-2) -> list[tuple[int, int]]:
+    """Per image, (keypoints of ``expected`` without a partner in ``actual`` - or the difference of the two
+    counts, when larger -, the larger count); partners as in :func:`same_features`."""
+    result = []
     for want, got in zip(expected, actual, strict=True):
         count = max(len(want["keypoints"]), len(got["keypoints"]), 1)
-        allowed = max(1, int(boundary * count))
-        if abs(len(want["keypoints"]) - len(got["keypoints"])) > allowed:
-            return False
-        if len(want["keypoints"]) == 0 or len(got["keypoints"]) == 0:
-            continue
-        distance = np.linalg.norm(want["keypoints"][:, None] - got["keypoints"][None], axis=-1)
-        nearest = distance.argmin(axis=1)
-        paired = distance[np.arange(len(nearest)), nearest] <= atol
-        paired &= np.abs(want["scores"] - got["scores"][nearest]) <= atol
-        paired &= np.abs(want["descriptors"] - got["descriptors"][nearest]).max(axis=1) <= atol
-        if (~paired).sum() > allowed:
-            return False
-    return True
+        unpaired = abs(len(want["keypoints"]) - len(got["keypoints"]))
+        if len(want["keypoints"]) and len(got["keypoints"]):
+            distance = np.linalg.norm(want["keypoints"][:, None] - got["keypoints"][None], axis=-1)
+            nearest = distance.argmin(axis=1)
+            paired = distance[np.arange(len(nearest)), nearest] <= atol
+            paired &= np.abs(want["scores"] - got["scores"][nearest]) <= atol
+            paired &= np.abs(want["descriptors"] - got["descriptors"][nearest]).max(axis=1) <= atol
+            unpaired = max(unpaired, int((~paired).sum()))
+        result.append((unpaired, count))
+    return result
 
 
 class GraphedAliked:
@@ -285,7 +289,9 @@ class GraphedAliked:
         if same_features(expected, features):
             return features
         if self.use_graphs:
-            log.warning("ALIKED from CUDA graphs differs from ALIKED's own forward; extracting eagerly")
+            log.warning("ALIKED from CUDA graphs differs from ALIKED's own forward at input shape %s (keypoints "
+                        "without a partner per image, of: %s); extracting eagerly", tuple(images.shape),
+                        disagreements(expected, features))
             self.use_graphs, self.graphs = False, {}
             self.path = "static eager (graph output differed from ALIKED's forward)"
             if same_features(expected, self._features(images)):

@@ -118,19 +118,21 @@ def test_maps_equal_the_evaluation_maps_on_its_test_images(evaluation, detector)
 
 @pytest.mark.slow
 def test_single_images_and_batches_agree(evaluation, detector):
-    """Up to float rounding: ALIKED's convolutions round differently for another batch size, which moves
-    keypoints by about 1e-5 px and PnP poses by about 1e-8. The refinement's line searches amplify that
-    where its loss is flat: seen 3e-6 in one refined pose and 2e-4 (0.01 deg) in another whose losses
-    agreed to 3e-6, which moves its normalised map by 2e-3, still far below anything visible."""
+    """A query's answer does not depend on the images batched with it. On the CPU its features are
+    extracted alone in both (Localizer.extract), so its PnP pose is bit for bit the same; the refinement
+    and the recovery, whose line searches and early stops turn tiny differences into tenths of a degree
+    where their loss is flat, then start from the same pose and end within rounding (3.6e-5 deg seen; the
+    maps differ by the scorer's batched convolutions)."""
     _, _, data, _ = evaluation
     tests = data.test[:3]
     batch = detector.detect_batch([t.path for t in tests])
     for test, batched in zip(tests, batch):
         single = detector.detect(test.path)
         assert single.localized == batched.localized
-        np.testing.assert_allclose(single.w2c_pnp, batched.w2c_pnp, atol=1e-6)
-        assert rotation_error_deg(single.w2c, batched.w2c) < 0.05
-        np.testing.assert_allclose(single.w2c[:3, 3], batched.w2c[:3, 3], atol=1e-3)
+        assert single.pose_path == batched.pose_path
+        np.testing.assert_array_equal(single.w2c_pnp, batched.w2c_pnp)
+        assert rotation_error_deg(single.w2c, batched.w2c) < 0.01
+        np.testing.assert_allclose(single.w2c[:3, 3], batched.w2c[:3, 3], atol=1e-4)
         assert np.abs(single.anomaly_map - batched.anomaly_map).max() < 5e-3
         assert set(single.times) >= {"load", "extract", "retrieve", "match", "pnp", "refine", "render", "score",
                                      "total"}

@@ -154,8 +154,18 @@ class Localizer:
 
     def extract(self, images: torch.Tensor, original_wh: tuple[int, int]) -> list[dict]:
         """Features of [B, 3, h, w] images already resized for extraction (``resize_max``), one dict per
-        image, keypoints in the pixels of the original ``original_wh`` (width, height) image."""
-        features = self.extractor(images.to(self.device))
+        image, keypoints in the pixels of the original ``original_wh`` (width, height) image.
+
+        On the CPU one image at a time, as the reference's extraction (faster there): then a query's
+        features, and so its pose, are bit for bit those it gets alone, whatever images share its batch.
+        (A batched convolution rounds differently, ~1e-8 in PnP poses, which the refinement's line
+        searches can turn into tenths of a degree where its loss is flat.) On a GPU the batch stays one
+        call, equal to single images up to that rounding."""
+        images = images.to(self.device)
+        if images.device.type == "cpu":
+            features = [feats for image in images for feats in self.extractor(image[None])]
+        else:
+            features = self.extractor(images)
         for feats in features:
             feats["keypoints"] = to_original_pixels(feats["keypoints"], (images.shape[-1], images.shape[-2]),
                                                     original_wh)

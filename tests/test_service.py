@@ -100,6 +100,10 @@ def test_good_and_defective_images_score_as_the_detector_api_does(service_url, d
         assert answer["anomalous"] == (expected.score >= 0.5) and answer["threshold"] == 0.5
         assert answer["pose_path"] == expected.pose_path and answer["localized"] == expected.localized
         assert {"extract", "match", "render", "score", "total"} <= set(answer["times"])
+        # the upload's decoding and check (before the inference queue) is its load stage, counted in total
+        assert answer["times"]["load"] > 0
+        stages = ("load", "upload", "extract", "retrieve", "match", "pnp", "refine", "render", "score")
+        assert answer["times"]["total"] == pytest.approx(sum(answer["times"].get(s, 0.0) for s in stages), abs=1e-5)
         anomaly_map = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["map_png"]))))
         assert anomaly_map.shape == expected.anomaly_map.shape
         assert np.abs(anomaly_map / 255.0 - np.clip(expected.anomaly_map, 0, 1)).max() <= 1 / 255 + 1e-6

@@ -267,12 +267,16 @@ class Detector:
 
     def prepare(self, source) -> LoadedImage:
         """Decode and check one input for this run (size policy, flags) ahead of ``detect``, e.g. outside
-        a lock that serialises inference. Raises InputError for an input that cannot be scored."""
-        return load_input(source, self.width, self.height, self.cfg.on_size_mismatch)
+        a lock that serialises inference; its detection reports this call's time as its load stage. Raises
+        InputError for an input that cannot be scored."""
+        start = time.perf_counter()
+        loaded = load_input(source, self.width, self.height, self.cfg.on_size_mismatch)
+        loaded.load_seconds = time.perf_counter() - start
+        return loaded
 
     def _load(self, source, fast_decode: bool = True) -> tuple[LoadedImage | InputError, float]:
         if isinstance(source, LoadedImage):
-            return source, 0.0
+            return source, source.load_seconds
         start = time.perf_counter()
         try:
             result = load_input(source, self.width, self.height, self.cfg.on_size_mismatch, fast_decode)

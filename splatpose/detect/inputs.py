@@ -54,11 +54,13 @@ class LoadedImage:
     """One usable input at the run's size, with notes on it (``flags``). Either ``pixels``, the file's
     decoded uint8 [H, W, 3|4] (RGBA: composited onto white later; the detector uploads these, a
     quarter of the float bytes, and converts them on its device), or ``image``, float32 [3, H, W] in
-    [0, 1] on a white background (arrays, resized files)."""
+    [0, 1] on a white background (arrays, resized files). ``load_seconds``: what reading, decoding and
+    checking it took (set by ``Detector.prepare``; its detection reports it as the load stage)."""
 
     pixels: np.ndarray | None = None
     image: torch.Tensor | None = None
     flags: list[str] = field(default_factory=list)
+    load_seconds: float = 0.0
 
     def float_image(self) -> torch.Tensor:
         """[3, H, W] float32 in [0, 1], white background."""

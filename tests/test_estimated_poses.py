@@ -205,3 +205,72 @@ def test_a_camera_on_the_wrong_side_of_the_object_disagrees_with_its_outline(tmp
 
     agreement = silhouette_agreement(model, ["right.png", "wrong.png"], tmp_path)
     assert agreement["right.png"] == pytest.approx(1.0) and agreement["wrong.png"] == 0.0
+
+
+def cube_scene(tmp_path: Path, poses: dict[str, np.ndarray], blank: tuple[str, ...] = ()):
+    """5x5x5 points of a unit cube seen by PINHOLE cameras (64 px, f 60) at ``poses`` (name -> w2c): per
+    view its keypoints (hloc pixels: the projections - 0.5) and a photo with the cube's outline dark on
+    white (white all over for the ``blank`` names)."""
+    K = np.array([[60.0, 0, 32], [0, 60.0, 32], [0, 0, 1]])
+    grid = np.linspace(-0.5, 0.5, 5)
+    cube = np.stack(np.meshgrid(grid, grid, grid), axis=-1).reshape(-1, 3)
+    keypoints = {}
+    for name, w2c in poses.items():
+        cam = cube @ w2c[:3, :3].T + w2c[:3, 3]
+        uv = cam @ K.T
+        uv = uv[:, :2] / uv[:, 2:]
+        keypoints[name] = uv - 0.5
+        photo = np.full((64, 64, 3), 255, np.uint8)
+        if name not in blank:
+            lo, hi = np.floor(uv.min(axis=0)).astype(int) - 1, np.ceil(uv.max(axis=0)).astype(int) + 1
+            photo[max(lo[1], 0):hi[1], max(lo[0], 0):hi[0]] = 40
+        Image.fromarray(photo).save(tmp_path / name)
+    return cube, keypoints
+
+
+def turned_about_y(degrees: float, distance: float = 4.0) -> np.ndarray:
+    """A camera ``distance`` in front of the origin, turned about the cube's vertical axis."""
+    angle = np.radians(degrees)
+    rotation = np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
+    w2c = np.eye(4)
+    w2c[:3, :3], w2c[2, 3] = rotation, distance
+    return w2c
+
+
+def test_a_left_over_view_is_registered_by_pnp_against_the_model_and_joins_its_tracks(tmp_path):
+    """The mapper registered a.png; b.png matches a.png's keypoints of every cube point and comes back at
+    its true pose (its inliers join the points' tracks in the compact model); c.png matches as well
+    but its photo shows no object where its camera sees the model: left out by the outline check."""
+    import pycolmap
+
+    from splatpose.sfm.estimated_poses import compact_reconstruction, register_left_over_views
+    from splatpose.sfm.triangulation import w2c_from_rigid
+
+    poses = {"a.png": turned_about_y(0.0), "b.png": turned_about_y(25.0), "c.png": turned_about_y(-25.0)}
+    cube, keypoints = cube_scene(tmp_path, poses, blank=("c.png",))
+    model = pycolmap.Reconstruction()
+    model.add_camera_with_trivial_rig(pycolmap.Camera(model="PINHOLE", width=64, height=64,
+                                                      params=[60.0, 60.0, 32.0, 32.0], camera_id=1))
+    model.add_image_with_trivial_frame(
+        pycolmap.Image(name="a.png", keypoints=keypoints["a.png"] + 0.5, camera_id=1, image_id=1),
+        pycolmap.Rigid3d(pycolmap.Rotation3d(poses["a.png"][:3, :3]), poses["a.png"][:3, 3]))
+    for index, xyz in enumerate(cube):
+        track = pycolmap.Track()
+        track.add_element(1, index)
+        model.add_point3D(xyz, track)
+    features = {name: {"keypoints": kpts} for name, kpts in keypoints.items()}
+    identity = np.stack([np.arange(len(cube))] * 2, axis=1)
+    raw_matches = {("b.png", "a.png"): identity, ("a.png", "c.png"): identity}
+    localization = OmegaConf.load(ROOT / "conf" / "sfm" / "default.yaml").localization
+
+    late, tried = register_left_over_views(model, ["a.png"], ["b.png", "c.png"], features, raw_matches,
+                                           localization, tmp_path, min_agreement=0.85)
+
+    assert set(late) == {"b.png"}
+    assert tried["b.png"]["inliers"] == len(cube) and tried["b.png"]["agreement"] == pytest.approx(1.0)
+    assert tried["c.png"]["inliers"] == len(cube) and tried["c.png"]["agreement"] == 0.0
+    np.testing.assert_allclose(w2c_from_rigid(late["b.png"].cam_from_world), poses["b.png"], atol=1e-6)
+    compact = compact_reconstruction(model, ["a.png", "b.png"], late)
+    assert sorted(compact.image(i).name for i in compact.reg_image_ids()) == ["a.png", "b.png"]
+    assert all(point.track.length() == 2 for point in compact.points3D.values())
+    assert len(compact.points3D) == len(cube)

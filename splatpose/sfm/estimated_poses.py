@@ -17,9 +17,13 @@ without known poses, hloc's ``reconstruction.py`` steps on the project's own fea
    the camera as PINHOLE (fx = fy), so that everything downstream (localization, the splats, the
    detector's reading of a run folder) takes it as it takes a model built from known poses.
 
-Views that do not register, and registered views whose camera does not see the model inside the
-object's outline (:func:`silhouette_agreement`: look-alike views can put a camera on the wrong side of
-the object), are listed (console and reference.json) and left out; fewer registered than
+Registered views whose camera does not see the model inside the object's outline
+(:func:`silhouette_agreement`: look-alike views can put a camera on the wrong side of the object) are
+left out of the mapper's result. The views left over then get a second chance
+(:func:`register_left_over_views`, ``sfm.estimate.late_registration``): PnP against the model, as a
+query is localized (their raw matches to the registered views, the ``localization`` node's RANSAC), kept
+when enough matches are inliers and the outline agrees. Views still left over are listed (console and
+reference.json) and left out; fewer registered than
 ``sfm.estimate.min_registered_fraction`` of the views stops the run with :class:`EstimationError`.
 
 The model lives in the SfM frame (arbitrary origin, rotation and scale). :func:`posed_class_data`
@@ -42,7 +46,8 @@ from scipy import ndimage
 from splatpose.data.mad_sim import ClassData
 from splatpose.errors import UserError
 from splatpose.sfm.retrieval import VladRetrieval, rank_database
-from splatpose.sfm.triangulation import colmap_camera, w2c_from_rigid, write_database
+from splatpose.sfm.pnp import PnPSolver
+from splatpose.sfm.triangulation import colmap_camera, rigid_from_w2c, w2c_from_rigid, write_database
 
 log = logging.getLogger(__name__)
 
@@ -284,23 +289,123 @@ def silhouette_agreement(model: pycolmap.Reconstruction, names: list[str], image
     Returns:
         name -> agreement in [0, 1] (points behind the camera or outside the image count as misses).
     """
+    by_name = {model.image(i).name: model.image(i) for i in model.reg_image_ids()}
+    xyz = model_points(model)
+    return {name: outline_agreement(xyz, model.camera(by_name[name].camera_id), by_name[name].cam_from_world(),
+                                    image_dir / name, background_threshold, tolerance_px) for name in names}
+
+
+def model_points(model: pycolmap.Reconstruction) -> np.ndarray:
+    """[P, 3] float64: the model's 3D points."""
+    return np.array([point.xyz for point in model.points3D.values()], dtype=np.float64).reshape(-1, 3)
+
+
+def outline_agreement(xyz: np.ndarray, camera: pycolmap.Camera, cam_from_world: pycolmap.Rigid3d, image_path: Path,
+                      background_threshold: float = 0.96, tolerance_px: int = 2) -> float:
+    """The fraction of the points ``xyz`` [P, 3] that one camera projects onto the object in its image
+    (see :func:`silhouette_agreement`)."""
     from splatpose.data.mad_sim import read_image
 
+    foreground = ndimage.binary_dilation(read_image(image_path).min(axis=2) < background_threshold,
+                                         iterations=tolerance_px)
+    uv = camera.img_from_cam(cam_from_world * xyz)  # NaN behind the camera
+    valid = np.isfinite(uv).all(axis=1)
+    cols, rows = np.floor(np.nan_to_num(uv[:, 0], nan=-1)), np.floor(np.nan_to_num(uv[:, 1], nan=-1))
+    inside = valid & (cols >= 0) & (rows >= 0) & (cols < camera.width) & (rows < camera.height)
+    hits = foreground[rows[inside].astype(int), cols[inside].astype(int)]
+    return float(hits.sum() / max(len(xyz), 1))
+
+
+@dataclasses.dataclass
+class LateView:
+    """A view registered after mapping (:func:`register_left_over_views`).
+
+    cam_from_world: its pose; keypoints: [N, 2] all its keypoints in COLMAP pixels (hloc + 0.5);
+    observations: [K, 2] int64 (keypoint index, model 3D point id) of its PnP inliers, which join those
+    points' tracks; inliers, agreement: the PnP inlier count and the outline agreement.
+    """
+
+    cam_from_world: pycolmap.Rigid3d
+    keypoints: np.ndarray
+    observations: np.ndarray
+    inliers: int
+    agreement: float
+
+
+def register_left_over_views(model: pycolmap.Reconstruction, registered: list[str], left_over: list[str],
+                             features: dict[str, dict], raw_matches: dict[tuple[str, str], np.ndarray],
+                             cfg_localization: DictConfig, image_dir: Path, min_agreement: float
+                             ) -> tuple[dict[str, LateView], dict[str, dict]]:
+    """Register views the mapper left out by PnP against its model, as a query is localized.
+
+    Each left-over view's raw matches to the registered views give (its keypoint, the 3D point of the
+    matched keypoint) pairs; PnP with the ``localization`` node's solver and RANSAC threshold on the
+    model's refined camera; the view is kept when at least ``min_inliers`` pairs are inliers and the
+    camera sees the model inside the view's outline (:func:`outline_agreement` >= ``min_agreement``).
+    Unlike a looser mapper, a wrong pose here cannot pull the model: the model is not changed.
+
+    Returns:
+        (name -> :class:`LateView` of the views kept, name -> {matches, inliers, agreement} of every
+        left-over view tried, for the summary).
+    """
     by_name = {model.image(i).name: model.image(i) for i in model.reg_image_ids()}
-    xyz = np.array([point.xyz for point in model.points3D.values()], dtype=np.float64).reshape(-1, 3)
-    agreement = {}
-    for name in names:
-        image = by_name[name]
-        camera = model.camera(image.camera_id)
-        foreground = ndimage.binary_dilation(read_image(image_dir / name).min(axis=2) < background_threshold,
-                                             iterations=tolerance_px)
-        uv = camera.img_from_cam(image.cam_from_world() * xyz)  # NaN behind the camera
-        valid = np.isfinite(uv).all(axis=1)
-        cols, rows = np.floor(np.nan_to_num(uv[:, 0], nan=-1)), np.floor(np.nan_to_num(uv[:, 1], nan=-1))
-        inside = valid & (cols >= 0) & (rows >= 0) & (cols < camera.width) & (rows < camera.height)
-        hits = foreground[rows[inside].astype(int), cols[inside].astype(int)]
-        agreement[name] = float(hits.sum() / max(len(xyz), 1))
-    return agreement
+    camera = model.camera(by_name[registered[0]].camera_id)
+    solver, max_error = PnPSolver(cfg_localization, camera), float(cfg_localization.ransac_max_error)
+    point_ids = sorted(model.points3D)
+    row_of = {pid: row for row, pid in enumerate(point_ids)}
+    xyz = np.array([model.points3D[pid].xyz for pid in point_ids], dtype=np.float64).reshape(-1, 3)
+    rows_of = {name: np.array([row_of[p.point3D_id] if p.has_point3D() else -1 for p in by_name[name].points2D],
+                              dtype=np.int64) for name in registered}
+    late, tried = {}, {}
+    for name in left_over:
+        pairs = np.unique(np.concatenate([np.zeros((0, 2), np.int64)] + [
+            pair_rows for other in registered
+            if len(pair_rows := _keypoint_point_rows(name, other, raw_matches, rows_of[other]))]), axis=0)
+        tried[name] = {"matches": int(len(pairs)), "inliers": 0, "agreement": None}
+        if len(pairs) < max(int(cfg_localization.min_inliers), 4):
+            continue
+        points2d = features[name]["keypoints"][pairs[:, 0]].astype(np.float64) + 0.5
+        solved = solver(points2d, xyz[pairs[:, 1]])
+        if solved is None:
+            continue
+        w2c, inliers = solved
+        tried[name]["inliers"] = int(inliers)
+        if inliers < int(cfg_localization.min_inliers):
+            continue
+        cam_from_world = rigid_from_w2c(w2c)
+        agreement = outline_agreement(xyz, camera, cam_from_world, image_dir / name)
+        tried[name]["agreement"] = round(agreement, 4)
+        if agreement < min_agreement:
+            continue
+        projected = camera.img_from_cam(cam_from_world * xyz[pairs[:, 1]])
+        inlier = pairs[np.linalg.norm(np.nan_to_num(projected - points2d, nan=np.inf), axis=1) <= max_error]
+        inlier = inlier[~_repeated(inlier[:, 1])]  # a point observed once per image ...
+        inlier = inlier[~_repeated(inlier[:, 0])]  # ... by one keypoint, which observes one point
+        observations = np.stack([inlier[:, 0], np.asarray(point_ids, dtype=np.int64)[inlier[:, 1]]], axis=1)
+        late[name] = LateView(cam_from_world, features[name]["keypoints"].astype(np.float64) + 0.5, observations,
+                              int(inliers), agreement)
+    return late, tried
+
+
+def _keypoint_point_rows(name: str, other: str, raw_matches: dict[tuple[str, str], np.ndarray],
+                         other_rows: np.ndarray) -> np.ndarray:
+    """[K, 2] (keypoint of ``name``, row of the 3D point of its match in ``other``) over their raw matches."""
+    if (name, other) in raw_matches:
+        ours, theirs = raw_matches[(name, other)][:, 0], raw_matches[(name, other)][:, 1]
+    elif (other, name) in raw_matches:
+        ours, theirs = raw_matches[(other, name)][:, 1], raw_matches[(other, name)][:, 0]
+    else:
+        return np.zeros((0, 2), np.int64)
+    rows = other_rows[theirs]
+    return np.stack([ours[rows >= 0], rows[rows >= 0]], axis=1).astype(np.int64)
+
+
+def _repeated(values: np.ndarray) -> np.ndarray:
+    """True where a value already occurred earlier in ``values``."""
+    _, first = np.unique(values, return_index=True)
+    repeated = np.ones(len(values), dtype=bool)
+    repeated[first] = False
+    return repeated
 
 
 def check_registration(names: list[str], registered: list[str], min_fraction: float, image_dir: Path) -> None:
@@ -322,34 +427,46 @@ def check_registration(names: list[str], registered: list[str], min_fraction: fl
         "sfm.estimate.min_registered_fraction to go on without the views listed")
 
 
-def compact_reconstruction(model: pycolmap.Reconstruction, names: list[str]) -> pycolmap.Reconstruction:
+def compact_reconstruction(model: pycolmap.Reconstruction, names: list[str],
+                           late: dict[str, LateView] | None = None) -> pycolmap.Reconstruction:
     """The registered part of ``model`` in the layout of a known-pose reference.
 
     Args:
-        model: the mapper's model; names: the registered image names in ``data.train`` order.
+        model: the mapper's model; names: the registered image names in ``data.train`` order, the views
+            registered after mapping (``late``) among them.
     Returns:
         A reconstruction with one PINHOLE camera (id 1, fx = fy = the refined focal length), the
         images of ``names`` with ids 1..M in that order at their estimated poses, each with all its
-        keypoints as points2D (keypoint i = point2D i), and every 3D point whose track lies in them;
-        normalised by ``Reconstruction.normalize`` (a similarity: the frame stays arbitrary).
+        keypoints as points2D (keypoint i = point2D i), and every 3D point whose track lies in them (a
+        late view's PnP inliers join the tracks of their points); normalised by
+        ``Reconstruction.normalize`` (a similarity: the frame stays arbitrary).
     """
+    late = late or {}
     by_name = {model.image(i).name: model.image(i) for i in model.reg_image_ids()}
-    old_camera = model.camera(by_name[names[0]].camera_id)
+    old_camera = model.camera(by_name[next(n for n in names if n not in late)].camera_id)
     compact = pycolmap.Reconstruction()
     compact.add_camera_with_trivial_rig(colmap_camera(old_camera.calibration_matrix(), old_camera.width,
                                                       old_camera.height))
-    new_id = {}
+    new_id, late_observations = {}, {}
     for image_id, name in enumerate(names, start=1):
-        old = by_name[name]
-        keypoints = np.array([point.xy for point in old.points2D], dtype=np.float64).reshape(-1, 2)
+        if name in late:
+            keypoints, cam_from_world = late[name].keypoints, late[name].cam_from_world
+            for keypoint, point_id in late[name].observations:
+                late_observations.setdefault(int(point_id), []).append((image_id, int(keypoint)))
+        else:
+            old = by_name[name]
+            keypoints = np.array([point.xy for point in old.points2D], dtype=np.float64).reshape(-1, 2)
+            cam_from_world = old.cam_from_world()
+            new_id[old.image_id] = image_id
         compact.add_image_with_trivial_frame(pycolmap.Image(name=name, keypoints=keypoints, camera_id=1,
-                                                            image_id=image_id), old.cam_from_world())
-        new_id[old.image_id] = image_id
-    for point in model.points3D.values():
+                                                            image_id=image_id), cam_from_world)
+    for point_id, point in model.points3D.items():
         track = pycolmap.Track()
         for element in point.track.elements:
             if element.image_id in new_id:
                 track.add_element(new_id[element.image_id], element.point2D_idx)
+        for image_id, keypoint in late_observations.get(point_id, []):
+            track.add_element(image_id, keypoint)
         if track.length() >= 2:
             compact.add_point3D(point.xyz, track, point.color)
     # COLMAP's own normalisation (centred, the camera centres spread over 10 units): the mapper's
@@ -389,22 +506,33 @@ def estimate_reconstruction(data: ClassData, cfg: DictConfig, features: dict[str
     registered = registered_names(model, names)
     unregistered = [name for name in names if name not in set(registered)]
     if unregistered:
-        log.warning("%d of %d reference views did not register and are left out: %s", len(unregistered),
-                    len(names), ", ".join(unregistered))
+        log.info("The mapper did not register %d of %d reference views: %s", len(unregistered), len(names),
+                 ", ".join(unregistered))
     agreement = silhouette_agreement(model, registered, data.root) if registered else {}
     off_outline = [name for name in registered if agreement[name] < float(est.min_silhouette_agreement)]
     if off_outline:
-        log.warning("%d registered reference views are left out: their cameras do not see the model inside the "
+        log.info("%d views registered by the mapper are set aside: their cameras do not see the model inside the "
                     "object's outline (sfm.estimate.min_silhouette_agreement=%s): %s", len(off_outline),
                     est.min_silhouette_agreement, ", ".join(f"{n} ({agreement[n]:.2f})" for n in off_outline))
         registered = [name for name in registered if name not in set(off_outline)]
         unregistered = [name for name in names if name not in set(registered)]
+    late, tried = {}, {}
+    if est.late_registration and registered and unregistered:
+        late, tried = register_left_over_views(model, registered, unregistered, features, raw_matches,
+                                               cfg.localization, data.root, float(est.min_silhouette_agreement))
+        log.info("Registered after mapping (PnP against the model): %d of %d left-over views%s", len(late),
+                 len(unregistered), f" ({', '.join(late)})" if late else "")
+        registered = [name for name in names if name in set(registered) | set(late)]
+        unregistered = [name for name in names if name not in set(registered)]
+    if unregistered:
+        log.warning("%d of %d reference views are left out: %s", len(unregistered), len(names),
+                    ", ".join(unregistered))
     check_registration(names, registered, float(est.min_registered_fraction), data.root)
-    compact = compact_reconstruction(model, registered)
+    compact = compact_reconstruction(model, registered, late)
     focal = float(compact.camera(1).focal_length_x)
     summary = {"reference_poses": "estimate", "num_views": len(names), "num_registered": len(registered),
                "registration_rate": len(registered) / len(names), "unregistered": unregistered,
-               "off_outline": off_outline,
+               "off_outline": off_outline, "late_registered": sorted(late), "late_registration": tried,
                "silhouette_agreement": {n: round(a, 4) for n, a in agreement.items()},
                "focal_hint_px": float(camera.focal_length), "focal_hint_from": fov_source, "focal_px": focal,
                "num_verified_pairs": _verified_pairs(database), "num_opposite_pairs_dropped": len(dropped)}

@@ -322,14 +322,12 @@ class LateView:
 
     cam_from_world: its pose; keypoints: [N, 2] all its keypoints in COLMAP pixels (hloc + 0.5);
     observations: [K, 2] int64 (keypoint index, model 3D point id) of its PnP inliers, which join those
-    points' tracks; inliers, agreement: the PnP inlier count and the outline agreement.
+    points' tracks.
     """
 
     cam_from_world: pycolmap.Rigid3d
     keypoints: np.ndarray
     observations: np.ndarray
-    inliers: int
-    agreement: float
 
 
 def register_left_over_views(model: pycolmap.Reconstruction, registered: list[str], left_over: list[str],
@@ -358,9 +356,8 @@ def register_left_over_views(model: pycolmap.Reconstruction, registered: list[st
                               dtype=np.int64) for name in registered}
     late, tried = {}, {}
     for name in left_over:
-        pairs = np.unique(np.concatenate([np.zeros((0, 2), np.int64)] + [
-            pair_rows for other in registered
-            if len(pair_rows := _keypoint_point_rows(name, other, raw_matches, rows_of[other]))]), axis=0)
+        found = [_keypoint_point_rows(name, other, raw_matches, rows_of[other]) for other in registered]
+        pairs = np.unique(np.concatenate([np.zeros((0, 2), np.int64), *found]), axis=0)
         tried[name] = {"matches": int(len(pairs)), "inliers": 0, "agreement": None}
         if len(pairs) < max(int(cfg_localization.min_inliers), 4):
             continue
@@ -382,8 +379,7 @@ def register_left_over_views(model: pycolmap.Reconstruction, registered: list[st
         inlier = inlier[~_repeated(inlier[:, 1])]  # a point observed once per image ...
         inlier = inlier[~_repeated(inlier[:, 0])]  # ... by one keypoint, which observes one point
         observations = np.stack([inlier[:, 0], np.asarray(point_ids, dtype=np.int64)[inlier[:, 1]]], axis=1)
-        late[name] = LateView(cam_from_world, features[name]["keypoints"].astype(np.float64) + 0.5, observations,
-                              int(inliers), agreement)
+        late[name] = LateView(cam_from_world, features[name]["keypoints"].astype(np.float64) + 0.5, observations)
     return late, tried
 
 

@@ -340,11 +340,14 @@ def register_left_over_views(model: pycolmap.Reconstruction, registered: list[st
     matched keypoint) pairs; PnP with the ``localization`` node's solver and RANSAC threshold on the
     model's refined camera; the view is kept when at least ``min_inliers`` pairs are inliers and the
     camera sees the model inside the view's outline (:func:`outline_agreement` >= ``min_agreement``).
+    When the pose from all the pairs fails the outline (look-alike views outvoting the true
+    neighbours), the pairs through each registered view alone are tried, and the agreeing pose with
+    the most inliers is kept (``one_view`` in the summary).
     Unlike a looser mapper, a wrong pose here cannot pull the model: the model is not changed.
 
     Returns:
-        (name -> :class:`LateView` of the views kept, name -> {matches, inliers, agreement} of every
-        left-over view tried, for the summary).
+        (name -> :class:`LateView` of the views kept, name -> {matches, inliers, agreement, one_view} of
+        every left-over view tried, for the summary).
     """
     by_name = {model.image(i).name: model.image(i) for i in model.reg_image_ids()}
     camera = model.camera(by_name[registered[0]].camera_id)
@@ -359,21 +362,30 @@ def register_left_over_views(model: pycolmap.Reconstruction, registered: list[st
         found = [_keypoint_point_rows(name, other, raw_matches, rows_of[other]) for other in registered]
         pairs = np.unique(np.concatenate([np.zeros((0, 2), np.int64), *found]), axis=0)
         tried[name] = {"matches": int(len(pairs)), "inliers": 0, "agreement": None}
-        if len(pairs) < max(int(cfg_localization.min_inliers), 4):
+        # All its matches first; when that pose fails the outline (look-alike views outvote the true
+        # neighbours), each registered view's matches alone, the best pose that agrees with the outline.
+        min_inliers = max(int(cfg_localization.min_inliers), 4)
+        best = None
+        for subset in [pairs] + [rows for rows in found if len(rows) >= min_inliers]:
+            if len(subset) < min_inliers:
+                continue
+            points2d = features[name]["keypoints"][subset[:, 0]].astype(np.float64) + 0.5
+            solved = solver(points2d, xyz[subset[:, 1]])
+            if solved is None or solved[1] < min_inliers:
+                continue
+            cam_from_world = rigid_from_w2c(solved[0])
+            agreement = outline_agreement(xyz, camera, cam_from_world, image_dir / name)
+            if subset is pairs:
+                tried[name].update(inliers=int(solved[1]), agreement=round(agreement, 4))
+            if agreement >= min_agreement and (best is None or solved[1] > best[1]):
+                best = (cam_from_world, int(solved[1]), round(agreement, 4), subset is not pairs)
+            if best is not None and subset is pairs:
+                break
+        if best is None:
             continue
+        cam_from_world = best[0]
+        tried[name].update(inliers=best[1], agreement=best[2], one_view=best[3])
         points2d = features[name]["keypoints"][pairs[:, 0]].astype(np.float64) + 0.5
-        solved = solver(points2d, xyz[pairs[:, 1]])
-        if solved is None:
-            continue
-        w2c, inliers = solved
-        tried[name]["inliers"] = int(inliers)
-        if inliers < int(cfg_localization.min_inliers):
-            continue
-        cam_from_world = rigid_from_w2c(w2c)
-        agreement = outline_agreement(xyz, camera, cam_from_world, image_dir / name)
-        tried[name]["agreement"] = round(agreement, 4)
-        if agreement < min_agreement:
-            continue
         projected = camera.img_from_cam(cam_from_world * xyz[pairs[:, 1]])
         inlier = pairs[np.linalg.norm(np.nan_to_num(projected - points2d, nan=np.inf), axis=1) <= max_error]
         inlier = inlier[~_repeated(inlier[:, 1])]  # a point observed once per image ...

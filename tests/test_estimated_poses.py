@@ -274,3 +274,58 @@ def test_a_left_over_view_is_registered_by_pnp_against_the_model_and_joins_its_t
     assert sorted(compact.image(i).name for i in compact.reg_image_ids()) == ["a.png", "b.png"]
     assert all(point.track.length() == 2 for point in compact.points3D.values())
     assert len(compact.points3D) == len(cube)
+
+
+def test_a_left_over_view_outvoted_by_a_look_alike_comes_back_from_its_true_neighbour(tmp_path):
+    """A cube with a tail on one side. e.png's matches to m.png pair its cube keypoints with the cube
+    turned by 180 degrees (a look-alike: 125 consistent matches) and its matches to a.png are right but
+    fewer (32): PnP over all of them puts e.png on the wrong side, where the tail falls outside its
+    outline; a.png's matches alone give the true pose, which agrees with the outline and is kept."""
+    import pycolmap
+
+    from splatpose.sfm.estimated_poses import register_left_over_views
+    from splatpose.sfm.triangulation import w2c_from_rigid
+
+    grid = np.linspace(-0.5, 0.5, 5)
+    cube = np.stack(np.meshgrid(grid, grid, grid, indexing="ij"), axis=-1).reshape(-1, 3)
+    tail = np.stack(np.meshgrid(np.linspace(0.7, 1.4, 5), np.linspace(-0.2, 0.2, 5), np.linspace(-0.2, 0.2, 5),
+                                indexing="ij"), axis=-1).reshape(-1, 3)
+    points = np.concatenate([cube, tail])
+    K = np.array([[60.0, 0, 32], [0, 60.0, 32], [0, 0, 1]])
+    poses = {"a.png": turned_about_y(0.0, 5.0), "m.png": turned_about_y(40.0, 5.0), "e.png": turned_about_y(20.0, 5.0)}
+    keypoints = {}
+    for name, w2c in poses.items():
+        uv = (points @ w2c[:3, :3].T + w2c[:3, 3]) @ K.T
+        uv = uv[:, :2] / uv[:, 2:]
+        keypoints[name] = uv - 0.5
+        photo = np.full((64, 64, 3), 255, np.uint8)
+        for part in (uv[:len(cube)], uv[len(cube):]):  # the cube's and the tail's outlines
+            lo, hi = np.floor(part.min(axis=0)).astype(int) - 1, np.ceil(part.max(axis=0)).astype(int) + 1
+            photo[max(lo[1], 0):hi[1], max(lo[0], 0):hi[0]] = 40
+        Image.fromarray(photo).save(tmp_path / name)
+    model = pycolmap.Reconstruction()
+    model.add_camera_with_trivial_rig(pycolmap.Camera(model="PINHOLE", width=64, height=64,
+                                                      params=[60.0, 60.0, 32.0, 32.0], camera_id=1))
+    for image_id, name in enumerate(("a.png", "m.png"), start=1):
+        model.add_image_with_trivial_frame(
+            pycolmap.Image(name=name, keypoints=keypoints[name] + 0.5, camera_id=1, image_id=image_id),
+            pycolmap.Rigid3d(pycolmap.Rotation3d(poses[name][:3, :3]), poses[name][:3, 3]))
+    for index, xyz in enumerate(points):
+        track = pycolmap.Track()
+        track.add_element(1, index)
+        track.add_element(2, index)
+        model.add_point3D(xyz, track)
+    # the cube turned by 180 degrees about its vertical axis: (x, y, z) -> (-x, y, -z), an index permutation
+    turned = {tuple(np.round(p, 6)): i for i, p in enumerate(cube)}
+    look_alike = np.array([turned[tuple(np.round(p * [-1, 1, -1], 6))] for p in cube])
+    raw_matches = {("e.png", "m.png"): np.stack([np.arange(len(cube)), look_alike], axis=1),
+                   ("e.png", "a.png"): np.stack([np.arange(0, len(points), 8)] * 2, axis=1)}
+    features = {name: {"keypoints": kpts} for name, kpts in keypoints.items()}
+    localization = OmegaConf.load(ROOT / "conf" / "sfm" / "default.yaml").localization
+
+    late, tried = register_left_over_views(model, ["a.png", "m.png"], ["e.png"], features, raw_matches,
+                                           localization, tmp_path, min_agreement=0.85)
+
+    assert set(late) == {"e.png"} and tried["e.png"]["one_view"], tried
+    np.testing.assert_allclose(w2c_from_rigid(late["e.png"].cam_from_world), poses["e.png"], atol=1e-6)
+    assert tried["e.png"]["agreement"] == pytest.approx(1.0)

@@ -292,7 +292,8 @@ def silhouette_agreement(model: pycolmap.Reconstruction, names: list[str], image
     by_name = {model.image(i).name: model.image(i) for i in model.reg_image_ids()}
     xyz = model_points(model)
     return {name: outline_agreement(xyz, model.camera(by_name[name].camera_id), by_name[name].cam_from_world(),
-                                    image_dir / name, background_threshold, tolerance_px) for name in names}
+                                    object_outline(image_dir / name, background_threshold, tolerance_px))
+            for name in names}
 
 
 def model_points(model: pycolmap.Reconstruction) -> np.ndarray:
@@ -300,20 +301,24 @@ def model_points(model: pycolmap.Reconstruction) -> np.ndarray:
     return np.array([point.xyz for point in model.points3D.values()], dtype=np.float64).reshape(-1, 3)
 
 
-def outline_agreement(xyz: np.ndarray, camera: pycolmap.Camera, cam_from_world: pycolmap.Rigid3d, image_path: Path,
-                      background_threshold: float = 0.96, tolerance_px: int = 2) -> float:
-    """The fraction of the points ``xyz`` [P, 3] that one camera projects onto the object in its image
-    (see :func:`silhouette_agreement`)."""
-    from splatpose.data.mad_sim import read_image
-
-    foreground = ndimage.binary_dilation(read_image(image_path).min(axis=2) < background_threshold,
-                                         iterations=tolerance_px)
+def outline_agreement(xyz: np.ndarray, camera: pycolmap.Camera, cam_from_world: pycolmap.Rigid3d,
+                      foreground: np.ndarray) -> float:
+    """The fraction of the points ``xyz`` [P, 3] that one camera projects onto ``foreground`` [H, W] bool
+    (:func:`object_outline` of its photo; see :func:`silhouette_agreement`)."""
     uv = camera.img_from_cam(cam_from_world * xyz)  # NaN behind the camera
     valid = np.isfinite(uv).all(axis=1)
     cols, rows = np.floor(np.nan_to_num(uv[:, 0], nan=-1)), np.floor(np.nan_to_num(uv[:, 1], nan=-1))
     inside = valid & (cols >= 0) & (rows >= 0) & (cols < camera.width) & (rows < camera.height)
     hits = foreground[rows[inside].astype(int), cols[inside].astype(int)]
     return float(hits.sum() / max(len(xyz), 1))
+
+
+def object_outline(image_path: Path, background_threshold: float = 0.96, tolerance_px: int = 2) -> np.ndarray:
+    """[H, W] bool: the photo's non-background pixels, widened by ``tolerance_px``."""
+    from splatpose.data.mad_sim import read_image
+
+    return ndimage.binary_dilation(read_image(image_path).min(axis=2) < background_threshold,
+                                   iterations=tolerance_px)
 
 
 @dataclasses.dataclass
@@ -357,34 +362,38 @@ def register_left_over_views(model: pycolmap.Reconstruction, registered: list[st
     xyz = np.array([model.points3D[pid].xyz for pid in point_ids], dtype=np.float64).reshape(-1, 3)
     rows_of = {name: np.array([row_of[p.point3D_id] if p.has_point3D() else -1 for p in by_name[name].points2D],
                               dtype=np.int64) for name in registered}
+    min_inliers = max(int(cfg_localization.min_inliers), 4)
     late, tried = {}, {}
     for name in left_over:
         found = [_keypoint_point_rows(name, other, raw_matches, rows_of[other]) for other in registered]
         pairs = np.unique(np.concatenate([np.zeros((0, 2), np.int64), *found]), axis=0)
-        tried[name] = {"matches": int(len(pairs)), "inliers": 0, "agreement": None}
-        # All its matches first; when that pose fails the outline (look-alike views outvote the true
-        # neighbours), each registered view's matches alone, the best pose that agrees with the outline.
-        min_inliers = max(int(cfg_localization.min_inliers), 4)
-        best = None
-        for subset in [pairs] + [rows for rows in found if len(rows) >= min_inliers]:
+        outline = object_outline(image_dir / name)
+
+        def checked_pose(subset: np.ndarray) -> tuple | None:
+            """(cam_from_world, inliers, outline agreement) of PnP over ``subset``; None below min_inliers."""
             if len(subset) < min_inliers:
-                continue
+                return None
             points2d = features[name]["keypoints"][subset[:, 0]].astype(np.float64) + 0.5
             solved = solver(points2d, xyz[subset[:, 1]])
             if solved is None or solved[1] < min_inliers:
-                continue
+                return None
             cam_from_world = rigid_from_w2c(solved[0])
-            agreement = outline_agreement(xyz, camera, cam_from_world, image_dir / name)
-            if subset is pairs:
-                tried[name].update(inliers=int(solved[1]), agreement=round(agreement, 4))
-            if agreement >= min_agreement and (best is None or solved[1] > best[1]):
-                best = (cam_from_world, int(solved[1]), round(agreement, 4), subset is not pairs)
-            if best is not None and subset is pairs:
-                break
-        if best is None:
-            continue
+            return cam_from_world, int(solved[1]), round(outline_agreement(xyz, camera, cam_from_world, outline), 4)
+
+        # All its matches first; when that pose fails the outline (look-alike views outvote the true
+        # neighbours), each registered view's matches alone, the agreeing pose with the most inliers.
+        first = checked_pose(pairs)
+        tried[name] = {"matches": int(len(pairs)), "inliers": first[1] if first else 0,
+                       "agreement": first[2] if first else None}
+        if first is not None and first[2] >= min_agreement:
+            best, tried[name]["one_view"] = first, False
+        else:
+            agreeing = [pose for rows in found if (pose := checked_pose(rows)) and pose[2] >= min_agreement]
+            if not agreeing:
+                continue
+            best = max(agreeing, key=lambda pose: pose[1])
+            tried[name].update(inliers=best[1], agreement=best[2], one_view=True)
         cam_from_world = best[0]
-        tried[name].update(inliers=best[1], agreement=best[2], one_view=best[3])
         points2d = features[name]["keypoints"][pairs[:, 0]].astype(np.float64) + 0.5
         projected = camera.img_from_cam(cam_from_world * xyz[pairs[:, 1]])
         inlier = pairs[np.linalg.norm(np.nan_to_num(projected - points2d, nan=np.inf), axis=1) <= max_error]

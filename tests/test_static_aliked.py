@@ -66,6 +66,8 @@ def test_feature_check_tolerates_reordering_but_not_real_differences():
     assert same_features([features], [reordered])
     shifted = dict(reordered, scores=reordered["scores"] + 0.045)  # every score moved (e.g. folded batch norms)
     assert not same_features([features], [shifted])
+    few_lost = {key: value[:295] for key, value in features.items()}  # 5 lost, as a batch of 8 on an H100 can
+    assert same_features([features], [few_lost])
     fewer = {key: value[:280] for key, value in features.items()}  # 20 keypoints lost
     assert not same_features([features], [fewer])
 

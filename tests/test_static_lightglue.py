@@ -170,6 +170,29 @@ def test_shapes_captured_ahead_serve_every_query_length_without_a_new_capture():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_shapes_are_released_least_recently_used_first_when_memory_runs_short():
+    """The captured shapes are a cache bounded by the device's free memory: asking for more free memory
+    than the device has releases every older shape before each capture, and what is left still matches
+    as LightGlue does (a long-running service meets new shapes for as long as it runs)."""
+    matcher, queries, db = prepared_images("cuda")
+    static = StaticLightGlue(matcher.model, db, lengths=(128, 256, 384, 512))
+    retrieved = [[0, 2], [1, 0], [2, 1]]
+    for query, pairs in zip(queries, retrieved):  # buckets 384, 256, 256: two shapes
+        static.match([query], [pairs])
+    assert len(static.graphs) == 2
+    first, second = list(static.graphs)
+    static.match([queries[0]], [retrieved[0]])  # a replay makes its shape the most recent
+    assert list(static.graphs) == [second, first]
+    static.reserve_bytes = torch.cuda.get_device_properties(static.device).total_memory
+    results = [static.match([query], [pairs])[0] for query, pairs in zip(queries, [[0, 1, 2]] * 3)]
+    # three pairs a query: new shapes; the second evicts the first (the third query replays the second)
+    assert len(static.graphs) == 1 and first not in static.graphs and second not in static.graphs
+    assert static.path == "static+cuda_graph (fp32)"
+    assert_like_lightglue(matcher, queries, db, [[0, 1, 2]] * 3, results, agreement=0.98, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision, agreement, atol", [("fp32", 0.98, 2e-2), ("fp16", 0.95, 5e-2)])
 def test_compiled_cuda_graphs_match_like_lightglue(precision, agreement, atol):
     """TorchInductor's fused steps, captured as CUDA graphs, still give LightGlue's matches, at two query

@@ -209,7 +209,7 @@ def aliked_topk(model: ALIKED, images: torch.Tensor, top_k: int, constants: Alik
 
 
 def same_features(expected: list[Features], actual: list[Features], atol: float = 1e-2,
-                  boundary: float = 0.01) -> bool:
+                  boundary: float = 0.03) -> bool:
     """Whether two extractions agree: per image, the keypoints of ``expected`` found in ``actual`` at the
     same places (within ``atol`` px), with the same scores and descriptors (within ``atol``), except at
     most a ``boundary`` fraction of them (at least one); the image counts of keypoints may differ by as many.
@@ -217,9 +217,11 @@ def same_features(expected: list[Features], actual: list[Features], atol: float 
     Why not keypoint by keypoint in order: ALIKED keeps the top-k local maxima of its score map, and its
     weaker peaks differ by less than float rounding, so any other arithmetic (the graph's deformable
     convolution, another kernel) reorders them and moves a few across the top-k cut; some of those have
-    sub-pixel scores above the detection threshold, so the kept sets can differ by a keypoint or two
-    (e.g. 398 vs 399 of 1024). A real difference (wrong weights, a skipped kernel, folded
-    batch norms under TF32) moves scores and descriptors of most keypoints, far beyond ``atol``.
+    sub-pixel scores above the detection threshold, so the kept sets can differ by a few keypoints
+    (398 vs 399 of 1024 for one image; up to 5 of 491 in a batch of 8 on an H100, where cuDNN picks
+    other kernels for the graph than for the eager pass). A real difference (wrong weights, a skipped
+    kernel, folded batch norms under TF32) moves scores and descriptors of most keypoints, far beyond
+    ``atol`` and the 3 % allowed.
     """
     return all(unpaired <= max(1, int(boundary * count)) for unpaired, count in disagreements(expected, actual, atol))
 

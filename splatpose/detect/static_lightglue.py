@@ -23,7 +23,10 @@ agree on a GPU. On the CPU LightGlue prunes always; compare with pruning off the
 
 The forward pass per (query length, db length, pairs) is captured as CUDA graphs on first use (set-up,
 one per layer, assignment) and replayed after; when capture fails, or on the CPU, the same functions
-run eagerly. A replayed graph is still about a hundred small kernels per layer, so on a GPU the three
+run eagerly. Each shape's graphs hold their own memory (up to about half a GiB for 30 pairs of 1024
+keypoints), so the captured shapes are a cache: before a new capture, the least recently used shapes
+are released while the device has less than ``reserve_bytes`` free (every micro-batch size of a
+service at max_batch 8 once took 68 GiB of an H100 and failed requests for want of memory). A replayed graph is still about a hundred small kernels per layer, so on a GPU the three
 steps are first compiled by torch.compile (``compile``): TorchInductor fuses each layer's kernels,
 which shortens the matching stage (experiments/results/notes_detector_gpu.md).
 :attr:`StaticLightGlue.path` says which ran.
@@ -250,7 +253,8 @@ class StaticLightGlue:
     """
 
     def __init__(self, model: LightGlue, db_prepared: list[Prepared], lengths=DEFAULT_LENGTHS,
-                 precision: str = "fp32", cuda_graphs: bool = True, compile: bool = False):
+                 precision: str = "fp32", cuda_graphs: bool = True, compile: bool = False,
+                 reserve_bytes: int | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"detect.lightglue_precision={precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
         self.model, self.lengths, self.precision = model, tuple(int(n) for n in lengths), precision
@@ -263,7 +267,11 @@ class StaticLightGlue:
             self.db_enc = positional_encoding(model, self.db_kpts)
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.steps = compiled_steps() if compile and self.device.type == "cuda" else Steps()
-        self.graphs: dict[tuple, tuple] = {}
+        self.graphs: dict[tuple, CapturedPairs] = {}  # in order of last use
+        # device memory kept free by releasing captured shapes: by default a tenth of the device, at least 2 GiB
+        self.reserve_bytes = (int(reserve_bytes) if reserve_bytes is not None else
+                              max(2 << 30, torch.cuda.get_device_properties(self.device).total_memory // 10)
+                              if self.device.type == "cuda" else 0)
         self.layers_run = 0  # LightGlue layers the last forward pass ran (adaptive depth)
         how = precision + (", compiled" if self.steps.compiled else "")
         self.path = f"static+cuda_graph ({how})" if self.use_graphs else f"static eager ({how})"
@@ -403,7 +411,9 @@ class StaticLightGlue:
         (a kernel that cannot be captured) the matcher stays eager from then on and says so in ``path``."""
         key = (tuple(inputs[0].shape), len(inputs[3]), db_length)
         if key in self.graphs:
+            self.graphs[key] = self.graphs.pop(key)  # most recently used last
             return True
+        self._make_room()
         try:
             self.graphs[key] = self._capture(*inputs, db_length=db_length)
             return True
@@ -413,6 +423,20 @@ class StaticLightGlue:
             self.path = f"static eager ({self.precision}; graph capture failed: {type(error).__name__})"
             torch.cuda.synchronize(self.device)
             return False
+
+    def _make_room(self) -> None:
+        """Release the least recently used shapes while the device has less than ``reserve_bytes`` free
+        (a capture that runs out of memory half-way can leave other graphs' memory handed out again)."""
+        if not self.graphs or torch.cuda.mem_get_info(self.device)[0] >= self.reserve_bytes:
+            return
+        released = 0
+        while self.graphs and torch.cuda.mem_get_info(self.device)[0] < self.reserve_bytes:
+            del self.graphs[next(iter(self.graphs))]
+            released += 1
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+        log.info("LightGlue: released %d captured shapes (least recently used) for %.1f GiB free; %d kept",
+                 released, torch.cuda.mem_get_info(self.device)[0] / 2**30, len(self.graphs))
 
     def _warm_up(self, inputs: tuple, db_length: int) -> None:
         """Eager calls through every layer on a side stream before capture: SDPA and cuBLAS pick their

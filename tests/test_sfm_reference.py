@@ -12,6 +12,7 @@ import numpy as np
 import pycolmap
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from splatpose.data.cameras import project_points, rotation_error_deg
@@ -131,6 +132,18 @@ def test_blank_and_noise_queries_are_flagged_and_the_run_completes(data, cfg, re
     assert (tmp_path / "loc" / "query_poses.json").exists()
     again = localize_queries(dataclasses.replace(data, test=queries), cfg, reference, tmp_path / "loc", "cpu")
     np.testing.assert_array_equal(again[-1].w2c, poses[-1].w2c)
+
+
+def test_a_query_has_its_own_keypoint_budget(data, cfg, reference):
+    """sfm.localization.max_keypoints sets how many keypoints a query spends (a cluttered bench takes most
+    of them), independent of the reference's sfm.max_keypoints (null: the same)."""
+    query, counts = data.test[0], {}
+    for budget in (None, 128):
+        query_cfg = OmegaConf.merge(cfg, {"localization": {"max_keypoints": budget}})
+        localizer = Localizer(data.K, data.width, data.height, query_cfg, reference, data.train_w2c, "cpu")
+        _, details = localizer.localize(query.path, query.name)
+        counts[budget] = len(details.features["keypoints"])
+    assert counts[128] <= 128 < counts[None] <= int(cfg.max_keypoints)
 
 
 def test_invalid_feature_matcher_pair_fails_with_the_valid_pairs():

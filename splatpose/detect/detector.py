@@ -255,7 +255,7 @@ class Detector:
         pairs_per_query = len(localizer.db_names) if localizer.retrieval.exhaustive else min(localizer.top_k,
                                                                                                len(localizer.db_names))
         queries_per_call = max(1, min(batch_size, localizer.pairs_per_call // max(pairs_per_query, 1)))
-        return localizer.static.capture_shapes(queries_per_call, pairs_per_query, int(localizer.cfg.max_keypoints))
+        return localizer.static.capture_shapes(queries_per_call, pairs_per_query, localizer.max_keypoints)
 
     # ----------------------------------------------------------------------------------------------
     # Stages

@@ -107,7 +107,10 @@ class Localizer:
         self.top_k = int(cfg.localization.top_k)
         self.min_inliers = int(cfg.localization.min_inliers)
         self.camera = colmap_camera(K, width, height)
-        self.extractor = build_extractor(cfg.feature, cfg.max_keypoints, device)
+        # a query's keypoint budget: the reference's, unless set (a query on a cluttered bench spends most of it
+        # off the object, where the reference's object-only keypoints have no partner)
+        self.max_keypoints = int(cfg.localization.get("max_keypoints") or cfg.max_keypoints)
+        self.extractor = build_extractor(cfg.feature, self.max_keypoints, device)
         self.matcher = build_matcher(cfg.matcher, cfg.feature.name, device)
         self.retrieval = build_retrieval(cfg.retrieval, device)
 

@@ -146,6 +146,32 @@ def test_a_query_has_its_own_keypoint_budget(data, cfg, reference):
     assert counts[128] <= 128 < counts[None] <= int(cfg.max_keypoints)
 
 
+def test_a_failed_first_try_is_matched_again_further_down_the_ranking(data, cfg, reference):
+    """sfm.localization.retry_top_k: a query whose PnP fails on its top_k retrieved views is matched
+    against the next ones of the ranking and solved over both tries' matches, in the pipeline's
+    Localizer and the detector's batched ImageLocalizer alike; without it the query stays failed."""
+    from splatpose.detect.localization import ImageLocalizer
+    from splatpose.data.mad_sim import read_image
+
+    def localizer(cls=Localizer, **localization):
+        query_cfg = OmegaConf.merge(cfg, {"localization": localization})
+        return cls(data.K, data.width, data.height, query_cfg, reference, data.train_w2c, "cpu")
+
+    # a query that its best-ranked view alone does not localize and its three best do (at these sizes: one)
+    query, three_views = next(((q, pose) for q in data.test
+                               if not localizer(top_k=1).localize(q.path, q.name)[0].success
+                               and (pose := localizer(top_k=3).localize(q.path, q.name)[0]).success), (None, None))
+    assert query is not None, "no query that three views localize and the best one alone does not"
+    strict = dict(top_k=1)
+    pose, _ = localizer(**strict, retry_top_k=3).localize(query.path, query.name)
+    assert pose.success and pose.retried and pose.retrieved == three_views.retrieved and "retry" in pose.times
+    assert pose.num_inliers == three_views.num_inliers
+    image = torch.from_numpy(read_image(query.path)).permute(2, 0, 1)[None].float()
+    batched = localizer(ImageLocalizer, **strict, retry_top_k=3).localize_images(image, [query.name])[0]
+    assert batched.success and batched.retried and batched.retrieved == pose.retrieved
+    np.testing.assert_allclose(batched.w2c, pose.w2c, atol=1e-6)
+
+
 def test_invalid_feature_matcher_pair_fails_with_the_valid_pairs():
     bad = compose_sfm_config("aliked", "lighterglue")
     with pytest.raises(ValueError, match="lighterglue: xfeat") as error:

@@ -123,7 +123,8 @@ class ImageLocalizer(Localizer):
         extract = time.perf_counter() - start
 
         start = time.perf_counter()
-        retrieved = [self.retrieve(feats, resized[b]) for b, feats in enumerate(features)]
+        ranked = [self.rank(feats, resized[b]) for b, feats in enumerate(features)]
+        retrieved = [self.first_try(r) for r in ranked]
         retrieve = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -139,8 +140,28 @@ class ImageLocalizer(Localizer):
             return pose
 
         if self.pnp_pool is not None and batch > 1:
-            return list(self.pnp_pool.map(solve, range(batch)))
-        return [solve(b) for b in range(batch)]
+            poses = list(self.pnp_pool.map(solve, range(batch)))
+        else:
+            poses = [solve(b) for b in range(batch)]
+        return self._second_try(poses, features, ranked, matches)
+
+    def _second_try(self, poses: list[QueryPose], features: list[dict], ranked: list[np.ndarray],
+                    matches: list[dict]) -> list[QueryPose]:
+        """The queries whose first try failed, matched against further db images (``second_try``) in one
+        batched call, and solved again over the matches of both tries."""
+        more = {b: self.second_try(pose, ranked[b]) for b, pose in enumerate(poses)}
+        again = [b for b, views in more.items() if len(views)]
+        if not again:
+            return poses
+        start = time.perf_counter()
+        for b, found in zip(again, self._match([features[b] for b in again], [more[b] for b in again])):
+            matches[b].update(found)
+        retried = {b: self.retry_pose(poses[b].name, features[b], ranked[b], matches[b]) for b in again}
+        seconds = round((time.perf_counter() - start) / len(again), 6)  # the batched call split evenly
+        for b, pose in retried.items():
+            pose.times = {**poses[b].times, "retry": seconds}
+            poses[b] = pose
+        return poses
 
     def _match(self, features: list[dict], retrieved: list[np.ndarray]) -> list[dict[str, tuple]]:
         """Per query, db name -> (matches0, scores0) for each retrieved db image."""

@@ -58,8 +58,9 @@ class QueryPose:
         named by ``fallback`` (e.g. "retrieved_db_pose"), not an estimate.
     num_inliers: PnP inliers (0 when PnP failed or did not run).
     num_matches: 2D-3D correspondences handed to PnP.
-    retrieved: db image names the query was matched against, most similar first.
-    times: seconds per stage: extract, retrieve, match, pnp.
+    retrieved: db image names the query was matched against, most similar first (more than
+        ``localization.top_k`` when a failed first try was matched again: ``retried``).
+    times: seconds per stage: extract, retrieve, match, pnp (and retry, the second try's match and PnP).
     """
 
     name: str
@@ -69,6 +70,7 @@ class QueryPose:
     num_matches: int
     retrieved: list[str]
     fallback: str | None = None
+    retried: bool = False
     times: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -105,6 +107,7 @@ class Localizer:
         self.cfg, self.device = cfg, device
         self.resize_max, self.resize_force = cfg.resize_max, bool(cfg.resize_force)
         self.top_k = int(cfg.localization.top_k)
+        self.retry_top_k = int(cfg.localization.get("retry_top_k") or 0)
         self.min_inliers = int(cfg.localization.min_inliers)
         self.camera = colmap_camera(K, width, height)
         # a query's keypoint budget: the reference's, unless set (a query on a cluttered bench spends most of it
@@ -141,7 +144,8 @@ class Localizer:
         times["extract"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        retrieved = self.retrieve(features, image)
+        ranked = self.rank(features, image)
+        retrieved = self.first_try(ranked)
         times["retrieve"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -152,6 +156,12 @@ class Localizer:
         start = time.perf_counter()
         pose = self.pose_from_matches(name, features, retrieved, matches)
         times["pnp"] = time.perf_counter() - start
+        more = self.second_try(pose, ranked)
+        if len(more):
+            start = time.perf_counter()
+            matches.update({self.db_names[i]: self.matcher(prepared, self.db_prepared[i]) for i in more})
+            pose = self.retry_pose(name, features, ranked, matches)
+            times["retry"] = time.perf_counter() - start
         pose.times = {k: round(v, 6) for k, v in times.items()}
         return pose, LocalizationDetails(features, matches)
 
@@ -175,12 +185,32 @@ class Localizer:
             feats["image_size"] = np.array(original_wh, dtype=np.int64)
         return features
 
-    def retrieve(self, features: dict, image: torch.Tensor) -> np.ndarray:
-        """Indices into ``db_names`` of the db images to match, best first: every one when the
-        retrieval is exhaustive, else the ``top_k`` best. ``image`` [3, h, w]: the extraction's input."""
+    def rank(self, features: dict, image: torch.Tensor) -> np.ndarray:
+        """Every index into ``db_names``, the db images most similar to the query first (the retrieval's
+        global descriptors). ``image`` [3, h, w]: the extraction's input."""
         descriptor = self.retrieval.describe(image if self.retrieval.needs_images else None, features)
-        ranked = rank_database(descriptor, self.db_global)
+        return rank_database(descriptor, self.db_global)
+
+    def first_try(self, ranked: np.ndarray) -> np.ndarray:
+        """The db images a query is matched against first: every one when the retrieval is exhaustive,
+        else the ``top_k`` best ranked."""
         return ranked if self.retrieval.exhaustive else ranked[: self.top_k]
+
+    def second_try(self, pose: "QueryPose", ranked: np.ndarray) -> np.ndarray:
+        """The further db images to match when PnP failed on the first try: the next ones of the ranking,
+        up to ``localization.retry_top_k`` in all (none when it is unset or the pose succeeded). On a
+        cluttered bench the retrieval ranks by the bench as much as by the object, and the views that
+        see the query's side of the object may rank lower than ``top_k``
+        (experiments/results/realistic_cpu_2026-12-05.md)."""
+        if pose.success or self.retrieval.exhaustive or self.retry_top_k <= self.top_k:
+            return ranked[:0]
+        return ranked[self.top_k:self.retry_top_k]
+
+    def retry_pose(self, name: str, features: dict, ranked: np.ndarray, matches: dict) -> "QueryPose":
+        """The pose from the matches of both tries (``matches`` holds every db image matched so far)."""
+        pose = self.pose_from_matches(name, features, ranked[: self.retry_top_k], matches)
+        pose.retried = True
+        return pose
 
     def pose_from_matches(self, name: str, features: dict, retrieved: np.ndarray, matches: dict) -> QueryPose:
         """PnP over the 2D-3D correspondences of the matches (db name -> (matches0, scores0)); when it
@@ -286,7 +316,9 @@ def localize_queries(data: ClassData, cfg: DictConfig, reference: Reference, out
     write_text_atomic(out_dir / POSES_TXT, "".join(_hloc_pose_line(p) for p in poses if p.success))
     write_text_atomic(out_dir / POSES_FILE, json.dumps([p.to_json() for p in poses], indent=1))
     localized = sum(p.success for p in poses)
-    log.info("localization: %d/%d queries localized", localized, len(poses))
+    retried = sum(p.retried for p in poses)
+    log.info("localization: %d/%d queries localized%s", localized, len(poses),
+             f" ({retried} matched again after a failed first try)" if retried else "")
     return poses
 
 

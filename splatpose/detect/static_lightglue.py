@@ -26,9 +26,11 @@ one per layer, assignment) and replayed after; when capture fails, or on the CPU
 run eagerly. Each shape's graphs hold their own memory (up to about half a GiB for 30 pairs of 1024
 keypoints), so the captured shapes are a cache: before a new capture, the least recently used shapes
 are released while the device has less than ``reserve_bytes`` free (every micro-batch size of a
-service at max_batch 8 once took 68 GiB of an H100 and failed requests for want of memory). A replayed graph is still about a hundred small kernels per layer, so on a GPU the three
-steps are first compiled by torch.compile (``compile``): TorchInductor fuses each layer's kernels,
-which shortens the matching stage (experiments/results/notes_detector_gpu.md).
+service at max_batch 8 once took 68 GiB of an H100 and failed requests for want of memory).
+
+A replayed graph is still about a hundred small kernels per layer, so on a GPU the three steps are
+first compiled by torch.compile (``compile``): TorchInductor fuses each layer's kernels, which shortens
+the matching stage (experiments/results/notes_detector_gpu.md).
 :attr:`StaticLightGlue.path` says which ran.
 """
 

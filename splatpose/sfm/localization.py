@@ -198,7 +198,7 @@ class Localizer:
 
     def second_try(self, pose: "QueryPose", ranked: np.ndarray) -> np.ndarray:
         """The further db images to match when PnP failed on the first try: the next ones of the ranking,
-        up to ``localization.retry_top_k`` in all (none when it is unset or the pose succeeded). On a
+        up to ``localization.retry_top_k`` in all (none when it is null or the pose succeeded). On a
         cluttered bench the retrieval ranks by the bench as much as by the object, and the views that
         see the query's side of the object may rank lower than ``top_k``
         (experiments/results/realistic_cpu_2026-12-05.md)."""

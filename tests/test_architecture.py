@@ -96,7 +96,8 @@ def test_one_localizer_serves_the_evaluation_and_the_detector():
     from splatpose.sfm.localization import Localizer
 
     assert issubclass(ImageLocalizer, Localizer)
-    shared = ("extract", "retrieve", "pose_from_matches", "_correspondences", "_estimate_pose")
+    shared = ("extract", "rank", "first_try", "second_try", "retry_pose", "pose_from_matches", "_correspondences",
+              "_estimate_pose")
     assert all(name not in ImageLocalizer.__dict__ for name in shared)  # inherited, not copied
     assert "splatpose.detect.localization" in import_graph()["splatpose.detect.detector"]
 

@@ -185,6 +185,6 @@ def test_localization_settings_are_checked_before_any_work():
     from splatpose.sfm.config import check_sfm_config, compose_sfm_config
 
     check_sfm_config(compose_sfm_config())  # the defaults are valid
-    for key in ("top_k", "ransac_min_num_trials", "max_keypoints", "retry_top_k"):
+    for key in ("top_k", "ransac_min_num_trials", "max_keypoints", "retry_top_k", "retry_min_inliers"):
         with pytest.raises(ValueError, match=f"sfm.localization.{key} must be >= 1, got 0"):
             check_sfm_config(compose_sfm_config(overrides={"localization": {key: 0}}))

@@ -171,6 +171,15 @@ def test_a_failed_first_try_is_matched_again_further_down_the_ranking(data, cfg,
     assert batched.success and batched.retried and batched.retrieved == pose.retrieved
     np.testing.assert_allclose(batched.w2c, pose.w2c, atol=1e-6)
 
+    # a second-try pose under retry_min_inliers is not taken: the first try's fallback stands, flagged
+    first, _ = localizer(**strict, retry_top_k=None).localize(query.path, query.name)
+    floor = dict(strict, retry_top_k=3, retry_min_inliers=three_views.num_inliers + 1)
+    for kept in (localizer(**floor).localize(query.path, query.name)[0],
+                 localizer(ImageLocalizer, **floor).localize_images(image, [query.name])[0]):
+        assert not kept.success and kept.retried and kept.fallback == first.fallback
+        assert kept.retrieved == first.retrieved
+        np.testing.assert_allclose(kept.w2c, first.w2c)
+
 
 def test_invalid_feature_matcher_pair_fails_with_the_valid_pairs():
     bad = compose_sfm_config("aliked", "lighterglue")

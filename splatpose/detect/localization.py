@@ -156,10 +156,10 @@ class ImageLocalizer(Localizer):
         start = time.perf_counter()
         for b, found in zip(again, self._match([features[b] for b in again], [more[b] for b in again])):
             matches[b].update(found)
-        retried = {b: self.retry_pose(poses[b].name, features[b], ranked[b], matches[b]) for b in again}
+        retried = {b: self.retry_pose(poses[b], features[b], ranked[b], matches[b]) for b in again}
         seconds = round((time.perf_counter() - start) / len(again), 6)  # the batched call split evenly
         for b, pose in retried.items():
-            pose.times = {**poses[b].times, "retry": seconds}
+            pose.times = {**poses[b].times, "retry": seconds}  # (the same dict when the first try stands)
             poses[b] = pose
         return poses
 

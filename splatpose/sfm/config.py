@@ -49,7 +49,8 @@ def check_sfm_config(cfg: DictConfig) -> None:
         raise ValueError(f"sfm.max_keypoints must be >= 1, got {cfg.max_keypoints}")
     solver_name(cfg.localization)
     check_estimate_config(cfg)
-    for key in ("top_k", "ransac_min_num_trials", "refine_max_iterations", "max_keypoints", "retry_top_k"):
+    for key in ("top_k", "ransac_min_num_trials", "refine_max_iterations", "max_keypoints", "retry_top_k",
+                "retry_min_inliers"):
         value = cfg.localization.get(key)
         if value is not None and int(value) < 1:
             raise ValueError(f"sfm.localization.{key} must be >= 1, got {value}")

@@ -109,6 +109,7 @@ class Localizer:
         self.top_k = int(cfg.localization.top_k)
         self.retry_top_k = int(cfg.localization.get("retry_top_k") or 0)
         self.min_inliers = int(cfg.localization.min_inliers)
+        self.retry_min_inliers = max(self.min_inliers, int(cfg.localization.get("retry_min_inliers") or 0))
         self.camera = colmap_camera(K, width, height)
         # a query's keypoint budget: the reference's, unless set (a query on a cluttered bench spends most of it
         # off the object, where the reference's object-only keypoints have no partner)
@@ -160,7 +161,7 @@ class Localizer:
         if len(more):
             start = time.perf_counter()
             matches.update({self.db_names[i]: self.matcher(prepared, self.db_prepared[i]) for i in more})
-            pose = self.retry_pose(name, features, ranked, matches)
+            pose = self.retry_pose(pose, features, ranked, matches)
             times["retry"] = time.perf_counter() - start
         pose.times = {k: round(v, 6) for k, v in times.items()}
         return pose, LocalizationDetails(features, matches)
@@ -206,17 +207,26 @@ class Localizer:
             return ranked[:0]
         return ranked[self.top_k:self.retry_top_k]
 
-    def retry_pose(self, name: str, features: dict, ranked: np.ndarray, matches: dict) -> "QueryPose":
-        """The pose from the matches of both tries (``matches`` holds every db image matched so far)."""
-        pose = self.pose_from_matches(name, features, ranked[: self.retry_top_k], matches)
+    def retry_pose(self, first: "QueryPose", features: dict, ranked: np.ndarray, matches: dict) -> "QueryPose":
+        """The pose from the matches of both tries (``matches`` holds every db image matched so far) when
+        PnP keeps at least ``localization.retry_min_inliers`` inliers (more views give a spurious consensus
+        more chances: with 16 views and a floor of 8, 9-12 inliers gave poses 44-108 deg off); else the
+        first try's answer. Either way ``retried`` says that a second try ran."""
+        pose = self.pose_from_matches(first.name, features, ranked[: self.retry_top_k], matches,
+                                      min_inliers=self.retry_min_inliers)
+        if not pose.success:
+            pose = first
         pose.retried = True
         return pose
 
-    def pose_from_matches(self, name: str, features: dict, retrieved: np.ndarray, matches: dict) -> QueryPose:
-        """PnP over the 2D-3D correspondences of the matches (db name -> (matches0, scores0)); when it
-        fails, the fallback: the pose of the retrieved db image with the most correspondences."""
+    def pose_from_matches(self, name: str, features: dict, retrieved: np.ndarray, matches: dict,
+                          min_inliers: int | None = None) -> QueryPose:
+        """PnP over the 2D-3D correspondences of the matches (db name -> (matches0, scores0)), localized
+        with at least ``min_inliers`` inliers (default ``localization.min_inliers``); when it fails, the
+        fallback: the pose of the retrieved db image with the most correspondences."""
         query_idx, point_ids, per_db = self._correspondences(retrieved, matches)
-        pose = self._estimate_pose(name, features["keypoints"], query_idx, point_ids)
+        pose = self._estimate_pose(name, features["keypoints"], query_idx, point_ids,
+                                   self.min_inliers if min_inliers is None else int(min_inliers))
         if not pose.success:
             best = retrieved[int(np.argmax(per_db))] if len(retrieved) else 0
             pose.w2c, pose.fallback = self.db_w2c[best].copy(), FALLBACK_RETRIEVED
@@ -243,17 +253,17 @@ class Localizer:
         return query_idx, point_ids, np.array(per_db)
 
     def _estimate_pose(self, name: str, keypoints: np.ndarray, query_idx: np.ndarray,
-                       point_ids: np.ndarray) -> QueryPose:
+                       point_ids: np.ndarray, min_inliers: int) -> QueryPose:
         failed = QueryPose(name=name, w2c=np.eye(4), success=False, num_inliers=0,
                            num_matches=len(query_idx), retrieved=[])
-        if len(query_idx) < max(self.min_inliers, 4):
+        if len(query_idx) < max(min_inliers, 4):
             return failed
         points2d = keypoints[query_idx].astype(np.float64) + 0.5  # hloc -> COLMAP pixel convention
         solved = self.pnp(points2d, self.points_xyz[point_ids])
         if solved is None:
             return failed
         w2c, failed.num_inliers = solved
-        if failed.num_inliers < self.min_inliers:
+        if failed.num_inliers < min_inliers:
             return failed
         return QueryPose(name=name, w2c=w2c, success=True, num_inliers=failed.num_inliers,
                          num_matches=len(query_idx), retrieved=[])

@@ -159,7 +159,7 @@ class ImageLocalizer(Localizer):
         retried = {b: self.retry_pose(poses[b], features[b], ranked[b], matches[b]) for b in again}
         seconds = round((time.perf_counter() - start) / len(again), 6)  # the batched call split evenly
         for b, pose in retried.items():
-            pose.times = {**poses[b].times, "retry": seconds}  # (the same dict when the first try stands)
+            pose.times = {**poses[b].times, "retry": seconds}
             poses[b] = pose
         return poses
 

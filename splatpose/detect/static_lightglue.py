@@ -429,16 +429,15 @@ class StaticLightGlue:
     def _make_room(self) -> None:
         """Release the least recently used shapes while the device has less than ``reserve_bytes`` free
         (a capture that runs out of memory half-way can leave other graphs' memory handed out again)."""
-        if not self.graphs or torch.cuda.mem_get_info(self.device)[0] >= self.reserve_bytes:
-            return
         released = 0
         while self.graphs and torch.cuda.mem_get_info(self.device)[0] < self.reserve_bytes:
             del self.graphs[next(iter(self.graphs))]
             released += 1
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
-        log.info("LightGlue: released %d captured shapes (least recently used) for %.1f GiB free; %d kept",
-                 released, torch.cuda.mem_get_info(self.device)[0] / 2**30, len(self.graphs))
+        if released:
+            log.info("LightGlue: released %d captured shapes (least recently used) for %.1f GiB free; %d kept",
+                     released, torch.cuda.mem_get_info(self.device)[0] / 2**30, len(self.graphs))
 
     def _warm_up(self, inputs: tuple, db_length: int) -> None:
         """Eager calls through every layer on a side stream before capture: SDPA and cuBLAS pick their

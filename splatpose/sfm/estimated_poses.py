@@ -47,7 +47,8 @@ from splatpose.data.mad_sim import ClassData
 from splatpose.errors import UserError
 from splatpose.sfm.retrieval import VladRetrieval, rank_database
 from splatpose.sfm.pnp import PnPSolver
-from splatpose.sfm.triangulation import colmap_camera, rigid_from_w2c, w2c_from_rigid, write_database
+from splatpose.sfm.triangulation import (colmap_camera, keypoint_point_ids, rigid_from_w2c, w2c_from_rigid,
+                                         write_database)
 
 log = logging.getLogger(__name__)
 
@@ -357,11 +358,8 @@ def register_left_over_views(model: pycolmap.Reconstruction, registered: list[st
     by_name = {model.image(i).name: model.image(i) for i in model.reg_image_ids()}
     camera = model.camera(by_name[registered[0]].camera_id)
     solver, max_error = PnPSolver(cfg_localization, camera), float(cfg_localization.ransac_max_error)
-    point_ids = sorted(model.points3D)
-    row_of = {pid: row for row, pid in enumerate(point_ids)}
-    xyz = np.array([model.points3D[pid].xyz for pid in point_ids], dtype=np.float64).reshape(-1, 3)
-    rows_of = {name: np.array([row_of[p.point3D_id] if p.has_point3D() else -1 for p in by_name[name].points2D],
-                              dtype=np.int64) for name in registered}
+    rows, xyz = keypoint_point_ids(model, registered, features)  # xyz rows in sorted point-id order
+    rows_of, point_ids = dict(zip(registered, rows)), sorted(model.points3D)
     min_inliers = max(int(cfg_localization.min_inliers), 4)
     late, tried = {}, {}
     for name in left_over:

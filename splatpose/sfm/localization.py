@@ -41,7 +41,7 @@ from splatpose.sfm.matchers import build_matcher
 from splatpose.sfm.pnp import PnPSolver
 from splatpose.sfm.reference import Reference
 from splatpose.sfm.retrieval import build_retrieval, rank_database
-from splatpose.sfm.triangulation import colmap_camera
+from splatpose.sfm.triangulation import colmap_camera, keypoint_point_ids
 
 log = logging.getLogger(__name__)
 
@@ -267,29 +267,6 @@ class Localizer:
             return failed
         return QueryPose(name=name, w2c=w2c, success=True, num_inliers=failed.num_inliers,
                          num_matches=len(query_idx), retrieved=[])
-
-
-def keypoint_point_ids(reconstruction: pycolmap.Reconstruction, db_names: list[str],
-                       db_features: dict[str, dict]) -> tuple[list[np.ndarray], np.ndarray]:
-    """Per db image, the row in the returned points array of each keypoint's 3D point (-1: none).
-
-    Returns:
-        ids: list (db_names order) of int64 [N_i] arrays.
-        points_xyz: float64 [P, 3].
-    """
-    point_ids = sorted(reconstruction.points3D)
-    row = {pid: r for r, pid in enumerate(point_ids)}
-    xyz = np.array([reconstruction.points3D[p].xyz for p in point_ids], dtype=np.float64).reshape(-1, 3)
-    by_name = {image.name: image for image in reconstruction.images.values()}
-    ids = []
-    for name in db_names:
-        table = np.full(len(db_features[name]["keypoints"]), -1, dtype=np.int64)
-        image = by_name[name]
-        for index, point in enumerate(image.points2D):
-            if point.has_point3D():
-                table[index] = row[point.point3D_id]
-        ids.append(table)
-    return ids, xyz
 
 
 def localize_queries(data: ClassData, cfg: DictConfig, reference: Reference, out_dir: Path,

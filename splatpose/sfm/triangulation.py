@@ -184,3 +184,26 @@ def point_colors(reconstruction: pycolmap.Reconstruction, image_dir: Path) -> di
             sums[pid] = sums.get(pid, 0.0) + colour
             counts[pid] = counts.get(pid, 0) + 1
     return {pid: sums[pid] / counts[pid] for pid in sums}
+
+
+def keypoint_point_ids(reconstruction: pycolmap.Reconstruction, db_names: list[str],
+                       db_features: dict[str, dict]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per db image, the row in the returned points array of each keypoint's 3D point (-1: none).
+
+    Returns:
+        ids: list (db_names order) of int64 [N_i] arrays.
+        points_xyz: float64 [P, 3].
+    """
+    point_ids = sorted(reconstruction.points3D)
+    row = {pid: r for r, pid in enumerate(point_ids)}
+    xyz = np.array([reconstruction.points3D[p].xyz for p in point_ids], dtype=np.float64).reshape(-1, 3)
+    by_name = {image.name: image for image in reconstruction.images.values()}
+    ids = []
+    for name in db_names:
+        table = np.full(len(db_features[name]["keypoints"]), -1, dtype=np.int64)
+        image = by_name[name]
+        for index, point in enumerate(image.points2D):
+            if point.has_point3D():
+                table[index] = row[point.point3D_id]
+        ids.append(table)
+    return ids, xyz

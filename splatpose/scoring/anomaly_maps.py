@@ -19,7 +19,8 @@ reflect here, scipy's half-sample symmetric there).
 With the render's alpha (its coverage, from the splats trained on the object alone) the scorer also
 concerns the part, not the scene (:mod:`splatpose.scoring.object_region`): before comparing, the query
 is fitted to the render photometrically inside the object and the render is put on the query's own
-background; after, the map is zeroed outside the render's dilated silhouette.
+background (the fill where the query shows something the bench around it has not, the query's own
+pixel where it shows the bench); after, the map is zeroed outside the render's dilated silhouette.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from torch import nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from splatpose.scoring.backbones import FeatureBackbone, build_backbone
-from splatpose.scoring.object_region import fit_query_to_render, render_on_query_background, silhouette_region
+from splatpose.scoring.object_region import (background_likeness, fit_query_to_render, render_on_query_background,
+                                             silhouette_region)
 
 
 class AnomalyScorer(nn.Module):
@@ -51,6 +53,8 @@ class AnomalyScorer(nn.Module):
             ``region_threshold``) dilated by ``dilation_px`` input pixels.
         region_background: "query": the render is put on the query's background (filled into the
             dilated silhouette with a Gaussian of ``fill_sigma`` input pixels); "white": left on white.
+        keep_background_tau: with "query", a band pixel that looks like the bench around it keeps the
+            query's own pixel as background instead of the fill (:func:`background_likeness`; 0: off).
 
     Call:
         query, render: [B, 3, H, W] float in [0, 1] (any H, W; resized to S x S, so non-square inputs
@@ -65,8 +69,12 @@ class AnomalyScorer(nn.Module):
                  rgb_weight: float = 1.0, level_weights: Sequence[float] | None = None,
                  blur_kernel_size: int = 9, blur_sigma: float = 4.0, photometric_fit: bool = False,
                  fit_alpha: float = 0.9, object_region: bool = False, region_threshold: float = 0.5,
-                 dilation_px: int = 0, region_background: str = "white", fill_sigma: float = 4.0):
+                 dilation_px: int = 0, region_background: str = "white", fill_sigma: float = 4.0,
+                 keep_background_tau: float = 0.0):
         super().__init__()
+        if keep_background_tau < 0:
+            raise ValueError(f"scorer.object_region.keep_background_tau: {keep_background_tau}; use >= 0 (0: off)")
+        self.keep_background_tau = float(keep_background_tau)
         if region_background not in ("query", "white"):
             raise ValueError(f"scorer.object_region.background: {region_background!r}; use query or white")
         if dilation_px < 0 or fill_sigma <= 0:
@@ -121,7 +129,9 @@ class AnomalyScorer(nn.Module):
         if alpha is not None and self.object_region:
             region = silhouette_region(alpha, self.region_threshold, self.dilation_px)
             if self.region_background == "query":
-                render = render_on_query_background(render, alpha, query, region, self.fill_sigma)
+                keep = (background_likeness(query, region, self.keep_background_tau)
+                        if self.keep_background_tau > 0 else None)
+                render = render_on_query_background(render, alpha, query, region, self.fill_sigma, keep)
         # One pass over query and render together: half the kernel launches of two passes.
         images = torch.cat([query, render]).to(self.mean.device, torch.float32)
         images = self.prepare(images)
@@ -151,7 +161,8 @@ def build_scorer(cfg_scorer, device: str | torch.device = "cpu") -> AnomalyScore
     Keys: ``timm_model`` (null: pixel-only), ``weights_path``, ``levels``, ``level_weights``,
     ``rgb_weight``, ``size``, ``mean``, ``std``, ``blur.kernel_size``, ``blur.sigma`` (``blur: null``
     or ``kernel_size: 0``: no blur), ``photometric_fit.{enabled,fit_alpha}``,
-    ``object_region.{enabled,threshold,dilation_px,background,fill_sigma}`` (absent: off).
+    ``object_region.{enabled,threshold,dilation_px,background,fill_sigma,keep_background_tau}`` (absent:
+    off).
     ``batch_size`` is read by the caller, not here.
     """
     blur = cfg_scorer.get("blur") or {"kernel_size": 0}  # blur: null means no blur
@@ -173,5 +184,6 @@ def build_scorer(cfg_scorer, device: str | torch.device = "cpu") -> AnomalyScore
         dilation_px=int(region.get("dilation_px", 0)),
         region_background=str(region.get("background", "white")),
         fill_sigma=float(region.get("fill_sigma", 4.0)),
+        keep_background_tau=float(region.get("keep_background_tau", 0.0)),
     )
     return scorer.to(device).eval()

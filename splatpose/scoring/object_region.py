@@ -72,8 +72,38 @@ def silhouette_region(alpha: torch.Tensor, threshold: float, dilation_px: int) -
     return region
 
 
+def background_likeness(query: torch.Tensor, region: torch.Tensor, tau: float, ring_px: int = 8,
+                        patch: int = 5, max_samples: int = 2048) -> torch.Tensor:
+    """[B, 1, H, W] in [0, 1]: how much each query pixel inside ``region`` looks like the background around it.
+
+    The background is sampled in a ring of ``ring_px`` pixels just outside the region (where the query
+    shows the bench, not the part). A pixel's ``patch`` x ``patch`` colour patch is compared with every
+    sampled ring patch (at most ``max_samples``, evenly strided); with ``d`` the smallest mean squared
+    difference, the likeness is ``exp(-d / tau)``: about 1 on the bench's own texture, about 0 on
+    material the bench does not have nearby (a burr, the part itself). Outside the region: 1.
+
+    Args:
+        query: [B, 3, H, W]; region: [B, 1, H, W] 0/1 (the dilated silhouette); tau: > 0, in squared
+            colour units (the noise level of a capture is about 1e-3).
+    """
+    batch, _, height, width = query.shape
+    patches = F.unfold(F.pad(query, [patch // 2] * 4, mode="replicate"), patch)  # [B, 3*p*p, H*W]
+    ring = (F.max_pool2d(region, 2 * ring_px + 1, stride=1, padding=ring_px) - region).flatten(1) > 0
+    inside = region.flatten(1) > 0
+    likeness = torch.ones(batch, height * width, dtype=query.dtype, device=query.device)
+    for b in range(batch):
+        samples = patches[b][:, ring[b]]
+        if samples.shape[1] == 0 or not inside[b].any():
+            continue  # nothing outside to learn the background from: every region pixel stays unknown
+        samples = samples[:, :: max(1, samples.shape[1] // max_samples)]
+        wanted = patches[b][:, inside[b]]
+        nearest = torch.cdist(wanted.T, samples.T).amin(1).square() / patches.shape[1]
+        likeness[b, inside[b]] = torch.exp(-nearest / tau)
+    return likeness.view(batch, 1, height, width)
+
+
 def render_on_query_background(render: torch.Tensor, alpha: torch.Tensor, query: torch.Tensor,
-                               region: torch.Tensor, sigma: float) -> torch.Tensor:
+                               region: torch.Tensor, sigma: float, keep: torch.Tensor | None = None) -> torch.Tensor:
     """The render moved from white onto the query's background.
 
     The background is the query itself outside ``region`` and, inside it, a smooth fill from the query
@@ -82,9 +112,13 @@ def render_on_query_background(render: torch.Tensor, alpha: torch.Tensor, query:
     around it, not against itself. A render over white is ``a * C + (1 - a)``, so over a background
     ``B`` it becomes ``render + (1 - a) * (B - 1)``.
 
+    With ``keep`` (:func:`background_likeness`), a region pixel that looks like the bench around it
+    keeps the query's own pixel as its background (weight ``keep``; the smooth fill for the rest): the
+    bench's texture is then compared against itself, while a burr, unlike the bench, still meets the fill.
+
     Args:
         render, query: [B, 3, H, W]; alpha, region: [B, 1, H, W] (region: 1 where the background is
-            unknown, i.e. the dilated silhouette).
+            unknown, i.e. the dilated silhouette); keep: [B, 1, H, W] in [0, 1] or None.
     Returns: [B, 3, H, W].
     """
     known = 1.0 - region
@@ -104,4 +138,6 @@ def render_on_query_background(render: torch.Tensor, alpha: torch.Tensor, query:
         background, weight = filled, have
     # Pixels no fill reached (a region covering the whole image) stay white, as the render has them.
     filled = filled + (1.0 - have)
+    if keep is not None:
+        filled = keep * query + (1.0 - keep) * filled
     return render + (1.0 - alpha) * (filled - 1.0)

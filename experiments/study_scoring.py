@@ -1,0 +1,94 @@
+"""Score finished runs again with other scorer settings, from their cached renders (no other stage runs).
+
+For each run folder (outputs/runs/<dataset>/<class>/<time>) the test images, masks and the run's renders
+and alphas are read, maps are computed with the run's own ``scorer`` node plus each variant's overrides,
+and the three metrics are printed, one row per (run, variant), then each variant's mean over the runs.
+
+    python experiments/study_scoring.py --variant base= --variant tol2=alignment_tolerance_px=2 \
+        outputs/runs/synthetic/01Ant/<time> outputs/runs/synthetic/06PlainAnt/<time>
+
+A variant is ``name=key=value,key=value`` (dotted keys under ``scorer``; ``name=`` alone: the run's own).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from splatpose.data import resolve_dataset
+from splatpose.data.mad_sim import read_image, read_mask
+from splatpose.metrics import evaluate, normalise_maps
+from splatpose.scoring.anomaly_maps import build_scorer
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, _, overrides = text.partition("=")
+    return name, [o for o in overrides.split(",") if o]
+
+
+def load_run(run: Path) -> dict:
+    res = json.loads((run / "results.json").read_text())
+    cfg = OmegaConf.create(res["config"])
+    data = resolve_dataset(cfg.dataset, res["class"])
+    renders = dict(np.load(Path(res["stage_dirs"]["render"]) / "renders.npz"))
+    if "alphas" not in renders:  # renders cached before alphas were kept: no object region
+        renders["alphas"] = None
+    queries = np.stack([read_image(t.path) for t in data.test])
+    masks = np.stack([read_mask(t.mask_path) if t.mask_path else np.zeros(queries.shape[1:3], bool)
+                      for t in data.test])
+    return {"name": f"{res['dataset']}/{res['class']}", "scorer": cfg.scorer, "queries": queries,
+            "renders": renders["renders"], "alphas": renders["alphas"], "masks": masks,
+            "defects": [t.defect for t in data.test]}
+
+
+def score(run: dict, overrides: list[str]) -> dict:
+    cfg = OmegaConf.merge(run["scorer"], OmegaConf.from_dotlist(overrides))
+    scorer = build_scorer(cfg)
+    maps = []
+    for start in range(0, len(run["queries"]), 4):
+        part = slice(start, start + 4)
+        q = torch.from_numpy(run["queries"][part]).permute(0, 3, 1, 2)
+        r = torch.from_numpy(run["renders"][part]).permute(0, 3, 1, 2)
+        alpha = None if run["alphas"] is None else torch.from_numpy(run["alphas"][part])
+        maps.append(scorer(q, r, alpha).numpy())
+    maps = normalise_maps(np.concatenate(maps))
+    size = maps.shape[-1]
+    masks = F.interpolate(torch.from_numpy(run["masks"])[:, None].float(), size=(size, size),
+                          mode="nearest")[:, 0].numpy() > 0.5
+    labels = np.array([d != "good" for d in run["defects"]], dtype=np.int64)
+    return evaluate(maps, masks, labels, run["defects"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--variant", action="append", required=True)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    variants = [parse_variant(v) for v in args.variant]
+    table = {name: [] for name, _ in variants}
+    print("| run | variant | pixel AUROC | AUPRO | image AUROC | per defect (pixel AUROC / AUPRO / image AUROC) |\n"
+          "|---|---|---|---|---|---|")
+    for path in args.runs:
+        run = load_run(path)
+        for name, overrides in variants:
+            m = score(run, overrides)
+            table[name].append([m["pixel_auroc"], m["aupro"], m["image_auroc"]])
+            per_defect = " ".join(f"{d} {v['pixel_auroc']:.3f}/{v['aupro']:.3f}/{v['image_auroc']:.3f}"
+                                  for d, v in m["per_defect"].items())
+            print(f"| {run['name']} | {name} | {m['pixel_auroc']:.4f} | {m['aupro']:.4f} | {m['image_auroc']:.4f} "
+                  f"| {per_defect} |", flush=True)
+    print("\n| variant | mean pixel AUROC | mean AUPRO | mean image AUROC | min image AUROC |\n|---|---|---|---|---|")
+    for name, rows in table.items():
+        rows = np.array(rows, dtype=float)
+        mean = rows.mean(0)
+        print(f"| {name} | {mean[0]:.4f} | {mean[1]:.4f} | {mean[2]:.4f} | {rows[:, 2].min():.4f} |")
+
+
+if __name__ == "__main__":
+    main()

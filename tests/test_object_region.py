@@ -151,3 +151,33 @@ def test_band_keeps_the_bench_where_it_looks_like_the_bench_around_it():
     placed = render_on_query_background(render, alpha, query, region, sigma=3.0, keep=keep)
     kept = band_bench & (keep > 0.9)
     assert torch.allclose(placed[:, :, kept[0, 0]], query[:, :, kept[0, 0]], atol=0.1)
+
+
+def test_a_query_on_a_bench_is_put_back_on_white_for_the_refinement(tiny_run):
+    """refine.bench: the bench behind a good view becomes white again, the part stays as it was."""
+    from splatpose.data import resolve_dataset
+    from splatpose.refine.queries import PoseSettler, default_refine_config
+    from splatpose.splat.ply import load_gaussians
+
+    run_dir, _ = tiny_run
+    results = json.loads((run_dir / "results.json").read_text())
+    cfg = OmegaConf.create(results["config"])
+    data = resolve_dataset(cfg.dataset, cfg["class"])
+    localized = json.loads((Path(results["stage_dirs"]["localize"]) / "query_poses.json").read_text())
+    settler = PoseSettler(load_gaussians(Path(results["gaussians_ply"])), data.K, data.width, data.height,
+                          default_refine_config(), data.train_w2c, backend="torch")
+    rng = np.random.default_rng(1)
+    checked = 0
+    for test, entry in zip(data.test, localized, strict=True):
+        if test.defect != "good" or not entry["success"]:
+            continue
+        query = read_image(test.path)
+        background = (query > 0.99).all(-1, keepdims=True)
+        benched = np.where(background, background_texture("concrete", query.shape[:2], rng), query)
+        cleared = settler.off_the_bench(torch.from_numpy(benched).permute(2, 0, 1), np.asarray(entry["w2c"]),
+                                        10, 0.03).permute(1, 2, 0).numpy()
+        close = (np.abs(cleared - query) < 0.1).all(-1)
+        assert close.mean() > 0.97, f"{test.name}: {close.mean():.3f} of the pixels as on white"
+        assert close[~background[..., 0]].mean() > 0.9, f"{test.name}: the part lost"
+        checked += 1
+    assert checked >= 1

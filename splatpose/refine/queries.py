@@ -11,6 +11,11 @@ Per query (:class:`PoseSettler`, shared with the detector):
 - a pose that lines up then competes with its turns by the scene's near-symmetries (``refine.symmetry``,
   :mod:`splatpose.refine.symmetry`): a refined turned copy that explains the image better replaces it.
 
+Every step compares renders on white with the query, whose non-white pixels are taken for the object.
+A query photographed on a bench (``refine.bench.enabled``) is first put on white: at its PnP pose the
+render's dilated silhouette says where the part may be, and there the pixels that look like the bench
+around it (:func:`~splatpose.scoring.object_region.background_likeness`) become white too.
+
 Writes ``refined_poses.json`` into the stage folder (one entry per query, in test order: the pose used
 for rendering, its path, its alignment confidence and what refining and recovering did) and reuses it
 when complete; and, when a query needed the recovery, ``search_views.npz``, its search views
@@ -34,10 +39,12 @@ from splatpose.refine.pose_refinement import PoseRefiner
 from splatpose.refine.recovery import (Confidence, PoseRecovery, SearchViews, alignment_confidence,
                                        orbit_views, render_search_views)
 from splatpose.refine.symmetry import SymmetryCheck, near_symmetries
+from splatpose.scoring.object_region import background_likeness, silhouette_region
 from splatpose.sfm.config import default_conf_dir
 from splatpose.sfm.localization import QueryPose
 from splatpose.splat.gaussians import Gaussians
 from splatpose.splat.ply import load_gaussians
+from splatpose.splat.rendering import render
 from splatpose.atomic_files import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -138,6 +145,9 @@ class PoseSettler:
 
     def settle(self, query: torch.Tensor, pose: QueryPose) -> RefinedPose:
         """``query`` [3, H, W] in [0, 1]; ``pose`` its localization result."""
+        bench = self.cfg.get("bench")
+        if bench is not None and bench.enabled and pose.success:
+            query = self.off_the_bench(query, pose.w2c, int(bench.dilation_px), float(bench.tau))
         settled, confidence = self._settle(query, pose)
         if not settled.localized or self.symmetry is None or not self.symmetry.symmetries:
             return settled
@@ -148,6 +158,21 @@ class PoseSettler:
             if settled.confidence is not None:
                 settled.confidence = verdict.confidence.summary()
         return settled
+
+    def off_the_bench(self, query: torch.Tensor, w2c: np.ndarray, dilation_px: int, tau: float) -> torch.Tensor:
+        """``query`` [3, H, W] with white wherever it shows the bench, not the part: outside the render's
+        silhouette at ``w2c`` dilated by ``dilation_px``, and in the band between the two where a pixel
+        looks like the bench around it (likeness above 1/2 at ``tau``). Inside the silhouette nothing is
+        whitened: the part's own colours may be the bench's too."""
+        with torch.no_grad():
+            _, alpha = render(self.gaussians, torch.as_tensor(w2c, dtype=torch.float32),
+                              torch.as_tensor(self.K, dtype=torch.float32), self.width, self.height,
+                              backend=self.backend, return_alpha=True)
+        image = query[None].to(alpha.device, torch.float32)
+        alpha = alpha.permute(0, 3, 1, 2)
+        region = silhouette_region(alpha, 0.5, dilation_px)
+        part = (alpha >= 0.5) | ((region > 0) & (background_likeness(image, region, tau) < 0.5))
+        return torch.where(part, image, torch.ones_like(image))[0].to(query.device, query.dtype)
 
     def _settle(self, query: torch.Tensor, pose: QueryPose) -> tuple[RefinedPose, Confidence | None]:
         """The pose by PnP, refinement and recovery, and its alignment (None when not measured)."""

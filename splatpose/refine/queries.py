@@ -14,7 +14,8 @@ Per query (:class:`PoseSettler`, shared with the detector):
 Every step compares renders on white with the query, whose non-white pixels are taken for the object.
 A query photographed on a bench (``refine.bench.enabled``) is first put on white: at its PnP pose the
 render's dilated silhouette says where the part may be, and there the pixels that look like the bench
-around it (:func:`~splatpose.scoring.object_region.background_likeness`) become white too.
+around it (:func:`~splatpose.scoring.object_region.background_likeness`) become white too; a query PnP
+failed on has no pose, so what looks like the bench along the image's border becomes white.
 
 Writes ``refined_poses.json`` into the stage folder (one entry per query, in test order: the pose used
 for rendering, its path, its alignment confidence and what refining and recovering did) and reuses it
@@ -146,8 +147,9 @@ class PoseSettler:
     def settle(self, query: torch.Tensor, pose: QueryPose) -> RefinedPose:
         """``query`` [3, H, W] in [0, 1]; ``pose`` its localization result."""
         bench = self.cfg.get("bench")
-        if bench is not None and bench.enabled and pose.success:
-            query = self.off_the_bench(query, pose.w2c, int(bench.dilation_px), float(bench.tau))
+        if bench is not None and bench.enabled:
+            query = (self.off_the_bench(query, pose.w2c, int(bench.dilation_px), float(bench.tau)) if pose.success
+                     else self.off_the_bench_by_border(query, float(bench.border_tau)))
         settled, confidence = self._settle(query, pose)
         if not settled.localized or self.symmetry is None or not self.symmetry.symmetries:
             return settled
@@ -175,6 +177,18 @@ class PoseSettler:
         bench = background_likeness(image, region, tau, compared=alpha < 0.5) >= 0.5
         part = (alpha >= 0.5) | ((region > 0) & ~bench)
         return torch.where(part, image, torch.ones_like(image))[0].to(query.device, query.dtype)
+
+    @staticmethod
+    def off_the_bench_by_border(query: torch.Tensor, tau: float, border_px: int = 8) -> torch.Tensor:
+        """``query`` [3, H, W] with white wherever it looks like the bench seen along the image's border
+        (``border_px`` wide), for a query without a pose to take a silhouette from: the part (and any
+        clutter unlike the bench) stays. A part that runs off the image lends its colours to the bench
+        sample, so this is the recovery's fallback, not the refinement's input."""
+        image = query[None].to(torch.float32)
+        interior = torch.zeros_like(image[:, :1])
+        interior[..., border_px:-border_px, border_px:-border_px] = 1.0
+        bench = background_likeness(image, interior, tau, ring_px=border_px) >= 0.5
+        return torch.where(bench, torch.ones_like(image), image)[0].to(query.dtype)
 
     def _settle(self, query: torch.Tensor, pose: QueryPose) -> tuple[RefinedPose, Confidence | None]:
         """The pose by PnP, refinement and recovery, and its alignment (None when not measured)."""

@@ -14,9 +14,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from capture_scoring import capture_maps  # tests/capture_scoring.py
 from splatpose.data.capture_effects import background_texture
 from splatpose.data.mad_sim import read_image
-from splatpose.scoring import build_scorer
 from splatpose.scoring.object_region import (background_likeness, fit_query_to_render, render_on_query_background,
                                              silhouette_region)
 
@@ -37,43 +37,35 @@ def tiny_pairs(tiny_run):
     return cfg.scorer, queries, cached["renders"][good], cached["alphas"][good]
 
 
-# The scorer pieces for real captures (off by default): the photometric fit and the object region.
-CAPTURE_SCORING = {"photometric_fit": {"enabled": True}, "object_region": {"enabled": True}}
-
-
-def _maps(cfg_scorer, queries, renders, alphas, **overrides) -> np.ndarray:
-    scorer = build_scorer(OmegaConf.merge(cfg_scorer, CAPTURE_SCORING, overrides), "cpu")
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()  # noqa: E731
-    return scorer(t(queries).permute(0, 3, 1, 2), t(renders).permute(0, 3, 1, 2), t(alphas)).numpy()
 
 
 def test_brightness_change_stays_within_good_scores(tiny_pairs):
     cfg, queries, renders, alphas = tiny_pairs
     # The top of the good range, plus 0.1 %: the image that sets it scores the same when brightened (the
     # clipped highlights move it by about 1e-5), which is not firing.
-    good_max = _maps(cfg, queries, renders, alphas).max(axis=(1, 2)).max() * 1.001
+    good_max = capture_maps(cfg, queries, renders, alphas).max(axis=(1, 2)).max() * 1.001
     for factor in (0.8, 1.2):
         scaled = np.clip(queries * factor, 0.0, 1.0)
-        score = _maps(cfg, scaled, renders, alphas).max(axis=(1, 2))
+        score = capture_maps(cfg, scaled, renders, alphas).max(axis=(1, 2))
         assert (score <= good_max).all(), f"x{factor}: {score} above the good images' {good_max}"
     # without the photometric fit a dimmer lamp does fire: the check above is not trivially true
-    dim = _maps(cfg, queries * 0.8, renders, alphas, photometric_fit={"enabled": False}).max(axis=(1, 2))
+    dim = capture_maps(cfg, queries * 0.8, renders, alphas, photometric_fit={"enabled": False}).max(axis=(1, 2))
     assert (dim > good_max).any(), (dim, good_max)
 
 
 def test_background_change_stays_within_good_scores(tiny_pairs):
     cfg, queries, renders, alphas = tiny_pairs
-    good_max = _maps(cfg, queries, renders, alphas).max(axis=(1, 2)).max()
+    good_max = capture_maps(cfg, queries, renders, alphas).max(axis=(1, 2)).max()
     rng = np.random.default_rng(0)
     bench = np.stack([background_texture("tiles", q.shape[:2], rng) for q in queries])
     background = (queries > 0.99).all(-1, keepdims=True)
     benched = np.where(background, bench, queries)
-    score = _maps(cfg, benched, renders, alphas).max(axis=(1, 2))
+    score = capture_maps(cfg, benched, renders, alphas).max(axis=(1, 2))
     assert (score <= good_max).all(), f"{score} above the good images' {good_max}"
-    whole = _maps(cfg, benched, renders, alphas, object_region={"enabled": False}).max(axis=(1, 2))
+    whole = capture_maps(cfg, benched, renders, alphas, object_region={"enabled": False}).max(axis=(1, 2))
     assert (whole > good_max).any()
     # the bench kept where it looks like the bench around it is what passes: against the smooth fill alone it fires
-    filled = _maps(cfg, benched, renders, alphas, object_region={"keep_background_tau": 0.0}).max(axis=(1, 2))
+    filled = capture_maps(cfg, benched, renders, alphas, object_region={"keep_background_tau": 0.0}).max(axis=(1, 2))
     assert (filled > good_max).any()
 
 

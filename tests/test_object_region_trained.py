@@ -7,10 +7,6 @@ where it looks like the bench, the photometric fit), a dark blob just outside th
 view must score above the good pixels' 99th percentile, and be cut away without the band.
 """
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,45 +14,26 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from capture_scoring import capture_maps  # tests/capture_scoring.py
+from small_runs import run_small_class  # tests/small_runs.py
 from splatpose.data import resolve_dataset
 from splatpose.data.mad_sim import read_image
-from splatpose.scoring import build_scorer
 from splatpose.scoring.object_region import silhouette_region
-
-ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
-OVERRIDES = ["class=03Nut", "logger=none", "device=cpu", "dataset.generator.width=128",
-             "dataset.generator.height=128", "dataset.generator.n_train=32", "dataset.generator.n_test_good=4",
-             "dataset.generator.n_test_per_defect=2", "splat.steps=300", "splat.checkpoint_every=300",
-             "splat.sh_degree_interval=75", "splat.strategy.refine_start_iter=50",
-             "splat.strategy.refine_stop_iter=250", "splat.strategy.refine_every=50", "splat.eval.every_n_steps=300"]
-CAPTURE_SCORING = {"photometric_fit": {"enabled": True}, "object_region": {"enabled": True}}
 
 
 @pytest.fixture(scope="module")
 def good_views(tmp_path_factory):
     """The run's scorer node and its good (query, render, alpha) triples."""
-    tmp_path = tmp_path_factory.mktemp("trained")
-    out_dir = tmp_path / "run"
-    env = {**os.environ, "SPLATPOSE_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "run.py", *OVERRIDES, f"hydra.run.dir={out_dir}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    results = json.loads((out_dir / "results.json").read_text())
+    results = run_small_class("03Nut", tmp_path_factory.mktemp("trained"))
     cfg = OmegaConf.create(results["config"])
     data = resolve_dataset(cfg.dataset, cfg["class"])
     cached = np.load(Path(results["stage_dirs"]["render"]) / "renders.npz")
     good = [i for i, t in enumerate(data.test) if t.defect == "good"]
     queries = np.stack([read_image(data.test[i].path) for i in good])
     return cfg.scorer, queries, cached["renders"][good], cached["alphas"][good]
-
-
-def _maps(cfg_scorer, queries, renders, alphas, **overrides) -> np.ndarray:
-    scorer = build_scorer(OmegaConf.merge(cfg_scorer, CAPTURE_SCORING, overrides), "cpu")
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()  # noqa: E731
-    return scorer(t(queries).permute(0, 3, 1, 2), t(renders).permute(0, 3, 1, 2), t(alphas)).numpy()
 
 
 def _burr_outside(query: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,13 +52,13 @@ def _burr_outside(query: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, np.
 
 def test_a_defect_outside_the_silhouette_is_found(good_views):
     cfg, queries, renders, alphas = good_views
-    threshold = np.percentile(_maps(cfg, queries, renders, alphas), 99)
+    threshold = np.percentile(capture_maps(cfg, queries, renders, alphas), 99)
     for k in range(len(queries)):
         query, mask = _burr_outside(queries[k], alphas[k])
         cells = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None].float(), size=(cfg.size, cfg.size),
                                                 mode="nearest")[0, 0].numpy() > 0
-        found = _maps(cfg, query[None], renders[k:k + 1], alphas[k:k + 1])[0]
+        found = capture_maps(cfg, query[None], renders[k:k + 1], alphas[k:k + 1])[0]
         assert np.median(found[cells]) > threshold, (k, np.median(found[cells]), threshold)
         # without the band the same burr is cut away
-        cut = _maps(cfg, query[None], renders[k:k + 1], alphas[k:k + 1], object_region={"dilation_px": 0})[0]
+        cut = capture_maps(cfg, query[None], renders[k:k + 1], alphas[k:k + 1], object_region={"dilation_px": 0})[0]
         assert np.median(cut[cells]) <= threshold

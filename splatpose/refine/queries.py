@@ -147,10 +147,11 @@ class PoseSettler:
     def settle(self, query: torch.Tensor, pose: QueryPose) -> RefinedPose:
         """``query`` [3, H, W] in [0, 1]; ``pose`` its localization result."""
         bench = self.cfg.get("bench")
-        if bench is not None and bench.enabled and pose.success:
-            query = self.off_the_bench(query, pose.w2c, int(bench.dilation_px), float(bench.tau))
-        elif bench is not None and bench.enabled and bench.get("border_tau") is not None:  # absent: runs made before it
-            query = self.off_the_bench_by_border(query, float(bench.border_tau))
+        if bench is not None and bench.enabled:
+            if pose.success:
+                query = self.off_the_bench(query, pose.w2c, int(bench.dilation_px), float(bench.tau))
+            elif bench.get("border_tau") is not None:  # absent in runs made before it: left as it is
+                query = self.off_the_bench_by_border(query, float(bench.border_tau))
         settled, confidence = self._settle(query, pose)
         if not settled.localized or self.symmetry is None or not self.symmetry.symmetries:
             return settled

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from splatpose.data import list_classes, load_class, read_image, read_mask
 from splatpose.data.cameras import camera_center, intrinsics_from_fov_x, opengl_c2w_to_opencv_w2c, project_points
@@ -102,3 +103,23 @@ def test_settings_are_validated():
     assert make_settings(train_elevation_deg=[-45.0, 75.0]).key() == make_settings().key()
     with pytest.raises(ValueError, match="no mesh for synthetic classes"):
         ensure_synthetic_dataset("/tmp/unused", ["01Gorilla"])
+
+
+def test_dents_change_only_the_shading_inside_their_mask(tmp_path):
+    """09DentKnob's fourth defect type: a dent shows as a visible change of shading inside its mask,
+    and nothing changes beyond a few pixels of that mask (the bowl's rim is smooth)."""
+    root = ensure_synthetic_dataset(tmp_path, ["09DentKnob"], preset="tiny")
+    data = load_class(root, "09DentKnob")
+    assert sorted({image.defect for image in data.test}) == ["Burrs", "Dents", "Missing", "Stains", "good"]
+    settings = make_settings("tiny")
+    mesh, _, _ = build_object(settings, "09DentKnob")
+    poses = json.loads((root / "09DentKnob" / "test_poses.json").read_text())["poses"]
+    dents = [image for image in data.test if image.defect == "Dents"]
+    with OffscreenRenderer(settings.width, settings.height, settings.camera_angle_x, settings.supersample) as renderer:
+        for image in dents:
+            clean = renderer.render_rgb(mesh, np.asarray(poses[image.name])).astype(int)
+            change = np.abs(np.asarray(Image.open(image.path)).astype(int) - clean).max(axis=-1)
+            mask = read_mask(image.mask_path)
+            assert change[mask].mean() >= 4, f"{image.name}: the dent does not show (mean change {change[mask].mean()})"
+            assert not (change > 0)[~ndimage.binary_dilation(mask, iterations=3)].any(), \
+                f"{image.name}: pixels changed far from the dent's mask"

@@ -6,8 +6,10 @@ Per class (see shared/MAD_SIM_FORMAT.md for the layout it writes)::
     train/good/<i>.png     views on a sphere band around the object, all at one distance
     test/good/<k>.png      views at other elevations, distances and camera rolls (never a train pose)
     test/{Burrs,Missing,Stains}/<k>.png   the same, each with one small defect facing the camera
+                                          (09DentKnob: also test/Dents/, see synthetic_scene.MESHES)
     ground_truth/<defect>/<k>_mask.png    pixels where the defective render differs from the
-                                          defect-free render at the same pose (colour or surface id)
+                                          defect-free render at the same pose (colour or surface id;
+                                          a dent: its sunk triangles, see ``defect_mask``)
     test_poses.json        the true test poses (OpenGL camera-to-world), only to measure localization
     train/masks/<i>.png    only with ``reference_masks``: the object's coverage (8-bit alpha, 255 =
                            object) in each train view, from the render's sub-pixel id pass
@@ -45,7 +47,8 @@ from splatpose.data.generated_cache import save_png as _save_png
 from splatpose.data.generated_cache import write_json as _write_json
 from splatpose.data.mad_sim import DEFECT_TYPES, REFERENCE_MASKS_DIR, TEST_POSES_FILE, TRANSFORMS_FILE
 from splatpose.data.offscreen import OffscreenRenderer
-from splatpose.data.synthetic_scene import MESHES, SolidTexture, add_burrs, add_stain, load_object, remove_part
+from splatpose.data.synthetic_scene import (DENT_DEPTH, MESHES, SolidTexture, add_burrs, add_dent, add_stain, load_object,
+                                            remove_part)
 
 # Bump when a change to the generator changes its output: cached datasets are then regenerated.
 GENERATOR_VERSION = 5
@@ -202,7 +205,8 @@ def generate_class(out_dir: Path, class_name: str, settings: GeneratorSettings) 
     """Write one class in the MAD-Sim layout into ``out_dir`` (which must not exist yet)."""
     mesh, texture, rng = build_object(settings, class_name)
     train_c2w = train_poses(settings)
-    n_test = settings.n_test_good + settings.n_test_per_defect * len(DEFECT_TYPES)
+    defect_types = MESHES[class_name].defects
+    n_test = settings.n_test_good + settings.n_test_per_defect * len(defect_types)
     out_dir.mkdir(parents=True)
     with OffscreenRenderer(settings.width, settings.height, settings.camera_angle_x,
                            settings.supersample) as renderer, \
@@ -233,7 +237,7 @@ def generate_class(out_dir: Path, class_name: str, settings: GeneratorSettings) 
             _save_png(out_dir / name, image)
             test_poses[name] = c2w.tolist()
             progress.update()
-        for defect in DEFECT_TYPES:
+        for defect in defect_types:
             for k in range(settings.n_test_per_defect):
                 c2w, image, mask, defective = render_defect_view(renderer, mesh, texture, defect, settings, rng)
                 name = f"test/{defect}/{k:03d}.png"
@@ -303,12 +307,28 @@ def render_defect_view(renderer: OffscreenRenderer, mesh, texture: SolidTexture,
         vertex = int(mesh.get_cell(cell).point_ids[0])
         defective = apply_defect(mesh, texture, defect, vertex, settings.defect_size, rng)
         image = renderer.render_rgb(defective, c2w)
-        mask = (image != good_rgb).any(axis=-1) | (renderer.render_surface_ids(defective, c2w) != good_ids)
+        mask = defect_mask(renderer, defective, c2w, image, good_rgb, good_ids)
         changed = int(mask.sum())
         if settings.min_defect_pixels <= changed <= settings.max_defect_fraction * object_pixels:
             return c2w, image, mask, defective
     raise RuntimeError(f"could not place a visible {defect} defect of size {settings.defect_size} in "
                        f"{max_tries} tries; adjust defect_size, min_defect_pixels or max_defect_fraction")
+
+
+def defect_mask(renderer: OffscreenRenderer, defective, c2w: np.ndarray, image: np.ndarray, good_rgb: np.ndarray,
+                good_ids: np.ndarray, min_sink: float = 0.004) -> np.ndarray:
+    """bool [H, W]: the pixels a defect changed. For paint, holes and burrs, every pixel whose colour or
+    surface changed. For a dent, whose smooth rim changes the shading by amounts no eye sees, the
+    pixels whose surface changed or that show a triangle with a vertex sunk by more than ``min_sink``
+    (object units)."""
+    ids = renderer.render_surface_ids(defective, c2w)
+    if DENT_DEPTH not in defective.point_data:
+        return (image != good_rgb).any(axis=-1) | (ids != good_ids)
+    sink = np.asarray(defective.point_data[DENT_DEPTH])
+    sunk_cells = sink[defective.regular_faces].max(axis=1) > min_sink          # [M], by cell index
+    sunk = np.zeros(int(np.asarray(defective.cell_data["surface_id"]).max()) + 1, dtype=bool)
+    sunk[np.asarray(defective.cell_data["surface_id"])] = sunk_cells
+    return (ids != good_ids) | ((ids >= 0) & sunk[np.maximum(ids, 0)])
 
 
 class CaptureDraws:
@@ -358,7 +378,9 @@ def apply_defect(mesh, texture: SolidTexture, defect: str, vertex: int, size: fl
         return remove_part(mesh, vertex, size, rng)
     if defect == "Burrs":
         return add_burrs(mesh, vertex, size, rng, texture)
-    raise ValueError(f"unknown defect type {defect!r}; defect types: {', '.join(DEFECT_TYPES)}")
+    if defect == "Dents":  # wider than the others: a shallow bowl a few pixels across would not show
+        return add_dent(mesh, vertex, 1.5 * size, rng)
+    raise ValueError(f"unknown defect type {defect!r}; defect types: {', '.join(DEFECT_TYPES + ('Dents',))}")
 
 
 if __name__ == "__main__":

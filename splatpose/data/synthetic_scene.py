@@ -1,5 +1,5 @@
 """Objects and defects of the generated dataset: real meshes shipped in pyvista's wheel, coloured with a
-seeded solid texture, and the three MAD-Sim defect types applied to them.
+seeded solid texture, and the three MAD-Sim defect types (and Dents) applied to them.
 
 Every object is centred on the origin, +z up, scaled so that 95% of its surface lies within radius 1
 (``normalise``: the object units of all lengths here), and refined so that no triangle edge is longer
@@ -31,6 +31,9 @@ class MeshSource:
     # Colour pattern: None, the rich two-level texture; a number k, k large regions of muted colours
     # with no small cells (a weakly textured object: few corners for feature detectors).
     regions: int | None = None
+    # The defect types of its test set (test/<type>/): MAD-Sim's three, and for some classes Dents
+    # too (a defect seen through its shading only).
+    defects: tuple[str, ...] = ("Burrs", "Missing", "Stains")
 
 
 def mug() -> pv.PolyData:
@@ -74,6 +77,9 @@ MESHES: dict[str, MeshSource] = {
     "07PlainMug": MeshSource(mug, regions=2),
     # one colour, turned, one small feature (a pointer ridge) tells the turn
     "08PlainKnob": MeshSource(knob, regions=1),
+    # three muted colours and a fourth defect type, Dents, that changes only the shading: the tuning
+    # family's analogue of a shading-only defect on a smooth part
+    "09DentKnob": MeshSource(knob, regions=3, defects=("Burrs", "Dents", "Missing", "Stains")),
 }
 
 
@@ -245,6 +251,39 @@ def add_burrs(mesh: pv.PolyData, centre_vertex: int, radius: float, rng: np.rand
     burrs.point_data[VERTEX_RGB] = texture(np.asarray(burrs.points))
     burrs.cell_data[SURFACE_ID] = mesh.n_cells + np.arange(burrs.n_cells, dtype=np.int64)
     return _renderable(pv.merge([_renderable(mesh), _renderable(burrs)], merge_points=False))
+
+
+def add_dent(mesh: pv.PolyData, centre_vertex: int, radius: float, rng: np.random.Generator) -> pv.PolyData:
+    """Dents: the surface sinks smoothly around a vertex, colours and triangles unchanged, so the dent
+    shows only through its shading (and, seen edge-on, the outline).
+
+    Vertices within ``radius`` of the centre (and facing its way) move along minus the centre's normal
+    by ``depth * cos(pi/2 * r / radius)**2``, a bowl with zero slope at its rim; ``depth`` is drawn in
+    [0.25, 0.4] x radius. The moved vertices and their neighbours get the normals of the dented surface;
+    every other normal stays as it was, so pixels away from the dent keep their exact colour. Point data
+    ``dent_depth`` (float32 [N], object units) records each vertex's displacement, for the mask.
+    """
+    points = np.asarray(mesh.points, dtype=np.float64)
+    normals = np.asarray(mesh.point_data["Normals"], dtype=np.float64)
+    distance = np.linalg.norm(points - points[centre_vertex], axis=1)
+    inside = (distance < radius) & (normals @ normals[centre_vertex] > 0.2)
+    depth = radius * rng.uniform(0.25, 0.4)
+    sink = np.where(inside, depth * np.cos(0.5 * np.pi * np.minimum(distance / radius, 1.0)) ** 2, 0.0)
+    dented = mesh.copy()
+    dented.points = (points - sink[:, None] * normals[centre_vertex]).astype(np.float32)
+    # (on the bare geometry: VTK keeps a mesh's existing normals instead of computing them)
+    fresh = pv.PolyData(np.asarray(dented.points), dented.faces).compute_normals(
+        cell_normals=False, split_vertices=False, auto_orient_normals=False, consistent_normals=False)
+    reshaded = distance < radius * 1.2
+    new_normals = np.asarray(mesh.point_data["Normals"]).copy()
+    new_normals[reshaded] = np.asarray(fresh.point_data["Normals"])[reshaded]
+    dented.point_data["Normals"] = new_normals
+    out = _renderable(dented)
+    out.point_data[DENT_DEPTH] = sink.astype(np.float32)
+    return out
+
+
+DENT_DEPTH = "dent_depth"   # point data of a dented mesh: how far each vertex sank (object units)
 
 
 def _renderable(mesh: pv.PolyData) -> pv.PolyData:

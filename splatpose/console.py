@@ -8,8 +8,10 @@ Three sources of noise, each silenced where it starts:
 - Lightning puts its own console handler on the ``lightning`` logger and also lets its records
   propagate to the root logger, which Hydra has given a handler: every line printed twice. Its own
   handler is removed, so its lines come once, through Hydra (and land in the run's log file).
-- Lightning advertises its cloud products at INFO ("💡 Tip: ... litlogger / litmodels"); there is no
-  setting for that, so a logging filter drops those records.
+- Lightning advertises its cloud products at INFO ("💡 Tip: ... litlogger / litmodels") and lists the
+  accelerators it did not find ("TPU available: False ...", "HPU available ...") and the validation
+  batches it will use, for every Trainer (twice a run); there is no setting for that, so a logging
+  filter drops those records ("GPU available: ..., used: ..." stays: it says where the work ran).
 
 Plus deprecation warnings raised inside the libraries (a user cannot fix them), e.g. torch's
 ``LeafSpec`` deprecation triggered by Lightning's use of ``torch.utils._pytree``.
@@ -33,11 +35,13 @@ UNACTIONABLE_WARNINGS = (
 )
 
 
-class DropAdvertisements(logging.Filter):
-    """Drops Lightning's "💡 Tip: try installing ..." records (product advertising, no setting for it)."""
+class DropLightningChatter(logging.Filter):
+    """Drops Lightning's records a user cannot act on: product tips, absent accelerators, batch limits."""
+
+    PREFIXES = ("💡 Tip", "TPU available", "HPU available", "`Trainer(limit_val_batches")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith("💡 Tip")
+        return not str(record.getMessage()).startswith(self.PREFIXES)
 
 
 def quiet_console(verbose_libraries: bool = False) -> None:
@@ -67,7 +71,7 @@ def quiet_colmap(verbose: bool) -> None:
 
 def log_lightning_once() -> None:
     """Lightning's records through the root logger only (when the root has a handler, as under Hydra),
-    and without its advertising tips."""
+    and without its chatter (``DropLightningChatter``)."""
     import lightning  # noqa: F401  (its import adds the handlers removed here)
 
     root_has_handler = bool(logging.getLogger().handlers)
@@ -80,5 +84,5 @@ def log_lightning_once() -> None:
             logger.propagate = True
     for name in LIGHTNING_RANK_ZERO_LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, DropAdvertisements) for f in logger.filters):
-            logger.addFilter(DropAdvertisements())
+        if not any(isinstance(f, DropLightningChatter) for f in logger.filters):
+            logger.addFilter(DropLightningChatter())

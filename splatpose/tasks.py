@@ -143,8 +143,13 @@ def build_loggers(cfg: DictConfig) -> list:
     for node in (cfg.get("logger") or {}).values():
         if node is not None and str(node.get("_target_", "")).endswith(".WandbLogger"):
             require_extra(("wandb",), "logger=wandb", instead="logger=csv or logger=none")
-    return [hydra.utils.instantiate(node) for node in (cfg.get("logger") or {}).values()
-            if node is not None and "_target_" in node]
+    loggers = [hydra.utils.instantiate(node) for node in (cfg.get("logger") or {}).values()
+               if node is not None and "_target_" in node]
+    for logger in loggers:
+        # Lightning's WandbLogger always hands wandb.init ``anonymous=None``, and wandb warns on every run
+        # that the setting has no effect; nothing reads it.
+        getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+    return loggers
 
 
 def finish_loggers(loggers: list, status: str) -> None:

@@ -63,6 +63,8 @@ def test_console_is_quiet_and_results_hold_the_splats_quality(first_run):
     # glog's own format: severity letter, date (YYYYMMDD in pycolmap 4), time
     assert not re.search(r"^[IWEF]\d{8} ", log, re.MULTILINE), "COLMAP/glog lines reached the console"
     assert "💡 Tip" not in log and "LeafSpec" not in log
+    assert "TPU available" not in log and "limit_val_batches" not in log, "Lightning's unactionable lines printed"
+    assert "anonymous setting" not in log, "wandb's warning about an argument Lightning passes printed"
     assert "wandb: Run summary" not in log and "wandb: Tracking run" not in log, "W&B's banner and summary printed"
     info_lines = [line.split("] - ", 1)[1] for line in log.splitlines() if "][INFO] - " in line]
     bare_info = [line.removeprefix("INFO: ") for line in log.splitlines() if line.startswith("INFO: ")]

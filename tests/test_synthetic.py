@@ -123,3 +123,22 @@ def test_dents_change_only_the_shading_inside_their_mask(tmp_path):
             assert change[mask].mean() >= 4, f"{image.name}: the dent does not show (mean change {change[mask].mean()})"
             assert not (change > 0)[~ndimage.binary_dilation(mask, iterations=3)].any(), \
                 f"{image.name}: pixels changed far from the dent's mask"
+
+
+def test_a_glossy_noisy_class_has_noise_on_the_object_and_pure_white_around_it(tmp_path):
+    """10GlossyKnob's look: photon noise on the object (its test image differs from the noise-free,
+    glossy render at the same pose by a few levels, not more), none on the white background."""
+    root = ensure_synthetic_dataset(tmp_path, ["10GlossyKnob"], preset="tiny")
+    settings = make_settings("tiny")
+    mesh, _, _ = build_object(settings, "10GlossyKnob")
+    image = load_class(root, "10GlossyKnob").test[0]
+    assert image.defect == "good"
+    c2w = np.asarray(json.loads((root / "10GlossyKnob" / "test_poses.json").read_text())["poses"][image.name])
+    with OffscreenRenderer(settings.width, settings.height, settings.camera_angle_x, settings.supersample,
+                           specular=0.5) as renderer:
+        clean = renderer.render_rgb(mesh, c2w).astype(int)
+        coverage = renderer.render_coverage(mesh, c2w)
+    pixels = np.asarray(Image.open(image.path)).astype(int)
+    assert (pixels[coverage == 0] == 255).all(), "noise on the background"
+    change = np.abs(pixels - clean)[coverage == 1]
+    assert 1.0 < change.mean() < 10.0, f"mean change {change.mean():.2f} on the object"

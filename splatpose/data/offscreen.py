@@ -4,7 +4,8 @@ Two passes per view, both rendered with VTK's own anti-aliasing off, into a wind
 times larger than the image:
 
 - ``render_rgb``: Lambertian shading under lights fixed in the world (not attached to the camera),
-  so a surface point looks the same from every view, as a 3DGS model with low-order colour expects.
+  so a surface point looks the same from every view, as a 3DGS model with low-order colour expects
+  (with ``specular`` > 0, a Phong sheen that moves with the view is added: a glossy material).
   Each output pixel is the mean of its ``supersample``² sub-pixels: anti-aliased edges, as a camera
   (and MAD-Sim's Blender renders) would give them. A splat model cannot reproduce aliased
   silhouettes from other views: with aliasing, about 90% of a 3DGS fit's held-out error sat in the
@@ -46,18 +47,21 @@ BACKGROUND_ID = 0xFFFFFF    # white in the id pass; no triangle may carry this i
 # above-front, a weaker fill from below-behind so that no side of the object is black.
 _WORLD_LIGHTS = (((0.4, -0.6, 1.0), 0.8), ((-0.6, 0.5, -0.5), 0.45))
 _AMBIENT = 0.4
+_SPECULAR_POWER = 20.0  # the highlight's tightness when a renderer is glossy (a satin sheen, not a mirror)
 
 
 class OffscreenRenderer:
     """One reusable offscreen window of a fixed size (creating a GL context costs about 0.3 s)."""
 
-    def __init__(self, width: int, height: int, camera_angle_x: float, supersample: int = 3):
+    def __init__(self, width: int, height: int, camera_angle_x: float, supersample: int = 3,
+                 specular: float = 0.0):
         if supersample < 1 or supersample % 2 == 0:
             # An odd factor puts one sub-pixel exactly on each pixel's centre (for the id pass).
             raise ValueError(f"supersample must be an odd integer >= 1, got {supersample}")
         self.width, self.height = int(width), int(height)
         self.camera_angle_x = float(camera_angle_x)
         self.supersample = int(supersample)
+        self.specular = float(specular)   # Phong highlight strength of render_rgb (0: matte)
         theme = Theme()
         theme.multi_samples = 0        # VTK's anti-aliasing off: each sub-pixel shows one surface, exactly
         theme.anti_aliasing = None
@@ -85,7 +89,8 @@ class OffscreenRenderer:
         """Shaded colour image uint8 [H, W, 3] of a mesh with ``vertex_rgb`` point colours, on white."""
         self._clear()
         actor = self._plotter.add_mesh(mesh, scalars=VERTEX_RGB, rgb=True, preference="point",
-                                       ambient=_AMBIENT, diffuse=1.0 - _AMBIENT, specular=0.0,
+                                       ambient=_AMBIENT, diffuse=1.0 - _AMBIENT, specular=self.specular,
+                                       specular_power=_SPECULAR_POWER,
                                        show_scalar_bar=False, reset_camera=False)
         # Gouraud shading with the mesh's own point normals: they were computed once on the whole
         # object, so removing or adding cells elsewhere leaves the shading of every other pixel unchanged.

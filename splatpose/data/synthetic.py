@@ -205,11 +205,23 @@ def generate_class(out_dir: Path, class_name: str, settings: GeneratorSettings) 
     """Write one class in the MAD-Sim layout into ``out_dir`` (which must not exist yet)."""
     mesh, texture, rng = build_object(settings, class_name)
     train_c2w = train_poses(settings)
-    defect_types = MESHES[class_name].defects
+    source = MESHES[class_name]
+    defect_types = source.defects
     n_test = settings.n_test_good + settings.n_test_per_defect * len(defect_types)
     out_dir.mkdir(parents=True)
+
+    def save(name: str, image: np.ndarray, shown, c2w: np.ndarray) -> None:
+        """Write an image; a class with a noisy look (clean presets) gets photon noise on the object
+        (``shown``, the mesh in the image), none on the white around it, as a path tracer composites."""
+        if source.photons_at_white and not settings.realistic:
+            alpha = renderer.render_coverage(shown, c2w)[..., None]
+            noisy = sensor_noise(image / 255.0, class_rng(settings, f"{class_name}|noise|{name}"),
+                                 source.photons_at_white, 0.0)
+            image = quantise(alpha * noisy + (1.0 - alpha))
+        _save_png(out_dir / name, image)
+
     with OffscreenRenderer(settings.width, settings.height, settings.camera_angle_x,
-                           settings.supersample) as renderer, \
+                           settings.supersample, specular=source.specular) as renderer, \
             tqdm(total=len(train_c2w) + n_test, desc=f"generating {class_name}", unit="img",
                  leave=False) as progress:
         capture = CaptureDraws(settings, class_name)
@@ -222,7 +234,7 @@ def generate_class(out_dir: Path, class_name: str, settings: GeneratorSettings) 
                 if settings.reference_masks:
                     _save_png(out_dir / REFERENCE_MASKS_DIR / f"{i}.png", np.round(alpha * 255).astype(np.uint8))
                 image = capture.view(name, image, alpha, reference=True)
-            _save_png(out_dir / name, image)
+            save(name, image, mesh, c2w)
             frames.append({"file_path": name, "transform_matrix": c2w.tolist()})
             progress.update()
         _write_json(out_dir / TRANSFORMS_FILE, {"camera_angle_x": settings.camera_angle_x, "frames": frames})
@@ -234,7 +246,7 @@ def generate_class(out_dir: Path, class_name: str, settings: GeneratorSettings) 
             image = renderer.render_rgb(mesh, c2w)
             if settings.realistic:
                 image = capture.view(name, image, renderer.render_coverage(mesh, c2w), reference=False)
-            _save_png(out_dir / name, image)
+            save(name, image, mesh, c2w)
             test_poses[name] = c2w.tolist()
             progress.update()
         for defect in defect_types:
@@ -243,7 +255,7 @@ def generate_class(out_dir: Path, class_name: str, settings: GeneratorSettings) 
                 name = f"test/{defect}/{k:03d}.png"
                 if settings.realistic:
                     image = capture.view(name, image, renderer.render_coverage(defective, c2w), reference=False)
-                _save_png(out_dir / name, image)
+                save(name, image, defective, c2w)
                 _save_png(out_dir / "ground_truth" / defect / f"{k:03d}_mask.png", mask.astype(np.uint8) * 255)
                 test_poses[name] = c2w.tolist()
                 progress.update()

@@ -34,6 +34,11 @@ class MeshSource:
     # The defect types of its test set (test/<type>/): MAD-Sim's three, and for some classes Dents
     # too (a defect seen through its shading only).
     defects: tuple[str, ...] = ("Burrs", "Missing", "Stains")
+    # Its look: a Phong sheen (0: matte) and photon noise on the object in every image of the clean
+    # presets (electrons at white; 0: none), like a path tracer's sampling noise; the realistic preset
+    # adds its own sensor noise to every class instead.
+    specular: float = 0.0
+    photons_at_white: float = 0.0
 
 
 def mug() -> pv.PolyData:
@@ -80,6 +85,10 @@ MESHES: dict[str, MeshSource] = {
     # three muted colours and a fourth defect type, Dents, that changes only the shading: the tuning
     # family's analogue of a shading-only defect on a smooth part
     "09DentKnob": MeshSource(knob, regions=3, defects=("Burrs", "Dents", "Missing", "Stains")),
+    # the same knob in one colour with a sheen and sensor noise: dents and stains under a glossy,
+    # noisy look (the tuning analogue of the held-out family's path-traced plastic)
+    "10GlossyKnob": MeshSource(knob, regions=1, defects=("Burrs", "Dents", "Missing", "Stains"), specular=0.5,
+                               photons_at_white=1000.0),
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,9 @@ from splatpose.scoring.anomaly_maps import build_scorer
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``name=key=value,key=[a,b]`` -> (name, ["key=value", "key=[a,b]"]): commas inside brackets stay."""
     name, _, overrides = text.partition("=")
-    return name, [o for o in overrides.split(",") if o]
+    return name, [o for o in re.split(r",(?![^\[]*\])", overrides) if o]
 
 
 def load_run(run: Path) -> dict:

@@ -6,7 +6,7 @@ Per class (see shared/MAD_SIM_FORMAT.md for the layout it writes)::
     train/good/<i>.png     views on a sphere band around the object, all at one distance
     test/good/<k>.png      views at other elevations, distances and camera rolls (never a train pose)
     test/{Burrs,Missing,Stains}/<k>.png   the same, each with one small defect facing the camera
-                                          (09DentKnob: also test/Dents/, see synthetic_scene.MESHES)
+                                          (09DentKnob, 10GlossyKnob: also test/Dents/, see synthetic_scene.MESHES)
     ground_truth/<defect>/<k>_mask.png    pixels where the defective render differs from the
                                           defect-free render at the same pose (colour or surface id;
                                           a dent: its sunk triangles, see ``defect_mask``)
@@ -46,7 +46,7 @@ from splatpose.data.capture_effects import (BACKGROUND_KINDS, apply_lighting, co
 from splatpose.data.generated_cache import save_png as _save_png
 from splatpose.data.generated_cache import write_json as _write_json
 from splatpose.data.mad_sim import DEFECT_TYPES, REFERENCE_MASKS_DIR, TEST_POSES_FILE, TRANSFORMS_FILE
-from splatpose.data.offscreen import OffscreenRenderer
+from splatpose.data.offscreen import SURFACE_ID, OffscreenRenderer
 from splatpose.data.synthetic_scene import (DENT_DEPTH, MESHES, SolidTexture, add_burrs, add_dent, add_stain, load_object,
                                             remove_part)
 
@@ -338,8 +338,9 @@ def defect_mask(renderer: OffscreenRenderer, defective, c2w: np.ndarray, image: 
         return (image != good_rgb).any(axis=-1) | (ids != good_ids)
     sink = np.asarray(defective.point_data[DENT_DEPTH])
     sunk_cells = sink[defective.regular_faces].max(axis=1) > min_sink          # [M], by cell index
-    sunk = np.zeros(int(np.asarray(defective.cell_data["surface_id"]).max()) + 1, dtype=bool)
-    sunk[np.asarray(defective.cell_data["surface_id"])] = sunk_cells
+    surface_ids = np.asarray(defective.cell_data[SURFACE_ID])
+    sunk = np.zeros(int(surface_ids.max()) + 1, dtype=bool)
+    sunk[surface_ids] = sunk_cells
     return (ids != good_ids) | ((ids >= 0) & sunk[np.maximum(ids, 0)])
 
 

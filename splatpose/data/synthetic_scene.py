@@ -262,6 +262,9 @@ def add_burrs(mesh: pv.PolyData, centre_vertex: int, radius: float, rng: np.rand
     return _renderable(pv.merge([_renderable(mesh), _renderable(burrs)], merge_points=False))
 
 
+DENT_DEPTH = "dent_depth"   # point data of a dented mesh: how far each vertex sank (object units)
+
+
 def add_dent(mesh: pv.PolyData, centre_vertex: int, radius: float, rng: np.random.Generator) -> pv.PolyData:
     """Dents: the surface sinks smoothly around a vertex, colours and triangles unchanged, so the dent
     shows only through its shading (and, seen edge-on, the outline).
@@ -290,9 +293,6 @@ def add_dent(mesh: pv.PolyData, centre_vertex: int, radius: float, rng: np.rando
     out = _renderable(dented)
     out.point_data[DENT_DEPTH] = sink.astype(np.float32)
     return out
-
-
-DENT_DEPTH = "dent_depth"   # point data of a dented mesh: how far each vertex sank (object units)
 
 
 def _renderable(mesh: pv.PolyData) -> pv.PolyData:

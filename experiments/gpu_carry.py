@@ -255,6 +255,21 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: {steps[name](args.out)}", flush=True)
     sizes = subprocess.run(["du", "-sh", *[str(p) for p in sorted(args.out.iterdir())]], capture_output=True, text=True)
     print(sizes.stdout + subprocess.run(["du", "-sh", str(args.out)], capture_output=True, text=True).stdout)
+    warn_if_over_the_carry_limit(args.out)
+
+
+def warn_if_over_the_carry_limit(out: Path, limit_mib: float = 64.0) -> None:
+    """The device takes the tracked tree plus the carried paths, 64 MiB in all: say so here when the
+    whole folder would not fit (then name only some of its paths in ``carry``, e.g. one family)."""
+    def mib(paths) -> float:
+        return sum(f.stat().st_size for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()) / 2**20
+
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=Path(__file__).parents[1]).stdout
+    tree = mib(Path(__file__).parents[1] / name for name in tracked.splitlines())
+    carried = mib([out])
+    if tree + carried > limit_mib:
+        print(f"note: {out} ({carried:.1f} MiB) and the tracked tree ({tree:.1f} MiB) exceed the device's "
+              f"{limit_mib:.0f} MiB: carry some of {out}'s paths per call, not the whole folder")
 
 
 if __name__ == "__main__":

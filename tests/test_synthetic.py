@@ -12,6 +12,7 @@ from splatpose.data.cameras import camera_center, intrinsics_from_fov_x, opengl_
 from splatpose.data.mad_sim import DEFECT_TYPES
 from splatpose.data.offscreen import OffscreenRenderer
 from splatpose.data.synthetic import build_object, ensure_synthetic_dataset, make_settings
+from splatpose.data.synthetic_scene import MESHES
 
 CLASS = "01Ant"
 
@@ -135,7 +136,7 @@ def test_a_glossy_noisy_class_has_noise_on_the_object_and_pure_white_around_it(t
     assert image.defect == "good"
     c2w = np.asarray(json.loads((root / "10GlossyKnob" / "test_poses.json").read_text())["poses"][image.name])
     with OffscreenRenderer(settings.width, settings.height, settings.camera_angle_x, settings.supersample,
-                           specular=0.5) as renderer:
+                           specular=MESHES["10GlossyKnob"].specular) as renderer:
         clean = renderer.render_rgb(mesh, c2w).astype(int)
         coverage = renderer.render_coverage(mesh, c2w)
     pixels = np.asarray(Image.open(image.path)).astype(int)

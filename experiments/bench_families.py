@@ -76,7 +76,9 @@ def summarise(results: dict) -> dict:
             "median_rotation_error_deg": final.get("median_rotation_error_deg"),
             **{m: results["metrics"].get(m) for m in METRICS},
             **{f"image_auroc_top{q}": v for q, v in results["metrics"].get("image_auroc_by_top_fraction", {}).items()},
-            **{f"s_{s}": (results["timings"].get(s) or {}).get("seconds") for s in STAGES}}
+            **{f"s_{s}": (results["timings"].get(s) or {}).get("seconds") for s in STAGES},
+            "image_auroc_per_defect": {defect: values.get("image_auroc")
+                                       for defect, values in results["metrics"].get("per_defect", {}).items()}}
 
 
 def markdown(rows: list[dict], header: str) -> str:
@@ -99,10 +101,27 @@ def markdown(rows: list[dict], header: str) -> str:
             means = [cell(float(np.mean([r[c] for r in done if r.get(c) is not None])) if any(r.get(c) is not None for r in done) else None)
                      for c in columns]
             lines.append(f"| {family} | **mean ({len(done)})** | " + " | ".join(means) + " |")
+    lines += per_defect_markdown(rows)
     failed = [r for r in rows if r["status"] != "ok"]
     for r in failed:
         lines += ["", f"{r['family']}/{r['class']} failed:", "```", r["error"].strip()[-1500:], "```"]
     return "\n".join(lines) + "\n"
+
+
+def per_defect_markdown(rows: list[dict]) -> list[str]:
+    """Image AUROC per defect type, one table per family (its classes' defect types as columns)."""
+    lines = []
+    for family in dict.fromkeys(r["family"] for r in rows):
+        done = [r for r in rows if r["family"] == family and r["status"] == "ok" and r.get("image_auroc_per_defect")]
+        defects = sorted({d for r in done for d in r["image_auroc_per_defect"]})
+        if not done:
+            continue
+        lines += ["", f"Image AUROC per defect type, `{family}`:", "",
+                  "| class | " + " | ".join(defects) + " |", "|---|" + "---|" * len(defects)]
+        for r in done:
+            values = [r["image_auroc_per_defect"].get(d) for d in defects]
+            lines.append(f"| {r['class']} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values) + " |")
+    return lines
 
 
 def main() -> None:

@@ -8,6 +8,9 @@ and the three metrics are printed, one row per (run, variant), then each variant
         outputs/runs/synthetic/01Ant/<time> outputs/runs/synthetic/06PlainAnt/<time>
 
 A variant is ``name=key=value,key=value`` (dotted keys under ``scorer``; ``name=`` alone: the run's own).
+One key is not a scorer setting but a study of one: ``denoise_h=<h>`` puts the query and the render
+through OpenCV's non-local-means denoising (``fastNlMeansDenoisingColored``, filter strength h, 5 px
+patches, 15 px search) before scoring.
 """
 from __future__ import annotations
 
@@ -48,14 +51,27 @@ def load_run(run: Path) -> dict:
             "defects": [t.defect for t in data.test]}
 
 
+def denoised(images: np.ndarray, h: float) -> np.ndarray:
+    """[N, H, W, 3] float in [0, 1] through OpenCV's non-local means (uint8 in, uint8 out)."""
+    import cv2
+
+    pixels = np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.stack([cv2.fastNlMeansDenoisingColored(p, None, h, h, 5, 15) for p in pixels]).astype(np.float32) / 255.0
+
+
 def score(run: dict, overrides: list[str]) -> dict:
-    cfg = OmegaConf.merge(run["scorer"], OmegaConf.from_dotlist(overrides))
+    denoise = [o for o in overrides if o.startswith("denoise_h=")]
+    cfg = OmegaConf.merge(run["scorer"], OmegaConf.from_dotlist([o for o in overrides if o not in denoise]))
     scorer = build_scorer(cfg)
+    queries, renders = run["queries"], run["renders"]
+    if denoise:
+        h = float(denoise[-1].partition("=")[2])
+        queries, renders = denoised(queries, h), denoised(renders, h)
     maps = []
-    for start in range(0, len(run["queries"]), 4):
+    for start in range(0, len(queries), 4):
         part = slice(start, start + 4)
-        q = torch.from_numpy(run["queries"][part]).permute(0, 3, 1, 2)
-        r = torch.from_numpy(run["renders"][part]).permute(0, 3, 1, 2)
+        q = torch.from_numpy(queries[part]).permute(0, 3, 1, 2)
+        r = torch.from_numpy(renders[part]).permute(0, 3, 1, 2)
         alpha = None if run["alphas"] is None else torch.from_numpy(run["alphas"][part])
         maps.append(scorer(q, r, alpha).numpy())
     maps = normalise_maps(np.concatenate(maps))

@@ -18,6 +18,7 @@ import pyvista as pv
 from pyvista import examples
 from scipy.spatial import cKDTree
 
+from splatpose.data.mad_sim import DEFECT_TYPES
 from splatpose.data.offscreen import SURFACE_ID, VERTEX_RGB
 
 
@@ -33,7 +34,7 @@ class MeshSource:
     regions: int | None = None
     # The defect types of its test set (test/<type>/): MAD-Sim's three, and for some classes Dents
     # too (a defect seen through its shading only).
-    defects: tuple[str, ...] = ("Burrs", "Missing", "Stains")
+    defects: tuple[str, ...] = DEFECT_TYPES
     # Its look: a Phong sheen (0: matte) and photon noise on the object in every image of the clean
     # presets (electrons at white; 0: none), like a path tracer's sampling noise; the realistic preset
     # adds its own sensor noise to every class instead.

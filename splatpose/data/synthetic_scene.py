@@ -90,6 +90,9 @@ MESHES: dict[str, MeshSource] = {
     # noisy look (the tuning analogue of the held-out family's path-traced plastic)
     "10GlossyKnob": MeshSource(knob, regions=1, defects=("Burrs", "Dents", "Missing", "Stains"), specular=0.5,
                                photons_at_white=1000.0),
+    # the glossy knob without the noise: the sheen alone, as clean as the held-out family's path-traced
+    # renders (the trait the two families share; PROTOCOL.md, tenth decision)
+    "11SheenKnob": MeshSource(knob, regions=1, defects=("Burrs", "Dents", "Missing", "Stains"), specular=0.5),
 }
 
 

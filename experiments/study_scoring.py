@@ -8,9 +8,11 @@ and the three metrics are printed, one row per (run, variant), then each variant
         outputs/runs/synthetic/01Ant/<time> outputs/runs/synthetic/06PlainAnt/<time>
 
 A variant is ``name=key=value,key=value`` (dotted keys under ``scorer``; ``name=`` alone: the run's own).
-One key is not a scorer setting but a study of one: ``denoise_h=<h>`` puts the query and the render
-through OpenCV's non-local-means denoising (``fastNlMeansDenoisingColored``, filter strength h, 5 px
-patches, 15 px search) before scoring.
+A run made before ``scorer.sheen`` existed is scored with today's sheen settings, as the pipeline would
+(the class's allowance measured from the run's splats, ``pipeline.class_sheen_allowance``), unless the
+variant sets ``sheen.enabled=false``. One key is not a scorer setting but a study of one:
+``denoise_h=<h>`` puts the query and the render through OpenCV's non-local-means denoising
+(``fastNlMeansDenoisingColored``, filter strength h, 5 px patches, 15 px search) before scoring.
 """
 from __future__ import annotations
 
@@ -22,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from splatpose.data import resolve_dataset
 from splatpose.data.mad_sim import read_image, read_mask
 from splatpose.metrics import evaluate, normalise_maps
+from splatpose.pipeline import class_sheen_allowance
 from splatpose.scoring.anomaly_maps import build_scorer
 
 
@@ -46,7 +49,8 @@ def load_run(run: Path) -> dict:
     queries = np.stack([read_image(t.path) for t in data.test])
     masks = np.stack([read_mask(t.mask_path) if t.mask_path else np.zeros(queries.shape[1:3], bool)
                       for t in data.test])
-    return {"name": f"{res['dataset']}/{res['class']}", "scorer": cfg.scorer, "queries": queries,
+    return {"name": f"{res['dataset']}/{res['class']}", "config": cfg, "data": data,
+            "ply": Path(res["gaussians_ply"]), "scorer": cfg.scorer, "queries": queries,
             "renders": renders["renders"], "alphas": renders["alphas"], "masks": masks,
             "defects": [t.defect for t in data.test]}
 
@@ -59,10 +63,31 @@ def denoised(images: np.ndarray, h: float) -> np.ndarray:
     return np.stack([cv2.fastNlMeansDenoisingColored(p, None, h, h, 5, 15) for p in pixels]).astype(np.float32) / 255.0
 
 
+def default_scorer(scorer: DictConfig) -> DictConfig:
+    """The run's scorer node, with today's ``sheen`` settings where the run predates them."""
+    today = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "scorer" / "efficientnet_lite0.yaml")
+    return OmegaConf.merge({"sheen": today.sheen}, scorer)
+
+
+def allowance(run: dict, scorer: DictConfig) -> float | None:
+    """The class's sheen allowance for these scorer settings (measured once per setting and run)."""
+    sheen = scorer.get("sheen") or {}
+    key = json.dumps(OmegaConf.to_container(sheen), sort_keys=True)
+    cache = run.setdefault("allowances", {})
+    if key not in cache:
+        cfg = OmegaConf.merge(run["config"], {"scorer": {"sheen": sheen}})
+        cache[key] = class_sheen_allowance(cfg, run["data"], run["ply"], "cpu")
+        if cache[key] is not None:
+            print(f"  {run['name']}: sheen allowance {cache[key]:.4f}", flush=True)
+    return cache[key]
+
+
 def score(run: dict, overrides: list[str]) -> dict:
     denoise = [o for o in overrides if o.startswith("denoise_h=")]
-    cfg = OmegaConf.merge(run["scorer"], OmegaConf.from_dotlist([o for o in overrides if o not in denoise]))
+    overrides = OmegaConf.from_dotlist([o for o in overrides if o not in denoise])
+    cfg = OmegaConf.merge(default_scorer(run["scorer"]), overrides)
     scorer = build_scorer(cfg)
+    scorer.sheen_allowance = allowance(run, cfg)
     queries, renders = run["queries"], run["renders"]
     if denoise:
         h = float(denoise[-1].partition("=")[2])

@@ -40,6 +40,7 @@ from splatpose.report import CURVES_NAME, compute_curves, save_curves, write_run
 from splatpose.run_info import environment_info
 from splatpose.scoring.anomaly_maps import build_scorer
 from splatpose.scoring.module import AnomalyScoringModule, QueryRenderPairs
+from splatpose.scoring.sheen import sheen_allowance
 from splatpose.sfm import QueryPose, Reference, build_reference, check_sfm_config, localize_queries, reference_settings
 from splatpose.sfm.config import sfm_settings
 from splatpose.sfm.estimated_poses import posed_class_data, resolve_reference_poses
@@ -48,7 +49,7 @@ from splatpose.splat.camera_refinement import resolve_camera_refinement
 from splatpose.splat.ply import load_gaussians
 from splatpose.splat.rendering import render
 from splatpose.splat.train import CAMERAS_NAME as SPLAT_CAMERAS_NAME, METRICS_NAME as SPLAT_METRICS_NAME
-from splatpose.splat.train import read_refined_cameras, train_splats
+from splatpose.splat.train import evaluation_view_ids, load_posed_views, read_refined_cameras, train_splats
 from splatpose.stage_cache import StageCache, stage_key
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,9 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData |
                                                    backend=backend)
 
     with timer("score", subject):
-        evaluation = score_and_evaluate(cfg, data, renders, loggers, device, alphas=alphas)
+        allowance = class_sheen_allowance(cfg, posed, ply, device, backend)
+        evaluation = score_and_evaluate(cfg, data, renders, loggers, device, alphas=alphas,
+                                        sheen_allowance=allowance)
     if not any(t.mask_path for t in data.test):
         log.warning("%s has no ground-truth masks: pixel AUROC, AUPRO and image AUROC need masks (and defect "
                     "labels), so they are undefined; the anomaly maps and scores are in %s (per_image.csv, "
@@ -188,6 +191,7 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData |
         "status": "ok", "dataset": cfg.dataset.name, "class": class_name, "device": device,
         "metrics": evaluation.metrics,
         "map_range": list(evaluation.map_range),
+        "sheen_allowance": allowance,
         "reference_cameras": cameras,
         "localization": localization,
         "final_poses": final_poses,
@@ -452,17 +456,42 @@ def render_pseudo_references(data: ClassData, poses: list[RefinedPose], ply: Pat
     return renders, alphas
 
 
+def class_sheen_allowance(cfg: DictConfig, posed: ClassData, ply: Path, device: str,
+                          backend: str = "auto") -> float | None:
+    """The class's sheen allowance (:mod:`splatpose.scoring.sheen`): rendered at the views the splats are
+    judged on (held out of their training), composited as they were trained; None with ``scorer.sheen`` off."""
+    sheen = cfg.scorer.get("sheen") or {}
+    if not sheen.get("enabled", False):
+        return None
+    views = load_posed_views(posed, object_masks=bool(cfg.splat.get("object_masks", False)))
+    views = views.subset(evaluation_view_ids(len(views), int(cfg.splat.eval.holdout_every)))
+    gaussians = load_gaussians(ply, device)
+    K = views.K.to(device)
+    with torch.no_grad():
+        renders = torch.cat([render(gaussians, views.w2c[i].to(device), K, posed.width, posed.height,
+                                    backend=backend).clamp(0, 1) for i in range(len(views))])
+    images = views.images.to(device).float() / 255.0
+    allowance = sheen_allowance(images.permute(0, 3, 1, 2), renders.permute(0, 3, 1, 2), float(sheen.eps),
+                                int(sheen.opening_px), float(sheen.hue_weight), float(sheen.percentile))
+    log.info("Sheen allowance: %.3f (the white excess of %d held-out views)", allowance, len(views))
+    return allowance
+
+
 def score_and_evaluate(cfg: DictConfig, data: ClassData, renders: np.ndarray, loggers: list,
-                       device: str, alphas: np.ndarray | None = None) -> Evaluation:
+                       device: str, alphas: np.ndarray | None = None,
+                       sheen_allowance: float | None = None) -> Evaluation:
     """Anomaly maps for every (query, render) pair through ``Trainer.test``; metrics via callbacks.
 
-    ``alphas`` [N, H, W]: the renders' coverage, for the scorer's object region (None: whole image)."""
+    ``alphas`` [N, H, W]: the renders' coverage, for the scorer's object region (None: whole image);
+    ``sheen_allowance``: the class's (:func:`class_sheen_allowance`; None: no sheen taken off)."""
     queries = np.stack([read_image(t.path) for t in data.test])
     masks = np.stack([read_mask(t.mask_path) if t.mask_path else np.zeros(queries.shape[1:3], bool)
                       for t in data.test])
     pairs = QueryRenderPairs(queries, renders, masks, [t.name for t in data.test],
                              [t.defect for t in data.test], alphas=alphas)
-    module = AnomalyScoringModule(build_scorer(cfg.scorer, device))
+    scorer = build_scorer(cfg.scorer, device)
+    scorer.sheen_allowance = sheen_allowance
+    module = AnomalyScoringModule(scorer)
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
     trainer = Trainer(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1,
                       logger=loggers or False, callbacks=callbacks,

@@ -78,6 +78,7 @@ def evaluation_maps(results: dict, data, cfg) -> np.ndarray:
     renders = np.load(Path(results["stage_dirs"]["render"]) / "renders.npz")["renders"]
     queries = np.stack([read_image(t.path) for t in data.test])
     scorer = build_scorer(cfg.scorer, "cpu")
+    scorer.sheen_allowance = results["sheen_allowance"]
     batch = cfg.scorer.batch_size
     raw = torch.cat([scorer(torch.from_numpy(queries[i:i + batch]).permute(0, 3, 1, 2),
                             torch.from_numpy(renders[i:i + batch]).permute(0, 3, 1, 2))

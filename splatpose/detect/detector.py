@@ -168,6 +168,7 @@ class Detector:
                                         cuda_graphs=self.cfg.cuda_graphs)
         self.gaussians = load_gaussians(run.gaussians_ply, self.device)
         self.scorer = build_scorer(run.config.scorer, self.device)
+        self.scorer.sheen_allowance = run.sheen_allowance
         use_graphs = self.device.startswith("cuda") and self.cfg.cuda_graphs
         self.score_maps = GraphedScorer(self.scorer) if use_graphs else self.scorer
         self.backend = self.cfg.render_backend or run.config.splat.get("backend", "auto")

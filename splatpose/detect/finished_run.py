@@ -43,6 +43,8 @@ class FinishedRun:
     K: [3, 3] float64 intrinsics of the run's camera (COLMAP pixel convention); width, height in px.
     db_w2c: [N, 4, 4] float64 world-to-camera (OpenCV) of the db images, in ``reference.db_names`` order.
     map_range: (lo, hi) of the evaluation's raw maps: detector maps are ``(raw - lo) / (hi - lo)``.
+    sheen_allowance: the class's sheen allowance the evaluation scored with (None: none, as in runs
+        made before it existed or with ``scorer.sheen`` off): the detector scores the same way.
     config: the run's resolved config (``sfm``, ``scorer``, ``splat``, ``dataset`` ... nodes).
     """
 
@@ -58,6 +60,7 @@ class FinishedRun:
     stage_dirs: dict[str, Path]
     metrics: dict
     search_views: Path | None = None
+    sheen_allowance: float | None = None
 
     @property
     def class_name(self) -> str:
@@ -95,7 +98,8 @@ def load_finished_run(run_dir: Path | str) -> FinishedRun:
     return FinishedRun(run_dir=run_dir, config=OmegaConf.create(results["config"]), reference=reference,
                        gaussians_ply=ply, K=K, width=width, height=height, db_w2c=db_w2c,
                        map_range=(lo, hi), stage_dirs=stage_dirs, metrics=results.get("metrics", {}),
-                       search_views=search_views_file(run_dir, results))
+                       search_views=search_views_file(run_dir, results),
+                       sheen_allowance=results.get("sheen_allowance"))
 
 
 def detector_inputs(run_dir: Path, results: dict) -> tuple[Path, Path]:

@@ -84,6 +84,12 @@ def holdout_split(n_views: int, holdout_every: int) -> tuple[list[int], list[int
     return [i for i in range(n_views) if i % holdout_every != 0], held
 
 
+def evaluation_view_ids(n_views: int, holdout_every: int) -> list[int]:
+    """The views the splats are judged on: the held-out ones, or (none held out) about 8 train views."""
+    train_ids, holdout_ids = holdout_split(n_views, holdout_every)
+    return holdout_ids or train_ids[:: max(len(train_ids) // 8, 1)]
+
+
 def initial_gaussians(views: PosedViews, points_xyz: np.ndarray | None, points_rgb: np.ndarray | None,
                       cfg: DictConfig) -> Gaussians:
     """Gaussians at the SfM points, topped up with points inside the silhouettes (see initialization)."""
@@ -132,7 +138,7 @@ def train_splats(data: ClassData, points_xyz: np.ndarray | None, points_rgb: np.
     views = load_posed_views(data, object_masks=bool(cfg.get("object_masks", False)))
     train_ids, holdout_ids = holdout_split(len(views), int(cfg.eval.holdout_every))
     train_views = views.subset(train_ids)
-    eval_views = views.subset(holdout_ids) if holdout_ids else views.subset(train_ids[:: max(len(train_ids) // 8, 1)])
+    eval_views = views.subset(evaluation_view_ids(len(views), int(cfg.eval.holdout_every)))
     module = GaussianSplatModule(initial_gaussians(train_views, points_xyz, points_rgb, cfg), cfg,
                                  scene_scale_from_cameras(train_views.w2c.double().numpy()),
                                  data.width, data.height, train_views)

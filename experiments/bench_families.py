@@ -74,6 +74,7 @@ def summarise(results: dict) -> dict:
             "path_failed": paths.get("failed", 0) / n, "posed": final.get("success_rate"),
             "within_1deg": final.get("within_1deg_rate"),
             "median_rotation_error_deg": final.get("median_rotation_error_deg"),
+            "sheen_allowance": results.get("sheen_allowance"),
             **{m: results["metrics"].get(m) for m in METRICS},
             **{f"image_auroc_top{q}": v for q, v in results["metrics"].get("image_auroc_by_top_fraction", {}).items()},
             **{f"s_{s}": (results["timings"].get(s) or {}).get("seconds") for s in STAGES},
@@ -83,7 +84,7 @@ def summarise(results: dict) -> dict:
 
 def markdown(rows: list[dict], header: str) -> str:
     columns = ["pnp_localized", "path_recovered", "path_failed", "within_1deg", "median_rotation_error_deg",
-               *METRICS, *(f"image_auroc_top{q}" for q in ("0.001", "0.01", "0.05")), *(f"s_{s}" for s in STAGES)]
+               "sheen_allowance", *METRICS, *(f"image_auroc_top{q}" for q in ("0.001", "0.01", "0.05")), *(f"s_{s}" for s in STAGES)]
     lines = [header, "", "| family | class | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
 
     def cell(value) -> str:

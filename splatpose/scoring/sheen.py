@@ -27,6 +27,7 @@ whole); a glossy one an allowance near its highlights' strength. Chosen on the t
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,7 +46,8 @@ def white_excess(query: torch.Tensor, render: torch.Tensor, eps: float, opening_
     diff = query - render
     hue_change = (diff * torch.linalg.cross(colour, white.expand_as(colour), dim=1)).sum(1, keepdim=True)
     if opening_px > 1:  # averaged over the opening's window: pixel noise is not a change of hue
-        hue_change = F.avg_pool2d(hue_change, opening_px, stride=1, padding=opening_px // 2, count_include_pad=False)
+        hue_change = F.avg_pool2d(hue_change, opening_px, stride=1, padding=opening_px // 2,
+                                  count_include_pad=False)
     hue_change = hue_change.abs()
     along_white = (diff * white_perp).sum(1, keepdim=True) - hue_weight * hue_change
     excess = along_white / (white_perp.square().sum(1, keepdim=True) + eps)
@@ -78,4 +80,4 @@ def sheen_allowance(images: torch.Tensor, renders: torch.Tensor, eps: float, ope
     inside = (torch.maximum(images, renders) < NOT_WHITE).any(1) & ~near_edge
     if not inside.any():
         return 0.0
-    return float(torch.quantile(excess[inside].float().cpu(), percentile / 100.0))
+    return float(np.percentile(excess[inside].float().cpu().numpy(), percentile))  # torch.quantile caps its input size

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from study_scoring import allowance, default_scorer, load_run
+from study_scoring import allowance, load_run
 from splatpose.scoring.anomaly_maps import build_scorer
 from splatpose.scoring.sheen import take_off_sheen
 
@@ -40,7 +40,7 @@ def main() -> None:
     run = load_run(args.run)
     names = [line.split(",")[0] for line in (args.run / "per_image.csv").read_text().splitlines()[1:]]
     picks = [names.index(n) for n in args.images]
-    cfg = default_scorer(run["scorer"])
+    cfg = run["scorer"]
     scorer, class_allowance = build_scorer(cfg), allowance(run, cfg)
     query = torch.from_numpy(run["queries"][picks]).permute(0, 3, 1, 2)
     render = torch.from_numpy(run["renders"][picks]).permute(0, 3, 1, 2)
@@ -48,8 +48,7 @@ def main() -> None:
     before = scorer(query, render, alpha).numpy()
     scorer.sheen_allowance = class_allowance
     after = scorer(query, render, alpha).numpy()
-    taken_off = take_off_sheen(query, render, class_allowance, scorer.sheen_eps, scorer.sheen_opening_px,
-                               scorer.sheen_hue_weight)
+    taken_off = take_off_sheen(query, render, class_allowance, scorer.sheen)
     size, top = query.shape[-1], max(before.max(), after.max())
     rows = [np.concatenate([to_rgb8(query[i]), to_rgb8(render[i]), to_rgb8(taken_off[i]),
                             heat(before[i], top, size), heat(after[i], top, size)], axis=1) for i in range(len(picks))]

@@ -8,7 +8,7 @@ and the three metrics are printed, one row per (run, variant), then each variant
         outputs/runs/synthetic/01Ant/<time> outputs/runs/synthetic/06PlainAnt/<time>
 
 A variant is ``name=key=value,key=value`` (dotted keys under ``scorer``; ``name=`` alone: the run's own).
-A run made before ``scorer.sheen`` existed is scored with today's sheen settings, as the pipeline would
+A run made before ``scorer.sheen`` existed is scored with the sheen's defaults, as the pipeline would
 (the class's allowance measured from the run's splats, ``pipeline.class_sheen_allowance``), unless the
 variant sets ``sheen.enabled=false``. One key is not a scorer setting but a study of one:
 ``denoise_h=<h>`` puts the query and the render through OpenCV's non-local-means denoising
@@ -17,6 +17,7 @@ variant sets ``sheen.enabled=false``. One key is not a scorer setting but a stud
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -31,6 +32,7 @@ from splatpose.data.mad_sim import read_image, read_mask
 from splatpose.metrics import evaluate, normalise_maps
 from splatpose.pipeline import class_sheen_allowance
 from splatpose.scoring.anomaly_maps import build_scorer
+from splatpose.scoring.sheen import SheenSettings
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -63,29 +65,22 @@ def denoised(images: np.ndarray, h: float) -> np.ndarray:
     return np.stack([cv2.fastNlMeansDenoisingColored(p, None, h, h, 5, 15) for p in pixels]).astype(np.float32) / 255.0
 
 
-def default_scorer(scorer: DictConfig) -> DictConfig:
-    """The run's scorer node, with today's ``sheen`` settings where the run predates them."""
-    today = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "scorer" / "efficientnet_lite0.yaml")
-    return OmegaConf.merge({"sheen": today.sheen}, scorer)
-
-
 def allowance(run: dict, scorer: DictConfig) -> float | None:
     """The class's sheen allowance for these scorer settings (measured once per setting and run)."""
-    sheen = scorer.get("sheen") or {}
-    key = json.dumps(OmegaConf.to_container(sheen), sort_keys=True)
+    settings = SheenSettings.from_config(scorer.get("sheen"))
     cache = run.setdefault("allowances", {})
-    if key not in cache:
-        cfg = OmegaConf.merge(run["config"], {"scorer": {"sheen": sheen}})
-        cache[key] = class_sheen_allowance(cfg, run["data"], run["ply"], "cpu")
-        if cache[key] is not None:
-            print(f"  {run['name']}: sheen allowance {cache[key]:.4f}", flush=True)
-    return cache[key]
+    if settings not in cache:
+        cfg = OmegaConf.merge(run["config"], {"scorer": {"sheen": dataclasses.asdict(settings)}})
+        cache[settings] = class_sheen_allowance(cfg, run["data"], run["ply"], "cpu")
+        if cache[settings] is not None:
+            print(f"  {run['name']}: sheen allowance {cache[settings]:.4f}", flush=True)
+    return cache[settings]
 
 
 def score(run: dict, overrides: list[str]) -> dict:
     denoise = [o for o in overrides if o.startswith("denoise_h=")]
     overrides = OmegaConf.from_dotlist([o for o in overrides if o not in denoise])
-    cfg = OmegaConf.merge(default_scorer(run["scorer"]), overrides)
+    cfg = OmegaConf.merge(run["scorer"], overrides)
     scorer = build_scorer(cfg)
     scorer.sheen_allowance = allowance(run, cfg)
     queries, renders = run["queries"], run["renders"]

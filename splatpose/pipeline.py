@@ -40,7 +40,7 @@ from splatpose.report import CURVES_NAME, compute_curves, save_curves, write_run
 from splatpose.run_info import environment_info
 from splatpose.scoring.anomaly_maps import build_scorer
 from splatpose.scoring.module import AnomalyScoringModule, QueryRenderPairs
-from splatpose.scoring.sheen import sheen_allowance
+from splatpose.scoring.sheen import SheenSettings, sheen_allowance
 from splatpose.sfm import QueryPose, Reference, build_reference, check_sfm_config, localize_queries, reference_settings
 from splatpose.sfm.config import sfm_settings
 from splatpose.sfm.estimated_poses import posed_class_data, resolve_reference_poses
@@ -460,19 +460,16 @@ def class_sheen_allowance(cfg: DictConfig, posed: ClassData, ply: Path, device: 
                           backend: str = "auto") -> float | None:
     """The class's sheen allowance (:mod:`splatpose.scoring.sheen`): rendered at the views the splats are
     judged on (held out of their training), composited as they were trained; None with ``scorer.sheen`` off."""
-    sheen = cfg.scorer.get("sheen") or {}
-    if not sheen.get("enabled", False):
+    settings = SheenSettings.from_config(cfg.scorer.get("sheen"))
+    if not settings.enabled:
         return None
     views = load_posed_views(posed, object_masks=bool(cfg.splat.get("object_masks", False)))
     views = views.subset(evaluation_view_ids(len(views), int(cfg.splat.eval.holdout_every)))
-    gaussians = load_gaussians(ply, device)
-    K = views.K.to(device)
     with torch.no_grad():
-        renders = torch.cat([render(gaussians, views.w2c[i].to(device), K, posed.width, posed.height,
-                                    backend=backend).clamp(0, 1) for i in range(len(views))])
+        renders = render(load_gaussians(ply, device), views.w2c.to(device), views.K.to(device), posed.width,
+                         posed.height, backend=backend).clamp(0, 1)
     images = views.images.to(device).float() / 255.0
-    allowance = sheen_allowance(images.permute(0, 3, 1, 2), renders.permute(0, 3, 1, 2), float(sheen.eps),
-                                int(sheen.opening_px), float(sheen.hue_weight), float(sheen.percentile))
+    allowance = sheen_allowance(images.permute(0, 3, 1, 2), renders.permute(0, 3, 1, 2), settings)
     log.info("Sheen allowance: %.3f (the white excess of %d held-out views)", allowance, len(views))
     return allowance
 

@@ -39,7 +39,7 @@ from torchvision.transforms.v2.functional import gaussian_blur
 from splatpose.scoring.backbones import FeatureBackbone, build_backbone
 from splatpose.scoring.object_region import (background_likeness, fit_query_to_render, render_on_query_background,
                                              silhouette_region)
-from splatpose.scoring.sheen import take_off_sheen
+from splatpose.scoring.sheen import SheenSettings, take_off_sheen
 
 
 class AnomalyScorer(nn.Module):
@@ -60,9 +60,9 @@ class AnomalyScorer(nn.Module):
             dilated silhouette with a Gaussian of ``fill_sigma`` input pixels); "white": left on white.
         keep_background_tau: with "query", a band pixel that looks like the bench around it keeps the
             query's own pixel as background instead of the fill (:func:`background_likeness`; 0: off).
-        sheen_eps, sheen_opening_px, sheen_hue_weight: the sheen's white excess (:func:`take_off_sheen`),
-            taken off the query while the attribute ``sheen_allowance`` (the class's, a float > 0) is
-            set; None (as built): off.
+        sheen: how the sheen's white excess is measured (:func:`take_off_sheen`; None: the defaults);
+            it is taken off the query while the attribute ``sheen_allowance`` (the class's, a float
+            > 0) is set; None (as built): off.
 
     Call:
         query, render: [B, 3, H, W] float in [0, 1] (any H, W; resized to S x S, so non-square inputs
@@ -78,14 +78,9 @@ class AnomalyScorer(nn.Module):
                  blur_kernel_size: int = 9, blur_sigma: float = 4.0, photometric_fit: bool = False,
                  fit_alpha: float = 0.9, object_region: bool = False, region_threshold: float = 0.5,
                  dilation_px: int = 0, region_background: str = "white", fill_sigma: float = 4.0,
-                 keep_background_tau: float = 0.0, sheen_eps: float = 0.003, sheen_opening_px: int = 3,
-                 sheen_hue_weight: float = 1.0):
+                 keep_background_tau: float = 0.0, sheen: SheenSettings | None = None):
         super().__init__()
-        if sheen_eps <= 0 or sheen_opening_px < 1 or sheen_hue_weight < 0:
-            raise ValueError(f"scorer.sheen: eps must be > 0, opening_px >= 1 and hue_weight >= 0; got "
-                             f"{sheen_eps}, {sheen_opening_px}, {sheen_hue_weight}")
-        self.sheen_eps, self.sheen_opening_px = float(sheen_eps), int(sheen_opening_px)
-        self.sheen_hue_weight = float(sheen_hue_weight)
+        self.sheen = sheen or SheenSettings()
         self.sheen_allowance: float | None = None
         if keep_background_tau < 0:
             raise ValueError(f"scorer.object_region.keep_background_tau: {keep_background_tau}; use >= 0 (0: off)")
@@ -139,8 +134,7 @@ class AnomalyScorer(nn.Module):
             query = query.to(self.mean.device, torch.float32)
             render = render.to(self.mean.device, torch.float32)
         if self.sheen_allowance:
-            query = take_off_sheen(query, render, self.sheen_allowance, self.sheen_eps, self.sheen_opening_px,
-                                   self.sheen_hue_weight)
+            query = take_off_sheen(query, render, self.sheen_allowance, self.sheen)
         if alpha is not None:
             alpha = alpha.to(self.mean.device, torch.float32).reshape(batch, 1, *query.shape[-2:])
         if alpha is not None and self.photometric_fit:
@@ -182,15 +176,14 @@ def build_scorer(cfg_scorer, device: str | torch.device = "cpu") -> AnomalyScore
     ``rgb_weight``, ``size``, ``mean``, ``std``, ``blur.kernel_size``, ``blur.sigma`` (``blur: null``
     or ``kernel_size: 0``: no blur), ``photometric_fit.{enabled,fit_alpha}``,
     ``object_region.{enabled,threshold,dilation_px,background,fill_sigma,keep_background_tau}`` (absent:
-    off), ``sheen.{eps,opening_px,hue_weight}`` (``sheen.enabled`` and ``sheen.percentile`` are read by
-    whoever measures the class's allowance: the scorer built here has none set).
+    off), ``sheen`` (:class:`SheenSettings`; the scorer built here has no allowance set: whoever
+    measures the class's sets it).
     ``batch_size`` is read by the caller, not here.
     """
     blur = cfg_scorer.get("blur") or {"kernel_size": 0}  # blur: null means no blur
     level_weights = cfg_scorer.get("level_weights")
     photometric = cfg_scorer.get("photometric_fit") or {}
     region = cfg_scorer.get("object_region") or {}
-    sheen = cfg_scorer.get("sheen") or {}
     scorer = AnomalyScorer(
         backbone=build_backbone(cfg_scorer),
         size=int(cfg_scorer.get("size", 224)),
@@ -207,8 +200,6 @@ def build_scorer(cfg_scorer, device: str | torch.device = "cpu") -> AnomalyScore
         region_background=str(region.get("background", "white")),
         fill_sigma=float(region.get("fill_sigma", 4.0)),
         keep_background_tau=float(region.get("keep_background_tau", 0.0)),
-        sheen_eps=float(sheen.get("eps", 0.003)),
-        sheen_opening_px=int(sheen.get("opening_px", 3)),
-        sheen_hue_weight=float(sheen.get("hue_weight", 1.0)),
+        sheen=SheenSettings.from_config(cfg_scorer.get("sheen")),
     )
     return scorer.to(device).eval()

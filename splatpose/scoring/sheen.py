@@ -27,9 +27,13 @@ whole); a glossy one an allowance near its highlights' strength. Chosen on the t
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 
 WHITE = torch.full((3,), 3 ** -0.5)
 EDGE_GRADIENT = 0.1   # Sobel magnitude of the render's grey (unnormalised 3x3 Sobel) that counts as an edge
@@ -37,9 +41,41 @@ EDGE_MARGIN_PX = 3    # pixels kept off each edge when measuring the allowance
 NOT_WHITE = 0.98      # a pixel is on the part when image and render are both below this in some channel
 
 
-def white_excess(query: torch.Tensor, render: torch.Tensor, eps: float, opening_px: int,
-                 hue_weight: float) -> torch.Tensor:
+@dataclass(frozen=True)
+class SheenSettings:
+    """``scorer.sheen`` (the defaults are here; conf/scorer/*.yaml repeats them for reading).
+
+    enabled: measure the class's allowance and take the sheen off (a scorer takes it off only while it
+        has an allowance); eps: regularises |w_perp|^2 (surfaces closer to grey lose nothing);
+    opening_px: side of the grey opening (1: none); hue_weight: how much a change of hue counts against
+        a highlight; percentile: of the held-out views' excess, the allowance (0-100).
+    """
+
+    enabled: bool = True
+    eps: float = 0.003
+    opening_px: int = 3
+    hue_weight: float = 1.0
+    percentile: float = 99.0
+
+    def __post_init__(self):
+        if self.eps <= 0 or self.opening_px < 1 or self.hue_weight < 0 or not 0 <= self.percentile <= 100:
+            raise ValueError(f"scorer.sheen: eps must be > 0, opening_px >= 1, hue_weight >= 0 and percentile "
+                             f"in [0, 100]; got {self.eps}, {self.opening_px}, {self.hue_weight}, {self.percentile}")
+
+    @classmethod
+    def from_config(cls, node: DictConfig | dict | None) -> "SheenSettings":
+        """From a ``scorer.sheen`` node; absent keys take the defaults, unknown keys are an error."""
+        values = OmegaConf.to_container(node) if isinstance(node, DictConfig) else dict(node or {})
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"scorer.sheen: unknown keys {sorted(unknown)}; known: "
+                             f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+        return cls(**values)
+
+
+def white_excess(query: torch.Tensor, render: torch.Tensor, settings: SheenSettings) -> torch.Tensor:
     """[B, 3, H, W] query and render in [0, 1] -> [B, H, W] white light the query shows over the render, >= 0."""
+    opening_px = settings.opening_px
     white = WHITE.to(query.device, query.dtype).view(1, 3, 1, 1)
     colour = render / (render.norm(dim=1, keepdim=True) + 1e-6)
     white_perp = white - (colour * white).sum(1, keepdim=True) * colour
@@ -49,8 +85,8 @@ def white_excess(query: torch.Tensor, render: torch.Tensor, eps: float, opening_
         hue_change = F.avg_pool2d(hue_change, opening_px, stride=1, padding=opening_px // 2,
                                   count_include_pad=False)
     hue_change = hue_change.abs()
-    along_white = (diff * white_perp).sum(1, keepdim=True) - hue_weight * hue_change
-    excess = along_white / (white_perp.square().sum(1, keepdim=True) + eps)
+    along_white = (diff * white_perp).sum(1, keepdim=True) - settings.hue_weight * hue_change
+    excess = along_white / (white_perp.square().sum(1, keepdim=True) + settings.eps)
     if opening_px > 1:
         pad = opening_px // 2
         excess = -F.max_pool2d(-excess, opening_px, stride=1, padding=pad)   # erode
@@ -58,18 +94,17 @@ def white_excess(query: torch.Tensor, render: torch.Tensor, eps: float, opening_
     return excess.clamp_min(0.0)[:, 0]
 
 
-def take_off_sheen(query: torch.Tensor, render: torch.Tensor, allowance: float, eps: float,
-                   opening_px: int, hue_weight: float) -> torch.Tensor:
+def take_off_sheen(query: torch.Tensor, render: torch.Tensor, allowance: float,
+                   settings: SheenSettings) -> torch.Tensor:
     """[B, 3, H, W] the query less the white light its highlights add over the render, at most ``allowance``."""
-    excess = white_excess(query, render, eps, opening_px, hue_weight).clamp_max(allowance)
+    excess = white_excess(query, render, settings).clamp_max(allowance)
     return query - excess[:, None] * WHITE.to(query.device, query.dtype).view(1, 3, 1, 1)
 
 
-def sheen_allowance(images: torch.Tensor, renders: torch.Tensor, eps: float, opening_px: int,
-                    hue_weight: float, percentile: float) -> float:
+def sheen_allowance(images: torch.Tensor, renders: torch.Tensor, settings: SheenSettings) -> float:
     """The class's allowance from defect-free views and their renders ([V, 3, H, W] in [0, 1]): the
-    ``percentile`` (0-100) of their white excess inside the part, ``EDGE_MARGIN_PX`` away from edges."""
-    excess = white_excess(images, renders, eps, opening_px, hue_weight)
+    settings' percentile of their white excess inside the part, ``EDGE_MARGIN_PX`` away from edges."""
+    excess = white_excess(images, renders, settings)
     grey = renders.mean(1, keepdim=True)
     sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=grey.device)
     padded = F.pad(grey, (1, 1, 1, 1), mode="reflect")
@@ -80,4 +115,5 @@ def sheen_allowance(images: torch.Tensor, renders: torch.Tensor, eps: float, ope
     inside = (torch.maximum(images, renders) < NOT_WHITE).any(1) & ~near_edge
     if not inside.any():
         return 0.0
-    return float(np.percentile(excess[inside].float().cpu().numpy(), percentile))  # torch.quantile caps its input size
+    # numpy: torch.quantile refuses inputs of more than 16M values
+    return float(np.percentile(excess[inside].float().cpu().numpy(), settings.percentile))

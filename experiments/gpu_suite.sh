@@ -158,12 +158,16 @@ if [[ " $PHASES " == *" detector "* ]]; then
   # experiments/results/refine_h100_*.md), so the run timed here is made without it.
   [ -f "$WORK/run_eval_norefine/results.json" ] \
     || step evaluation_run 330 evaluation_run refine=off hydra.run.dir="$WORK/run_eval_norefine"
+  # BENCH_DETECTOR_ARGS: the benchmark's options (default: every mode); DETECT_CLI=0 skips the CLI step
+  # shellcheck disable=SC2086
   step bench_detector 200 python3 "$REPO/experiments/bench_detector.py" --run-dir "$WORK/run_eval_norefine" \
-    --device cuda --queries 120 --warmup 10 --batch-sizes 8 16 32 --throughput-images 256 \
-    --matching auto sequential --refine-queries 20 --recovery-queries 10 --out "$WORK/bench" && cp "$WORK/bench/detector.json" "$OUT/"
-  step detect_cli 90 python3 "$REPO/run.py" task=detect run_dir="$WORK/run_eval_norefine" \
-    "inputs='$CARRY/data/01Ant/test/*/*.png'" device=cuda logger=none hydra.run.dir="$WORK/run_detect" \
-    detect.batch_size=16 && cp "$WORK/run_detect/summary.json" "$OUT/detect_summary.json"
+    --device cuda ${BENCH_DETECTOR_ARGS:---queries 120 --warmup 10 --batch-sizes 8 16 32 --throughput-images 256 \
+    --matching auto sequential --refine-queries 20 --recovery-queries 10} --out "$WORK/bench" && cp "$WORK/bench/detector.json" "$OUT/"
+  if [ "${DETECT_CLI:-1}" != 0 ]; then
+    step detect_cli 90 python3 "$REPO/run.py" task=detect run_dir="$WORK/run_eval_norefine" \
+      "inputs='$CARRY/data/01Ant/test/*/*.png'" device=cuda logger=none hydra.run.dir="$WORK/run_detect" \
+      detect.batch_size=16 && cp "$WORK/run_detect/summary.json" "$OUT/detect_summary.json"
+  fi
   gpu_tests
 fi
 

@@ -2,8 +2,10 @@
 
 import dataclasses
 
+import pytest
 import torch
 
+from splatpose.detect.cuda_graphs import GraphedScorer
 from splatpose.scoring.anomaly_maps import AnomalyScorer
 from splatpose.scoring.sheen import SheenSettings, sheen_allowance, take_off_sheen, white_excess
 
@@ -84,3 +86,18 @@ def test_the_scorer_uses_the_allowance_it_is_given():
     assert scorer(query, render).max() < 0.05 * plain.max()
     scorer.sheen_allowance = None
     assert torch.equal(scorer(query, render), plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_detector_replays_the_scorer_with_the_sheen_from_a_cuda_graph():
+    """Taking the sheen off must be capturable (no host copy inside it), or the detector scores eagerly."""
+    scorer = AnomalyScorer(backbone=None, size=SIZE, blur_kernel_size=0).cuda()
+    scorer.sheen_allowance = 0.6
+    render = surface().cuda()
+    query = render + 0.3 * blob(22, 22, 4.0).cuda()
+    query[:, :, 40:48, 20:28] = torch.tensor([0.50, 0.30, 0.20], device="cuda").view(1, 3, 1, 1)
+    graphed = GraphedScorer(scorer)
+    maps = graphed(query, render)
+    assert not graphed.failed and graphed.graphs, "the scorer fell back to eager scoring"
+    torch.testing.assert_close(maps, scorer(query, render), atol=1e-5, rtol=1e-4)

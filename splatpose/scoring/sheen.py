@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-WHITE = torch.full((3,), 3 ** -0.5)
+WHITE = 3 ** -0.5     # each channel of unit white
 EDGE_GRADIENT = 0.1   # Sobel magnitude of the render's grey (unnormalised 3x3 Sobel) that counts as an edge
 EDGE_MARGIN_PX = 3    # pixels kept off each edge when measuring the allowance
 NOT_WHITE = 0.98      # a pixel is on the part when image and render are both below this in some channel
@@ -73,10 +73,16 @@ class SheenSettings:
         return cls(**values)
 
 
+def unit_white(like: torch.Tensor) -> torch.Tensor:
+    """[1, 3, 1, 1] unit white on ``like``'s device and dtype, made there (no host copy: a CUDA graph
+    captures it)."""
+    return like.new_full((1, 3, 1, 1), WHITE)
+
+
 def white_excess(query: torch.Tensor, render: torch.Tensor, settings: SheenSettings) -> torch.Tensor:
     """[B, 3, H, W] query and render in [0, 1] -> [B, H, W] white light the query shows over the render, >= 0."""
     opening_px = settings.opening_px
-    white = WHITE.to(query.device, query.dtype).view(1, 3, 1, 1)
+    white = unit_white(query)
     colour = render / (render.norm(dim=1, keepdim=True) + 1e-6)
     white_perp = white - (colour * white).sum(1, keepdim=True) * colour
     diff = query - render
@@ -98,7 +104,7 @@ def take_off_sheen(query: torch.Tensor, render: torch.Tensor, allowance: float,
                    settings: SheenSettings) -> torch.Tensor:
     """[B, 3, H, W] the query less the white light its highlights add over the render, at most ``allowance``."""
     excess = white_excess(query, render, settings).clamp_max(allowance)
-    return query - excess[:, None] * WHITE.to(query.device, query.dtype).view(1, 3, 1, 1)
+    return query - excess[:, None] * unit_white(query)
 
 
 def sheen_allowance(images: torch.Tensor, renders: torch.Tensor, settings: SheenSettings) -> float:

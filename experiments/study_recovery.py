@@ -3,7 +3,8 @@
 For every test image of the run's class, :class:`splatpose.refine.recovery.PoseRecovery` recovers the
 pose from the search views alone (PnP is ignored), and the result is compared with the true
 test pose (generated data). Two images that must not be recovered are added: a blank white image and a
-foreign object (a test image of ``--foreign-class``, or the query flipped upside down and recoloured).
+foreign object (a test image of ``--foreign-class``, or the query flipped upside down with its part's
+colours inverted: a channel swap would leave a green or grey part as it was).
 Also printed: the alignment confidence of the run's own final poses (the PnP/refined poses), which is
 what the acceptance thresholds must let through.
 
@@ -76,7 +77,8 @@ def main() -> None:
         controls["foreign"] = read_image(foreign.test[0].path)
     else:
         image = read_image(data.test[0].path)[::-1].copy()
-        controls["foreign"] = np.where(image < 0.98, image[..., ::-1], image)
+        part = (image < 0.98).any(axis=-1, keepdims=True)
+        controls["foreign"] = np.where(part, 1.0 - image, image)
     for name, image in controls.items():
         result = recovery.recover(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
         row = {"name": f"control:{name}", **result.summary()}

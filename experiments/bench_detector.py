@@ -91,7 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="test images per variant for the pose and map comparison (default: all)")
     parser.add_argument("--overrides", type=json.loads, default={},
                         help='detect settings as JSON, e.g. \'{"cuda_graphs": false}\'')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.recovery_queries and not args.refine_queries:
+        parser.error("--recovery-queries is timed in the refining detector: give --refine-queries too")
+    return args
 
 
 def percentiles_ms(seconds: list[float]) -> dict:

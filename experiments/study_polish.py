@@ -26,9 +26,8 @@ variants = {
     "1.0 x20 l1_sil": {"levels": [1.0], "steps": 20, "blur": 0.005},
     "c2f 0.5x20+1.0x10": {},
     "1.0 x20 l1": {"levels": [1.0], "steps": 20, "blur": 0.0, "loss": "l1"},
-    # feature-metric: the scorer backbone's features (its levels), full size, lightly blurred or not
+    # feature-metric: the scorer backbone's features (its levels), full size
     "1.0 x20 feature": {"levels": [1.0], "steps": 20, "blur": 0.0, "loss": "feature"},
-    "1.0 x20 feature blur": {"levels": [1.0], "steps": 20, "blur": 0.005, "loss": "feature"},
 }
 tests = {t.name: t for t in data.test}
 chosen = sys.argv[3:] or list(variants)

@@ -29,7 +29,7 @@ from splatpose.data import resolve_dataset
 from splatpose.data.cameras import rotation_error_deg
 from splatpose.data.mad_sim import read_image
 from splatpose.refine.queries import default_refine_config, make_search_views
-from splatpose.refine.recovery import PoseRecovery, alignment_confidence
+from splatpose.refine.recovery import PoseRecovery, alignment_confidence, foreground_mask
 from splatpose.splat.ply import load_gaussians
 
 
@@ -77,7 +77,7 @@ def main() -> None:
         controls["foreign"] = read_image(foreign.test[0].path)
     else:
         image = read_image(data.test[0].path)[::-1].copy()
-        part = (image < 0.98).any(axis=-1, keepdims=True)
+        part = foreground_mask(torch.from_numpy(image).permute(2, 0, 1)).permute(1, 2, 0).numpy() > 0
         controls["foreign"] = np.where(part, 1.0 - image, image)
     for name, image in controls.items():
         result = recovery.recover(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-WHITE = 3 ** -0.5     # each channel of unit white
+UNIT_WHITE_CHANNEL = 3 ** -0.5     # each channel of unit white
 EDGE_GRADIENT = 0.1   # Sobel magnitude of the render's grey (unnormalised 3x3 Sobel) that counts as an edge
 EDGE_MARGIN_PX = 3    # pixels kept off each edge when measuring the allowance
 NOT_WHITE = 0.98      # a pixel is on the part when image and render are both below this in some channel
@@ -76,7 +76,7 @@ class SheenSettings:
 def unit_white(like: torch.Tensor) -> torch.Tensor:
     """[1, 3, 1, 1] unit white on ``like``'s device and dtype, made there (no host copy: a CUDA graph
     captures it)."""
-    return like.new_full((1, 3, 1, 1), WHITE)
+    return like.new_full((1, 3, 1, 1), UNIT_WHITE_CHANNEL)
 
 
 def white_excess(query: torch.Tensor, render: torch.Tensor, settings: SheenSettings) -> torch.Tensor:

@@ -11,7 +11,7 @@ from splatpose.data import list_classes, load_class, read_image, read_mask
 from splatpose.data.cameras import camera_center, intrinsics_from_fov_x, opengl_c2w_to_opencv_w2c, project_points
 from splatpose.data.mad_sim import DEFECT_TYPES
 from splatpose.data.offscreen import OffscreenRenderer
-from splatpose.data.synthetic import build_object, ensure_synthetic_dataset, make_settings
+from splatpose.data.synthetic import build_object, ensure_synthetic_dataset, make_settings, render_defect_view
 from splatpose.data.synthetic_scene import MESHES
 
 CLASS = "01Ant"
@@ -124,6 +124,28 @@ def test_dents_change_only_the_shading_inside_their_mask(tmp_path):
             assert change[mask].mean() >= 4, f"{image.name}: the dent does not show (mean change {change[mask].mean()})"
             assert not (change > 0)[~ndimage.binary_dilation(mask, iterations=3)].any(), \
                 f"{image.name}: pixels changed far from the dent's mask"
+
+
+def test_the_soft_light_shows_the_same_dents_less_than_two_lamps_but_still_shows_them():
+    """12SoftKnob's light (a soft box and a dome): the same dents, at the same poses, change the pixels in
+    their masks less than under the other classes' two lamps, and still change them."""
+    settings = make_settings("tiny")
+    mesh, texture, _ = build_object(settings, "12SoftKnob")
+    assert MESHES["12SoftKnob"].lighting == "soft"
+    change = {}
+    for lighting in ("soft", "two_lights"):
+        rng = np.random.default_rng(3)
+        with OffscreenRenderer(settings.width, settings.height, settings.camera_angle_x, settings.supersample,
+                               lighting=lighting) as renderer:
+            per_dent = []
+            for _ in range(4):
+                c2w, image, mask, _ = render_defect_view(renderer, mesh, texture, "Dents", settings, rng)
+                clean = renderer.render_rgb(mesh, c2w).astype(int)
+                per_dent.append(np.abs(image.astype(int) - clean).max(axis=-1)[mask].mean())
+        change[lighting] = np.mean(per_dent)
+    assert 1.0 < change["soft"] < 0.85 * change["two_lights"], change
+    with pytest.raises(ValueError, match="unknown lighting"):
+        OffscreenRenderer(16, 16, 0.7, lighting="sunset")
 
 
 def test_a_glossy_noisy_class_has_noise_on_the_object_and_pure_white_around_it(tmp_path):

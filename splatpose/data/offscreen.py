@@ -3,7 +3,8 @@
 Two passes per view, both rendered with VTK's own anti-aliasing off, into a window ``supersample``
 times larger than the image:
 
-- ``render_rgb``: Lambertian shading under lights fixed in the world (not attached to the camera),
+- ``render_rgb``: Lambertian shading under lights fixed in the world (not attached to the camera;
+  ``LIGHTINGS``: two lights, or a soft studio light),
   so a surface point looks the same from every view, as a 3DGS model with low-order colour expects
   (with ``specular`` > 0, a Phong sheen that moves with the view is added: a glossy material).
   Each output pixel is the mean of its ``supersample``² sub-pixels: anti-aliased edges, as a camera
@@ -43,10 +44,42 @@ SURFACE_ID = "surface_id"   # cell data: int64 id of each triangle, stable acros
 VERTEX_RGB = "vertex_rgb"   # point data: uint8 [N, 3] albedo of each vertex
 BACKGROUND_ID = 0xFFFFFF    # white in the id pass; no triangle may carry this id
 
-# Lights fixed in world coordinates: (direction towards the light, intensity). A key light from
-# above-front, a weaker fill from below-behind so that no side of the object is black.
-_WORLD_LIGHTS = (((0.4, -0.6, 1.0), 0.8), ((-0.6, 0.5, -0.5), 0.45))
-_AMBIENT = 0.4
+# Lights fixed in world coordinates: (direction towards the light, intensity), and the ambient term.
+# "two_lights": a key light from above-front, a weaker fill from below-behind so that no side of the
+# object is black (every class but one). "soft": a studio's light, as a path tracer's environment gives
+# it: a soft box (nine lights within 20 deg of the key's direction) and a dome of weak lights, brighter
+# above than below; shading then changes slowly over a surface, and a shallow dent shows little.
+_KEY = (0.4, -0.6, 1.0)
+
+
+def _soft_box(direction, spread_deg: float, n: int, total: float) -> tuple:
+    """n directional lights on a cone of ``spread_deg`` about ``direction`` (one on its axis)."""
+    axis = np.asarray(direction, dtype=np.float64) / np.linalg.norm(direction)
+    side = np.cross(axis, (0.0, 0.0, 1.0) if abs(axis[2]) < 0.9 else (1.0, 0.0, 0.0))
+    side /= np.linalg.norm(side)
+    up = np.cross(axis, side)
+    tilt = np.tan(np.radians(spread_deg))
+    turns = 2.0 * np.pi * np.arange(n - 1) / (n - 1)
+    dirs = [axis] + [axis + tilt * (np.cos(t) * side + np.sin(t) * up) for t in turns]
+    return tuple((tuple(d / np.linalg.norm(d)), total / n) for d in dirs)
+
+
+def _dome(n: int, total: float, above: float = 0.6) -> tuple:
+    """n directional lights spread evenly over the sphere (a Fibonacci lattice); a light's intensity
+    grows linearly from the floor to the sky (``above``: the share of the dome's light from above)."""
+    z = 1.0 - (2.0 * np.arange(n) + 1.0) / n
+    phi = np.pi * (3.0 - np.sqrt(5.0)) * np.arange(n)
+    r = np.sqrt(1.0 - z ** 2)
+    weight = (1.0 - above) + (2.0 * above - 1.0) * (z + 1.0)
+    weight *= total / weight.sum()
+    return tuple(((float(r[i] * np.cos(phi[i])), float(r[i] * np.sin(phi[i])), float(z[i])), float(weight[i]))
+                 for i in range(n))
+
+
+LIGHTINGS = {
+    "two_lights": {"ambient": 0.4, "lights": ((_KEY, 0.8), ((-0.6, 0.5, -0.5), 0.45))},
+    "soft": {"ambient": 0.25, "lights": _soft_box(_KEY, 20.0, 9, 0.55) + _dome(24, 0.6)},
+}
 _SPECULAR_POWER = 20.0  # the highlight's tightness when a renderer is glossy (a satin sheen, not a mirror)
 
 
@@ -54,7 +87,7 @@ class OffscreenRenderer:
     """One reusable offscreen window of a fixed size (creating a GL context costs about 0.3 s)."""
 
     def __init__(self, width: int, height: int, camera_angle_x: float, supersample: int = 3,
-                 specular: float = 0.0):
+                 specular: float = 0.0, lighting: str = "two_lights"):
         if supersample < 1 or supersample % 2 == 0:
             # An odd factor puts one sub-pixel exactly on each pixel's centre (for the id pass).
             raise ValueError(f"supersample must be an odd integer >= 1, got {supersample}")
@@ -62,6 +95,9 @@ class OffscreenRenderer:
         self.camera_angle_x = float(camera_angle_x)
         self.supersample = int(supersample)
         self.specular = float(specular)   # Phong highlight strength of render_rgb (0: matte)
+        if lighting not in LIGHTINGS:
+            raise ValueError(f"unknown lighting {lighting!r}; lightings: {', '.join(LIGHTINGS)}")
+        self.ambient = LIGHTINGS[lighting]["ambient"]
         theme = Theme()
         theme.multi_samples = 0        # VTK's anti-aliasing off: each sub-pixel shows one surface, exactly
         theme.anti_aliasing = None
@@ -71,7 +107,7 @@ class OffscreenRenderer:
         # The first screenshot sets the window up; afterwards pyvista reads the buffer without
         # rendering, so every frame is rendered explicitly in _screenshot.
         self._plotter.screenshot(return_img=True)
-        for direction, intensity in _WORLD_LIGHTS:
+        for direction, intensity in LIGHTINGS[lighting]["lights"]:
             light = pv.Light(position=direction, focal_point=(0.0, 0.0, 0.0), light_type="scene light",
                              intensity=intensity, positional=False)
             self._plotter.add_light(light)
@@ -89,7 +125,7 @@ class OffscreenRenderer:
         """Shaded colour image uint8 [H, W, 3] of a mesh with ``vertex_rgb`` point colours, on white."""
         self._clear()
         actor = self._plotter.add_mesh(mesh, scalars=VERTEX_RGB, rgb=True, preference="point",
-                                       ambient=_AMBIENT, diffuse=1.0 - _AMBIENT, specular=self.specular,
+                                       ambient=self.ambient, diffuse=1.0 - self.ambient, specular=self.specular,
                                        specular_power=_SPECULAR_POWER,
                                        show_scalar_bar=False, reset_camera=False)
         # Gouraud shading with the mesh's own point normals: they were computed once on the whole

@@ -6,7 +6,7 @@ Per class (see shared/MAD_SIM_FORMAT.md for the layout it writes)::
     train/good/<i>.png     views on a sphere band around the object, all at one distance
     test/good/<k>.png      views at other elevations, distances and camera rolls (never a train pose)
     test/{Burrs,Missing,Stains}/<k>.png   the same, each with one small defect facing the camera
-                                          (09DentKnob, 10GlossyKnob: also test/Dents/, see synthetic_scene.MESHES)
+                                          (the knobs 09-12: also test/Dents/, see synthetic_scene.MESHES)
     ground_truth/<defect>/<k>_mask.png    pixels where the defective render differs from the
                                           defect-free render at the same pose (colour or surface id;
                                           a dent: its sunk triangles, see ``defect_mask``)
@@ -221,7 +221,7 @@ def generate_class(out_dir: Path, class_name: str, settings: GeneratorSettings) 
         _save_png(out_dir / name, image)
 
     with OffscreenRenderer(settings.width, settings.height, settings.camera_angle_x,
-                           settings.supersample, specular=source.specular) as renderer, \
+                           settings.supersample, specular=source.specular, lighting=source.lighting) as renderer, \
             tqdm(total=len(train_c2w) + n_test, desc=f"generating {class_name}", unit="img",
                  leave=False) as progress:
         capture = CaptureDraws(settings, class_name)

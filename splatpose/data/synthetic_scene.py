@@ -40,6 +40,8 @@ class MeshSource:
     # adds its own sensor noise to every class instead.
     specular: float = 0.0
     photons_at_white: float = 0.0
+    # The light it is rendered under (offscreen.LIGHTINGS).
+    lighting: str = "two_lights"
 
 
 def mug() -> pv.PolyData:
@@ -93,6 +95,9 @@ MESHES: dict[str, MeshSource] = {
     # the glossy knob without the noise: the sheen alone, as clean as the held-out family's path-traced
     # renders (the trait the two families share; PROTOCOL.md, tenth decision)
     "11SheenKnob": MeshSource(knob, regions=1, defects=("Burrs", "Dents", "Missing", "Stains"), specular=0.5),
+    # the matte one-colour knob with dents under a soft studio light (a soft box and a dome) instead of two
+    # lamps: the shading that shows a dent changes slowly, as under the held-out family's environment light
+    "12SoftKnob": MeshSource(knob, regions=1, defects=("Burrs", "Dents", "Missing", "Stains"), lighting="soft"),
 }
 
 

@@ -35,7 +35,8 @@ from splatpose.data import resolve_dataset
 from splatpose.data.cameras import camera_center, center_error, rotation_error_deg
 from splatpose.data.mad_sim import ClassData, read_image, read_mask
 from splatpose.detect.finished_run import keep_detector_artifacts
-from splatpose.refine.queries import POSE_PATHS, SEARCH_VIEWS_FILE, RefinedPose, refine_query_poses
+from splatpose.refine.queries import (POSE_PATHS, SEARCH_VIEWS_FILE, RefinedPose, refine_query_poses,
+                                      typical_colour_difference)
 from splatpose.report import CURVES_NAME, compute_curves, save_curves, write_run_report
 from splatpose.run_info import environment_info
 from splatpose.scoring.anomaly_maps import build_scorer
@@ -322,15 +323,16 @@ def refined_reference_frame(data: ClassData, posed: ClassData, splat_dir: Path, 
 
 
 def in_true_frame(pose, alignment: FrameAlignment | None):
-    """A QueryPose or RefinedPose with its w2c (and a pose replaced by a near-symmetric turn) mapped into the
-    true frame (unchanged without alignment)."""
+    """A QueryPose or RefinedPose with its w2c (and a pose replaced by a near-symmetric turn or a second
+    opinion) mapped into the true frame (unchanged without alignment)."""
     if alignment is None:
         return pose
     changes = {"w2c": alignment.w2c_in_true_frame(pose.w2c)}
-    symmetry = getattr(pose, "symmetry", None)
-    if symmetry and "replaced_w2c" in symmetry:
-        replaced = alignment.w2c_in_true_frame(np.asarray(symmetry["replaced_w2c"]))
-        changes["symmetry"] = {**symmetry, "replaced_w2c": np.asarray(replaced).tolist()}
+    for step in ("symmetry", "second_opinion"):
+        record = getattr(pose, step, None)
+        if record and "replaced_w2c" in record:
+            replaced = alignment.w2c_in_true_frame(np.asarray(record["replaced_w2c"]))
+            changes[step] = {**record, "replaced_w2c": np.asarray(replaced).tolist()}
     return dataclasses.replace(pose, **changes)
 
 
@@ -404,6 +406,8 @@ def final_pose_summary(data: ClassData, refined: list[RefinedPose]) -> dict:
             entry["recovery"] = pose.recovery
         if pose.symmetry:
             entry["symmetry"] = pose.symmetry
+        if pose.second_opinion:
+            entry["second_opinion"] = pose.second_opinion
         truth = (data.test_poses or {}).get(pose.name)
         if truth is not None:
             entry["rotation_error_deg"] = float(rotation_error_deg(pose.w2c, truth))
@@ -412,6 +416,9 @@ def final_pose_summary(data: ClassData, refined: list[RefinedPose]) -> dict:
             if pose.symmetry and pose.symmetry["switched"]:
                 entry["rotation_error_before_turn_deg"] = float(rotation_error_deg(
                     np.asarray(pose.symmetry["replaced_w2c"]), truth))
+            if pose.second_opinion and pose.second_opinion["replaced"]:
+                entry["rotation_error_before_second_opinion_deg"] = float(rotation_error_deg(
+                    np.asarray(pose.second_opinion["replaced_w2c"]), truth))
         per_query[pose.name] = entry
     done = [e for e in per_query.values() if e["refined"]]
     recovered = [p.recovery["seconds"] for p in refined if p.recovery]
@@ -420,7 +427,11 @@ def final_pose_summary(data: ClassData, refined: list[RefinedPose]) -> dict:
                "success_rate": sum(p.localized for p in refined) / max(len(refined), 1),
                "median_seconds": float(np.median([e["seconds"] for e in done])) if done else 0.0,
                "median_recovery_seconds": float(np.median(recovered)) if recovered else 0.0,
-               "symmetry_switched": sum(bool(p.symmetry and p.symmetry["switched"]) for p in refined)}
+               "symmetry_switched": sum(bool(p.symmetry and p.symmetry["switched"]) for p in refined),
+               "typical_l1": typical_colour_difference(refined),
+               "second_opinions": {"asked": sum(p.second_opinion is not None for p in refined),
+                                   "replaced": sum(bool(p.second_opinion and p.second_opinion["replaced"])
+                                                   for p in refined)}}
     errors = [e["rotation_error_deg"] for e in per_query.values() if "rotation_error_deg" in e]
     if errors:
         summary["median_rotation_error_deg"] = float(np.median(errors))
@@ -499,10 +510,10 @@ def score_and_evaluate(cfg: DictConfig, data: ClassData, renders: np.ndarray, lo
 
 def write_per_image_csv(path: Path, evaluation: Evaluation, localization: dict, final_poses: dict) -> None:
     """One row per test image: label, score, PnP localization, and the final pose (path, IoU, whether a
-    near-symmetric turn replaced it, errors)."""
+    near-symmetric turn replaced it, whether a second opinion was asked and replaced it, errors)."""
     fields = ["name", "defect", "label", "score", "localized", "fallback", "num_inliers",
-              "rotation_error_deg", "center_error_rel", "pose_path", "iou", "turned", "refined",
-              "final_rotation_error_deg", "final_center_error_rel"]
+              "rotation_error_deg", "center_error_rel", "pose_path", "iou", "turned", "second_opinion",
+              "refined", "final_rotation_error_deg", "final_center_error_rel"]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
@@ -517,6 +528,7 @@ def write_per_image_csv(path: Path, evaluation: Evaluation, localization: dict, 
                              "center_error_rel": q.get("center_error_rel", ""),
                              "pose_path": r.get("path", ""), "iou": (r.get("confidence") or {}).get("iou", ""),
                              "turned": (r.get("symmetry") or {}).get("switched", ""),
+                             "second_opinion": (r.get("second_opinion") or {}).get("replaced", ""),
                              "refined": r.get("refined", False),
                              "final_rotation_error_deg": r.get("rotation_error_deg", ""),
                              "final_center_error_rel": r.get("center_error_rel", "")})

@@ -150,3 +150,58 @@ def test_blank_and_foreign_images_are_not_recovered():
     assert not foreign_result.accepted
     # the configured search lined nothing up, so the search about the camera had its try too
     assert foreign_result.searches == 2 and foreign_result.summary()["searches"] == 2
+
+
+def second_opinion_settler(scene):
+    """A settler at this toy's scale: the recovery as above (object search), reference cameras every 30
+    degrees of yaw, no near-symmetry check (a random blob has none)."""
+    from splatpose.refine.queries import PoseSettler
+
+    cfg = OmegaConf.merge(default_refine_config(), {"recovery": recovery_cfg(**OBJECT_SEARCH),
+                                                    "symmetry": {"enabled": False}})
+    db_w2c = np.stack([camera(yaw_deg=float(y)) for y in range(-90, 91, 30)])
+    return PoseSettler(scene, K, SIZE, SIZE, cfg, db_w2c, backend="torch")
+
+
+def test_a_doubtful_pnp_pose_gets_a_second_opinion_that_replaces_it_only_when_it_lines_up_better():
+    """A PnP pose 25 degrees off (a wrong basin) whose colour difference is far above the class's usual one
+    is replaced by the recovery's pose, within 1 degree, and the record says so; a right pose asked again
+    (an artificially low usual difference) is kept as it was. The query carries a little noise, so that
+    no pose matches it exactly."""
+    from splatpose.refine.queries import RefinedPose, typical_colour_difference
+    from splatpose.refine.recovery import alignment_confidence
+    from splatpose.sfm.localization import QueryPose
+
+    scene = random_scene(n=1500)
+    settler = second_opinion_settler(scene)
+    truth = rolled(camera(yaw_deg=45.0), 50.0)
+    noise = np.random.default_rng(0).normal(0.0, 0.02, (SIZE, SIZE, 3)).astype(np.float32)
+    clean = shot(scene, truth)
+    on_object = ~(clean > 0.99).all(-1, keepdims=True)  # noise on the object only, as a path tracer composites
+    query = torch.as_tensor(np.where(on_object, np.clip(clean + noise, 0.0, 1.0), clean)).permute(2, 0, 1)
+    pnp = QueryPose("q.png", truth, True, 30, 40, [])
+
+    def settled_at(w2c):
+        confidence = alignment_confidence(scene, w2c, query, K, "torch")
+        return RefinedPose("q.png", w2c, {"steps": 1}, "pnp", confidence.summary())
+
+    right, wrong = settled_at(truth), settled_at(rolled(camera(yaw_deg=70.0), 50.0))
+    assert wrong.confidence["l1"] > 2.0 * right.confidence["l1"]
+    assert not settler.needs_second_opinion(wrong), "asked before the class's usual difference is known"
+    settler.typical_l1 = typical_colour_difference([right] * 5)
+    assert settler.typical_l1 == pytest.approx(right.confidence["l1"])
+    assert settler.needs_second_opinion(wrong)
+    assert not settler.needs_second_opinion(RefinedPose("q.png", wrong.w2c, None, "recovered", wrong.confidence))
+
+    replaced = settler.reconsider(query, pnp, wrong)
+    assert replaced.second_opinion["replaced"] and replaced.path == "recovered"
+    assert rotation_error_deg(replaced.w2c, truth) < 1.0, replaced.second_opinion
+    assert np.allclose(replaced.second_opinion["replaced_w2c"], wrong.w2c)
+    assert replaced.confidence["l1"] < wrong.confidence["l1"]
+    assert not settler.needs_second_opinion(replaced)  # asked once
+
+    settler.typical_l1 = right.confidence["l1"] / 3.0
+    kept = settler.reconsider(query, pnp, settled_at(truth))
+    assert kept.second_opinion is not None and not kept.second_opinion["replaced"]
+    assert kept.path == "pnp" and np.allclose(kept.w2c, truth)
+    assert typical_colour_difference([right] * 4) is None  # too few to call it usual

@@ -93,7 +93,8 @@ class Detection:
         :class:`splatpose.refine.queries.PoseSettler`); otherwise (``pose_path`` "failed") ``w2c`` is a best
         effort and the map is unreliable (flag "not_localized"). confidence: the render's alignment
         with the image ({"iou", "l1"}); recovery: what the recovery through the splats did; symmetry: what
-        the check against the scene's near-symmetric turns did (None when it did not run).
+        the check against the scene's near-symmetric turns did; second_opinion: what the second opinion
+        on a doubtful PnP pose did (each None when it did not run).
     w2c: [4, 4] float64 world-to-camera (OpenCV) used for the render (after refinement, if any);
         w2c_pnp: the pose before refinement.
     flags: notes such as "grayscale", "resized_from_640x480", "not_localized".
@@ -123,6 +124,7 @@ class Detection:
     confidence: dict | None = None
     recovery: dict | None = None
     symmetry: dict | None = None
+    second_opinion: dict | None = None
     times: dict[str, float] = field(default_factory=dict)
     query: np.ndarray | None = None
     render: np.ndarray | None = None
@@ -132,7 +134,8 @@ class Detection:
         return {"name": self.name, "source": self.source, "ok": self.ok, "error": self.error,
                 "flags": self.flags, "score": self.score, "anomalous": self.anomalous,
                 "localized": self.localized, "pose_path": self.pose_path, "confidence": self.confidence,
-                "recovery": self.recovery, "symmetry": self.symmetry, "num_inliers": self.num_inliers, "num_matches": self.num_matches,
+                "recovery": self.recovery, "symmetry": self.symmetry, "second_opinion": self.second_opinion,
+                "num_inliers": self.num_inliers, "num_matches": self.num_matches,
                 "fallback": self.fallback, "retrieved": self.retrieved, "refinement": self.refinement,
                 "w2c": None if self.w2c is None else np.asarray(self.w2c).tolist(),
                 "w2c_pnp": None if self.w2c_pnp is None else np.asarray(self.w2c_pnp).tolist(),
@@ -180,6 +183,7 @@ class Detector:
             # the run's search views when it kept them; else rendered at the first query that needs them
             self.settler = PoseSettler(self.gaussians, run.K, run.width, run.height, self.refine_cfg, run.db_w2c,
                                        run.search_views, backend=self.backend, scorer=self.scorer)
+            self.settler.typical_l1 = run.typical_l1
         self._staging: dict[tuple, torch.Tensor] = {}  # page-locked upload buffers per batch shape
         self._pinning_failed = False
         self._loader = ThreadPoolExecutor(max_workers=worker_threads(self.cfg.load_workers),
@@ -345,6 +349,7 @@ class Detector:
                 detection.localized, detection.pose_path = final.localized, final.path
                 detection.refinement, detection.confidence = final.refinement, final.confidence
                 detection.recovery, detection.symmetry = final.recovery, final.symmetry
+                detection.second_opinion = final.second_opinion
                 detection.times["refine"] = round(time.perf_counter() - start, 6)
             if not detection.localized:
                 detection.flags.append("not_localized")

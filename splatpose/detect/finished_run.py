@@ -45,6 +45,9 @@ class FinishedRun:
     map_range: (lo, hi) of the evaluation's raw maps: detector maps are ``(raw - lo) / (hi - lo)``.
     sheen_allowance: the class's sheen allowance the evaluation scored with (None: none, as in runs
         made before it existed or with ``scorer.sheen`` off): the detector scores the same way.
+    typical_l1: the class's usual colour difference at a settled pose, over the run's queries (None: not
+        measured, as in runs without refinement or made before it was kept): the detector asks for second
+        opinions against it, as the refine stage did.
     config: the run's resolved config (``sfm``, ``scorer``, ``splat``, ``dataset`` ... nodes).
     """
 
@@ -61,6 +64,7 @@ class FinishedRun:
     metrics: dict
     search_views: Path | None = None
     sheen_allowance: float | None = None
+    typical_l1: float | None = None
 
     @property
     def class_name(self) -> str:
@@ -99,7 +103,8 @@ def load_finished_run(run_dir: Path | str) -> FinishedRun:
                        gaussians_ply=ply, K=K, width=width, height=height, db_w2c=db_w2c,
                        map_range=(lo, hi), stage_dirs=stage_dirs, metrics=results.get("metrics", {}),
                        search_views=search_views_file(run_dir, results),
-                       sheen_allowance=results.get("sheen_allowance"))
+                       sheen_allowance=results.get("sheen_allowance"),
+                       typical_l1=(results.get("final_poses") or {}).get("typical_l1"))
 
 
 def detector_inputs(run_dir: Path, results: dict) -> tuple[Path, Path]:

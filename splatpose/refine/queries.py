@@ -9,7 +9,12 @@ Per query (:class:`PoseSettler`, shared with the detector):
 - nothing lines up: path ``"failed"``; the query is rendered at the best pose found (or its PnP
   fallback) and flagged, never passed off as localized;
 - a pose that lines up then competes with its turns by the scene's near-symmetries (``refine.symmetry``,
-  :mod:`splatpose.refine.symmetry`): a refined turned copy that explains the image better replaces it.
+  :mod:`splatpose.refine.symmetry`): a refined turned copy that explains the image better replaces it;
+- a PnP pose that lines up but whose colour difference is far above the class's usual one
+  (``refine.second_opinion``; the usual one is the median over the run's settled queries) may have been
+  refined into a wrong basin (PnP on a near-symmetric part of one colour often starts tens of degrees
+  off): the recovery searches again, with the pose as one of its starts, its result is checked against
+  the turns like any pose, and it replaces the pose when its colour difference is lower.
 
 Every step compares renders on white with the query, whose non-white pixels are taken for the object.
 A query photographed on a bench (``refine.bench.enabled``) is first put on white: at its PnP pose the
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +78,8 @@ class RefinedPose:
     recovery: what the recovery did (hypotheses, start view, seconds, accepted); None when it did not run.
     symmetry: what the check against near-symmetric turns did (switched, turn, confidences, seconds, the
         replaced pose); None when it did not run (no near-symmetry, check off, or the pose did not line up).
+    second_opinion: what the second opinion did (the class's usual colour difference, the pose's, the
+        recovery's summary, replaced, the replaced pose, seconds); None when none was asked for.
     """
 
     name: str
@@ -81,6 +89,7 @@ class RefinedPose:
     confidence: dict | None = None
     recovery: dict | None = None
     symmetry: dict | None = None
+    second_opinion: dict | None = None
 
     @property
     def refined(self) -> bool:
@@ -93,7 +102,7 @@ class RefinedPose:
     def to_json(self) -> dict:
         return {"name": self.name, "w2c": np.asarray(self.w2c).tolist(), "path": self.path,
                 "refinement": self.refinement, "confidence": self.confidence, "recovery": self.recovery,
-                "symmetry": self.symmetry}
+                "symmetry": self.symmetry, "second_opinion": self.second_opinion}
 
 
 class PoseSettler:
@@ -119,6 +128,10 @@ class PoseSettler:
         symmetry_cfg = cfg.get("symmetry")
         self.symmetry_enabled = symmetry_cfg is not None and bool(symmetry_cfg.enabled)
         self._symmetry: SymmetryCheck | None = None
+        # The class's usual colour difference at a settled pose (:func:`typical_colour_difference`); set by
+        # the caller once known (the refine stage after its first pass, the detector from the run). None:
+        # no second opinions.
+        self.typical_l1: float | None = None
 
     @property
     def recovery(self) -> PoseRecovery | None:
@@ -146,13 +159,39 @@ class PoseSettler:
 
     def settle(self, query: torch.Tensor, pose: QueryPose) -> RefinedPose:
         """``query`` [3, H, W] in [0, 1]; ``pose`` its localization result."""
+        query = self._prepared(query, pose)
+        settled, confidence = self._settle(query, pose)
+        settled = self._against_turns(query, settled, confidence)
+        if self.needs_second_opinion(settled):
+            settled = self._second_opinion(query, settled)
+        return settled
+
+    def reconsider(self, query: torch.Tensor, pose: QueryPose, settled: RefinedPose) -> RefinedPose:
+        """``settled`` (what :meth:`settle` gave for ``query`` and ``pose`` before ``typical_l1`` was known),
+        after a second opinion when it needs one."""
+        if not self.needs_second_opinion(settled):
+            return settled
+        return self._second_opinion(self._prepared(query, pose), settled)
+
+    def needs_second_opinion(self, settled: RefinedPose) -> bool:
+        """A PnP pose that lines up with a colour difference over ``l1_ratio`` times the class's usual one."""
+        cfg = self.cfg.get("second_opinion")
+        return (cfg is not None and bool(cfg.enabled) and self.recovery_enabled and self.typical_l1 is not None
+                and settled.path == "pnp" and settled.confidence is not None and settled.second_opinion is None
+                and settled.confidence["l1"] > float(cfg.l1_ratio) * self.typical_l1)
+
+    def _prepared(self, query: torch.Tensor, pose: QueryPose) -> torch.Tensor:
+        """The query as every step compares it: put on white first when it was taken on a bench."""
         bench = self.cfg.get("bench")
         if bench is not None and bench.enabled:
             if pose.success:
-                query = self.off_the_bench(query, pose.w2c, int(bench.dilation_px), float(bench.tau))
-            elif bench.get("border_tau") is not None:  # absent in runs made before it: left as it is
-                query = self.off_the_bench_by_border(query, float(bench.border_tau))
-        settled, confidence = self._settle(query, pose)
+                return self.off_the_bench(query, pose.w2c, int(bench.dilation_px), float(bench.tau))
+            if bench.get("border_tau") is not None:  # absent in runs made before it: left as it is
+                return self.off_the_bench_by_border(query, float(bench.border_tau))
+        return query
+
+    def _against_turns(self, query: torch.Tensor, settled: RefinedPose, confidence: Confidence | None) -> RefinedPose:
+        """``settled``, replaced by a turned copy by the near-symmetry check when one explains ``query`` better."""
         if not settled.localized or self.symmetry is None or not self.symmetry.symmetries:
             return settled
         verdict = self.symmetry.check(query, settled.w2c, confidence)
@@ -162,6 +201,26 @@ class PoseSettler:
             if settled.confidence is not None:
                 settled.confidence = verdict.confidence.summary()
         return settled
+
+    def _second_opinion(self, query: torch.Tensor, settled: RefinedPose) -> RefinedPose:
+        """The recovery's pose (``settled``'s among its starts, then checked against the turns) when its colour
+        difference is lower than ``settled``'s by the ``margin`` (relative); else ``settled``, with the record."""
+        started = time.perf_counter()
+        l1_before = float(settled.confidence["l1"])
+        recovered = self.recovery.recover(query, start_w2c=settled.w2c)
+        result = settled
+        if recovered.accepted:
+            candidate = RefinedPose(settled.name, recovered.w2c, settled.refinement, "recovered",
+                                    recovered.confidence.summary(), recovered.summary())
+            candidate = self._against_turns(query, candidate, recovered.confidence)
+            if candidate.confidence["l1"] < l1_before * (1.0 - float(self.cfg.second_opinion.margin)):
+                result = candidate
+        result.second_opinion = {"typical_l1": round(self.typical_l1, 6), "l1_before": round(l1_before, 6),
+                                 "recovery": recovered.summary(), "replaced": result is not settled,
+                                 "seconds": round(time.perf_counter() - started, 4)}
+        if result is not settled:
+            result.second_opinion["replaced_w2c"] = np.asarray(settled.w2c).tolist()
+        return result
 
     def off_the_bench(self, query: torch.Tensor, w2c: np.ndarray, dilation_px: int, tau: float) -> torch.Tensor:
         """``query`` [3, H, W] with white wherever it shows the bench, not the part: outside the render's
@@ -241,6 +300,15 @@ def refine_query_poses(data: ClassData, poses: list[QueryPose], cfg: DictConfig,
     for test, pose in tqdm(list(zip(data.test, poses, strict=True)), desc="refine poses", leave=False):
         query = torch.from_numpy(read_image(test.path)).permute(2, 0, 1)
         refined.append(settler.settle(query, pose))
+    settler.typical_l1 = typical_colour_difference(refined)
+    doubtful = [i for i, settled in enumerate(refined) if settler.needs_second_opinion(settled)]
+    for i in tqdm(doubtful, desc="second opinions", leave=False):
+        query = torch.from_numpy(read_image(data.test[i].path)).permute(2, 0, 1)
+        refined[i] = settler.reconsider(query, poses[i], refined[i])
+    if doubtful:
+        log.info("second opinions: %d of %d poses replaced (colour difference over %.2f x the class's %.4f)",
+                 sum(refined[i].second_opinion["replaced"] for i in doubtful), len(doubtful),
+                 float(cfg.second_opinion.l1_ratio), settler.typical_l1)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cache_file, [r.to_json() for r in refined])
@@ -248,6 +316,14 @@ def refine_query_poses(data: ClassData, poses: list[QueryPose], cfg: DictConfig,
     log.info("final poses: %d by PnP, %d recovered through the splats, %d failed", counts["pnp"],
              counts["recovered"], counts["failed"])
     return refined
+
+
+def typical_colour_difference(poses: list[RefinedPose], min_poses: int = 5) -> float | None:
+    """The class's usual colour difference at a settled pose: the median alignment ``l1`` (mean absolute
+    colour difference over the silhouettes, :func:`~splatpose.refine.recovery.alignment_confidence`) of the
+    localized ``poses`` that have one; None when fewer than ``min_poses`` do (too few to call it usual)."""
+    values = [p.confidence["l1"] for p in poses if p.localized and p.confidence is not None]
+    return float(np.median(values)) if len(values) >= min_poses else None
 
 
 def make_search_views(gaussians: Gaussians, K: np.ndarray, width: int, height: int, db_w2c: np.ndarray,
@@ -287,4 +363,5 @@ def _load(path: Path | None, names: list[str]) -> list[RefinedPose] | None:
         log.warning("%s does not match the test images; refining again", path)
         return None
     return [RefinedPose(e["name"], np.asarray(e["w2c"], dtype=np.float64), e["refinement"], e.get("path", "pnp"),
-                        e.get("confidence"), e.get("recovery"), e.get("symmetry")) for e in entries]
+                        e.get("confidence"), e.get("recovery"), e.get("symmetry"), e.get("second_opinion"))
+            for e in entries]

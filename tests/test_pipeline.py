@@ -71,3 +71,24 @@ def test_console_is_quiet_and_results_hold_the_splats_quality(first_run):
     assert not set(info_lines) & set(bare_info), "Lightning's lines came twice (its handler and Hydra's)"
     splat = json.loads((out_dir / "results.json").read_text())["splat"]
     assert splat["psnr"] > 10 and 0 < splat["ssim"] <= 1 and splat["num_gaussians"] > 0
+
+
+def test_the_detector_asks_second_opinions_against_the_runs_usual_colour_difference(first_run, tmp_path):
+    """The refine stage records the class's usual colour difference (None when fewer than five queries line
+    up, as with this run's rough splats); a detector loaded from a run asks its second opinions against the
+    value the run recorded (without it, a doubtful PnP pose would go unchecked online)."""
+    import shutil
+
+    from splatpose.detect.detector import Detector
+
+    out_dir, _ = first_run
+    results = json.loads((out_dir / "results.json").read_text())
+    assert "typical_l1" in results["final_poses"]
+    assert set(results["final_poses"]["second_opinions"]) == {"asked", "replaced"}
+    # the same run as a class whose queries lined up would have recorded it
+    run_dir = tmp_path / "run"
+    shutil.copytree(out_dir, run_dir, symlinks=True, ignore=shutil.ignore_patterns("wandb", "panels"))
+    results["final_poses"]["typical_l1"] = 0.0123
+    (run_dir / "results.json").write_text(json.dumps(results))
+    detector = Detector.from_run(run_dir, {"matching": "sequential", "warm_up": False}, device="cpu")
+    assert detector.settler is not None and detector.settler.typical_l1 == pytest.approx(0.0123)

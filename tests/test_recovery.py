@@ -166,7 +166,8 @@ def second_opinion_settler(scene):
 def test_a_doubtful_pnp_pose_gets_a_second_opinion_that_replaces_it_only_when_it_lines_up_better():
     """A PnP pose 25 degrees off (a wrong basin) whose colour difference is far above the class's usual one
     is replaced by the recovery's pose, within 1 degree, and the record says so; a right pose asked again
-    (an artificially low usual difference) is kept as it was. The query carries a little noise, so that
+    (an artificially low usual difference) is kept as it was; nothing is asked before the usual difference
+    is known, nor for a pose the recovery found or already searched for. The query carries a little noise, so that
     no pose matches it exactly."""
     from splatpose.refine.queries import RefinedPose, typical_colour_difference
     from splatpose.refine.recovery import alignment_confidence
@@ -192,6 +193,8 @@ def test_a_doubtful_pnp_pose_gets_a_second_opinion_that_replaces_it_only_when_it
     assert settler.typical_l1 == pytest.approx(right.confidence["l1"])
     assert settler.needs_second_opinion(wrong)
     assert not settler.needs_second_opinion(RefinedPose("q.png", wrong.w2c, None, "recovered", wrong.confidence))
+    searched = RefinedPose("q.png", wrong.w2c, None, "pnp", wrong.confidence, recovery={"accepted": False})
+    assert not settler.needs_second_opinion(searched), "the recovery already searched for this one"
 
     replaced = settler.reconsider(query, pnp, wrong)
     assert replaced.second_opinion["replaced"] and replaced.path == "recovered"

@@ -174,11 +174,12 @@ class PoseSettler:
         return self._second_opinion(self._prepared(query, pose), settled)
 
     def needs_second_opinion(self, settled: RefinedPose) -> bool:
-        """A PnP pose that lines up with a colour difference over ``l1_ratio`` times the class's usual one."""
+        """A PnP pose that lined up (so the recovery has not searched for it yet) with a colour difference over
+        ``l1_ratio`` times the class's usual one, not asked before."""
         cfg = self.cfg.get("second_opinion")
         return (cfg is not None and bool(cfg.enabled) and self.recovery_enabled and self.typical_l1 is not None
-                and settled.path == "pnp" and settled.confidence is not None and settled.second_opinion is None
-                and settled.confidence["l1"] > float(cfg.l1_ratio) * self.typical_l1)
+                and settled.path == "pnp" and settled.recovery is None and settled.confidence is not None
+                and settled.second_opinion is None and settled.confidence["l1"] > float(cfg.l1_ratio) * self.typical_l1)
 
     def _prepared(self, query: torch.Tensor, pose: QueryPose) -> torch.Tensor:
         """The query as every step compares it: put on white first when it was taken on a bench."""

@@ -39,6 +39,14 @@ On weakly textured objects the outline carries most of the pose, which is what `
 coarse level adds (06PlainAnt, PnP poses: within 1 deg 57 % -> 86 %; experiments/results/
 refine_c2f_cpu_2026-12-05.md). With ``keep_best`` each level returns the lowest-loss pose it rendered
 (its start included), so no level makes its own loss worse.
+
+The gradient of the loss in the increment comes from autograd through the rasterizer on the CPU, and on
+CUDA (``gradients: auto``) from central differences over one batched forward render of 13 poses (the
+pose and a step of about ``DIFFERENCE_STEP_PX`` pixels each way along every variable). gsplat's backward
+pass sums per-pixel gradients with atomic additions whose order changes from run to run; L-BFGS's line
+searches amplify the last-bit differences, and the same query, splats and settings came out up to 19 deg
+apart between two runs (experiments/results/refine_determinism_h100_2026-12-06.md). Forward renders
+are deterministic, so the refinement is too.
 """
 
 from __future__ import annotations
@@ -66,6 +74,10 @@ from splatpose.splat.torch_rasterizer import gaussian_colors, world_covariances
 REFINE_LOSSES = ("l1", "l1_ssim", "feature", "l1_silhouette")
 REFINE_OPTIMIZERS = ("lbfgs", "adam")
 ROTATION_CENTRES = ("camera", "object")
+GRADIENTS = ("auto", "autograd", "differences")
+# Central differences step each increment variable by what moves the object's outline about this many
+# pixels of the level's render: far below the blur's smallest sigma (1 px at 200 px), far above float32 noise.
+DIFFERENCE_STEP_PX = 0.05
 # Adam's step size decays exponentially to this fraction of refine.lr over the steps.
 ADAM_FINAL_LR_FRACTION = 0.05
 # A query pixel darker than this in some channel is object, not white background.
@@ -184,6 +196,8 @@ def check_refine_config(cfg: DictConfig) -> None:
     if cfg.get("rotation_centre", "camera") not in ROTATION_CENTRES:
         raise ValueError(f"refine.rotation_centre={cfg.rotation_centre!r} is unknown; choose one of "
                          f"{', '.join(ROTATION_CENTRES)}")
+    if cfg.get("gradients", "auto") not in GRADIENTS:
+        raise ValueError(f"refine.gradients={cfg.gradients!r} is unknown; choose one of {', '.join(GRADIENTS)}")
     if cfg.get("first_step") is not None and not float(cfg.first_step) > 0:
         raise ValueError(f"refine.first_step must be > 0 (or null: torch's own first step), got {cfg.first_step}")
     if int(cfg.get("stop_patience") or 0) < 0 or float(cfg.get("stop_tolerance") or 0.0) < 0:
@@ -225,7 +239,8 @@ class PoseRefiner:
         K: [3, 3] intrinsics of the full-size image; width, height its size.
         cfg: the ``refine`` node (optimizer, lr, loss, ssim_weight, silhouette_weight, levels, steps, blur,
             keep_best; optional, absent in older runs' nodes, which then refine as they did: rotation_centre
-            (camera), first_step (null), stop_patience (0), stop_tolerance, colours_per_level (false)).
+            (camera), first_step (null), stop_patience (0), stop_tolerance, colours_per_level (false);
+            gradients (auto: central differences on CUDA, autograd elsewhere; see the module docstring)).
         backend: renderer backend ("auto" | "gsplat" | "torch"); both are differentiable in the pose.
         scorer: the anomaly scorer whose backbone the ``feature`` loss uses (None otherwise).
     """
@@ -241,6 +256,8 @@ class PoseRefiner:
         self.device = gaussians.means.device
         self.levels = [_Level.of(settings, K, width, height, self.device) for settings in levels]
         self.scene = _SceneInputs.of(gaussians, backend)
+        gradients = cfg.get("gradients", "auto")
+        self.differences = gradients == "differences" or (gradients == "auto" and self.device.type == "cuda")
 
     def refine(self, query: Tensor, w2c: np.ndarray, levels: list[int] | None = None) -> Refinement:
         """Refine ``w2c`` [4, 4] (OpenCV world-to-camera) against ``query`` [3, H, W] in [0, 1], through
@@ -291,15 +308,29 @@ class PoseRefiner:
         def pose_of(u: Tensor) -> Tensor:
             return pose_at(u * first_step)
 
-        def evaluate(optimizer: torch.optim.Optimizer) -> Tensor:
-            optimizer.zero_grad(set_to_none=True)
-            pose = pose_of(u)
-            rgb, alpha = self._blurred(level, *self._render(pose, level, colours))
+        # Central differences: the pose and a step each way along each variable, in the optimiser's units.
+        probes = self._difference_probes(level, first_step) if self.differences else None
+
+        def region_of(alpha: Tensor) -> Tensor:
             if state["region"] is None:  # fixed at the start pose, so losses compare between steps
                 state["region"] = target_mask if level.loss == "l1_silhouette" else \
                     self._object_region(target, alpha.detach())
-            loss = self._loss(rgb, alpha, target, state["region"], level.loss)
-            loss.backward()
+            return state["region"]
+
+        def evaluate(optimizer: torch.optim.Optimizer) -> Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            if probes is None:
+                pose = pose_of(u)
+                rgb, alpha = self._blurred(level, *self._render(pose, level, colours))
+                loss = self._loss(rgb, alpha, target, region_of(alpha), level.loss)
+                loss.backward()
+            else:
+                with torch.no_grad():
+                    poses = torch.func.vmap(pose_of)(u.detach() + probes)
+                    rgb, alpha = self._blurred(level, *self._render(poses, level, colours))
+                    losses = self._losses(rgb, alpha, target, region_of(alpha[:1]), level.loss).double()
+                    u.grad = (losses[1:7] - losses[7:]) / (2 * probes[1:7].diagonal())
+                pose, loss = poses[0], losses[0]
             value = float(loss.detach())
             state["evaluations"] += 1
             state["first"] = value if state["first"] is None else state["first"]
@@ -395,22 +426,40 @@ class PoseRefiner:
         return float(depth.median()) if len(depth) else float(w2c[:3, 3].norm())
 
     def _render(self, w2c: Tensor, level: _Level, colours: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """[4, 4] -> rgb [1, 3, h, w] on the white background and its alpha [1, 1, h, w], at the level's size;
-        what :func:`~splatpose.splat.rendering.render` gives. ``colours`` [N, 3]: the Gaussians' colours
-        instead of their SH seen from ``w2c``."""
+        """[4, 4] or [B, 4, 4] -> rgb [B, 3, h, w] on the white background and its alpha [B, 1, h, w] (B = 1
+        for one pose), at the level's size; what :func:`~splatpose.splat.rendering.render` gives. ``colours``
+        [N, 3]: the Gaussians' colours instead of their SH seen from ``w2c``."""
         scene = self.scene
+        viewmats = (w2c[None] if w2c.dim() == 2 else w2c).to(self.device, scene.means.dtype)
+        cameras = viewmats.shape[0]
         colors, sh_degree = (scene.sh_coeffs, scene.sh_degree) if colours is None else (colours, None)
-        rgb, alpha, _ = rasterize(scene.means, scene.quats, scene.scales, scene.opacities, colors,
-                                  w2c[None].to(self.device, scene.means.dtype), level.K[None], level.width,
-                                  level.height, backend=self.backend, sh_degree=sh_degree,
-                                  backgrounds=scene.backgrounds, covars=scene.covars)
+        rgb, alpha, _ = rasterize(scene.means, scene.quats, scene.scales, scene.opacities, colors, viewmats,
+                                  level.K[None].expand(cameras, 3, 3), level.width, level.height,
+                                  backend=self.backend, sh_degree=sh_degree,
+                                  backgrounds=scene.backgrounds.expand(cameras, 3), covars=scene.covars)
         return rgb.permute(0, 3, 1, 2), alpha.permute(0, 3, 1, 2)
+
+    def _difference_probes(self, level: _Level, first_step: float) -> Tensor:
+        """[13, 6] float64: no increment, then +h and -h along each variable of the optimiser (whose unit is
+        ``first_step`` increment units; an increment unit moves the outline by about the focal length in
+        pixels, see :meth:`_pose_map`), h moving it by about ``DIFFERENCE_STEP_PX`` pixels at this level."""
+        h = DIFFERENCE_STEP_PX / (float(level.K[0, 0]) * first_step)
+        steps = h * torch.eye(6, dtype=torch.float64, device=self.device)
+        return torch.cat([steps.new_zeros(1, 6), steps, -steps])
 
     @staticmethod
     def _object_region(target: Tensor, alpha: Tensor) -> Tensor:
         """[1, 1, h, w] float: pixels the render covers or that are not white in the query."""
         foreground = (target < BACKGROUND_LEVEL).any(dim=1, keepdim=True)
         return (foreground | (alpha > 0.5)).float()
+
+    def _losses(self, rgb: Tensor, alpha: Tensor, target: Tensor, region: Tensor, loss: str) -> Tensor:
+        """:meth:`_loss` of each of B renders (rgb [B, 3, h, w], alpha [B, 1, h, w]) against one target: [B]."""
+        if loss == "l1_silhouette":
+            area = region.sum().clamp(min=1.0)
+            colour = (rgb - target).abs().flatten(1).sum(1) / (3 * area)
+            return colour + float(self.cfg.silhouette_weight) * (alpha - region).square().flatten(1).sum(1) / area
+        return torch.stack([self._loss(rgb[i:i + 1], alpha[i:i + 1], target, region, loss) for i in range(len(rgb))])
 
     def _loss(self, rgb: Tensor, alpha: Tensor, target: Tensor, region: Tensor, loss: str) -> Tensor:
         if loss == "l1_silhouette":

@@ -146,7 +146,8 @@ class PoseSettler:
                 if path is not None:
                     save_search_views(Path(path), views)
             self._recovery = PoseRecovery(self.gaussians, self.K, self.width, self.height, views,
-                                          self.cfg.recovery, backend=self.backend)
+                                          self.cfg.recovery, backend=self.backend,
+                                          gradients=self.cfg.get("gradients", "auto"))
         return self._recovery
 
     @property

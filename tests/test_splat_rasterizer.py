@@ -9,6 +9,7 @@ import torch
 from gsplat.strategy import DefaultStrategy
 
 from splatpose.splat.gaussians import Gaussians, init_gaussians
+from splatpose.splat.numba_compositor import composite as numba_composite
 from splatpose.splat.rendering import render, resolve_backend
 from splatpose.splat.torch_rasterizer import project_gaussians, rasterize_torch, world_covariances
 from scene_cameras import look_at  # tests/scene_cameras.py
@@ -73,7 +74,8 @@ def test_compositor_matches_a_per_pixel_loop(compositor):
     background = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
 
     rgb, alpha, info = rasterize_torch(gaussians.means, quats, scales, opacities, colors, w2c, Ks,
-                                       width, height, backgrounds=background.expand(2, 3), compositor=compositor)
+                                       width, height, backgrounds=background.expand(2, 3),
+                                       compositor=numba_composite if compositor == "numba" else None)
     projection = project_gaussians(gaussians.means, quats, scales, opacities, w2c, Ks, width, height)
     expected = reference_composite(projection, colors, width, height, background)
 

@@ -65,8 +65,11 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, c
 
         return rasterization(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
                              **kwargs)
+    compositor = None
+    if backend == "numba":
+        from splatpose.splat.numba_compositor import composite as compositor  # compiles its kernels on first use
     return rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-                           compositor=backend, **kwargs)
+                           compositor=compositor, **kwargs)
 
 
 def render(gaussians: Gaussians, w2c: Tensor, K: Tensor, width: int, height: int,

@@ -74,7 +74,7 @@ def rasterize_torch(
     render_mode: str = "RGB",
     camera_model: str = "pinhole",
     covars: Tensor | None = None,  # [N, 3, 3]: when given, quats and scales are ignored
-    compositor: str = "torch",  # "numba": splatpose.splat.numba_compositor's fused kernels (CPU tensors)
+    compositor=None,  # None: this module's composite; or one with its signature (numba_compositor.composite)
     **unsupported,
 ) -> tuple[Tensor, Tensor, dict]:
     """Render C images of N Gaussians; argument meanings as in ``gsplat.rasterization``.
@@ -107,13 +107,7 @@ def rasterize_torch(
                                    radius_clip=radius_clip,
                                    antialiased=rasterize_mode == "antialiased", covars=covars)
     point_colors = gaussian_colors(colors, means, viewmats, sh_degree)  # [C, N, D]
-    if compositor == "numba":
-        from splatpose.splat.numba_compositor import composite as composite_tiles
-
-        composite_pairs = composite_tiles
-    else:
-        composite_pairs = composite
-    render_colors, render_alphas, n_pairs = composite_pairs(
+    render_colors, render_alphas, n_pairs = (compositor or composite)(
         projection["means2d"], projection["conics"], projection["opacities"], point_colors,
         projection["depths"], projection["radii"], width, height, backgrounds,
         absgrad_target=projection["means2d"] if absgrad else None)

@@ -22,11 +22,17 @@ a fused kernel keeps a pixel's state in registers and reads each Gaussian once p
 from __future__ import annotations
 
 import math
+import os
 
-import numba
-import numpy as np
 import torch
-from torch import Tensor
+
+# numba sizes its thread pool once, when it is imported, from the cores it sees; a process told to use fewer
+# threads (OMP_NUM_THREADS, torch.set_num_threads) would keep an extra worker spinning beside torch's.
+os.environ.setdefault("NUMBA_NUM_THREADS", str(torch.get_num_threads()))
+
+import numba  # noqa: E402 (after the thread count is set)
+import numpy as np  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 from splatpose.splat.torch_rasterizer import ALPHA_THRESHOLD, MAX_ALPHA, MIN_TRANSMITTANCE
 

@@ -62,6 +62,16 @@ def refine_cfg(**overrides):
                            {"enabled": True, "loss": "l1", "levels": [1.0], "steps": 10, "blur": 0.0, **overrides})
 
 
+def shot_from_a_perturbed_start(device: str = "cpu", backend: str = "torch"):
+    """A textured blob, the true pose, its render (the query) and a start 1.5 deg and 0.04 off."""
+    scene = random_scene().to(device)
+    truth = camera()
+    target = render(scene, torch.as_tensor(truth, dtype=torch.float32, device=device)[None],
+                    torch.as_tensor(K, dtype=torch.float32, device=device), SIZE, SIZE,
+                    backend=backend)[0].permute(2, 0, 1).clamp(0, 1)
+    return scene, truth, target, perturbed(truth, degrees=1.5, shift=0.04)
+
+
 def test_se3_exp_is_a_rotation_about_omega_and_a_shift_by_rho():
     assert torch.allclose(se3_exp(torch.zeros(6, dtype=torch.float64)), torch.eye(4, dtype=torch.float64))
     omega = np.array([0.1, -0.2, 0.3])
@@ -194,11 +204,7 @@ def test_object_centred_increments_turn_about_the_object():
 def test_central_differences_walk_a_perturbed_pose_back_to_where_autograd_does():
     """The CUDA default's gradients (central differences of forward renders), run here on the torch
     rasterizer: they must follow the loss as autograd's do, to the true pose."""
-    scene = random_scene()
-    truth = camera()
-    target = render(scene, torch.as_tensor(truth, dtype=torch.float32)[None], torch.as_tensor(K, dtype=torch.float32),
-                    SIZE, SIZE, backend="torch")[0].permute(2, 0, 1).clamp(0, 1)
-    start = perturbed(truth, degrees=1.5, shift=0.04)
+    scene, truth, target, start = shot_from_a_perturbed_start()
     for gradients in ("autograd", "differences"):
         result = PoseRefiner(scene, K, SIZE, SIZE, refine_cfg(steps=30, gradients=gradients),
                              backend="torch").refine(target, start)
@@ -268,12 +274,7 @@ def test_config_errors_name_the_key():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_refinement_through_gsplat_on_cuda():
     """gsplat's rasterizer is differentiable in viewmats: the refiner must work on it as on the torch one."""
-    scene = random_scene().to("cuda")
-    truth = camera()
-    target = render(scene, torch.as_tensor(truth, dtype=torch.float32, device="cuda")[None],
-                    torch.as_tensor(K, dtype=torch.float32, device="cuda"), SIZE, SIZE,
-                    backend="gsplat")[0].permute(2, 0, 1).clamp(0, 1)
-    start = perturbed(truth, degrees=1.5, shift=0.04)
+    scene, truth, target, start = shot_from_a_perturbed_start("cuda", "gsplat")
     result = PoseRefiner(scene, K, SIZE, SIZE, refine_cfg(steps=20, gradients="autograd"),
                          backend="gsplat").refine(target, start)
     assert rotation_error_deg(result.w2c, truth) < 0.3 * rotation_error_deg(start, truth)
@@ -286,12 +287,7 @@ def test_refinement_on_cuda_gives_the_same_pose_every_time():
     """gsplat's backward sums in a different order on every call; the default refinement on CUDA does
     not use it (central differences of forward renders), so one query refined twice lands on the very
     same pose, bit for bit."""
-    scene = random_scene().to("cuda")
-    truth = camera()
-    target = render(scene, torch.as_tensor(truth, dtype=torch.float32, device="cuda")[None],
-                    torch.as_tensor(K, dtype=torch.float32, device="cuda"), SIZE, SIZE,
-                    backend="gsplat")[0].permute(2, 0, 1).clamp(0, 1)
-    start = perturbed(truth, degrees=1.5, shift=0.04)
+    scene, truth, target, start = shot_from_a_perturbed_start("cuda", "gsplat")
     refiner = PoseRefiner(scene, K, SIZE, SIZE, refine_cfg(steps=20), backend="gsplat")
     assert refiner.differences
     first, second = refiner.refine(target, start), refiner.refine(target, start)

@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from splatpose.splat.torch_rasterizer import ALPHA_THRESHOLD, MAX_ALPHA, MIN_TRANSMITTANCE
+from splatpose.splat.torch_rasterizer import composite as torch_composite
 
 TILE = 16
 
@@ -205,22 +206,10 @@ def _per_gaussian(ids, sums, n_flat: int):
     return out
 
 
-def composite(means2d: Tensor, conics: Tensor, opacities: Tensor, colors: Tensor, depths: Tensor,
-              radii: Tensor, width: int, height: int, backgrounds: Tensor | None = None,
-              absgrad_target: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+def composite(*args, **kwargs) -> tuple[Tensor, Tensor, int]:
     """:func:`splatpose.splat.torch_rasterizer.composite` (same arguments, shapes and results) through the
     kernels above; CPU tensors only."""
-    n_cameras, n_gaussians = opacities.shape
-    n_channels = colors.shape[-1]
-    counts: dict = {}
-    image, accumulated = _CompositeTiles.apply(
-        means2d.reshape(-1, 2), conics.reshape(-1, 3), opacities.reshape(-1), colors.reshape(-1, n_channels),
-        depths.detach().reshape(-1), radii.reshape(-1, 2), n_gaussians, width, height, absgrad_target, counts)
-    if backgrounds is not None:
-        image = image.reshape(n_cameras, height * width, n_channels) + \
-            (1.0 - accumulated.reshape(n_cameras, height * width, 1)) * backgrounds[:, None, :]
-    return (image.reshape(n_cameras, height, width, n_channels),
-            accumulated.reshape(n_cameras, height, width, 1), counts["kept"])
+    return torch_composite(*args, **kwargs, function=_CompositeTiles)
 
 
 def _tile_lists(means2d: Tensor, conics: Tensor, opacities: Tensor, depths: Tensor, radii: Tensor,

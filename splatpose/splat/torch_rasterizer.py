@@ -194,7 +194,7 @@ def gaussian_colors(colors: Tensor, means: Tensor, viewmats: Tensor, sh_degree: 
 
 def composite(means2d: Tensor, conics: Tensor, opacities: Tensor, colors: Tensor, depths: Tensor,
               radii: Tensor, width: int, height: int, backgrounds: Tensor | None = None,
-              absgrad_target: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+              absgrad_target: Tensor | None = None, function: type | None = None) -> tuple[Tensor, Tensor, int]:
     """Alpha-composite projected Gaussians front to back into C images.
 
     Args:
@@ -202,13 +202,15 @@ def composite(means2d: Tensor, conics: Tensor, opacities: Tensor, colors: Tensor
         radii [C,N,2] (0 = culled), backgrounds [C,D] or None (black)
         absgrad_target: when given (``means2d``), its ``.absgrad`` attribute receives the sum
             over pixels of the absolute per-pixel gradients during backward (gsplat's absgrad)
+        function: the autograd Function that composites the flattened inputs (None: ``_CompositePairs``;
+            :mod:`splatpose.splat.numba_compositor` passes its kernels' with the same signature)
 
     Returns: (colors [C,H,W,D], alphas [C,H,W,1], number of composited pairs)
     """
     n_cameras, n_gaussians = opacities.shape
     n_channels = colors.shape[-1]
     counts: dict = {}
-    image, accumulated = _CompositePairs.apply(
+    image, accumulated = (function or _CompositePairs).apply(
         means2d.reshape(-1, 2), conics.reshape(-1, 3), opacities.reshape(-1), colors.reshape(-1, n_channels),
         depths.detach().reshape(-1), radii.reshape(-1, 2), n_gaussians, width, height, absgrad_target, counts)
     if backgrounds is not None:

@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "as after a failed PnP (search over the reference views, coarse-to-fine refinement)")
     parser.add_argument("--refine-gradients", default="auto", choices=["auto", "autograd", "differences"],
                         help="refine.gradients of the refining detector (auto: central differences on CUDA)")
+    parser.add_argument("--refine-max-size", type=int, default=None,
+                        help="refine.max_size of the refining detector (default: conf/refine/lbfgs.yaml's; 0: none)")
     parser.add_argument("--inputs", nargs="*", help="image files to cycle (default: the run's test images)")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor section")
     parser.add_argument("--profile", type=int, default=0,
@@ -435,10 +437,12 @@ def main(argv: list[str] | None = None) -> dict:
         def refined():
             refine = OmegaConf.to_container(default_refine_config())  # conf/refine/lbfgs.yaml
             refine["gradients"] = args.refine_gradients
+            if args.refine_max_size is not None:
+                refine["max_size"] = args.refine_max_size or None
             refining = Detector(detector.run, {**args.overrides, "refine": refine}, device=args.device)
             use_matching(refining, args.throughput_matching[0])
             entry = single_query_latency(refining, paths, args.refine_queries, warmup=2)
-            entry["gradients"] = args.refine_gradients
+            entry["gradients"], entry["max_size"] = args.refine_gradients, refine.get("max_size")
             if args.recovery_queries:
                 entry["recovery"] = recovery_latency(refining, paths, args.recovery_queries)
             return entry

@@ -14,6 +14,7 @@ from scipy.spatial.transform import Rotation
 
 from splatpose.data.cameras import center_error, rotation_error_deg
 from splatpose.refine import PoseRefiner, apply_increment, check_refine_config, default_refine_config, se3_exp
+from splatpose.refine.pose_refinement import CPU_MAX_SIZE, resolve_max_size
 from splatpose.splat.gaussians import Gaussians, rgb_to_sh0
 from splatpose.splat.rendering import render
 
@@ -247,6 +248,22 @@ def test_lower_render_scale_keeps_the_camera_geometry():
     assert (half - pooled).abs().mean() < 0.05
 
 
+def test_max_size_refines_a_large_image_at_the_render_sizes_of_a_small_one():
+    """refine.max_size: every level but the last is a fraction of the image fitted into max_size px (cost
+    grows with pixels); the last renders at the image's size; an image within the cap refines as it was."""
+    scene, truth, target, start = shot_from_a_perturbed_start()
+    capped = PoseRefiner(scene, K, SIZE, SIZE, refine_cfg(levels=[0.5, 1.0, 1.0], steps=10, max_size=48),
+                         backend="torch")
+    assert [(level.width, level.height) for level in capped.levels] == [(24, 24), (48, 48), (SIZE, SIZE)]
+    assert torch.allclose(capped.levels[1].K[:2], torch.as_tensor(K[:2] * 48 / SIZE, dtype=torch.float32))
+    uncapped = PoseRefiner(scene, K, SIZE, SIZE, refine_cfg(levels=[0.5, 1.0], max_size=2 * SIZE), backend="torch")
+    assert [(level.width, level.height) for level in uncapped.levels] == [(SIZE // 2, SIZE // 2), (SIZE, SIZE)]
+    assert rotation_error_deg(capped.refine(target, start).w2c, truth) < 0.5 * rotation_error_deg(start, truth)
+    # auto: capped where a render's cost follows its pixels (the CPU), not where small renders are launch-bound
+    assert resolve_max_size("auto", torch.device("cpu")) == CPU_MAX_SIZE
+    assert resolve_max_size("auto", torch.device("cuda")) is None
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="refine.loss='ncc' is unknown"):
         check_refine_config(refine_cfg(loss="ncc"))
@@ -266,6 +283,8 @@ def test_config_errors_name_the_key():
         check_refine_config(refine_cfg(first_step=0.0))
     with pytest.raises(ValueError, match="refine.stop_patience and refine.stop_tolerance must be >= 0"):
         check_refine_config(refine_cfg(stop_patience=-1))
+    with pytest.raises(ValueError, match="refine.max_size must be auto, null .* or a number of px >= 16"):
+        check_refine_config(refine_cfg(max_size=8))
     with pytest.raises(ValueError, match="refine.loss=feature needs a scorer with a backbone"):
         PoseRefiner(random_scene(), K, SIZE, SIZE, refine_cfg(loss="feature"), backend="torch", scorer=None)
 

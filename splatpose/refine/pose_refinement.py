@@ -35,6 +35,9 @@ Refinement runs **coarse to fine**: at each of ``levels`` (render sizes relative
 optimises ``steps`` iterations from the pose the level before returned, with images and renders
 blurred by ``blur`` (Gaussian sigma as a fraction of the image's longest side); ``steps``, ``blur`` and
 ``loss`` take one value per level or one for all. Small blurred renders widen the basin and cost little; the last level settles the detail.
+With ``max_size`` every level but the last is relative to the image fitted into that many pixels (longest
+side): a 400x400 query searches at the render sizes of a 200x200 one (a render's cost grows with its
+pixels), and the last level still settles the pose at the image's own resolution.
 On weakly textured objects the outline carries most of the pose, which is what ``l1_silhouette`` with a
 coarse level adds (06PlainAnt, PnP poses: within 1 deg 57 % -> 86 %; experiments/results/
 refine_c2f_cpu_2026-12-05.md). With ``keep_best`` each level returns the lowest-loss pose it rendered
@@ -78,6 +81,9 @@ GRADIENTS = ("auto", "autograd", "differences")
 # Central differences step each increment variable by what moves the object's outline about this many
 # pixels of the level's render: far below the blur's smallest sigma (1 px at 200 px), far above float32 noise.
 DIFFERENCE_STEP_PX = 0.05
+# refine.max_size=auto on the CPU (px), where a render's cost follows its pixels; on CUDA small renders are
+# launch-bound and auto is no cap (experiments/results/refine_max_size_2026-12-06.md).
+CPU_MAX_SIZE = 200
 # Adam's step size decays exponentially to this fraction of refine.lr over the steps.
 ADAM_FINAL_LR_FRACTION = 0.05
 # A query pixel darker than this in some channel is object, not white background.
@@ -107,8 +113,10 @@ class _Level:
     loss: str
 
     @staticmethod
-    def of(settings: LevelSettings, K: np.ndarray, width: int, height: int, device: torch.device) -> "_Level":
-        w, h = max(1, round(width * settings.scale)), max(1, round(height * settings.scale))
+    def of(settings: LevelSettings, K: np.ndarray, width: int, height: int, device: torch.device,
+           max_size: int | None = None) -> "_Level":
+        scale = settings.scale * min(1.0, max_size / max(width, height)) if max_size else settings.scale
+        w, h = max(1, round(width * scale)), max(1, round(height * scale))
         K_scaled = np.asarray(K, dtype=np.float64).copy()
         K_scaled[:2] *= [[w / width], [h / height]]  # image spans [0, W]: scale fx, cx alike
         return _Level(w, h, torch.as_tensor(K_scaled, dtype=torch.float32, device=device), settings.steps,
@@ -203,6 +211,10 @@ def check_refine_config(cfg: DictConfig) -> None:
     if int(cfg.get("stop_patience") or 0) < 0 or float(cfg.get("stop_tolerance") or 0.0) < 0:
         raise ValueError(f"refine.stop_patience and refine.stop_tolerance must be >= 0 (stop_patience 0: no early "
                          f"stop), got {cfg.get('stop_patience')} and {cfg.get('stop_tolerance')}")
+    max_size = cfg.get("max_size")
+    if max_size not in (None, "auto") and not (isinstance(max_size, int) and max_size >= 16):
+        raise ValueError(f"refine.max_size must be auto, null (levels relative to the image itself) or a number "
+                         f"of px >= 16, got {max_size!r}")
     for scale, steps, blur, _ in levels:
         if steps < 1:
             raise ValueError(f"refine.steps must be >= 1 (or set refine.enabled=false), got {cfg.steps}")
@@ -210,6 +222,13 @@ def check_refine_config(cfg: DictConfig) -> None:
             raise ValueError(f"refine.levels must be in (0, 1] (render size relative to the image), got {cfg.levels}")
         if blur < 0:
             raise ValueError(f"refine.blur must be >= 0 (a fraction of the image size), got {cfg.blur}")
+
+
+def resolve_max_size(max_size: int | str | None, device: torch.device) -> int | None:
+    """``refine.max_size`` in px on ``device`` (auto: :data:`CPU_MAX_SIZE` on the CPU, no cap on CUDA)."""
+    if max_size == "auto":
+        return CPU_MAX_SIZE if device.type == "cpu" else None
+    return max_size
 
 
 def refine_levels(cfg: DictConfig) -> list[LevelSettings]:
@@ -240,7 +259,9 @@ class PoseRefiner:
         cfg: the ``refine`` node (optimizer, lr, loss, ssim_weight, silhouette_weight, levels, steps, blur,
             keep_best; optional, absent in older runs' nodes, which then refine as they did: rotation_centre
             (camera), first_step (null), stop_patience (0), stop_tolerance, colours_per_level (false);
-            gradients (auto: central differences on CUDA, autograd elsewhere; see the module docstring)).
+            gradients (auto: central differences on CUDA, autograd elsewhere; see the module docstring);
+            max_size (px: every level but the last relative to the image fitted into that size; null: to the
+            image itself; auto: :func:`resolve_max_size`)).
         backend: renderer backend ("auto" | "gsplat" | "torch" | "numba"); all are differentiable in the pose.
         scorer: the anomaly scorer whose backbone the ``feature`` loss uses (None otherwise).
     """
@@ -254,7 +275,9 @@ class PoseRefiner:
                              "or efficientnet_b4); use loss=l1 with the pixel scorer")
         self.gaussians, self.cfg, self.backend, self.scorer = gaussians, cfg, backend, scorer
         self.device = gaussians.means.device
-        self.levels = [_Level.of(settings, K, width, height, self.device) for settings in levels]
+        # the coarse levels capped (refine.max_size), the last one at the image's own size
+        caps = [resolve_max_size(cfg.get("max_size"), self.device)] * (len(levels) - 1) + [None]
+        self.levels = [_Level.of(settings, K, width, height, self.device, cap) for settings, cap in zip(levels, caps)]
         self.scene = _SceneInputs.of(gaussians, backend)
         gradients = cfg.get("gradients", "auto")
         self.differences = gradients == "differences" or (gradients == "auto" and self.device.type == "cuda")

@@ -147,7 +147,8 @@ class PoseSettler:
                     save_search_views(Path(path), views)
             self._recovery = PoseRecovery(self.gaussians, self.K, self.width, self.height, views,
                                           self.cfg.recovery, backend=self.backend,
-                                          gradients=self.cfg.get("gradients", "auto"))
+                                          gradients=self.cfg.get("gradients", "auto"),
+                                          max_size=self.cfg.get("max_size"))
         return self._recovery
 
     @property

@@ -151,6 +151,41 @@ def test_a_query_on_a_bench_is_put_back_on_white_for_the_refinement(tiny_run):
     assert checked >= 1
 
 
+def test_a_pose_found_for_a_query_without_one_is_judged_on_white_at_that_pose(tiny_run):
+    """refine.bench, a query PnP failed on: the pose the recovery found (here: the pose PnP found on white,
+    as the recovery would hand it over) is judged on the query put on white at that pose, not on the query whitened
+    by its border (a halo round the part), so a right pose is accepted as a PnP pose would be."""
+    from splatpose.data import resolve_dataset
+    from splatpose.refine.queries import PoseSettler, RefinedPose, default_refine_config
+    from splatpose.splat.ply import load_gaussians
+
+    run_dir, _ = tiny_run
+    results = json.loads((run_dir / "results.json").read_text())
+    cfg = OmegaConf.create(results["config"])
+    data = resolve_dataset(cfg.dataset, cfg["class"])
+    refine_cfg = OmegaConf.merge(default_refine_config(), {"bench": {"enabled": True}})
+    settler = PoseSettler(load_gaussians(Path(results["gaussians_ply"])), data.K, data.width, data.height,
+                          refine_cfg, data.train_w2c, backend="torch")
+    localized = json.loads((Path(results["stage_dirs"]["localize"]) / "query_poses.json").read_text())
+    test, entry = next((t, e) for t, e in zip(data.test, localized, strict=True) if t.defect == "good" and e["success"])
+    query = read_image(test.path)
+    benched = np.where((query > 0.99).all(-1, keepdims=True),
+                       background_texture("concrete", query.shape[:2], np.random.default_rng(1)), query)
+    benched = torch.from_numpy(benched).permute(2, 0, 1)
+    w2c = np.asarray(entry["w2c"])
+    by_border = settler._confidence(w2c, PoseSettler.off_the_bench_by_border(benched, 0.01))
+    at_its_pose = settler._confidence(w2c, settler.off_the_bench(benched, w2c, 10, 0.03))
+    assert at_its_pose.iou > by_border.iou and at_its_pose.l1 < by_border.l1
+    # the tiny run's rough splats line up less than trained ones: thresholds between the two alignments
+    refine_cfg.recovery.min_iou = (at_its_pose.iou + by_border.iou) / 2
+    refine_cfg.recovery.max_l1 = (at_its_pose.l1 + by_border.l1) / 2
+    found = RefinedPose(test.name, w2c, path="failed", recovery={"hypotheses": 4})
+    on_white, confidence = settler._judged_off_the_bench(benched, found)
+    assert confidence == at_its_pose and found.confidence == confidence.summary()
+    assert found.path == "recovered" and found.recovery["judged_off_the_bench_at_its_pose"]
+    assert (on_white[:, torch.from_numpy((query > 0.99).all(-1))] > 0.9).float().mean() > 0.9  # the bench gone
+
+
 def test_a_query_without_a_pose_is_taken_off_the_bench_by_the_image_border():
     """refine.bench for a query PnP failed on: the bench is learnt along the border, the part stays."""
     from splatpose.refine.queries import PoseSettler

@@ -20,7 +20,8 @@ Every step compares renders on white with the query, whose non-white pixels are 
 A query photographed on a bench (``refine.bench.enabled``) is first put on white: at its PnP pose the
 render's dilated silhouette says where the part may be, and there the pixels that look like the bench
 around it (:func:`~splatpose.scoring.object_region.background_likeness`) become white too; a query PnP
-failed on has no pose, so what looks like the bench along the image's border becomes white.
+failed on has no pose, so what looks like the bench along the image's border becomes white for the
+recovery, and the pose it finds is then judged on the query put on white at that pose.
 
 Writes ``refined_poses.json`` into the stage folder (one entry per query, in test order: the pose used
 for rendering, its path, its alignment confidence and what refining and recovering did) and reuses it
@@ -161,11 +162,13 @@ class PoseSettler:
 
     def settle(self, query: torch.Tensor, pose: QueryPose) -> RefinedPose:
         """``query`` [3, H, W] in [0, 1]; ``pose`` its localization result."""
-        query = self._prepared(query, pose)
-        settled, confidence = self._settle(query, pose)
-        settled = self._against_turns(query, settled, confidence)
+        prepared = self._prepared(query, pose)
+        settled, confidence = self._settle(prepared, pose)
+        if self._off_the_bench_by_border(pose) and not settled.localized and (settled.recovery or {}).get("hypotheses"):
+            prepared, confidence = self._judged_off_the_bench(query, settled)
+        settled = self._against_turns(prepared, settled, confidence)
         if self.needs_second_opinion(settled):
-            settled = self._second_opinion(query, settled)
+            settled = self._second_opinion(prepared, settled)
         return settled
 
     def reconsider(self, query: torch.Tensor, pose: QueryPose, settled: RefinedPose) -> RefinedPose:
@@ -186,12 +189,32 @@ class PoseSettler:
     def _prepared(self, query: torch.Tensor, pose: QueryPose) -> torch.Tensor:
         """The query as every step compares it: put on white first when it was taken on a bench."""
         bench = self.cfg.get("bench")
-        if bench is not None and bench.enabled:
-            if pose.success:
-                return self.off_the_bench(query, pose.w2c, int(bench.dilation_px), float(bench.tau))
-            if bench.get("border_tau") is not None:  # absent in runs made before it: left as it is
-                return self.off_the_bench_by_border(query, float(bench.border_tau))
+        if bench is not None and bench.enabled and pose.success:
+            return self.off_the_bench(query, pose.w2c, int(bench.dilation_px), float(bench.tau))
+        if self._off_the_bench_by_border(pose):
+            return self.off_the_bench_by_border(query, float(bench.border_tau))
         return query
+
+    def _off_the_bench_by_border(self, pose: QueryPose) -> bool:
+        """Whether ``pose``'s query is put on white by the bench along its border (taken on a bench, no PnP
+        pose; ``border_tau`` is absent in runs made before it: such queries are left as they are)."""
+        bench = self.cfg.get("bench")
+        return (bench is not None and bool(bench.enabled) and not pose.success
+                and bench.get("border_tau") is not None)
+
+    def _judged_off_the_bench(self, query: torch.Tensor, settled: RefinedPose) -> tuple[torch.Tensor, Confidence]:
+        """A pose the recovery found for a query PnP failed on was searched and judged on the query put on
+        white by its border (a halo round the part, clutter unlike the bench). Judge it again as a PnP pose
+        is judged: on ``query`` put on white at that pose. ``settled`` takes that alignment (and the path
+        "recovered" when it passes); returns the query so put on white and the alignment."""
+        bench = self.cfg.bench
+        prepared = self.off_the_bench(query, settled.w2c, int(bench.dilation_px), float(bench.tau))
+        confidence = self._confidence(settled.w2c, prepared)
+        settled.confidence = confidence.summary()
+        settled.recovery = {**settled.recovery, "judged_off_the_bench_at_its_pose": True}
+        if self._accepted(confidence):
+            settled.path = "recovered"
+        return prepared, confidence
 
     def _against_turns(self, query: torch.Tensor, settled: RefinedPose, confidence: Confidence | None) -> RefinedPose:
         """``settled``, replaced by a turned copy by the near-symmetry check when one explains ``query`` better."""

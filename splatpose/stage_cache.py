@@ -83,11 +83,18 @@ class Stage:
 
 
 class StageCache:
-    """Hands out stage folders under ``root`` and serialises work on each one across processes."""
+    """Hands out stage folders under ``root`` and serialises work on each one across processes.
 
-    def __init__(self, root: str | Path, enabled: bool = True):
+    ``device``: the kind of device the stages compute on ("cpu", "cuda"; None: not part of the keys). It is
+    part of every stage's key: the same settings give other results on another device (gsplat or the CPU
+    rasterizer, and the settings that resolve by device such as ``refine.gradients: auto``), so a cache
+    filled on a GPU is not reused by a run on the CPU, nor the other way round.
+    """
+
+    def __init__(self, root: str | Path, enabled: bool = True, device: str | None = None):
         self.root = Path(root).expanduser()
         self.enabled = enabled
+        self.device = device
 
     @contextlib.contextmanager
     def stage(self, name: str, settings: Any, inputs: tuple[str, ...] = ()) -> Iterator[Stage]:
@@ -99,6 +106,8 @@ class StageCache:
         is ever reused. A stage to be computed starts with its generators seeded by
         :func:`seed_stage`.
         """
+        if self.device is not None:
+            settings = {"settings": settings, "device": self.device}
         key = stage_key(name, settings, inputs)
         folder = self.root / name / key
         folder.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,16 @@ def test_finished_stage_is_reused_with_its_summary(tmp_path):
         assert not other.reused and other.dir != st.dir
 
 
+def test_a_stage_computed_on_one_device_is_not_reused_on_another(tmp_path):
+    """The same settings give other results on a GPU (gsplat, central differences) than on the CPU."""
+    with StageCache(tmp_path, device="cuda").stage("splat", {"steps": 10}) as on_gpu:
+        (on_gpu.dir / "point_cloud.ply").write_text("gsplat's")
+    with StageCache(tmp_path, device="cpu").stage("splat", {"steps": 10}) as on_cpu:
+        assert not on_cpu.reused and on_cpu.dir != on_gpu.dir
+    with StageCache(tmp_path, device="cuda").stage("splat", {"steps": 10}) as again:
+        assert again.reused and again.dir == on_gpu.dir
+
+
 def test_interrupted_stage_is_not_trusted(tmp_path):
     cache = StageCache(tmp_path)
     with pytest.raises(RuntimeError):

@@ -310,7 +310,7 @@ class PoseRecovery:
 
     def __init__(self, gaussians: Gaussians, K: np.ndarray, width: int, height: int,
                  reference: SearchViews, cfg: DictConfig, backend: str = "auto", gradients: str = "auto",
-                 max_size: int | None = None):
+                 max_size: int | str | None = None):
         self.gaussians, self.K, self.width, self.height = gaussians, np.asarray(K, np.float64), width, height
         self.reference, self.cfg, self.backend = reference, cfg, backend
         self.gradients, self.max_size = gradients, max_size

@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from splatpose.data.cameras import center_error, rotation_error_deg
 from splatpose.refine.queries import default_refine_config
 from splatpose.refine.recovery import (PoseRecovery, foreground_mask, orbit_views, pose_from_similarity,
-                                       render_search_views, search_similarities, silhouette_moments)
+                                       render_search_views, screened_search, search_similarities,
+                                       silhouette_moments, SCREEN_FACTOR)
 from splatpose.splat.rendering import render
 from test_refine import K, SIZE, camera, random_scene
 
@@ -98,6 +99,17 @@ def test_search_finds_the_view_and_roll():
     assert best.view == 5  # yaw 60
     roll_error = (math.degrees(best.roll) + 70.0 + 180.0) % 360.0 - 180.0
     assert abs(roll_error) <= 10.0
+
+
+def test_screened_search_keeps_the_best_view_of_the_full_search():
+    scene = random_scene(n=1500)
+    views, _ = reference_views(scene, yaws=range(-90, 91, 15))  # 13 views
+    query = torch.as_tensor(shot(scene, rolled(camera(yaw_deg=45.0), 30.0))).permute(2, 0, 1)
+    full = search_similarities(query, views, rolls=36, keep=2, colour_weight=0.5)
+    screened = screened_search(query, views, views.coarser(SCREEN_FACTOR), screen_views=4, rolls=36, keep=2,
+                               colour_weight=0.5)
+    assert [(h.view, h.roll) for h in screened] == [(h.view, h.roll) for h in full]
+    assert full[0].view == 9  # yaw 45: a view index of the reference, not of the screened subset
 
 
 # The PoseRefiner's search the recovery runs: the default (turns about the object, bounded first step,

@@ -8,7 +8,8 @@ query image, :class:`PoseRecovery`
    reference cameras and at cameras orbited a few degrees from them, :func:`orbit_views`): each view
    is rotated about its object's centroid by every roll of a grid, scaled to the query's object area and
    shifted onto the query's centroid (a 2D similarity), and compared with the query at low resolution
-   (silhouette IoU minus colour difference). The best few (view, roll) pairs become 3D poses
+   (silhouette IoU minus colour difference; the views are first screened at half that resolution,
+   :func:`screened_search`). The best few (view, roll) pairs become 3D poses
    (:func:`pose_from_similarity`): the view's camera rolled about its axis, moved along it by the
    scale and sideways by the shift;
 2. **refines** each of them through the differentiable renderer, coarse to fine
@@ -82,6 +83,18 @@ class SearchViews:
     areas: Tensor
     width: int
     height: int
+
+    def subset(self, views: list[int]) -> SearchViews:
+        """The views of indices ``views``, in that order."""
+        return SearchViews(self.w2c[views], self.images[views], self.masks[views], self.centroids[views],
+                           self.areas[views], self.width, self.height)
+
+    def coarser(self, factor: int) -> SearchViews:
+        """The same views with images and masks area-averaged ``factor`` times smaller (moments unchanged)."""
+        h, w = self.images.shape[-2:]
+        size = (max(1, h // factor), max(1, w // factor))
+        return SearchViews(self.w2c, downsample(self.images, size), downsample(self.masks, size), self.centroids,
+                           self.areas, self.width, self.height)
 
 
 def orbit_views(w2c: np.ndarray, centre: np.ndarray, offsets_deg: list[float]) -> np.ndarray:
@@ -206,6 +219,20 @@ def search_similarities(query: Tensor, reference: SearchViews, rolls: int, keep:
     return [Hypothesis(int(v), float(angles[best_roll[v]]), float(scales[v]), float(best[v])) for v in order]
 
 
+def screened_search(query: Tensor, reference: SearchViews, screen: SearchViews | None, screen_views: int, rolls: int,
+                    keep: int, colour_weight: float) -> list[Hypothesis]:
+    """:func:`search_similarities`, the views first screened at a coarser size: every view of ``screen``
+    (``reference`` made coarser, :meth:`SearchViews.coarser`) is scored, and only the ``screen_views``
+    best are searched at the reference's size. ``screen`` None, or no more views than ``screen_views``:
+    the plain search. The search's cost follows views x rolls x pixels, so a screen at half the size costs
+    a quarter of the plain search, and the views it keeps only their share of it."""
+    if screen is None or len(reference.w2c) <= screen_views:
+        return search_similarities(query, reference, rolls, keep, colour_weight)
+    views = [h.view for h in search_similarities(query, screen, rolls, screen_views, colour_weight)]
+    found = search_similarities(query, reference.subset(views), rolls, keep, colour_weight)
+    return [Hypothesis(views[h.view], h.roll, h.scale, h.score) for h in found]
+
+
 def pose_from_similarity(w2c_ref: np.ndarray, K: np.ndarray, centroid_ref: np.ndarray, centroid_query: np.ndarray,
                          roll: float, scale: float, depth: float) -> np.ndarray:
     """The camera that sees the reference view's object rolled, scaled and moved as the 2D similarity says.
@@ -292,6 +319,9 @@ class Recovery:
                 **self.confidence.summary()}
 
 
+# How much smaller the screening search's images are than the search views (refine.recovery.screen_views).
+SCREEN_FACTOR = 2
+
 # Keys of the PoseRefiner's search a ``refine.recovery`` node may set (see PoseRefiner; absent: its defaults).
 SEARCH_KEYS = ("rotation_centre", "first_step", "stop_patience", "stop_tolerance", "colours_per_level")
 
@@ -302,8 +332,8 @@ class PoseRecovery:
     Args:
         gaussians: the scene; K: [3, 3] intrinsics of the full image; width, height: its size.
         reference: the reference views at search resolution.
-        cfg: the ``refine.recovery`` node (rolls, colour_weight, levels, and per level hypotheses, steps,
-            blur; silhouette_weight, min_iou, max_l1).
+        cfg: the ``refine.recovery`` node (rolls, colour_weight, screen_views, levels, and per level
+            hypotheses, steps, blur; silhouette_weight, min_iou, max_l1).
         backend: renderer backend; gradients, max_size: the PoseRefiner's (``refine.gradients``,
             ``refine.max_size``).
     """
@@ -319,6 +349,9 @@ class PoseRecovery:
                              f"{len(cfg.levels)} levels ({list(cfg.levels)}); give one per level")
         search = {key: cfg[key] for key in SEARCH_KEYS if cfg.get(key) is not None}
         self.refiner = self._refiner(search)
+        # absent in runs made before the screen: they search every view at the full search size, as they did
+        self._screen_views = int(cfg.get("screen_views") or 0)
+        self._screen = reference.coarser(SCREEN_FACTOR) if self._screen_views else None
         # Turning about the object with bounded first steps settles turned parts' poses; its short steps can
         # stall on a hypothesis far off, where torch's long probes about the camera still reach the pose. So
         # a query the configured search lines nothing up for gets one more try with that search (its
@@ -329,8 +362,8 @@ class PoseRecovery:
         """Best pose for ``query`` [3, H, W] in [0, 1]; ``start_w2c`` (e.g. a weak PnP pose) competes too."""
         started = time.perf_counter()
         query_host = query.float().cpu()  # the search views live on the host (the query may be on the GPU)
-        hypotheses = search_similarities(query_host, self.reference, int(self.cfg.rolls), int(self.cfg.hypotheses[0]),
-                                         float(self.cfg.colour_weight))
+        hypotheses = screened_search(query_host, self.reference, self._screen, self._screen_views, int(self.cfg.rolls),
+                                     int(self.cfg.hypotheses[0]), float(self.cfg.colour_weight))
         centroid_q = silhouette_moments(foreground_mask(query_host[None]))[0][0].numpy()
         starts = [(h.view, self._pose_of(h, centroid_q)) for h in hypotheses]
         if start_w2c is not None:  # first, so the first level always refines it

@@ -121,7 +121,8 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData |
     device = resolve_device(cfg.device)
     class_name = str(cfg["class"])
     subject = f"{cfg.dataset.name}/{class_name}"
-    cache = StageCache(cfg.paths.cache_dir, enabled=cfg.use_cache, device=torch.device(device).type)
+    cache = StageCache(cfg.paths.cache_dir, enabled=cfg.use_cache, device=torch.device(device).type,
+                       threads=torch.get_num_threads())
     timer = StageTimer()
     total_start = time.perf_counter()
 

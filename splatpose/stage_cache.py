@@ -89,12 +89,18 @@ class StageCache:
     part of every stage's key: the same settings give other results on another device (gsplat or the CPU
     rasterizer, and the settings that resolve by device such as ``refine.gradients: auto``), so a cache
     filled on a GPU is not reused by a run on the CPU, nor the other way round.
+
+    ``threads``: torch's CPU thread count (None: not part of the keys). Part of every key for the same
+    reason: torch's CPU kernels split their sums by thread, so a refinement on one thread ends a few 1e-3
+    degrees from the same refinement on two, and everything downstream moves with it.
     """
 
-    def __init__(self, root: str | Path, enabled: bool = True, device: str | None = None):
+    def __init__(self, root: str | Path, enabled: bool = True, device: str | None = None,
+                 threads: int | None = None):
         self.root = Path(root).expanduser()
         self.enabled = enabled
         self.device = device
+        self.threads = threads
 
     @contextlib.contextmanager
     def stage(self, name: str, settings: Any, inputs: tuple[str, ...] = ()) -> Iterator[Stage]:
@@ -106,8 +112,8 @@ class StageCache:
         is ever reused. A stage to be computed starts with its generators seeded by
         :func:`seed_stage`.
         """
-        if self.device is not None:
-            settings = {"settings": settings, "device": self.device}
+        if self.device is not None or self.threads is not None:
+            settings = {"settings": settings, "device": self.device, "threads": self.threads}
         key = stage_key(name, settings, inputs)
         folder = self.root / name / key
         folder.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,16 @@ def test_a_stage_computed_on_one_device_is_not_reused_on_another(tmp_path):
         assert again.reused and again.dir == on_gpu.dir
 
 
+def test_a_stage_computed_on_one_thread_count_is_not_reused_on_another(tmp_path):
+    """Torch's CPU sums split by thread: one thread and two give poses a few 1e-3 degrees apart."""
+    with StageCache(tmp_path, device="cpu", threads=2).stage("refine", {"steps": 10}) as two:
+        (two.dir / "refined_poses.json").write_text("[]")
+    with StageCache(tmp_path, device="cpu", threads=1).stage("refine", {"steps": 10}) as one:
+        assert not one.reused and one.dir != two.dir
+    with StageCache(tmp_path, device="cpu", threads=2).stage("refine", {"steps": 10}) as again:
+        assert again.reused and again.dir == two.dir
+
+
 def test_interrupted_stage_is_not_trusted(tmp_path):
     cache = StageCache(tmp_path)
     with pytest.raises(RuntimeError):

@@ -101,6 +101,7 @@ class StageCache:
         self.enabled = enabled
         self.device = device
         self.threads = threads
+        self._seed_keys: dict[str, str] = {}  # stage key -> the key of its settings and inputs alone
 
     @contextlib.contextmanager
     def stage(self, name: str, settings: Any, inputs: tuple[str, ...] = ()) -> Iterator[Stage]:
@@ -110,11 +111,14 @@ class StageCache:
         ``stage.dir`` instead of computing it, and otherwise computes it there and the stage is
         marked finished on a clean exit. An exception leaves no marker, so nothing half-written
         is ever reused. A stage to be computed starts with its generators seeded by
-        :func:`seed_stage`.
+        :func:`seed_stage` from its settings and inputs alone: on another device or thread count the
+        same stage draws the same random numbers (its folder is another, its numerics may differ).
         """
+        seed_key = stage_key(name, settings, tuple(self._seed_keys.get(i, i) for i in inputs))
         if self.device is not None or self.threads is not None:
             settings = {"settings": settings, "device": self.device, "threads": self.threads}
         key = stage_key(name, settings, inputs)
+        self._seed_keys[key] = seed_key
         folder = self.root / name / key
         folder.mkdir(parents=True, exist_ok=True)
         with _file_lock(folder / ".lock"):
@@ -128,7 +132,7 @@ class StageCache:
                     json.dumps({"settings": _plain(settings), "inputs": list(inputs)},
                                indent=2, sort_keys=True, default=str))
                 log.info("[%s] computing into %s", name, folder)
-                seed_stage(key)
+                seed_stage(seed_key)
             start = time.perf_counter()
             yield stage
             stage.seconds = time.perf_counter() - start

@@ -4,6 +4,7 @@ import multiprocessing as mp
 import time
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from splatpose.stage_cache import StageCache, stage_key
@@ -48,6 +49,20 @@ def test_a_stage_computed_on_one_thread_count_is_not_reused_on_another(tmp_path)
         assert not one.reused and one.dir != two.dir
     with StageCache(tmp_path, device="cpu", threads=2).stage("refine", {"steps": 10}) as again:
         assert again.reused and again.dir == two.dir
+
+
+def test_the_random_draw_follows_the_settings_not_the_machine(tmp_path):
+    """A stage and the one after it draw the same numbers on one thread and on two (only their folders and
+    numerics differ), so a comparison between machines starts from the same random state."""
+    draws, folders = [], set()
+    for threads in (1, 2):
+        cache = StageCache(tmp_path, device="cpu", threads=threads)
+        with cache.stage("sfm", {"k": 1}) as sfm:
+            pass
+        with cache.stage("splat", {"steps": 10}, inputs=(sfm.key,)) as splat:
+            draws.append(torch.rand(4))
+        folders.add(splat.dir)
+    assert torch.equal(draws[0], draws[1]) and len(folders) == 2
 
 
 def test_interrupted_stage_is_not_trusted(tmp_path):

@@ -220,3 +220,30 @@ def test_a_doubtful_pnp_pose_gets_a_second_opinion_that_replaces_it_only_when_it
     assert kept.second_opinion is not None and not kept.second_opinion["replaced"]
     assert kept.path == "pnp" and np.allclose(kept.w2c, truth)
     assert typical_colour_difference([right] * 4) is None  # too few to call it usual
+
+
+def test_a_query_on_a_bench_is_put_on_white_again_at_each_refined_pose():
+    """refine.bench.rounds: a query on a bench is put on white at its PnP pose, and at a pose 6 degrees off
+    that keeps bench inside the render's silhouette where the part is not, which holds one refinement (the
+    realistic preset's SSIM loss) away from the truth; put on white again at each refined pose and refined
+    again, the pose comes back to the truth, and the record counts the refinements."""
+    from splatpose.data.capture_effects import background_texture
+    from splatpose.refine.queries import PoseSettler
+    from splatpose.sfm.localization import QueryPose
+    from test_refine import perturbed
+
+    scene = random_scene(n=1500)
+    truth = camera(yaw_deg=40.0)
+    clean = shot(scene, truth)
+    bench = background_texture("concrete", (SIZE, SIZE), np.random.default_rng(3))
+    query = torch.as_tensor(np.where((clean > 0.99).all(-1, keepdims=True), bench, clean)).permute(2, 0, 1).float()
+    pnp = QueryPose("q.png", perturbed(truth, 6.0, 0.0, seed=2), True, 30, 40, [])
+    errors, rounds = {}, {}
+    for most in (1, 8):
+        cfg = OmegaConf.merge(default_refine_config(), {
+            "loss": "l1_ssim", "ssim_weight": 0.8, "bench": {"enabled": True, "rounds": most},
+            "recovery": {"enabled": False}, "symmetry": {"enabled": False}})
+        settled = PoseSettler(scene, K, SIZE, SIZE, cfg, truth[None], backend="torch").settle(query, pnp)
+        errors[most], rounds[most] = rotation_error_deg(settled.w2c, truth), settled.refinement.get("rounds", 1)
+    assert errors[1] > 0.5, errors      # held near the pose the query was put on white at
+    assert errors[8] < 0.3 and rounds[8] >= 2 and rounds[1] == 1, (errors, rounds)

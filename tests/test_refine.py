@@ -285,6 +285,8 @@ def test_config_errors_name_the_key():
         check_refine_config(refine_cfg(stop_patience=-1))
     with pytest.raises(ValueError, match="refine.max_size must be auto, null .* or a number of px >= 16"):
         check_refine_config(refine_cfg(max_size=8))
+    with pytest.raises(ValueError, match="refine.bench.rounds must be >= 1"):
+        check_refine_config(refine_cfg(bench={"enabled": True, "rounds": 0}))
     with pytest.raises(ValueError, match="refine.loss=feature needs a scorer with a backbone"):
         PoseRefiner(random_scene(), K, SIZE, SIZE, refine_cfg(loss="feature"), backend="torch", scorer=None)
 

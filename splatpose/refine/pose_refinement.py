@@ -174,6 +174,7 @@ class Refinement:
     loss_start, loss_end: the loss at the start pose (first level run) and at the returned pose (last
         level run: losses of different levels are not comparable).
     rotation_change_deg, center_change: how far the returned pose is from the start (degrees, world units).
+    rounds: refinements run one after the other (a query on a bench is put on white again between them).
     """
 
     w2c: np.ndarray
@@ -183,11 +184,15 @@ class Refinement:
     rotation_change_deg: float
     center_change: float
     seconds: float
+    rounds: int = 1
 
     def summary(self) -> dict:
-        return {"steps": self.steps, "loss_start": round(self.loss_start, 6), "loss_end": round(self.loss_end, 6),
-                "rotation_change_deg": round(self.rotation_change_deg, 5),
-                "center_change": round(self.center_change, 6), "seconds": round(self.seconds, 4)}
+        out = {"steps": self.steps, "loss_start": round(self.loss_start, 6), "loss_end": round(self.loss_end, 6),
+               "rotation_change_deg": round(self.rotation_change_deg, 5),
+               "center_change": round(self.center_change, 6), "seconds": round(self.seconds, 4)}
+        if self.rounds > 1:
+            out["rounds"] = self.rounds
+        return out
 
 
 def check_refine_config(cfg: DictConfig) -> None:
@@ -215,6 +220,10 @@ def check_refine_config(cfg: DictConfig) -> None:
     if max_size not in (None, "auto") and not (isinstance(max_size, int) and max_size >= 16):
         raise ValueError(f"refine.max_size must be auto, null (levels relative to the image itself) or a number "
                          f"of px >= 16, got {max_size!r}")
+    bench = cfg.get("bench") or {}
+    if int(bench.get("rounds", 1)) < 1 or float(bench.get("settle_deg", 0.0)) < 0:
+        raise ValueError(f"refine.bench.rounds must be >= 1 (1: refine once) and refine.bench.settle_deg >= 0, got "
+                         f"{bench.get('rounds')} and {bench.get('settle_deg')}")
     for scale, steps, blur, _ in levels:
         if steps < 1:
             raise ValueError(f"refine.steps must be >= 1 (or set refine.enabled=false), got {cfg.steps}")

@@ -42,8 +42,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from splatpose.data.cameras import center_error, rotation_error_deg
 from splatpose.data.mad_sim import ClassData, read_image
-from splatpose.refine.pose_refinement import PoseRefiner
+from splatpose.refine.pose_refinement import PoseRefiner, Refinement
 from splatpose.refine.recovery import (Confidence, PoseRecovery, SearchViews, alignment_confidence,
                                        orbit_views, render_search_views)
 from splatpose.refine.symmetry import SymmetryCheck, near_symmetries
@@ -163,7 +164,7 @@ class PoseSettler:
     def settle(self, query: torch.Tensor, pose: QueryPose) -> RefinedPose:
         """``query`` [3, H, W] in [0, 1]; ``pose`` its localization result."""
         prepared = self._prepared(query, pose)
-        settled, confidence = self._settle(prepared, pose)
+        settled, confidence, prepared = self._settle(query, prepared, pose)
         if self._off_the_bench_by_border(pose) and not settled.localized and (settled.recovery or {}).get("hypotheses"):
             prepared, confidence = self._judged_off_the_bench(query, settled)
         settled = self._against_turns(prepared, settled, confidence)
@@ -176,7 +177,7 @@ class PoseSettler:
         after a second opinion when it needs one."""
         if not self.needs_second_opinion(settled):
             return settled
-        return self._second_opinion(self._prepared(query, pose), settled)
+        return self._second_opinion(self._prepared(query, pose, settled.w2c), settled)
 
     def needs_second_opinion(self, settled: RefinedPose) -> bool:
         """A PnP pose that lined up (so the recovery has not searched for it yet) with a colour difference over
@@ -186,11 +187,12 @@ class PoseSettler:
                 and settled.path == "pnp" and settled.recovery is None and settled.confidence is not None
                 and settled.second_opinion is None and settled.confidence["l1"] > float(cfg.l1_ratio) * self.typical_l1)
 
-    def _prepared(self, query: torch.Tensor, pose: QueryPose) -> torch.Tensor:
-        """The query as every step compares it: put on white first when it was taken on a bench."""
+    def _prepared(self, query: torch.Tensor, pose: QueryPose, w2c: np.ndarray | None = None) -> torch.Tensor:
+        """The query as every step compares it: put on white first when it was taken on a bench (at ``w2c``,
+        by default PnP's pose)."""
         bench = self.cfg.get("bench")
         if bench is not None and bench.enabled and pose.success:
-            return self.off_the_bench(query, pose.w2c, int(bench.dilation_px), float(bench.tau))
+            return self.off_the_bench(query, pose.w2c if w2c is None else w2c, int(bench.dilation_px), float(bench.tau))
         if self._off_the_bench_by_border(pose):
             return self.off_the_bench_by_border(query, float(bench.border_tau))
         return query
@@ -277,30 +279,58 @@ class PoseSettler:
         bench = background_likeness(image, interior, tau, ring_px=border_px) >= 0.5
         return torch.where(bench, torch.ones_like(image), image)[0].to(query.dtype)
 
-    def _settle(self, query: torch.Tensor, pose: QueryPose) -> tuple[RefinedPose, Confidence | None]:
-        """The pose by PnP, refinement and recovery, and its alignment (None when not measured)."""
+    def _settle(self, original: torch.Tensor, query: torch.Tensor, pose: QueryPose
+                ) -> tuple[RefinedPose, Confidence | None, torch.Tensor]:
+        """The pose by PnP, refinement and recovery, its alignment (None when not measured) and the query as
+        compared (``query``: ``original`` as :meth:`_prepared` gave it; on a bench, put on white again at
+        the refined pose)."""
         if pose.success:
-            refinement = self.refiner.refine(query, pose.w2c)
+            refinement, query = self._refined(original, query, pose)
             if not self.recovery_enabled:
-                return RefinedPose(pose.name, refinement.w2c, refinement.summary()), None
+                return RefinedPose(pose.name, refinement.w2c, refinement.summary()), None, query
             confidence = self._confidence(refinement.w2c, query)
             if self._accepted(confidence):
                 return RefinedPose(pose.name, refinement.w2c, refinement.summary(), "pnp",
-                                   confidence.summary()), confidence
+                                   confidence.summary()), confidence, query
             recovered = self.recovery.recover(query, start_w2c=refinement.w2c)
             if recovered.accepted:
-                return RefinedPose(pose.name, recovered.w2c, refinement.summary(), "recovered",
-                                   recovered.confidence.summary(), recovered.summary()), recovered.confidence
+                return (RefinedPose(pose.name, recovered.w2c, refinement.summary(), "recovered",
+                                    recovered.confidence.summary(), recovered.summary()), recovered.confidence, query)
             # PnP's inliers are still the strongest evidence there is (a large defect changes the outline)
             return RefinedPose(pose.name, refinement.w2c, refinement.summary(), "pnp", confidence.summary(),
-                               recovered.summary()), confidence
+                               recovered.summary()), confidence, query
         if not self.recovery_enabled:
-            return RefinedPose(pose.name, pose.w2c, path="failed"), None
+            return RefinedPose(pose.name, pose.w2c, path="failed"), None, query
         recovered = self.recovery.recover(query)
         path = "recovered" if recovered.accepted else "failed"
         w2c = recovered.w2c if recovered.hypotheses else pose.w2c
         return (RefinedPose(pose.name, w2c, None, path, recovered.confidence.summary(), recovered.summary()),
-                recovered.confidence)
+                recovered.confidence, query)
+
+    def _refined(self, original: torch.Tensor, query: torch.Tensor, pose: QueryPose) -> tuple[Refinement, torch.Tensor]:
+        """PnP's pose refined against ``query``, and the query as last compared.
+
+        On a bench (``refine.bench``) the query was put on white at the PnP pose, and what that kept holds
+        the refinement near it: inside the render's silhouette nothing is whitened, so the bench where the
+        part is not, at a pose a few degrees off, stays as if it were part. So the query is put on white
+        again at the refined pose and the pose refined again at the finest level, for up to ``rounds`` in
+        all, until a round turns it by less than ``settle_deg``; the last query put on white is at the
+        final pose."""
+        refinement = self.refiner.refine(query, pose.w2c)
+        bench = self.cfg.get("bench")
+        if bench is None or not bench.enabled or int(bench.get("rounds") or 1) <= 1:
+            return refinement, query
+        finest = [len(self.refiner.levels) - 1]
+        query = self.off_the_bench(original, refinement.w2c, int(bench.dilation_px), float(bench.tau))
+        for rounds in range(2, int(bench.rounds) + 1):
+            again = self.refiner.refine(query, refinement.w2c, levels=finest)
+            refinement = Refinement(again.w2c, refinement.steps + again.steps, refinement.loss_start, again.loss_end,
+                                    rotation_error_deg(pose.w2c, again.w2c), center_error(pose.w2c, again.w2c),
+                                    refinement.seconds + again.seconds, rounds)
+            query = self.off_the_bench(original, refinement.w2c, int(bench.dilation_px), float(bench.tau))
+            if again.rotation_change_deg < float(bench.settle_deg):
+                break
+        return refinement, query
 
     def _confidence(self, w2c: np.ndarray, query: torch.Tensor) -> Confidence:
         return alignment_confidence(self.gaussians, w2c, query, self.K, self.backend)

@@ -12,7 +12,9 @@ A run made before ``scorer.sheen`` existed is scored with the sheen's defaults, 
 (the class's allowance measured from the run's splats, ``pipeline.class_sheen_allowance``), unless the
 variant sets ``sheen.enabled=false``. One key is not a scorer setting but a study of one:
 ``denoise_h=<h>`` puts the query and the render through OpenCV's non-local-means denoising
-(``fastNlMeansDenoisingColored``, filter strength h, 5 px patches, 15 px search) before scoring.
+(``fastNlMeansDenoisingColored``, filter strength h, 5 px patches, 15 px search) before scoring;
+``query_denoise_h=<h>`` the query alone; ``gaussian_sigma=<px>`` and ``bilateral_sigma=<colour sigma>``
+put both through kornia's Gaussian blur or its 5x5 bilateral filter (spatial sigma 1.5 px).
 """
 from __future__ import annotations
 
@@ -65,6 +67,23 @@ def denoised(images: np.ndarray, h: float) -> np.ndarray:
     return np.stack([cv2.fastNlMeansDenoisingColored(p, None, h, h, 5, 15) for p in pixels]).astype(np.float32) / 255.0
 
 
+def filtered(images: np.ndarray, key: str, value: float) -> np.ndarray:
+    """[N, H, W, 3] float through kornia's Gaussian blur (``gaussian_sigma``, px) or bilateral filter
+    (``bilateral_sigma``, the colour sigma; 5x5, spatial sigma 1.5 px)."""
+    import kornia
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    if key == "gaussian_sigma":
+        size = 2 * int(round(3 * value)) + 1
+        x = kornia.filters.gaussian_blur2d(x, (size, size), (value, value))
+    else:
+        x = kornia.filters.bilateral_blur(x, (5, 5), value, (1.5, 1.5))
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+IMAGE_FILTERS = ("denoise_h=", "query_denoise_h=", "gaussian_sigma=", "bilateral_sigma=")
+
+
 def allowance(run: dict, scorer: DictConfig) -> float | None:
     """The class's sheen allowance for these scorer settings (measured once per setting and run)."""
     settings = SheenSettings.from_config(scorer.get("sheen"))
@@ -78,15 +97,20 @@ def allowance(run: dict, scorer: DictConfig) -> float | None:
 
 
 def score(run: dict, overrides: list[str]) -> dict:
-    denoise = [o for o in overrides if o.startswith("denoise_h=")]
-    overrides = OmegaConf.from_dotlist([o for o in overrides if o not in denoise])
+    image_filters = [o for o in overrides if o.startswith(IMAGE_FILTERS)]
+    overrides = OmegaConf.from_dotlist([o for o in overrides if o not in image_filters])
     cfg = OmegaConf.merge(run["scorer"], overrides)
     scorer = build_scorer(cfg)
     scorer.sheen_allowance = allowance(run, cfg)
     queries, renders = run["queries"], run["renders"]
-    if denoise:
-        h = float(denoise[-1].partition("=")[2])
-        queries, renders = denoised(queries, h), denoised(renders, h)
+    for item in image_filters:
+        key, _, value = item.partition("=")
+        if key == "query_denoise_h":
+            queries = denoised(queries, float(value))
+        elif key == "denoise_h":
+            queries, renders = denoised(queries, float(value)), denoised(renders, float(value))
+        else:
+            queries, renders = filtered(queries, key, float(value)), filtered(renders, key, float(value))
     maps = []
     for start in range(0, len(queries), 4):
         part = slice(start, start + 4)

@@ -15,8 +15,9 @@ import torch
 from omegaconf import OmegaConf
 
 from capture_scoring import capture_maps  # tests/capture_scoring.py
-from splatpose.data.capture_effects import background_texture
+from splatpose.data.capture_effects import background_texture, quantise, sensor_noise
 from splatpose.data.mad_sim import read_image
+from splatpose.scoring.denoise import denoised
 from splatpose.scoring.object_region import (background_likeness, fit_query_to_render, render_on_query_background,
                                              silhouette_region)
 
@@ -67,6 +68,33 @@ def test_background_change_stays_within_good_scores(tiny_pairs):
     # the bench kept where it looks like the bench around it is what passes: against the smooth fill alone it fires
     filled = capture_maps(cfg, benched, renders, alphas, object_region={"keep_background_tau": 0.0}).max(axis=(1, 2))
     assert (filled > good_max).any()
+
+
+def test_sensor_noise_lifts_a_good_image_far_less_with_the_denoising(tiny_pairs):
+    """scorer.denoise: a camera's photon and read noise (the realistic preset's) on a defect-free image (the
+    render itself, so that nothing else differs) lifts its map's maximum; through the non-local means on both
+    images it lifts it less than half as much."""
+    cfg, _, renders, alphas = tiny_pairs
+    rng = np.random.default_rng(0)
+    noisy = np.stack([quantise(sensor_noise(r, rng, 400.0, 0.01)).astype(np.float32) / 255.0 for r in renders])
+    lift = {}
+    for strength in (0.0, 6.0):
+        denoise = {"enabled": strength > 0, "strength": strength}
+        clean = capture_maps(cfg, renders, renders, alphas, denoise=denoise).max(axis=(1, 2))
+        lift[strength] = capture_maps(cfg, noisy, renders, alphas, denoise=denoise).max(axis=(1, 2)) - clean
+    assert (lift[0.0] > 0).all(), lift
+    assert (lift[6.0] < 0.5 * lift[0.0]).all(), lift
+
+
+def test_denoising_flattens_noise_and_keeps_an_edge():
+    rng = np.random.default_rng(0)
+    image = np.full((1, 3, 48, 48), 0.3, np.float32)
+    image[..., 24:] = 0.8                                        # a step edge
+    noisy = torch.from_numpy(np.clip(image + rng.normal(0, 0.04, image.shape), 0, 1).astype(np.float32))
+    out = denoised(noisy, 6.0)
+    assert out.shape == noisy.shape and out.dtype == noisy.dtype
+    assert float(out[..., 4:20, 4:20].std()) < 0.4 * float(noisy[..., 4:20, 4:20].std())
+    assert float(out[..., 30:44].mean() - out[..., 4:18].mean()) > 0.45   # the edge's 0.5 step stays
 
 
 def test_fit_recovers_gain_and_offset_despite_a_defect():

@@ -171,6 +171,11 @@ def test_wrong_levels_name_the_config_key():
         build_scorer(scorer_cfg("efficientnet_lite0", levels=[3, 7]))
 
 
+def test_negative_denoise_strength_names_the_config_key():
+    with pytest.raises(ValueError, match=r"scorer\.denoise\.strength: -1\.0"):
+        build_scorer(scorer_cfg("pixel", denoise={"enabled": True, "strength": -1.0}))
+
+
 @pytest.mark.gpu
 def test_scorer_on_cuda_matches_cpu(grace_hopper):
     if not torch.cuda.is_available():

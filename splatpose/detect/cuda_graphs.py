@@ -78,8 +78,8 @@ class GraphedScorer:
 
     def __call__(self, query: torch.Tensor, render: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
         # The object region and the photometric fit decide per image on the host (how many pixels are
-        # object, trimmed fits): they run eagerly.
-        if self.failed or query.device.type != "cuda" or alpha is not None:
+        # object, trimmed fits), the denoising runs there: they run eagerly.
+        if self.failed or query.device.type != "cuda" or alpha is not None or self.scorer.denoise_strength:
             return self.scorer(query, render, alpha)
         key = (tuple(query.shape), query.dtype, render.dtype)
         if key not in self.graphs:

@@ -22,6 +22,9 @@ is fitted to the render photometrically inside the object and the render is put 
 background (the fill where the query shows something the bench around it has not, the query's own
 pixel where it shows the bench); after, the map is zeroed outside the render's dilated silhouette.
 
+With ``denoise`` on, query and render first go through the same non-local-means filter (a camera's
+noise, :mod:`splatpose.scoring.denoise`).
+
 With the class's sheen allowance set (``sheen_allowance``, measured on its held-out reference views by
 the pipeline), the white light a highlight adds over the render is first taken off the query, up to
 that allowance (:mod:`splatpose.scoring.sheen`).
@@ -37,6 +40,7 @@ from torch import nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from splatpose.scoring.backbones import FeatureBackbone, build_backbone
+from splatpose.scoring.denoise import denoised
 from splatpose.scoring.object_region import (background_likeness, fit_query_to_render, render_on_query_background,
                                              silhouette_region)
 from splatpose.scoring.sheen import SheenSettings, take_off_sheen
@@ -60,6 +64,8 @@ class AnomalyScorer(nn.Module):
             dilated silhouette with a Gaussian of ``fill_sigma`` input pixels); "white": left on white.
         keep_background_tau: with "query", a band pixel that looks like the bench around it keeps the
             query's own pixel as background instead of the fill (:func:`background_likeness`; 0: off).
+        denoise_strength: > 0: query and render first go through non-local means of this strength (8-bit
+            grey levels; :func:`splatpose.scoring.denoise.denoised`, a camera's noise); 0: off.
         sheen: how the sheen's white excess is measured (:func:`take_off_sheen`; None: the defaults);
             it is taken off the query while the attribute ``sheen_allowance`` (the class's, a float
             > 0) is set; None (as built): off.
@@ -78,8 +84,12 @@ class AnomalyScorer(nn.Module):
                  blur_kernel_size: int = 9, blur_sigma: float = 4.0, photometric_fit: bool = False,
                  fit_alpha: float = 0.9, object_region: bool = False, region_threshold: float = 0.5,
                  dilation_px: int = 0, region_background: str = "white", fill_sigma: float = 4.0,
-                 keep_background_tau: float = 0.0, sheen: SheenSettings | None = None):
+                 keep_background_tau: float = 0.0, denoise_strength: float = 0.0,
+                 sheen: SheenSettings | None = None):
         super().__init__()
+        if denoise_strength < 0:
+            raise ValueError(f"scorer.denoise.strength: {denoise_strength}; use > 0 (or denoise.enabled=false)")
+        self.denoise_strength = float(denoise_strength)
         self.sheen = sheen or SheenSettings()
         self.sheen_allowance: float | None = None
         if keep_background_tau < 0:
@@ -130,6 +140,8 @@ class AnomalyScorer(nn.Module):
                              f"and {tuple(render.shape)}")
         batch = query.shape[0]
         region = None
+        if self.denoise_strength:
+            query, render = denoised(query, self.denoise_strength), denoised(render, self.denoise_strength)
         if alpha is not None or self.sheen_allowance:
             query = query.to(self.mean.device, torch.float32)
             render = render.to(self.mean.device, torch.float32)
@@ -176,14 +188,15 @@ def build_scorer(cfg_scorer, device: str | torch.device = "cpu") -> AnomalyScore
     ``rgb_weight``, ``size``, ``mean``, ``std``, ``blur.kernel_size``, ``blur.sigma`` (``blur: null``
     or ``kernel_size: 0``: no blur), ``photometric_fit.{enabled,fit_alpha}``,
     ``object_region.{enabled,threshold,dilation_px,background,fill_sigma,keep_background_tau}`` (absent:
-    off), ``sheen`` (:class:`SheenSettings`; the scorer built here has no allowance set: whoever
-    measures the class's sets it).
+    off), ``denoise.{enabled,strength}`` (absent: off), ``sheen`` (:class:`SheenSettings`; the scorer
+    built here has no allowance set: whoever measures the class's sets it).
     ``batch_size`` is read by the caller, not here.
     """
     blur = cfg_scorer.get("blur") or {"kernel_size": 0}  # blur: null means no blur
     level_weights = cfg_scorer.get("level_weights")
     photometric = cfg_scorer.get("photometric_fit") or {}
     region = cfg_scorer.get("object_region") or {}
+    denoise = cfg_scorer.get("denoise") or {}
     scorer = AnomalyScorer(
         backbone=build_backbone(cfg_scorer),
         size=int(cfg_scorer.get("size", 224)),
@@ -200,6 +213,7 @@ def build_scorer(cfg_scorer, device: str | torch.device = "cpu") -> AnomalyScore
         region_background=str(region.get("background", "white")),
         fill_sigma=float(region.get("fill_sigma", 4.0)),
         keep_background_tau=float(region.get("keep_background_tau", 0.0)),
+        denoise_strength=float(denoise.get("strength", 6.0)) if denoise.get("enabled", False) else 0.0,
         sheen=SheenSettings.from_config(cfg_scorer.get("sheen")),
     )
     return scorer.to(device).eval()

@@ -34,6 +34,7 @@ from splatpose.data.mad_sim import read_image, read_mask
 from splatpose.metrics import evaluate, normalise_maps
 from splatpose.pipeline import class_sheen_allowance
 from splatpose.scoring.anomaly_maps import build_scorer
+from splatpose.scoring.denoise import denoised as scorer_denoised
 from splatpose.scoring.sheen import SheenSettings
 
 
@@ -60,11 +61,9 @@ def load_run(run: Path) -> dict:
 
 
 def denoised(images: np.ndarray, h: float) -> np.ndarray:
-    """[N, H, W, 3] float in [0, 1] through OpenCV's non-local means (uint8 in, uint8 out)."""
-    import cv2
-
-    pixels = np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return np.stack([cv2.fastNlMeansDenoisingColored(p, None, h, h, 5, 15) for p in pixels]).astype(np.float32) / 255.0
+    """[N, H, W, 3] float in [0, 1] through the scorer's non-local means (``scorer.denoise`` at strength h)."""
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2)
+    return scorer_denoised(x, h).permute(0, 2, 3, 1).numpy()
 
 
 def filtered(images: np.ndarray, key: str, value: float) -> np.ndarray:

@@ -221,7 +221,8 @@ def check_refine_config(cfg: DictConfig) -> None:
         raise ValueError(f"refine.max_size must be auto, null (levels relative to the image itself) or a number "
                          f"of px >= 16, got {max_size!r}")
     bench = cfg.get("bench") or {}
-    if int(bench.get("rounds", 1)) < 1 or float(bench.get("settle_deg", 0.0)) < 0:
+    rounds, settle_deg = bench.get("rounds"), bench.get("settle_deg")  # null (or absent): one refinement
+    if (rounds is not None and int(rounds) < 1) or (settle_deg is not None and float(settle_deg) < 0):
         raise ValueError(f"refine.bench.rounds must be >= 1 (1: refine once) and refine.bench.settle_deg >= 0, got "
                          f"{bench.get('rounds')} and {bench.get('settle_deg')}")
     for scale, steps, blur, _ in levels:

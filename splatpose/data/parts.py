@@ -36,7 +36,9 @@ from tqdm import tqdm
 from splatpose.data import generated_cache
 from splatpose.data.cameras import look_at_opengl_c2w
 from splatpose.data.generated_cache import save_png, write_json
-from splatpose.data.mad_sim import TEST_POSES_FILE, TRANSFORMS_FILE
+from splatpose.data.mad_sim import REFERENCE_MASKS_DIR, TEST_POSES_FILE, TRANSFORMS_FILE
+from splatpose.data.parts_capture import (BENCH_KINDS, TestLight, add_line_clutter, bench_texture, bench_view,
+                                          draw_test_light, photograph)
 
 # Bump when a change to the generator changes its output: cached datasets are then regenerated.
 GENERATOR_VERSION = 1
@@ -77,11 +79,51 @@ class PartsSettings:
     min_defect_pixels: int = 40
     max_defect_fraction: float = 0.15
     mask_depth_change: float = 0.004             # a visible surface that moved more than this is defect
+    # A camera on an inspection line (parts_capture.py); all off in the clean presets, and then absent
+    # from the key. Test views only where named so; train views are the careful reference capture.
+    bench: bool = False                          # a bench behind the part (one kind per class), its shadow
+    test_clutter: tuple[int, int] = (1, 3)       # things left on the bench in each test view (low, high)
+    shadow: float = 0.35                         # darkness of the part's soft shadow on the bench
+    light_turn_deg: float = 0.0                  # test views: the studio turned about the vertical by up to this
+    light_gain: tuple[float, float] = (1.0, 1.0)  # test views: the light's level (log-uniform range)
+    light_warmth: float = 0.0                    # test views: red x (1 + w), blue x (1 - w), |w| up to this
+    vignetting: float = 0.0                      # the lens's corner falloff, every view
+    reference_electrons: float = 0.0             # photon noise of train views: electrons at white (0: none)
+    test_electrons: tuple[float, float] = (0.0, 0.0)  # and of test views (log-uniform range; 0: none)
+    read_noise: float = 0.0                      # Gaussian read noise, std in linear units (with photon noise)
+    reference_jpeg: int = 0                      # JPEG quality of train views (0: PNG only)
+    test_jpeg: tuple[int, int] = (0, 0)          # and of test views (uniform range; 0: none)
+    reference_masks: bool = False                # write train/masks/<i>.png (the part's coverage)
 
     def key(self) -> str:
-        return generated_cache.settings_key(GENERATOR_VERSION, self)
+        # Capture settings at their defaults are left out, so the clean presets keep their folders.
+        defaults = {f.name: f.default for f in dataclasses.fields(PartsSettings)}
+        values = {k: v for k, v in dataclasses.asdict(self).items()
+                  if k not in CAPTURE_FIELDS or v != defaults[k]}
+        return generated_cache.settings_key(GENERATOR_VERSION, values)
+
+    @property
+    def realistic(self) -> bool:
+        """Whether any capture effect is on (then every image goes through parts_capture.photograph)."""
+        return bool(self.bench or self.light_turn_deg or self.light_gain != (1.0, 1.0) or self.light_warmth
+                    or self.vignetting or self.reference_electrons or any(self.test_electrons)
+                    or self.reference_jpeg or any(self.test_jpeg) or self.reference_masks)
 
 
+CAPTURE_FIELDS = ("bench", "test_clutter", "shadow", "light_turn_deg", "light_gain", "light_warmth", "vignetting",
+                  "reference_electrons", "test_electrons", "read_noise", "reference_jpeg", "test_jpeg",
+                  "reference_masks")
+# The realistic capture, fixed from what a line's camera sees before any run on it (PROTOCOL's twentieth
+# decision): a light turned by up to 40 degrees, 0.8-1.25x and slightly warmer or cooler between the
+# reference capture and the line; a short exposure on the line (300-1200 electrons at white) against a long
+# one for the references; JPEG 75-92 on the line, 95 for the references.
+_REALISTIC = {"bench": True, "light_turn_deg": 40.0, "light_gain": (0.8, 1.25), "light_warmth": 0.06,
+              "vignetting": 0.15, "reference_electrons": 2000.0, "test_electrons": (300.0, 1200.0),
+              "read_noise": 0.004, "reference_jpeg": 95, "test_jpeg": (75, 92), "reference_masks": True}
+
+
+_TINY = {"width": 64, "height": 64, "n_train": 6, "n_test_good": 2, "n_test_per_defect": 1, "spp": 16,
+         "edge_len": 0.06, "defect_size": 0.3, "min_defect_pixels": 6, "max_defect_fraction": 0.4}
 PRESETS: dict[str, dict] = {
     # The CPU default: 200x200, quick enough to path-trace on a CPU (experiments/results/notes_data_io.md).
     "small": {},
@@ -89,8 +131,11 @@ PRESETS: dict[str, dict] = {
     "mad_sim_like": {"width": 400, "height": 400, "n_train": 120, "n_test_good": 25, "n_test_per_defect": 15,
                      "edge_len": 0.02, "min_defect_pixels": 160},
     # For tests: tiny images, a handful of views, coarse meshes.
-    "tiny": {"width": 64, "height": 64, "n_train": 6, "n_test_good": 2, "n_test_per_defect": 1, "spp": 16,
-             "edge_len": 0.06, "defect_size": 0.3, "min_defect_pixels": 6, "max_defect_fraction": 0.4},
+    "tiny": _TINY,
+    # "small" as a line's camera sees it (parts_capture.py): same objects, poses and defect masks.
+    "realistic": _REALISTIC,
+    # "tiny" as a line's camera sees it, for tests.
+    "tiny_realistic": {**_TINY, **_REALISTIC},
 }
 
 
@@ -202,6 +247,53 @@ def image_seed(settings: PartsSettings, class_name: str, image_name: str) -> int
 
 
 # --------------------------------------------------------------------------------------------------
+# The line's camera (the realistic presets)
+
+
+class LineCamera:
+    """Draws and applies the capture of one class (parts_capture.py): the class's bench, each test view's
+    light, and each view's clutter, noise and JPEG quality, every draw seeded by (seed, class, image)."""
+
+    def __init__(self, settings: PartsSettings, class_name: str):
+        self.settings, self.class_name = settings, class_name
+        self.bench = None
+        if settings.bench:
+            rng = generated_cache.class_rng(settings.seed, f"{class_name}/bench")
+            kind = BENCH_KINDS[int(rng.integers(len(BENCH_KINDS)))]
+            self.bench = bench_texture(kind, (settings.height * 3, settings.width * 3), rng)
+
+    def _rng(self, name: str, stream: int) -> np.random.Generator:
+        return np.random.default_rng([image_seed(self.settings, self.class_name, name), stream])
+
+    def light(self, name: str) -> TestLight:
+        """The light a test image is rendered under (train images: the studio as it is)."""
+        s = self.settings
+        return draw_test_light(self._rng(name, 1), s.light_turn_deg, s.light_gain, s.light_warmth)
+
+    def photograph(self, out_dir: Path, name: str, premultiplied: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+        """uint8 [H, W, 3] of a rendered view (render_linear's output) as the line's camera records it;
+        for a train view with reference_masks, its object mask is written to train/masks/."""
+        s, rng, test = self.settings, self._rng(name, 2), name.startswith("test/")
+        bench = None
+        if self.bench is not None:
+            bench = bench_view(self.bench, alpha.shape, rng)
+            if test:
+                bench = add_line_clutter(bench, rng, int(rng.integers(s.test_clutter[0], s.test_clutter[1] + 1)))
+        if test:
+            low, high = s.test_electrons
+            electrons = float(np.exp(rng.uniform(np.log(low), np.log(high)))) if low else 0.0
+            jpeg = int(rng.integers(s.test_jpeg[0], s.test_jpeg[1] + 1)) if s.test_jpeg[0] else 0
+        else:
+            electrons, jpeg = s.reference_electrons, s.reference_jpeg
+            if s.reference_masks:
+                save_png(out_dir / REFERENCE_MASKS_DIR / f"{Path(name).stem}.png",
+                         (alpha >= 0.5).astype(np.uint8) * 255)
+        light = self.light(name) if test else TestLight()
+        return photograph(premultiplied, alpha, bench, light, rng, s.shadow if bench is not None else 0.0,
+                          s.vignetting, electrons, s.read_noise, jpeg)
+
+
+# --------------------------------------------------------------------------------------------------
 # One class
 
 
@@ -219,13 +311,20 @@ def generate_class(out_dir: Path, class_name: str, settings: PartsSettings) -> N
     train_c2w = train_poses(settings)
     train_centres = np.stack([c2w[:3, 3] for c2w in train_c2w])
     n_test = settings.n_test_good + settings.n_test_per_defect * len(PARTS_DEFECTS)
+    camera = LineCamera(settings, class_name) if settings.realistic else None
     out_dir.mkdir(parents=True)
+
+    def image_of(name: str, view_scene, c2w: np.ndarray) -> np.ndarray:
+        seed = image_seed(settings, class_name, name)
+        return tracer.render_rgb(view_scene, c2w, seed) if camera is None else camera.photograph(
+            out_dir, name, *tracer.render_linear(view_scene, c2w, seed))
+
     with tqdm(total=len(train_c2w) + n_test, desc=f"generating parts {class_name}", unit="img",
               leave=False) as progress:
         frames = []
         for i, c2w in enumerate(train_c2w):
             name = f"train/good/{i}.png"
-            save_png(out_dir / name, tracer.render_rgb(scene, c2w, image_seed(settings, class_name, name)))
+            save_png(out_dir / name, image_of(name, scene, c2w))
             frames.append({"file_path": name, "transform_matrix": c2w.tolist()})
             progress.update()
         write_json(out_dir / TRANSFORMS_FILE, {"camera_angle_x": settings.camera_angle_x, "frames": frames})
@@ -234,16 +333,17 @@ def generate_class(out_dir: Path, class_name: str, settings: PartsSettings) -> N
         for k in range(settings.n_test_good):
             c2w = sample_test_pose(settings, rng, train_centres)
             name = f"test/good/{k:03d}.png"
-            save_png(out_dir / name, tracer.render_rgb(scene, c2w, image_seed(settings, class_name, name)))
+            lit = scene if camera is None else tracer.scene(obj, camera.light(name))
+            save_png(out_dir / name, image_of(name, lit, c2w))
             test_poses[name] = c2w.tolist()
             progress.update()
         for defect in PARTS_DEFECTS:
             for k in range(settings.n_test_per_defect):
                 name = f"test/{defect}/{k:03d}.png"
+                light = TestLight() if camera is None else camera.light(name)
                 c2w, defective_scene, mask = place_visible_defect(tracer, obj, scene, defect, settings, rng,
-                                                                  train_centres)
-                save_png(out_dir / name, tracer.render_rgb(defective_scene, c2w,
-                                                           image_seed(settings, class_name, name)))
+                                                                  train_centres, light)
+                save_png(out_dir / name, image_of(name, defective_scene, c2w))
                 save_png(out_dir / "ground_truth" / defect / f"{k:03d}_mask.png", mask.astype(np.uint8) * 255)
                 test_poses[name] = c2w.tolist()
                 progress.update()
@@ -255,7 +355,7 @@ def generate_class(out_dir: Path, class_name: str, settings: PartsSettings) -> N
 
 
 def place_visible_defect(tracer, obj, scene, defect: str, settings: PartsSettings, rng: np.random.Generator,
-                         train_centres: np.ndarray, max_tries: int = 40):
+                         train_centres: np.ndarray, light: TestLight = TestLight(), max_tries: int = 40):
     """A test pose, the scene with one defect seen from it, and the defect's mask.
 
     The defect is centred on the surface point seen by a random object pixel whose surface faces the
@@ -264,7 +364,7 @@ def place_visible_defect(tracer, obj, scene, defect: str, settings: PartsSetting
     object's pixels; otherwise another point, and after a few failures another pose, is drawn.
 
     Returns:
-        c2w: [4, 4] OpenGL camera-to-world; the defective Mitsuba scene; mask: bool [H, W].
+        c2w: [4, 4] OpenGL camera-to-world; the defective Mitsuba scene (under ``light``); mask: bool [H, W].
     """
     from splatpose.data.parts_defects import apply_defect
 
@@ -281,7 +381,7 @@ def place_visible_defect(tracer, obj, scene, defect: str, settings: PartsSetting
         if normal @ (c2w[:3, 3] - centre) < 0.0:
             normal = -normal
         defective = apply_defect(obj, defect, centre, normal, settings.defect_size, rng)
-        defective_scene = tracer.scene(defective)
+        defective_scene = tracer.scene(defective, light)
         mask = defect_mask(good, tracer.render_surface(defective_scene, c2w), settings.mask_depth_change)
         if settings.min_defect_pixels <= int(mask.sum()) <= settings.max_defect_fraction * object_pixels:
             return c2w, defective_scene, mask

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from splatpose.data.parts_capture import TestLight
 from splatpose.data.parts_defects import DefectiveObject
 from splatpose.data.parts_meshes import Material, PartObject, SurfaceMesh
 
@@ -135,20 +136,24 @@ class PathTracer:
         # One sample per pixel at a fixed seed: good and defective renders see the same rays.
         self.surface_integrator = mi.load_dict({"type": "aov",
                                                 "aovs": "dd.y:depth,si:shape_index,p:position,n:geo_normal"})
-        self.lights = self._studio_lights(light_scale)
+        self.light_scale = light_scale
 
     # ----------------------------------------------------------------------------------------------
     # Scene
 
-    def _studio_lights(self, scale: float) -> dict:
+    def _studio_lights(self, light: TestLight) -> dict:
         """The studio as one environment map (see studio_environment): lights at infinity cast soft
-        shadows like area lights, yet no light panel can ever stand in a camera's view."""
-        radiance = studio_environment() * scale
+        shadows like area lights, yet no light panel can ever stand in a camera's view. ``light`` turns it
+        about world +z and scales and tints it (TestLight(): the studio as the reference views see it)."""
+        radiance = studio_environment() * self.light_scale * light.rgb
         # Mitsuba's envmap has +y up in its own frame; this to_world puts that on the world's +z
-        # (local x, y, z -> world x, z, -y; studio_environment is laid out for it).
-        to_world = self.mi.ScalarTransform4f([[1, 0, 0, 0], [0, 0, -1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])
+        # (local x, y, z -> world x, z, -y; studio_environment is laid out for it), then turns it about +z.
+        c, s = np.cos(np.radians(light.turn_deg)), np.sin(np.radians(light.turn_deg))
+        turn = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+        y_up_to_z_up = np.array([[1, 0, 0, 0], [0, 0, -1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])
+        to_world = turn @ y_up_to_z_up if light.turn_deg else y_up_to_z_up
         return {"studio": {"type": "envmap", "bitmap": self.mi.Bitmap(radiance.astype(np.float32)),
-                           "to_world": to_world}}
+                           "to_world": self.mi.ScalarTransform4f(to_world.tolist())}}
 
     def _bsdf(self, material: Material) -> dict:
         """The material as a two-sided BSDF: a chip can fold a few faces over, and Mitsuba's one-sided
@@ -188,12 +193,13 @@ class PathTracer:
         shape.add_attribute("vertex_color", 3, np.ravel(mesh.colours).astype(np.float32))
         return shape
 
-    def scene(self, obj: PartObject | DefectiveObject):
-        """A Mitsuba scene of an object (defect-free: one shape; defective: base + "defect" shapes) and the lights."""
+    def scene(self, obj: PartObject | DefectiveObject, light: TestLight = TestLight()):
+        """A Mitsuba scene of an object (defect-free: one shape; defective: base + "defect" shapes) under the
+        studio lights (turned, scaled and tinted by ``light``)."""
         shapes = ({"object": self._shape("object", obj.mesh, obj.material)} if isinstance(obj, PartObject) else
                   {"object": self._shape("object", obj.base, obj.material),
                    DEFECT_SHAPE_ID: self._shape(DEFECT_SHAPE_ID, obj.defect, obj.defect_material)})
-        return self.mi.load_dict({"type": "scene", **self.lights, **shapes})
+        return self.mi.load_dict({"type": "scene", **self._studio_lights(light), **shapes})
 
     def _sensor(self, c2w_opengl: np.ndarray):
         return self.mi.load_dict({
@@ -211,6 +217,13 @@ class PathTracer:
 
     def render_rgb(self, scene, c2w_opengl: np.ndarray, seed: int) -> np.ndarray:
         """uint8 [H, W, 3] sRGB image of the scene from an OpenGL c2w [4, 4], composited onto white."""
+        premultiplied, alpha = self.render_linear(scene, c2w_opengl, seed)
+        linear = premultiplied + (1.0 - alpha)[..., None]
+        return np.round(linear_to_srgb(linear) * 255.0).astype(np.uint8)
+
+    def render_linear(self, scene, c2w_opengl: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The scene from an OpenGL c2w [4, 4] before any background: linear RGB [H, W, 3] premultiplied by
+        the object's coverage, and that coverage alpha [H, W] in [0, 1] (float64)."""
         sensor = self._sensor(c2w_opengl)
         rgba = np.asarray(self.mi.render(scene, sensor=sensor, integrator=self.colour_integrator, seed=seed,
                                          spp=self.spp), dtype=np.float64)
@@ -229,8 +242,7 @@ class PathTracer:
                         int((~np.isfinite(rgba)).any(axis=-1).sum()))
             rgba = np.nan_to_num(rgba, nan=0.0, posinf=0.0, neginf=0.0)
         # Camera rays that miss contribute 0 (hidden emitters), so rgb is premultiplied by coverage.
-        linear = rgba[..., :3] + (1.0 - np.clip(rgba[..., 3:4], 0.0, 1.0))
-        return np.round(linear_to_srgb(linear) * 255.0).astype(np.uint8)
+        return rgba[..., :3], np.clip(rgba[..., 3], 0.0, 1.0)
 
     def render_surface(self, scene, c2w_opengl: np.ndarray, seed: int = 0) -> "SurfacePass":
         """What each pixel sees, from one sample per pixel (at a fixed seed, renders of two scenes at one

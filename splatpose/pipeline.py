@@ -122,7 +122,7 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData |
     class_name = str(cfg["class"])
     subject = f"{cfg.dataset.name}/{class_name}"
     cache = StageCache(cfg.paths.cache_dir, enabled=cfg.use_cache, device=torch.device(device).type,
-                       threads=torch.get_num_threads())
+                       threads=torch.get_num_threads(), cpu_capability=torch.backends.cpu.get_cpu_capability())
     timer = StageTimer()
     total_start = time.perf_counter()
 

@@ -93,14 +93,21 @@ class StageCache:
     ``threads``: torch's CPU thread count (None: not part of the keys). Part of every key for the same
     reason: torch's CPU kernels split their sums by thread, so a refinement on one thread ends a few 1e-3
     degrees from the same refinement on two, and everything downstream moves with it.
+
+    ``cpu_capability``: the vector instruction set torch's CPU kernels dispatch to
+    (``torch.backends.cpu.get_cpu_capability()``, e.g. "AVX512", "AVX2"; None: not part of the keys). Part
+    of every key because the kernels of each instruction set round otherwise: the same tiny run trained
+    other splats under ATEN_CPU_CAPABILITY=avx2 than under avx512 on one machine, so a cache copied from
+    another machine is not taken for this one's result (experiments/results/reliability_cpu_2026-12-07.md).
     """
 
     def __init__(self, root: str | Path, enabled: bool = True, device: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, cpu_capability: str | None = None):
         self.root = Path(root).expanduser()
         self.enabled = enabled
         self.device = device
         self.threads = threads
+        self.cpu_capability = cpu_capability
         self._seed_keys: dict[str, str] = {}  # stage key -> the key of its settings and inputs alone
 
     @contextlib.contextmanager
@@ -111,12 +118,13 @@ class StageCache:
         ``stage.dir`` instead of computing it, and otherwise computes it there and the stage is
         marked finished on a clean exit. An exception leaves no marker, so nothing half-written
         is ever reused. A stage to be computed starts with its generators seeded by
-        :func:`seed_stage` from its settings and inputs alone: on another device or thread count the
+        :func:`seed_stage` from its settings and inputs alone: on another device, thread count or CPU the
         same stage draws the same random numbers (its folder is another, its numerics may differ).
         """
         seed_key = stage_key(name, settings, tuple(self._seed_keys.get(i, i) for i in inputs))
-        if self.device is not None or self.threads is not None:
-            settings = {"settings": settings, "device": self.device, "threads": self.threads}
+        if self.device is not None or self.threads is not None or self.cpu_capability is not None:
+            settings = {"settings": settings, "device": self.device, "threads": self.threads,
+                        **({"cpu_capability": self.cpu_capability} if self.cpu_capability else {})}
         key = stage_key(name, settings, inputs)
         self._seed_keys[key] = seed_key
         folder = self.root / name / key

@@ -51,6 +51,16 @@ def test_a_stage_computed_on_one_thread_count_is_not_reused_on_another(tmp_path)
         assert again.reused and again.dir == two.dir
 
 
+def test_a_stage_computed_with_one_cpu_instruction_set_is_not_reused_with_another(tmp_path):
+    """Torch's AVX2 and AVX512 kernels round otherwise (a tiny run's splats differ between them)."""
+    with StageCache(tmp_path, device="cpu", threads=2, cpu_capability="AVX512").stage("splat", {"steps": 10}) as wide:
+        (wide.dir / "point_cloud.ply").write_text("AVX512's")
+    with StageCache(tmp_path, device="cpu", threads=2, cpu_capability="AVX2").stage("splat", {"steps": 10}) as narrow:
+        assert not narrow.reused and narrow.dir != wide.dir
+    with StageCache(tmp_path, device="cpu", threads=2, cpu_capability="AVX512").stage("splat", {"steps": 10}) as again:
+        assert again.reused and again.dir == wide.dir
+
+
 def test_the_random_draw_follows_the_settings_not_the_machine(tmp_path):
     """A stage and the one after it draw the same numbers on one thread and on two (only their folders and
     numerics differ), so a comparison between machines starts from the same random state."""

@@ -68,6 +68,17 @@ def test_splat_stage_gives_the_same_bytes_with_or_without_upstream_stages_in_the
     assert second["splat"]["resumed"] is False
 
 
+def test_stage_settings_name_the_machine_that_computed_them(tiny_runs):
+    """What decides a stage's bits beyond its settings is in its key: the device kind, torch's thread
+    count and the CPU instruction set its kernels dispatch to."""
+    import torch
+
+    _, first, _, _ = tiny_runs
+    recorded = json.loads((Path(first["stage_dirs"]["splat"]) / "settings.json").read_text())["settings"]
+    assert recorded["device"] == "cpu" and recorded["threads"] == torch.get_num_threads()
+    assert recorded["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
 def test_run_folder_serves_detect_after_the_stage_cache_is_deleted(tiny_runs):
     tmp_path, _, _, second = tiny_runs
     run_dir = tmp_path / "second"

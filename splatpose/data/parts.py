@@ -16,6 +16,10 @@ Per class, in the MAD-Sim layout (shared/MAD_SIM_FORMAT.md)::
                                          from id/depth passes of the defective and defect-free scenes
     test_poses.json        the true test poses (OpenGL camera-to-world), only to measure localization
 
+The ``realistic`` presets add what a camera on an inspection line records (parts_capture.py: a bench,
+a light that changed since the reference capture, noise, JPEG; train/masks/<i>.png), built apart from the
+tuning family's capture_effects.py.
+
 ``ensure_parts_dataset(root, classes, preset=..., **overrides)`` generates what is missing into
 ``root/parts-<key>/`` and returns that folder; same settings and seed -> byte-identical files (with the
 same Mitsuba variant, which is part of the key).
@@ -37,7 +41,7 @@ from splatpose.data import generated_cache
 from splatpose.data.cameras import look_at_opengl_c2w
 from splatpose.data.generated_cache import save_png, write_json
 from splatpose.data.mad_sim import REFERENCE_MASKS_DIR, TEST_POSES_FILE, TRANSFORMS_FILE
-from splatpose.data.parts_capture import (BENCH_KINDS, TestLight, add_line_clutter, bench_texture, bench_view,
+from splatpose.data.parts_capture import (BENCH_KINDS, ViewLight, add_line_clutter, bench_texture, bench_view,
                                           draw_test_light, photograph)
 
 # Bump when a change to the generator changes its output: cached datasets are then regenerated.
@@ -169,7 +173,8 @@ def ensure_parts_dataset(root: Path, classes: list[str] | tuple[str, ...] = PART
     Args:
         root: cache folder; the dataset lives in ``root/parts-<settings key>/``.
         classes: class names (PARTS_CLASSES).
-        preset: "small" (CPU default), "mad_sim_like" or "tiny" (tests); ``generator_settings`` override
+        preset: "small" (CPU default), "mad_sim_like", "realistic", "tiny" or "tiny_realistic" (tests);
+            ``generator_settings`` override
             its fields (see PartsSettings).
     Returns:
         The dataset root, to pass to ``mad_sim.load_class(root, class_name)``.
@@ -265,7 +270,7 @@ class LineCamera:
     def _rng(self, name: str, stream: int) -> np.random.Generator:
         return np.random.default_rng([image_seed(self.settings, self.class_name, name), stream])
 
-    def light(self, name: str) -> TestLight:
+    def light(self, name: str) -> ViewLight:
         """The light a test image is rendered under (train images: the studio as it is)."""
         s = self.settings
         return draw_test_light(self._rng(name, 1), s.light_turn_deg, s.light_gain, s.light_warmth)
@@ -288,7 +293,7 @@ class LineCamera:
             if s.reference_masks:
                 save_png(out_dir / REFERENCE_MASKS_DIR / f"{Path(name).stem}.png",
                          (alpha >= 0.5).astype(np.uint8) * 255)
-        light = self.light(name) if test else TestLight()
+        light = self.light(name) if test else ViewLight()
         return photograph(premultiplied, alpha, bench, light, rng, s.shadow if bench is not None else 0.0,
                           s.vignetting, electrons, s.read_noise, jpeg)
 
@@ -340,7 +345,7 @@ def generate_class(out_dir: Path, class_name: str, settings: PartsSettings) -> N
         for defect in PARTS_DEFECTS:
             for k in range(settings.n_test_per_defect):
                 name = f"test/{defect}/{k:03d}.png"
-                light = TestLight() if camera is None else camera.light(name)
+                light = ViewLight() if camera is None else camera.light(name)
                 c2w, defective_scene, mask = place_visible_defect(tracer, obj, scene, defect, settings, rng,
                                                                   train_centres, light)
                 save_png(out_dir / name, image_of(name, defective_scene, c2w))
@@ -355,7 +360,7 @@ def generate_class(out_dir: Path, class_name: str, settings: PartsSettings) -> N
 
 
 def place_visible_defect(tracer, obj, scene, defect: str, settings: PartsSettings, rng: np.random.Generator,
-                         train_centres: np.ndarray, light: TestLight = TestLight(), max_tries: int = 40):
+                         train_centres: np.ndarray, light: ViewLight = ViewLight(), max_tries: int = 40):
     """A test pose, the scene with one defect seen from it, and the defect's mask.
 
     The defect is centred on the surface point seen by a random object pixel whose surface faces the

@@ -32,7 +32,7 @@ _CANVAS = 3          # the class's bench texture is this many times the image's 
 
 
 @dataclass(frozen=True)
-class TestLight:
+class ViewLight:
     """The light of one test view. turn_deg: the studio environment turned about world +z (degrees);
     gain: its level; warmth: red x (1 + warmth), blue x (1 - warmth)."""
 
@@ -46,9 +46,9 @@ class TestLight:
         return self.gain * np.array([1.0 + self.warmth, 1.0, 1.0 - self.warmth])
 
 
-def draw_test_light(rng: np.random.Generator, turn_deg: float, gain: tuple[float, float], warmth: float) -> TestLight:
+def draw_test_light(rng: np.random.Generator, turn_deg: float, gain: tuple[float, float], warmth: float) -> ViewLight:
     """A test view's light: turn uniform in +-turn_deg, gain log-uniform in ``gain``, warmth in +-warmth."""
-    return TestLight(turn_deg=float(rng.uniform(-turn_deg, turn_deg)),
+    return ViewLight(turn_deg=float(rng.uniform(-turn_deg, turn_deg)),
                      gain=float(np.exp(rng.uniform(*np.log(gain)))),
                      warmth=float(rng.uniform(-warmth, warmth)))
 
@@ -182,7 +182,7 @@ def encode(linear: np.ndarray, jpeg_quality: int) -> np.ndarray:
     return cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1].copy()
 
 
-def photograph(premultiplied: np.ndarray, alpha: np.ndarray, bench: np.ndarray | None, light: TestLight,
+def photograph(premultiplied: np.ndarray, alpha: np.ndarray, bench: np.ndarray | None, light: ViewLight,
                rng: np.random.Generator, shadow: float, vignette: float, electrons_at_white: float,
                read_noise: float, jpeg_quality: int) -> np.ndarray:
     """One view as the line's camera records it: uint8 [H, W, 3] sRGB.

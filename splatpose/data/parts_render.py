@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from splatpose.data.parts_capture import TestLight
+from splatpose.data.parts_capture import ViewLight
 from splatpose.data.parts_defects import DefectiveObject
 from splatpose.data.parts_meshes import Material, PartObject, SurfaceMesh
 
@@ -141,10 +141,10 @@ class PathTracer:
     # ----------------------------------------------------------------------------------------------
     # Scene
 
-    def _studio_lights(self, light: TestLight) -> dict:
+    def _studio_lights(self, light: ViewLight) -> dict:
         """The studio as one environment map (see studio_environment): lights at infinity cast soft
         shadows like area lights, yet no light panel can ever stand in a camera's view. ``light`` turns it
-        about world +z and scales and tints it (TestLight(): the studio as the reference views see it)."""
+        about world +z and scales and tints it (ViewLight(): the studio as the reference views see it)."""
         radiance = studio_environment() * self.light_scale * light.rgb
         # Mitsuba's envmap has +y up in its own frame; this to_world puts that on the world's +z
         # (local x, y, z -> world x, z, -y; studio_environment is laid out for it), then turns it about +z.
@@ -193,7 +193,7 @@ class PathTracer:
         shape.add_attribute("vertex_color", 3, np.ravel(mesh.colours).astype(np.float32))
         return shape
 
-    def scene(self, obj: PartObject | DefectiveObject, light: TestLight = TestLight()):
+    def scene(self, obj: PartObject | DefectiveObject, light: ViewLight = ViewLight()):
         """A Mitsuba scene of an object (defect-free: one shape; defective: base + "defect" shapes) under the
         studio lights (turned, scaled and tinted by ``light``)."""
         shapes = ({"object": self._shape("object", obj.mesh, obj.material)} if isinstance(obj, PartObject) else

@@ -10,6 +10,7 @@ errors, and batched LightGlue against pairwise LightGlue on real ALIKED features
 
 import csv
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from splatpose.data.cameras import rotation_error_deg
 from splatpose.data.mad_sim import read_image
 from splatpose.detect.batched_lightglue import match_pairs_batched
 from splatpose.detect.finished_run import RunFolderError, load_finished_run
-from splatpose.detect.inputs import InputError, expand_inputs, load_input, pixels_to_float_torch
+from splatpose.detect.inputs import InputError, LoadedImage, expand_inputs, load_input, pixels_to_float_torch
 from splatpose.detect.detector import Detector, detect_task
 from splatpose.metrics import normalise_maps
 from splatpose.scoring.anomaly_maps import build_scorer
@@ -170,6 +171,111 @@ def test_bad_inputs_give_per_image_errors_or_flags_and_the_batch_goes_on(evaluat
     # the good image scores as it does alone (up to rounding, see test_single_images_and_batches_agree)
     alone = detector.detect(good)
     assert np.abs(alone.anomaly_map - results[good.stem].anomaly_map).max() < 5e-3
+
+
+@pytest.fixture(scope="module")
+def pooled_detector(evaluation):
+    """The detector with two PnP threads, whatever this machine's cores: the pipeline's host pool exists."""
+    run_dir, _, _, _ = evaluation
+    return Detector.from_run(run_dir, {**SEQUENTIAL, "pnp_workers": 2}, device="cpu")
+
+
+@pytest.mark.slow
+def test_the_pipelined_stream_gives_what_detect_batch_gives_per_batch(evaluation, pooled_detector, tmp_path):
+    """detect_stream with the pipeline (batch k's PnP in the host pool while batch k+1 is uploaded, extracted
+    and matched) gives each batch's detect_batch answers, to the bit and in input order; an unreadable file
+    among them is its own error."""
+    _, _, data, _ = evaluation
+    sources = [t.path for t in data.test]
+    sources.insert(1, tmp_path / "missing.png")
+    size = 2
+    assert len(sources) > 2 * size, "three batches or more: one in flight while the next begins"
+    expected = [d for i in range(0, len(sources), size) for d in pooled_detector.detect_batch(sources[i:i + size])]
+    streamed = list(pooled_detector.detect_stream(sources, batch_size=size, pipeline=True))
+
+    assert [d.name for d in streamed] == [d.name for d in expected] == [Path(s).name for s in sources]
+    assert not streamed[1].ok and "not found" in streamed[1].error
+    for got, want in zip(streamed, expected):
+        assert (got.ok, got.error, got.flags, got.localized, got.pose_path) == \
+            (want.ok, want.error, want.flags, want.localized, want.pose_path)
+        if want.ok:
+            np.testing.assert_array_equal(got.w2c_pnp, want.w2c_pnp)
+            np.testing.assert_array_equal(got.w2c, want.w2c)
+            np.testing.assert_array_equal(got.anomaly_map, want.anomaly_map)
+            assert got.score == want.score
+            assert got.times["pnp_wait"] >= 0 and got.times["stages_wall"] > 0
+
+
+@pytest.mark.slow
+def test_a_failure_in_a_pipelined_batch_loses_no_other_image(evaluation, pooled_detector, monkeypatch):
+    """A PnP problem that raises in the host pool, its batch in flight while the next one begins: that
+    image gets the error, its batch's other images are detected one by one, and the order holds."""
+    _, _, data, _ = evaluation
+    tests = data.test[:3]  # batches [0, 1] and [2]: the first fails in the pool while the second begins
+    failing = tests[1].name
+    solve = pooled_detector.localizer.pose_from_matches
+
+    def pose_from_matches(name, *args, **kwargs):
+        if name == failing:
+            raise RuntimeError("a PnP failure for the test")
+        return solve(name, *args, **kwargs)
+
+    monkeypatch.setattr(pooled_detector.localizer, "pose_from_matches", pose_from_matches)
+    names = [t.name for t in tests]
+    streamed = list(pooled_detector.detect_stream([t.path for t in tests], names, batch_size=2, pipeline=True))
+    assert [d.name for d in streamed] == names
+    assert [d.ok for d in streamed] == [name != failing for name in names]
+    assert streamed[1].error == "RuntimeError: a PnP failure for the test"
+    assert all(d.anomaly_map is not None for d in streamed if d.ok)
+
+
+class StageRecorder(Detector):
+    """The Detector's batching over stand-in stages (no run): each records its call; a batch of several
+    images holding "bad" fails in the stage named by ``fail_in``, as an unexpected error would."""
+
+    def __init__(self, pipeline: bool, fail_in: str = "start"):
+        self.cfg = OmegaConf.create({"pipeline": pipeline, "batch_size": 2})
+        self._loader = ThreadPoolExecutor(1)
+        self.background_fast_decode, self.fail_in, self.calls = False, fail_in, []
+
+    def _stage(self, stage: str, items) -> None:
+        names = [detection.name for detection, _ in items]
+        self.calls.append(f"{stage} {'+'.join(names)}")
+        if stage == self.fail_in and "bad" in names and len(names) > 1:
+            raise RuntimeError("a stage failed")
+
+    def _start_stages(self, items):
+        self._stage("start", items)
+        return items
+
+    def _finish_stages(self, started, keep_images):
+        self._stage("finish", started)
+        for detection, _ in started:
+            detection.ok = True
+
+
+def test_the_pipelined_stream_begins_the_next_batch_before_it_completes_one():
+    """With detect.pipeline, batch k+1's device stages start before batch k finishes (its PnP runs
+    meanwhile); without it, one batch after the other. Detections come out in input order either way."""
+    names = ["a", "b", "c", "d", "e"]
+    sources = [LoadedImage(pixels=np.zeros((4, 4, 3), np.uint8)) for _ in names]
+    for pipeline, order in [(True, ["start a+b", "start c+d", "finish a+b", "start e", "finish c+d", "finish e"]),
+                            (False, ["start a+b", "finish a+b", "start c+d", "finish c+d", "start e", "finish e"])]:
+        detector = StageRecorder(pipeline)
+        assert [d.name for d in detector.detect_stream(sources, names)] == names
+        assert detector.calls == order
+
+
+@pytest.mark.parametrize("fail_in", ["start", "finish"])
+def test_a_pipelined_batch_that_fails_is_detected_one_by_one(fail_in):
+    names = ["a", "bad", "c", "d"]
+    sources = [LoadedImage(pixels=np.zeros((4, 4, 3), np.uint8)) for _ in names]
+    detector = StageRecorder(pipeline=True, fail_in=fail_in)
+    detections = list(detector.detect_stream(sources, names))
+    assert [d.name for d in detections] == names and all(d.ok for d in detections)
+    singles = ["start a", "finish a", "start bad", "finish bad"]
+    begun = ["start a+bad", "start c+d"] if fail_in == "start" else ["start a+bad", "start c+d", "finish a+bad"]
+    assert detector.calls == [*begun, *singles, "finish c+d"]
 
 
 def test_load_input_checks_size_aspect_and_colour(tmp_path):

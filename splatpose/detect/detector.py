@@ -20,7 +20,8 @@ and an error message; the rest of the batch goes on (:mod:`splatpose.detect.inpu
 On a GPU, ALIKED, LightGlue (at fixed padded shapes, ``detect.matching: static``) and the scorer
 replay CUDA graphs (``detect.cuda_graphs``; each falls back to eager execution when capture fails,
 and :meth:`Detector.paths` says what ran), and in batched mode files are decoded and PnP problems
-solved in threads (``detect.load_workers``, ``detect.pnp_workers``).
+solved in threads (``detect.load_workers``, ``detect.pnp_workers``). ``detect_stream`` overlaps the host and
+the device (``detect.pipeline``): a batch's PnP problems are solved while the next batch's device stages run.
 Latency and throughput: experiments/bench_detector.py, experiments/results/detector_*.md.
 
 On the evaluation run's own test images, with sequential matching and the run's own refinement, the maps equal
@@ -45,7 +46,7 @@ from splatpose.detect.cuda_graphs import GraphedScorer
 from splatpose.detect.finished_run import FinishedRun, load_finished_run
 from splatpose.detect.inputs import (EncodedImage, InputError, LoadedImage, display_names, expand_inputs, load_input,
                                      pixels_to_float_torch)
-from splatpose.detect.localization import ImageLocalizer
+from splatpose.detect.localization import ImageLocalizer, PendingPoses
 from splatpose.metrics import normalise_maps
 from splatpose.refine.queries import PoseSettler
 from splatpose.scoring.anomaly_maps import build_scorer
@@ -98,9 +99,15 @@ class Detection:
     w2c: [4, 4] float64 world-to-camera (OpenCV) used for the render (after refinement, if any);
         w2c_pnp: the pose before refinement.
     flags: notes such as "grayscale", "resized_from_640x480", "not_localized".
-    times: seconds per stage (STAGES) and "total" (their sum); "stages_wall": the wall time from upload to
-        maps (all stages but load, with what no stage clock covers); a batched stage's time is split
-        over its images.
+    times: seconds per stage (STAGES) and "total" (their sum), a batched stage's time split over its images;
+        "pnp": the query's own PnP solve (in a host pool thread when batched); "pnp_wait": how long the
+        host waited for its batch's PnP results (split); "stages_wall": the host's wall time on its batch
+        from upload to maps, split (all stages but load, with what no stage clock covers). In a pipelined
+        ``detect_stream`` (``detect.pipeline``) a batch's PnP runs while the next batch is uploaded,
+        extracted and matched: then "pnp" is hidden behind that work but for "pnp_wait", "total" (which
+        counts "pnp" whole) can exceed "stages_wall", "stages_wall" leaves out the other batch's stages
+        run between the batch's two halves (summed over a stream: its wall time less the waits for files),
+        and the extract, retrieve and match clocks run while PnP threads share the host's cores.
     query, render: [H, W, 3] float32 images, kept only when asked (for overlays).
     """
 
@@ -140,6 +147,31 @@ class Detection:
                 "w2c": None if self.w2c is None else np.asarray(self.w2c).tolist(),
                 "w2c_pnp": None if self.w2c_pnp is None else np.asarray(self.w2c_pnp).tolist(),
                 "times": self.times}
+
+
+@dataclass
+class _Started:
+    """A batch after :meth:`Detector._start_stages`: its (Detection, image) pairs, the queries on the device
+    ([B, 3, H, W] float32), its localization waiting for PnP, the upload's seconds and the host's wall
+    seconds of that first half."""
+
+    items: list[tuple[Detection, LoadedImage]]
+    queries: torch.Tensor
+    pending: PendingPoses
+    upload_seconds: float
+    start_seconds: float
+
+
+@dataclass
+class _Batch:
+    """A batch between :meth:`Detector._begin` and :meth:`Detector._complete`: every input's Detection in
+    order, the (Detection, image) pairs that loaded, and what their first half gave (``started``) or the
+    error that stopped it."""
+
+    detections: list[Detection]
+    items: list[tuple[Detection, LoadedImage]]
+    started: _Started | None = None
+    error: Exception | None = None
 
 
 class Detector:
@@ -212,25 +244,40 @@ class Detector:
         """A batch of images (any source ``detect`` takes), processed together; one Detection per source,
         in order."""
         loaded = [self._load(source) for source in sources]
-        return self._detect_loaded(sources, names, loaded, keep_images)
+        return self._complete(self._begin(sources, names, loaded), keep_images)
 
     def detect_stream(self, sources: Iterable, names: list[str] | None = None, batch_size: int | None = None,
-                      keep_images: bool = False) -> Iterator[Detection]:
-        """Detections for many images, ``batch_size`` at a time (default ``detect.batch_size``).
+                      keep_images: bool = False, pipeline: bool | None = None) -> Iterator[Detection]:
+        """Detections for many images, ``batch_size`` at a time (default ``detect.batch_size``), in input
+        order; each batch's detections are those ``detect_batch`` gives for it.
 
-        The next batch's files are decoded in background threads while the current batch runs.
+        The next batch's files are decoded in background threads while the current batch runs. With
+        ``pipeline`` (default ``detect.pipeline``) the host and the device also work at once: batch k's PnP
+        problems are solved in the host pool (``detect.pnp_workers``) while batch k+1 is uploaded,
+        extracted and matched on the device; then batch k finishes (its PnP results, refinement, render,
+        score) and its detections come out. The poses and maps are the same either way (the batches
+        share no state); only the stage clocks read otherwise (see :class:`Detection`'s ``times``).
         """
         sources = list(sources)
         names = names or [self._default_name(s, i) for i, s in enumerate(sources)]
         size = int(batch_size or self.cfg.batch_size)
+        overlap = bool(self.cfg.pipeline if pipeline is None else pipeline)
         batches = [range(i, min(i + size, len(sources))) for i in range(0, len(sources), size)]
         pending = self._prefetch([sources[i] for i in batches[0]]) if batches else []
+        in_flight = None  # the batch begun last, its PnP problems still in the host pool
         for k, batch in enumerate(batches):
             loaded = [future.result() for future in pending]
             if k + 1 < len(batches):
                 pending = self._prefetch([sources[i] for i in batches[k + 1]])
-            yield from self._detect_loaded([sources[i] for i in batch], [names[i] for i in batch], loaded,
-                                           keep_images)
+            begun = self._begin([sources[i] for i in batch], [names[i] for i in batch], loaded)
+            if in_flight is not None:
+                yield from self._complete(in_flight, keep_images)
+            in_flight = begun
+            if not overlap:
+                yield from self._complete(in_flight, keep_images)
+                in_flight = None
+        if in_flight is not None:
+            yield from self._complete(in_flight, keep_images)
 
     def warm_up(self, batch_size: int = 1) -> list[Detection]:
         """Detect renders of the run's first db views once, so that the CUDA graphs are captured and
@@ -295,7 +342,10 @@ class Detector:
             return source.name
         return Path(source).name if isinstance(source, (str, Path)) else f"image_{index}"
 
-    def _detect_loaded(self, sources: list, names: list[str] | None, loaded: list, keep_images: bool) -> list[Detection]:
+    def _begin(self, sources: list, names: list[str] | None, loaded: list) -> "_Batch":
+        """A batch's Detections (load errors recorded) and its device stages up to PnP
+        (:meth:`_start_stages`) for the images that loaded. Never raises: an error of those stages is kept
+        in the batch for :meth:`_complete`."""
         names = names or [self._default_name(s, i) for i, s in enumerate(sources)]
         detections = [Detection(name=name, source=str(s) if isinstance(s, (str, Path, EncodedImage)) else "<array>")
                       for name, s in zip(names, sources)]
@@ -307,35 +357,64 @@ class Detector:
             else:
                 detection.flags += result.flags
                 good.append((detection, result))
-        if not good:
-            return detections
-        try:
-            self._run_stages(good, keep_images)
-        except Exception as error:  # one image's unexpected failure must not lose the batch's other images
-            if len(good) == 1:
-                log.exception("detection failed for %s", good[0][0].source)
-                good[0][0].error = f"{type(error).__name__}: {error}"
-                return detections
-            log.warning("a batch of %d images failed (%s: %s); scoring them one by one", len(good),
-                        type(error).__name__, error)
-            for detection, image in good:
-                detection.flags, detection.times = list(image.flags), {"load": detection.times["load"]}
-                try:
-                    self._run_stages([(detection, image)], keep_images)
-                except Exception as single_error:
-                    log.exception("detection failed for %s", detection.source)
-                    detection.error = f"{type(single_error).__name__}: {single_error}"
-        return detections
+        batch = _Batch(detections, good)
+        if good:
+            try:
+                batch.started = self._start_stages(good)
+            except Exception as error:  # handled in _complete, as an error of the later stages is
+                batch.error = error
+        return batch
 
-    def _run_stages(self, items: list[tuple[Detection, LoadedImage]], keep_images: bool) -> None:
-        batch = len(items)
-        run_start = start = time.perf_counter()
+    def _complete(self, batch: "_Batch", keep_images: bool) -> list[Detection]:
+        """Finish a batch that :meth:`_begin` began (:meth:`_finish_stages`) and return its Detections in
+        input order. When a stage failed for the batch, its images are detected again one by one, so that
+        one image's unexpected failure does not lose the others (that image gets ``ok=False`` and the
+        error)."""
+        good = batch.items
+        if good and batch.error is None:
+            try:
+                self._finish_stages(batch.started, keep_images)
+                return batch.detections
+            except Exception as error:
+                batch.error = error
+        if not good:
+            return batch.detections
+        error = batch.error
+        if len(good) == 1:
+            log.error("detection failed for %s", good[0][0].source, exc_info=error)
+            good[0][0].error = f"{type(error).__name__}: {error}"
+            return batch.detections
+        log.warning("a batch of %d images failed (%s: %s); scoring them one by one", len(good),
+                    type(error).__name__, error)
+        for detection, image in good:
+            detection.flags, detection.times = list(image.flags), {"load": detection.times["load"]}
+            try:
+                self._finish_stages(self._start_stages([(detection, image)]), keep_images)
+            except Exception as single_error:
+                log.exception("detection failed for %s", detection.source)
+                detection.error = f"{type(single_error).__name__}: {single_error}"
+        return batch.detections
+
+    def _start_stages(self, items: list[tuple[Detection, LoadedImage]]) -> "_Started":
+        """Upload, extract, retrieve and match a batch (the device's work, done on return) and hand its PnP
+        problems to the host pool (:meth:`ImageLocalizer.start_localization`)."""
+        start = time.perf_counter()
         queries = self._upload([image for _, image in items])  # [B, 3, H, W] float32
         upload_seconds = self._clock() - start
-        poses = self.localizer.localize_images(queries, [d.name for d, _ in items])
+        pending = self.localizer.start_localization(queries, [d.name for d, _ in items])
+        return _Started(items, queries, pending, upload_seconds, time.perf_counter() - start)
+
+    def _finish_stages(self, started: "_Started", keep_images: bool) -> None:
+        """The rest of a batch that :meth:`_start_stages` began: its poses (PnP results, second try), the
+        settling (refinement, recovery) when configured, the renders at the final poses and the maps,
+        written into its Detections."""
+        items, queries = started.items, started.queries
+        batch = len(items)
+        finish_start = time.perf_counter()
+        poses = self.localizer.finish_localization(started.pending)
         w2c = np.stack([pose.w2c for pose in poses])
         for b, ((detection, _), pose) in enumerate(zip(items, poses)):
-            detection.times["upload"] = round(upload_seconds / batch, 6)
+            detection.times["upload"] = round(started.upload_seconds / batch, 6)
             detection.times.update(pose.times)
             detection.fallback = pose.fallback
             detection.num_inliers, detection.num_matches = int(pose.num_inliers), int(pose.num_matches)
@@ -376,8 +455,10 @@ class Detector:
             detection.times["render"] = round(render_seconds / batch, 6)
             detection.times["score"] = round(score_seconds / batch, 6)
             detection.times["total"] = round(sum(detection.times.get(s, 0.0) for s in STAGES), 6)
-            # wall time from upload to maps on the host, per image: total minus this is load plus bookkeeping
-            detection.times["stages_wall"] = round((time.perf_counter() - run_start) / batch, 6)
+            # the host's wall time on this batch, both halves (not another batch's work between them), per
+            # image: total minus this is load plus bookkeeping, or with the pipeline PnP hidden behind the device
+            wall = started.start_seconds + time.perf_counter() - finish_start
+            detection.times["stages_wall"] = round(wall / batch, 6)
             if keep_images:
                 detection.query = queries_np[b]
                 detection.render = renders_np[b]

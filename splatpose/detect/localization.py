@@ -15,14 +15,18 @@ changes:
   sequential on the CPU, where padding gains nothing and sequential matching reproduces the
   evaluation run bit for bit. :attr:`ImageLocalizer.matching_path` says which path ran.
 
-Per-query times of a batched stage are the batch's time divided by the batch size.
+Per-query times of a batched stage are the batch's time divided by the batch size. A batch is localized
+in two halves, :meth:`ImageLocalizer.start_localization` (device stages; PnP handed to a host pool) and
+:meth:`ImageLocalizer.finish_localization` (PnP results, second try), so that a caller can run another
+batch's device stages while the host solves this one's PnP problems (``Detector.detect_stream``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,6 +43,23 @@ from splatpose.detect.static_lightglue import DEFAULT_LENGTHS, StaticLightGlue
 log = logging.getLogger(__name__)
 
 MATCHING_MODES = ("auto", "sequential", "batched", "static")
+
+
+@dataclass
+class PendingPoses:
+    """A batch localized up to PnP (:meth:`ImageLocalizer.start_localization`), one entry per query in
+    batch order: features, db ranking, the first try's db images and matches (db name -> (matches0,
+    scores0)); ``times``: per-query seconds of extract, retrieve and match (the batch's split evenly);
+    ``solving``: the PnP problems' futures in the host pool, or None when
+    :meth:`ImageLocalizer.finish_localization` solves them."""
+
+    names: list[str]
+    features: list[dict]
+    ranked: list[np.ndarray]
+    retrieved: list[np.ndarray]
+    matches: list[dict]
+    times: dict[str, float]
+    solving: list[Future] | None = None
 
 
 def resolve_matching(matching: str, device: str, matcher) -> str:
@@ -113,9 +134,18 @@ class ImageLocalizer(Localizer):
             names: one name per image (recorded in the QueryPose).
         Returns:
             one QueryPose per image; ``times`` holds per-image seconds of extract, retrieve, match and
-            pnp (a batched stage's time split evenly). Never raises for an image that cannot be
-            localized: it gets the fallback pose and ``success=False``.
+            pnp (a batched stage's time split evenly), and pnp_wait (see :meth:`finish_localization`).
+            Never raises for an image that cannot be localized: it gets the fallback pose and
+            ``success=False``.
         """
+        return self.finish_localization(self.start_localization(images, names))
+
+    def start_localization(self, images: torch.Tensor, names: list[str]) -> "PendingPoses":
+        """The first half of :meth:`localize_images` (same arguments): extract, retrieve and match the batch
+        (device work, done when this returns), then hand its PnP problems to the host pool
+        (``pnp_workers`` > 1 and more than one image; else :meth:`finish_localization` solves them) and
+        return without waiting for them, so that the caller can drive the device meanwhile (the next
+        batch's extraction and matching). A query's pose does not depend on what runs beside its PnP."""
         batch = len(names)
         start = time.perf_counter()
         resized = self.resize_for_features(images.to(self.device))
@@ -131,19 +161,35 @@ class ImageLocalizer(Localizer):
         matches = self._match(features, retrieved)
         match = time.perf_counter() - start
 
-        def solve(b: int) -> QueryPose:
-            start = time.perf_counter()
-            pose = self.pose_from_matches(names[b], features[b], retrieved[b], matches[b])
-            pose.times = {k: round(v, 6) for k, v in {"extract": extract / batch, "retrieve": retrieve / batch,
-                                                       "match": match / batch,
-                                                       "pnp": time.perf_counter() - start}.items()}
-            return pose
-
+        pending = PendingPoses(list(names), features, ranked, retrieved, matches,
+                               {"extract": extract / batch, "retrieve": retrieve / batch, "match": match / batch})
         if self.pnp_pool is not None and batch > 1:
-            poses = list(self.pnp_pool.map(solve, range(batch)))
+            pending.solving = [self.pnp_pool.submit(self._solve, pending, b) for b in range(batch)]
+        return pending
+
+    def finish_localization(self, pending: "PendingPoses") -> list[QueryPose]:
+        """The poses of a batch that :meth:`start_localization` began, in its order: its PnP results (waited
+        for, or solved here), then the second try of the queries whose first try failed (device matching
+        again, see :meth:`_second_try`). Each pose's ``times`` gains "pnp_wait": the seconds this call waited
+        for the batch's PnP results, split evenly (the part of PnP that other work did not hide; without
+        anything between the two halves, the batch's PnP wall time). Re-raises an error of a PnP problem."""
+        start = time.perf_counter()
+        if pending.solving is None:
+            poses = [self._solve(pending, b) for b in range(len(pending.names))]
         else:
-            poses = [solve(b) for b in range(batch)]
-        return self._second_try(poses, features, ranked, matches)
+            poses = [future.result() for future in pending.solving]
+        wait = round((time.perf_counter() - start) / len(poses), 6)
+        for pose in poses:
+            pose.times["pnp_wait"] = wait
+        return self._second_try(poses, pending.features, pending.ranked, pending.matches)
+
+    def _solve(self, pending: "PendingPoses", b: int) -> QueryPose:
+        """Query ``b``'s first-try pose from its matches (in a pool thread or the caller's); its times: the
+        batch's device stages split evenly, and its own PnP seconds."""
+        start = time.perf_counter()
+        pose = self.pose_from_matches(pending.names[b], pending.features[b], pending.retrieved[b], pending.matches[b])
+        pose.times = {k: round(v, 6) for k, v in {**pending.times, "pnp": time.perf_counter() - start}.items()}
+        return pose
 
     def _second_try(self, poses: list[QueryPose], features: list[dict], ranked: list[np.ndarray],
                     matches: list[dict]) -> list[QueryPose]:

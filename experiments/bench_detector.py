@@ -8,7 +8,10 @@
    against the true test poses (generated data), and the largest map difference against the first
    variant's maps, so a faster path that localizes worse shows it. Each entry records the path that
    ran (``Detector.paths()``: static LightGlue replayed from CUDA graphs, or its fallback).
-2. Batched: ``Detector.detect_stream`` over ``--throughput-images`` images per batch size; images/s.
+2. Batched: ``Detector.detect_stream`` over ``--throughput-images`` images per batch size; images/s,
+   unpipelined and pipelined (``detect.pipeline``: a batch's PnP on the host beside the next batch's
+   device stages) in interleaved rounds in the same process after the same warm-up, and whether
+   the two give the same detections.
 3. The floor: each stage's kernel alone, warm (median of ``--repeats``): ALIKED on one image,
    LightGlue on one query's top-k pairs (one padded pass and pair by pair), a render of the run's
    Gaussians and, on CUDA, of 200k Gaussians at the run's image size (the issue's reference floor),
@@ -70,6 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="what detect_stream's threads decode with in the batched runs (A/B: both)")
     parser.add_argument("--decoder-rounds", type=int, default=1, help="rounds over --background-decoders")
     parser.add_argument("--throughput-images", type=int, default=256, help="images per batched measurement")
+    parser.add_argument("--stream-modes", nargs="+", default=list(STREAM_MODES), choices=STREAM_MODES,
+                        help="detect_stream without and/or with detect.pipeline (PnP of a batch beside the next "
+                             "batch's device stages), each timed in the batched runs")
+    parser.add_argument("--stream-rounds", type=int, default=3,
+                        help="timed streams per mode and batch size, the modes interleaved (median reported)")
     parser.add_argument("--repeats", type=int, default=50, help="repeats per floor measurement")
     parser.add_argument("--matching", nargs="+", default=["auto"],
                         help="detect.matching variants to time per query: a mode, or static:<precision>; "
@@ -234,21 +242,53 @@ def pose_quality(detector: Detector, tests: list, true_poses: dict | None, refer
     return out
 
 
-def batched_throughput(detector: Detector, paths: list[Path], batch_size: int, images: int) -> dict:
+STREAM_MODES = ("unpipelined", "pipelined")  # detect_stream without and with detect.pipeline
+BATCHED_STAGES = (*STAGES, "pnp_wait", "stages_wall")
+
+
+def batched_throughput(detector: Detector, paths: list[Path], batch_size: int, images: int,
+                       modes: tuple[str, ...] = STREAM_MODES, rounds: int = 1) -> dict:
+    """``detect_stream`` over ``images`` inputs (``paths`` cycled) at ``batch_size``, once per mode and round,
+    the modes interleaved within each round (the host's speed drifts within a call): per mode the median
+    round's seconds and images/s, per-image stage medians of that round, and, with both modes, how far the
+    pipelined detections are from the unpipelined ones (they should be equal)."""
     sources = [paths[i % len(paths)] for i in range(max(images, batch_size))]
     # as task=detect does: every static LightGlue shape a batch of this size can meet is captured before the
     # clock starts (a shape met first inside the timed images compiles there, once); then graphs and cuDNN
     detector.warm_up(batch_size)
-    list(detector.detect_stream(sources[: 2 * batch_size], batch_size=batch_size))
-    start = time.perf_counter()
-    detections = list(detector.detect_stream(sources, batch_size=batch_size))
-    seconds = time.perf_counter() - start
-    # per image: a batched stage's time split over its images; load overlaps the previous batch
-    stages = {stage: round(1000 * float(np.median([d.times.get(stage, 0.0) for d in detections])), 3)
-              for stage in (*STAGES, "stages_wall")}
-    return {"batch_size": batch_size, "images": len(sources), "ok": sum(d.ok for d in detections),
-            "seconds": round(seconds, 3), "images_per_second": round(len(sources) / seconds, 2),
-            "median_ms_per_image": stages}
+    for mode in modes:
+        list(detector.detect_stream(sources[: 2 * batch_size], batch_size=batch_size, pipeline=mode == "pipelined"))
+    timed = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            start = time.perf_counter()
+            detections = list(detector.detect_stream(sources, batch_size=batch_size, pipeline=mode == "pipelined"))
+            timed[mode].append((time.perf_counter() - start, detections))
+    entry = {"batch_size": batch_size, "images": len(sources), "rounds": rounds}
+    for mode, runs in timed.items():
+        seconds, detections = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
+        # per image: a batched stage's time split over its images; load overlaps the previous batch
+        stages = {stage: round(1000 * float(np.median([d.times.get(stage, 0.0) for d in detections])), 3)
+                  for stage in BATCHED_STAGES}
+        entry[mode] = {"ok": sum(d.ok for d in detections), "seconds": round(seconds, 3),
+                       "seconds_rounds": [round(run[0], 3) for run in runs],
+                       "images_per_second": round(len(sources) / seconds, 2), "median_ms_per_image": stages}
+    if len(modes) == 2:
+        entry["speedup"] = round(entry["pipelined"]["images_per_second"] / entry["unpipelined"]["images_per_second"], 3)
+        entry["agreement"] = stream_agreement(timed["unpipelined"][0][1], timed["pipelined"][0][1])
+    entry["images_per_second"] = entry[modes[-1]]["images_per_second"]  # pipelined when timed
+    return entry
+
+
+def stream_agreement(reference: list, other: list) -> dict:
+    """How far ``other``'s detections are from ``reference``'s, input by input: names in the same order,
+    ok and localized mismatches, the largest pose (w2c entry) and score differences."""
+    both = [(a, b) for a, b in zip(reference, other) if a.ok and b.ok]
+    return {"same_order": [d.name for d in reference] == [d.name for d in other],
+            "ok_mismatches": sum(a.ok != b.ok for a, b in zip(reference, other)),
+            "localized_mismatches": sum(a.localized != b.localized for a, b in both),
+            "max_w2c_difference": float(max((np.abs(a.w2c - b.w2c).max() for a, b in both), default=0.0)),
+            "max_score_difference": float(max((abs(a.score - b.score) for a, b in both), default=0.0))}
 
 
 def tiled_gaussians(gaussians: Gaussians, count: int, seed: int = 0) -> Gaussians:
@@ -429,7 +469,8 @@ def main(argv: list[str] | None = None) -> dict:
                     suffix = "" if args.background_decoders == ["pillow"] else f"_{decoder}_r{round_index}"
                     guarded(report, f"batched_{variant}_{size}{suffix}",
                             lambda: {"matching": variant, "paths": detector.paths(), "decoder": decoder,
-                                     **batched_throughput(detector, paths, size, args.throughput_images)})
+                                     **batched_throughput(detector, paths, size, args.throughput_images,
+                                                                tuple(args.stream_modes), args.stream_rounds)})
     detector.background_fast_decode = False
     use_matching(detector, args.throughput_matching[0])
     if not args.no_floor:
@@ -507,20 +548,29 @@ def markdown(report: dict) -> str:
     batched = [report[k] for k in report if k.startswith("batched_")]
     if batched:
         lines += ["## Batched throughput", "",
-                  "| matching (path) | threads decode with | batch size | images | seconds | images/s | per image, median "
-                  "ms: " + " / ".join((*STAGES, "stages_wall")) + " |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| matching (path) | threads decode with | batch size | stream | images | seconds (rounds) | images/s | "
+                  "per image, median ms: " + " / ".join(BATCHED_STAGES) + " |",
+                  "|---|---|---|---|---|---|---|---|"]
+        agreements = []
         for entry in batched:
             if "error" in entry:
-                lines.append(f"| failed: {entry['error']} | | | | |")
-            else:
-                per_image = " / ".join(str(entry.get("median_ms_per_image", {}).get(s, "-"))
-                                       for s in (*STAGES, "stages_wall"))
-                path = entry.get("paths", {}).get("matching", "")
+                lines.append(f"| failed: {entry['error']} | | | | | | | |")
+                continue
+            path = entry.get("paths", {}).get("matching", "")
+            for mode in (m for m in STREAM_MODES if m in entry):
+                timed = entry[mode]
+                per_image = " / ".join(str(timed["median_ms_per_image"].get(s, "-")) for s in BATCHED_STAGES)
+                rounds = ", ".join(str(x) for x in timed["seconds_rounds"])
                 lines.append(f"| {entry.get('matching', '')} ({path}) | {entry.get('decoder', '-')} | "
-                             f"{entry['batch_size']} | {entry['images']} | "
-                             f"{entry['seconds']} | "
-                             f"{entry['images_per_second']} | {per_image} |")
+                             f"{entry['batch_size']} | {mode} | {entry['images']} | {timed['seconds']} ({rounds}) | "
+                             f"{timed['images_per_second']} | {per_image} |")
+            if "agreement" in entry:
+                agreements.append(f"- batch {entry['batch_size']}: pipelined / unpipelined {entry['speedup']}x; "
+                                  f"detections against the unpipelined stream's: {entry['agreement']}")
+        lines += ["", "Seconds: the median round's (all rounds in brackets); its detections give the stage medians. "
+                  "pnp: one image's own solve in a pool thread; pnp_wait: the host's wait for its batch's PnP results; "
+                  "stages_wall: the host's wall time on its batch, split (splatpose.detect.detector.Detection).",
+                  "", *agreements]
         lines.append("")
     floor_entry = report.get("floor", {})
     if floor_entry:

@@ -218,7 +218,9 @@ if report.exists():
             stages = " ".join(f"{s}={v['median_ms']:.1f}" for s, v in entry["stages"].items())
             print(f"{key:<18} wall median {entry['wall']['median_ms']:.1f} ms p95 {entry['wall']['p95_ms']:.1f} ms | {stages}")
         elif key.startswith("batched_") and "images_per_second" in entry:
-            print(f"{key:<18} {entry['images_per_second']:.1f} images/s")
+            modes = " | ".join(f"{m} {entry[m]['images_per_second']:.1f} (pnp_wait {entry[m]['median_ms_per_image']['pnp_wait']} ms)"
+                               for m in ("unpipelined", "pipelined") if m in entry)
+            print(f"{key:<18} {entry['images_per_second']:.1f} images/s | {modes} | {entry.get('agreement', '')}")
         elif isinstance(entry, dict) and "error" in entry:
             print(f"{key:<18} FAILED {entry['error']}")
     floor = r.get("floor", {})

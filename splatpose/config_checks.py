@@ -94,6 +94,9 @@ def check_scorer_values(scorer: DictConfig) -> None:
             raise ConfigError(f"scorer.{key} must hold 3 values (one per RGB channel), got {list(scorer[key])}")
     for value in scorer.std:
         _positive_number(value, "scorer.std")
+    uncertainty = scorer.get("uncertainty") or {}
+    if uncertainty.get("enabled", False):
+        _positive_number(uncertainty.get("weight"), "scorer.uncertainty.weight")
 
 
 def check_sfm_values(sfm: DictConfig) -> None:

@@ -42,6 +42,7 @@ from splatpose.run_info import environment_info
 from splatpose.scoring.anomaly_maps import build_scorer
 from splatpose.scoring.module import AnomalyScoringModule, QueryRenderPairs
 from splatpose.scoring.sheen import SheenSettings, sheen_allowance
+from splatpose.scoring.uncertainty import expected_maps, gaussian_expected_scores, upsampled
 from splatpose.sfm import QueryPose, Reference, build_reference, check_sfm_config, localize_queries, reference_settings
 from splatpose.sfm.config import sfm_settings
 from splatpose.sfm.estimated_poses import posed_class_data, resolve_reference_poses
@@ -182,8 +183,11 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData |
 
     with timer("score", subject):
         allowance = class_sheen_allowance(cfg, posed, ply, device, backend)
+        expected_scores = class_expected_scores(cfg, posed, ply, device, backend, allowance)
+        expected = None if expected_scores is None else expected_maps_at(posed, refined, ply, expected_scores, device,
+                                                                          backend)
         evaluation = score_and_evaluate(cfg, data, renders, loggers, device, alphas=alphas,
-                                        sheen_allowance=allowance)
+                                        sheen_allowance=allowance, expected=expected)
     if not any(t.mask_path for t in data.test):
         log.warning("%s has no ground-truth masks: pixel AUROC, AUPRO and image AUROC need masks (and defect "
                     "labels), so they are undefined; the anomaly maps and scores are in %s (per_image.csv, "
@@ -203,7 +207,7 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData |
                        "refine": str(rf.dir), "render": str(rd.dir)},
         "gaussians_ply": str(ply),
         "artifacts": keep_detector_artifacts(out_dir, st.dir, ply, rf.dir / SEARCH_VIEWS_FILE,
-                                             sp.dir / SPLAT_CAMERAS_NAME),
+                                             sp.dir / SPLAT_CAMERAS_NAME, expected_scores),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "environment": environment_info(device),
     }
@@ -486,18 +490,55 @@ def class_sheen_allowance(cfg: DictConfig, posed: ClassData, ply: Path, device: 
     return allowance
 
 
+def class_expected_scores(cfg: DictConfig, posed: ClassData, ply: Path, device: str, backend: str = "auto",
+                          allowance: float | None = None) -> np.ndarray | None:
+    """Each Gaussian's expected score [N] float32 (:mod:`splatpose.scoring.uncertainty`): the scorer's maps
+    of every reference view against its render (as the splats were trained: composited on white through
+    the class's object masks), carried back to the Gaussians; None with ``scorer.uncertainty`` off."""
+    if not (cfg.scorer.get("uncertainty") or {}).get("enabled", False):
+        return None
+    views = load_posed_views(posed, object_masks=bool(cfg.splat.get("object_masks", False)))
+    gaussians = load_gaussians(ply, device)
+    scorer = build_scorer(cfg.scorer, device)
+    scorer.sheen_allowance = allowance
+    maps = []
+    with torch.no_grad():
+        for start in range(0, len(views), RENDER_BATCH):
+            w2c = views.w2c[start:start + RENDER_BATCH].to(device)
+            rgb, alpha = render(gaussians, w2c, views.K.to(device), posed.width, posed.height, backend=backend,
+                                return_alpha=True)
+            images = views.images[start:start + RENDER_BATCH].to(device).float() / 255.0
+            maps.append(scorer(images.permute(0, 3, 1, 2), rgb.clamp(0, 1).permute(0, 3, 1, 2), alpha[..., 0]))
+    maps = upsampled(torch.cat(maps), posed.height, posed.width)
+    expected = gaussian_expected_scores(gaussians, views.w2c.to(device), views.K.to(device), maps, backend)
+    log.info("Expected scores of %d Gaussians from %d reference views (median %.3g, 99th percentile %.3g)",
+             len(expected), len(views), float(expected.median()), float(expected.quantile(0.99)))
+    return expected.cpu().numpy().astype(np.float32)
+
+
+def expected_maps_at(posed: ClassData, poses: list[RefinedPose], ply: Path, expected_scores: np.ndarray, device: str,
+                     backend: str = "auto") -> np.ndarray:
+    """[N, H, W] float32: the map a good image is expected to have at each query's pose (``poses``)."""
+    w2c = torch.as_tensor(np.stack([p.w2c for p in poses]), dtype=torch.float32, device=device)
+    return expected_maps(load_gaussians(ply, device), torch.from_numpy(expected_scores), w2c,
+                         torch.as_tensor(posed.K, dtype=torch.float32), posed.width, posed.height,
+                         backend).cpu().numpy()
+
+
 def score_and_evaluate(cfg: DictConfig, data: ClassData, renders: np.ndarray, loggers: list,
                        device: str, alphas: np.ndarray | None = None,
-                       sheen_allowance: float | None = None) -> Evaluation:
+                       sheen_allowance: float | None = None, expected: np.ndarray | None = None) -> Evaluation:
     """Anomaly maps for every (query, render) pair through ``Trainer.test``; metrics via callbacks.
 
     ``alphas`` [N, H, W]: the renders' coverage, for the scorer's object region (None: whole image);
-    ``sheen_allowance``: the class's (:func:`class_sheen_allowance`; None: no sheen taken off)."""
+    ``sheen_allowance``: the class's (:func:`class_sheen_allowance`; None: no sheen taken off);
+    ``expected`` [N, H, W]: the map a good image is expected to have at each query's pose
+    (:func:`expected_maps_at`; None: nothing taken off)."""
     queries = np.stack([read_image(t.path) for t in data.test])
     masks = np.stack([read_mask(t.mask_path) if t.mask_path else np.zeros(queries.shape[1:3], bool)
                       for t in data.test])
     pairs = QueryRenderPairs(queries, renders, masks, [t.name for t in data.test],
-                             [t.defect for t in data.test], alphas=alphas)
+                             [t.defect for t in data.test], alphas=alphas, expected=expected)
     scorer = build_scorer(cfg.scorer, device)
     scorer.sheen_allowance = sheen_allowance
     module = AnomalyScoringModule(scorer)

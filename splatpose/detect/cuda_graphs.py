@@ -30,6 +30,8 @@ from typing import TypeVar
 
 import torch
 
+from splatpose.scoring.anomaly_maps import discount_expected
+
 log = logging.getLogger(__name__)
 
 WARMUP_CALLS = 3  # the scorer's eager calls before capture: cuDNN picks its algorithms, allocations settle
@@ -65,7 +67,8 @@ class GraphedScorer:
 
     Args:
         scorer: an :class:`splatpose.scoring.anomaly_maps.AnomalyScorer` on a CUDA device.
-    Call: as the scorer: query, render [B, 3, H, W] in [0, 1] -> maps [B, S, S] (a fresh tensor).
+    Call: as the scorer: query, render [B, 3, H, W] in [0, 1] (alpha, expected as the scorer's) -> maps
+    [B, S, S] (a fresh tensor).
     """
 
     def __init__(self, scorer: torch.nn.Module):
@@ -76,11 +79,18 @@ class GraphedScorer:
     def __getattr__(self, name: str):  # backbone, prepare, size ... as the wrapped scorer
         return getattr(self.__dict__["scorer"], name)
 
-    def __call__(self, query: torch.Tensor, render: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, query: torch.Tensor, render: torch.Tensor, alpha: torch.Tensor | None = None,
+                 expected: torch.Tensor | None = None) -> torch.Tensor:
         # The object region and the photometric fit decide per image on the host (how many pixels are
         # object, trimmed fits), the denoising runs there: they run eagerly.
         if self.failed or query.device.type != "cuda" or alpha is not None or self.scorer.denoise_strength:
-            return self.scorer(query, render, alpha)
+            return self.scorer(query, render, alpha, expected)
+        maps = self._replayed(query, render)
+        if expected is not None and self.scorer.uncertainty_weight:  # the scorer's last step, outside the graph
+            return discount_expected(maps, expected, self.scorer.uncertainty_weight)
+        return maps
+
+    def _replayed(self, query: torch.Tensor, render: torch.Tensor) -> torch.Tensor:
         key = (tuple(query.shape), query.dtype, render.dtype)
         if key not in self.graphs:
             try:

@@ -50,6 +50,7 @@ from splatpose.detect.localization import ImageLocalizer, PendingPoses
 from splatpose.metrics import normalise_maps
 from splatpose.refine.queries import PoseSettler
 from splatpose.scoring.anomaly_maps import build_scorer
+from splatpose.scoring.uncertainty import expected_maps
 from splatpose.splat.ply import load_gaussians
 from splatpose.splat.rendering import render
 
@@ -437,10 +438,11 @@ class Detector:
         # alpha only for a scorer that reads it: without one the scorer replays its CUDA graph
         renders, alphas = self.render_references(w2c, return_alpha=True)
         alphas = alphas if getattr(self.scorer, "uses_alpha", False) else None
+        expected = self.expected_maps(w2c)
         render_seconds = self._clock() - start
 
         start = self._clock()
-        maps_np = self.score(queries, renders, alphas).float().cpu().numpy()
+        maps_np = self.score(queries, renders, alphas, expected).float().cpu().numpy()
         score_seconds = self._clock() - start
 
         threshold = self.cfg.threshold
@@ -512,11 +514,21 @@ class Detector:
                                 self.K, self.width, self.height, backend=self.backend, return_alpha=True)
         return (rgb.clamp(0, 1), alpha[..., 0].clamp(0, 1)) if return_alpha else rgb.clamp(0, 1)
 
-    def score(self, queries: torch.Tensor, renders: torch.Tensor, alphas: torch.Tensor | None = None) -> torch.Tensor:
+    def expected_maps(self, w2c: np.ndarray) -> torch.Tensor | None:
+        """The maps [B, H, W] a good image is expected to have at poses w2c [B, 4, 4] (the run's
+        ``scorer.uncertainty``, :mod:`splatpose.scoring.uncertainty`), or None when the run scored without."""
+        if self.run.expected_scores is None:
+            return None
+        return expected_maps(self.gaussians, torch.as_tensor(self.run.expected_scores, device=self.device),
+                             torch.as_tensor(w2c, dtype=torch.float32, device=self.device), self.K, self.width,
+                             self.height, self.backend)
+
+    def score(self, queries: torch.Tensor, renders: torch.Tensor, alphas: torch.Tensor | None = None,
+              expected: torch.Tensor | None = None) -> torch.Tensor:
         """Anomaly maps [B, S, S] of queries [B, 3, H, W] against renders [B, H, W, 3] (alphas [B, H, W]:
-        their coverage, for the scorer's object region, as in the evaluation), normalised with the run's
-        map_range."""
-        raw = self.score_maps(queries.to(self.device), renders.permute(0, 3, 1, 2), alphas)
+        their coverage, for the scorer's object region; expected [B, H, W]: :meth:`expected_maps`; as in
+        the evaluation), normalised with the run's map_range."""
+        raw = self.score_maps(queries.to(self.device), renders.permute(0, 3, 1, 2), alphas, expected)
         return normalise_maps(raw, self.lo, self.hi)
 
     def _clock(self) -> float:

@@ -21,12 +21,14 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from splatpose.atomic_files import atomic_path
 from splatpose.errors import UserError
 from splatpose.sfm.reference import FEATURES_FILE, POINTS_FILE, SUMMARY_FILE, Reference
 from splatpose.sfm.triangulation import w2c_from_rigid
 
 RESULTS_FILE = "results.json"
 ARTIFACTS_DIR = "artifacts"
+EXPECTED_SCORES_NAME = "expected_scores.npy"
 RECONSTRUCTION_DIR = "sfm"  # the COLMAP model inside an SfM stage folder
 # What a detector reads of the SfM stage folder (not the matches or the COLMAP database).
 SFM_ARTIFACTS = (SUMMARY_FILE, POINTS_FILE, FEATURES_FILE, RECONSTRUCTION_DIR)
@@ -48,6 +50,8 @@ class FinishedRun:
     typical_l1: the class's usual colour difference at a settled pose, over the run's queries (None: not
         measured, as in runs without refinement or made before it was kept): the detector asks for second
         opinions against it, as the refine stage did.
+    expected_scores: [N] float32, each Gaussian's expected score (``scorer.uncertainty``; None: off): the
+        detector takes the map they render at a query's pose off its map, as the evaluation did.
     config: the run's resolved config (``sfm``, ``scorer``, ``splat``, ``dataset`` ... nodes).
     """
 
@@ -65,6 +69,7 @@ class FinishedRun:
     search_views: Path | None = None
     sheen_allowance: float | None = None
     typical_l1: float | None = None
+    expected_scores: np.ndarray | None = None
 
     @property
     def class_name(self) -> str:
@@ -104,7 +109,22 @@ def load_finished_run(run_dir: Path | str) -> FinishedRun:
                        map_range=(lo, hi), stage_dirs=stage_dirs, metrics=results.get("metrics", {}),
                        search_views=search_views_file(run_dir, results),
                        sheen_allowance=results.get("sheen_allowance"),
-                       typical_l1=(results.get("final_poses") or {}).get("typical_l1"))
+                       typical_l1=(results.get("final_poses") or {}).get("typical_l1"),
+                       expected_scores=expected_scores(run_dir, results))
+
+
+def expected_scores(run_dir: Path, results: dict) -> np.ndarray | None:
+    """The Gaussians' expected scores the run kept in artifacts/ (None when it scored without
+    ``scorer.uncertainty``). Raises RunFolderError when the run used them and the file is gone."""
+    if not ((results["config"].get("scorer") or {}).get("uncertainty") or {}).get("enabled", False):
+        return None
+    relative = (results.get("artifacts") or {}).get("expected_scores")
+    path = run_dir / relative if relative else None
+    if path is None or not path.is_file():
+        raise RunFolderError(f"{run_dir}: the run scored with scorer.uncertainty but its expected scores "
+                             f"({path or 'artifacts/' + EXPECTED_SCORES_NAME}) are missing; copy the run folder "
+                             "whole, or rerun the evaluation")
+    return np.load(path)
 
 
 def detector_inputs(run_dir: Path, results: dict) -> tuple[Path, Path]:
@@ -135,16 +155,18 @@ def detector_inputs(run_dir: Path, results: dict) -> tuple[Path, Path]:
 
 
 def keep_detector_artifacts(run_dir: Path, sfm_dir: Path, ply: Path, search_views: Path | None = None,
-                            reference_cameras: Path | None = None) -> dict[str, str]:
+                            reference_cameras: Path | None = None,
+                            expected_scores: np.ndarray | None = None) -> dict[str, str]:
     """Put what a detector reads into ``run_dir/artifacts/``: the SfM reference (summary, points,
     features, COLMAP model), the Gaussians' PLY, the pose recovery's search views (when the run made
     them) and the refined reference cameras (when the splat training refined them: the detector then
     uses them, not the SfM model's, as the reference views' poses). Hard links where the file system
     allows (no space, no copy time; the cache writes files by rename, so a link keeps the content it
-    had), else copies.
+    had), else copies. With ``expected_scores`` (each Gaussian's, ``scorer.uncertainty``), they are
+    written there too.
 
-    Returns: {"sfm": ..., "gaussians_ply": ..., ["search_views": ...], ["reference_cameras": ...]}, paths
-    relative to ``run_dir``.
+    Returns: {"sfm": ..., "gaussians_ply": ..., ["search_views": ...], ["reference_cameras": ...],
+    ["expected_scores": ...]}, paths relative to ``run_dir``.
     """
     target = Path(run_dir) / ARTIFACTS_DIR
     for name in SFM_ARTIFACTS:
@@ -157,6 +179,10 @@ def keep_detector_artifacts(run_dir: Path, sfm_dir: Path, ply: Path, search_view
     if reference_cameras is not None and Path(reference_cameras).is_file():
         _link_or_copy(Path(reference_cameras), target / Path(reference_cameras).name)
         kept["reference_cameras"] = f"{ARTIFACTS_DIR}/{Path(reference_cameras).name}"
+    if expected_scores is not None:
+        with atomic_path(target / EXPECTED_SCORES_NAME) as tmp:
+            np.save(tmp, expected_scores.astype(np.float32))
+        kept["expected_scores"] = f"{ARTIFACTS_DIR}/{EXPECTED_SCORES_NAME}"
     return kept
 
 

@@ -69,12 +69,17 @@ class AnomalyScorer(nn.Module):
         sheen: how the sheen's white excess is measured (:func:`take_off_sheen`; None: the defaults);
             it is taken off the query while the attribute ``sheen_allowance`` (the class's, a float
             > 0) is set; None (as built): off.
+        uncertainty_weight: > 0: with an ``expected`` map (what the splats' own reference views show
+            at the query's pose, :mod:`splatpose.scoring.uncertainty`), the map keeps only what exceeds
+            this many times it; 0: off.
 
     Call:
         query, render: [B, 3, H, W] float in [0, 1] (any H, W; resized to S x S, so non-square inputs
             are stretched, like the masks the metrics compare against).
         alpha: [B, H, W] float in [0, 1], the render's coverage, or None (then neither the object
             region nor the photometric fit apply: the plain recipe).
+        expected: [B, H', W'] float, the map a good image is expected to have at the query's pose (any
+            size; resized to S x S), or None; used only with ``uncertainty_weight`` > 0.
         returns: [B, S, S] float32 raw anomaly maps (>= 0 before blurring; higher = more anomalous).
     """
 
@@ -85,8 +90,11 @@ class AnomalyScorer(nn.Module):
                  fit_alpha: float = 0.9, object_region: bool = False, region_threshold: float = 0.5,
                  dilation_px: int = 0, region_background: str = "white", fill_sigma: float = 4.0,
                  keep_background_tau: float = 0.0, denoise_strength: float = 0.0,
-                 sheen: SheenSettings | None = None):
+                 sheen: SheenSettings | None = None, uncertainty_weight: float = 0.0):
         super().__init__()
+        if uncertainty_weight < 0:
+            raise ValueError(f"scorer.uncertainty.weight: {uncertainty_weight}; use > 0 (or uncertainty.enabled=false)")
+        self.uncertainty_weight = float(uncertainty_weight)
         if denoise_strength < 0:
             raise ValueError(f"scorer.denoise.strength: {denoise_strength}; use > 0 (or denoise.enabled=false)")
         self.denoise_strength = float(denoise_strength)
@@ -134,7 +142,8 @@ class AnomalyScorer(nn.Module):
         return self.photometric_fit or self.object_region
 
     @torch.inference_mode()
-    def forward(self, query: torch.Tensor, render: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, render: torch.Tensor, alpha: torch.Tensor | None = None,
+                expected: torch.Tensor | None = None) -> torch.Tensor:
         if query.shape != render.shape or query.ndim != 4 or query.shape[1] != 3:
             raise ValueError(f"query and render must both be [B, 3, H, W]; got {tuple(query.shape)} "
                              f"and {tuple(render.shape)}")
@@ -171,6 +180,8 @@ class AnomalyScorer(nn.Module):
             maps = gaussian_blur(maps, [self.blur_kernel_size] * 2, [self.blur_sigma] * 2)
         if region is not None:
             maps = maps * F.interpolate(region, size=(self.size, self.size), mode="nearest")
+        if expected is not None and self.uncertainty_weight:
+            return discount_expected(maps[:, 0], expected.to(maps.device), self.uncertainty_weight)
         return maps[:, 0]
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
@@ -181,6 +192,14 @@ class AnomalyScorer(nn.Module):
         return (images - self.mean) / self.std
 
 
+def discount_expected(maps: torch.Tensor, expected: torch.Tensor, weight: float) -> torch.Tensor:
+    """The scorer's maps [B, S, S] less ``weight`` times the expected maps [B, H, W] (resized to S x S),
+    floored at 0: what a query shows beyond what a good view shows there."""
+    expected = F.interpolate(expected[:, None].to(maps), size=maps.shape[-2:], mode="bilinear",
+                             align_corners=False, antialias=True)[:, 0]
+    return (maps - weight * expected).clamp(min=0.0)
+
+
 def build_scorer(cfg_scorer, device: str | torch.device = "cpu") -> AnomalyScorer:
     """The anomaly scorer described by a ``scorer`` config node (conf/scorer/*.yaml), on ``device``.
 
@@ -188,7 +207,7 @@ def build_scorer(cfg_scorer, device: str | torch.device = "cpu") -> AnomalyScore
     ``rgb_weight``, ``size``, ``mean``, ``std``, ``blur.kernel_size``, ``blur.sigma`` (``blur: null``
     or ``kernel_size: 0``: no blur), ``photometric_fit.{enabled,fit_alpha}``,
     ``object_region.{enabled,threshold,dilation_px,background,fill_sigma,keep_background_tau}`` (absent:
-    off), ``denoise.{enabled,strength}`` (absent: off), ``sheen`` (:class:`SheenSettings`; the scorer
+    off), ``denoise.{enabled,strength}`` (absent: off), ``uncertainty.{enabled,weight}`` (absent: off), ``sheen`` (:class:`SheenSettings`; the scorer
     built here has no allowance set: whoever measures the class's sets it).
     ``batch_size`` is read by the caller, not here.
     """
@@ -197,6 +216,7 @@ def build_scorer(cfg_scorer, device: str | torch.device = "cpu") -> AnomalyScore
     photometric = cfg_scorer.get("photometric_fit") or {}
     region = cfg_scorer.get("object_region") or {}
     denoise = cfg_scorer.get("denoise") or {}
+    uncertainty = cfg_scorer.get("uncertainty") or {}
     scorer = AnomalyScorer(
         backbone=build_backbone(cfg_scorer),
         size=int(cfg_scorer.get("size", 224)),
@@ -215,5 +235,6 @@ def build_scorer(cfg_scorer, device: str | torch.device = "cpu") -> AnomalyScore
         keep_background_tau=float(region.get("keep_background_tau", 0.0)),
         denoise_strength=float(denoise.get("strength", 6.0)) if denoise.get("enabled", False) else 0.0,
         sheen=SheenSettings.from_config(cfg_scorer.get("sheen")),
+        uncertainty_weight=float(uncertainty.get("weight", 1.0)) if uncertainty.get("enabled", False) else 0.0,
     )
     return scorer.to(device).eval()

@@ -22,23 +22,30 @@ class QueryRenderPairs(Dataset):
         masks: [N, H, W] bool defect masks (all False for good images)
         names, defects: per-image test name ("test/Burrs/003.png") and defect type ("good", ...)
         alphas: [N, H, W] float32 in [0, 1], each render's coverage (None: batches carry no "alpha")
+        expected: [N, H, W] float32, the map a good image is expected to have at each query's pose
+            (splatpose.scoring.uncertainty; None: batches carry no "expected")
     """
 
     def __init__(self, queries: np.ndarray, renders: np.ndarray, masks: np.ndarray,
-                 names: list[str], defects: list[str], alphas: np.ndarray | None = None):
+                 names: list[str], defects: list[str], alphas: np.ndarray | None = None,
+                 expected: np.ndarray | None = None):
         if not (len(queries) == len(renders) == len(masks) == len(names) == len(defects)):
             raise ValueError("queries, renders, masks, names and defects must have one entry per image")
-        if alphas is not None and len(alphas) != len(renders):
-            raise ValueError(f"alphas: {len(alphas)} for {len(renders)} renders; give one per render")
+        for name, extra in (("alphas", alphas), ("expected", expected)):
+            if extra is not None and len(extra) != len(renders):
+                raise ValueError(f"{name}: {len(extra)} for {len(renders)} renders; give one per render")
         self.queries, self.renders, self.masks, self.alphas = queries, renders, masks, alphas
+        self.expected = expected
         self.names, self.defects = names, defects
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, i: int) -> dict:
-        alpha = {} if self.alphas is None else {"alpha": torch.from_numpy(self.alphas[i])}
-        return {**alpha,
+        extras = {} if self.alphas is None else {"alpha": torch.from_numpy(self.alphas[i])}
+        if self.expected is not None:
+            extras["expected"] = torch.from_numpy(self.expected[i])
+        return {**extras,
             "query": torch.from_numpy(self.queries[i]).permute(2, 0, 1),
             "render": torch.from_numpy(self.renders[i]).permute(2, 0, 1),
             "mask": torch.from_numpy(self.masks[i]),
@@ -48,12 +55,12 @@ class QueryRenderPairs(Dataset):
 
 
 class AnomalyScoringModule(LightningModule):
-    """Runs ``scorer(query, render, alpha)`` on each test batch and returns raw maps for the callbacks."""
+    """Runs ``scorer(query, render, alpha, expected)`` on each test batch and returns raw maps for the callbacks."""
 
     def __init__(self, scorer: torch.nn.Module):
         super().__init__()
         self.scorer = scorer
 
     def test_step(self, batch: dict, batch_idx: int) -> dict:
-        maps = self.scorer(batch["query"], batch["render"], batch.get("alpha"))  # [B, S, S], raw
+        maps = self.scorer(batch["query"], batch["render"], batch.get("alpha"), batch.get("expected"))  # [B, S, S]
         return {"maps": maps.float().cpu()}

@@ -270,14 +270,20 @@ def batched_throughput(detector: Detector, paths: list[Path], batch_size: int, i
         # per image: a batched stage's time split over its images; load overlaps the previous batch
         stages = {stage: round(1000 * float(np.median([d.times.get(stage, 0.0) for d in detections])), 3)
                   for stage in BATCHED_STAGES}
-        entry[mode] = {"ok": sum(d.ok for d in detections), "seconds": round(seconds, 3),
-                       "seconds_rounds": [round(run[0], 3) for run in runs],
-                       "images_per_second": round(len(sources) / seconds, 2), "median_ms_per_image": stages}
+        # images/s counts the detections that came out ok: a batch that failed (out of memory, say) is fast
+        ok = sum(d.ok for d in detections)
+        entry[mode] = {"ok": ok, "seconds": round(seconds, 3), "seconds_rounds": [round(run[0], 3) for run in runs],
+                       "images_per_second": round(ok / seconds, 2), "median_ms_per_image": stages}
     if len(modes) == 2:
         entry["speedup"] = round(entry["pipelined"]["images_per_second"] / entry["unpipelined"]["images_per_second"], 3)
         entry["agreement"] = stream_agreement(timed["unpipelined"][0][1], timed["pipelined"][0][1])
     entry["images_per_second"] = entry[modes[-1]]["images_per_second"]  # pipelined when timed
     return entry
+
+
+def failed_note(timed: dict, images: int) -> str:
+    """" (k of n ok)" for a timed stream whose detections did not all come out ok, else ""."""
+    return "" if timed["ok"] == images else f" ({timed['ok']} of {images} ok)"
 
 
 def stream_agreement(reference: list, other: list) -> dict:
@@ -563,7 +569,7 @@ def markdown(report: dict) -> str:
                 rounds = ", ".join(str(x) for x in timed["seconds_rounds"])
                 lines.append(f"| {entry.get('matching', '')} ({path}) | {entry.get('decoder', '-')} | "
                              f"{entry['batch_size']} | {mode} | {entry['images']} | {timed['seconds']} ({rounds}) | "
-                             f"{timed['images_per_second']} | {per_image} |")
+                             f"{timed['images_per_second']}{failed_note(timed, entry['images'])} | {per_image} |")
             if "agreement" in entry:
                 agreements.append(f"- batch {entry['batch_size']}: pipelined / unpipelined {entry['speedup']}x; "
                                   f"detections against the unpipelined stream's: {entry['agreement']}")

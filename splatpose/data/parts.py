@@ -41,8 +41,8 @@ from splatpose.data import generated_cache
 from splatpose.data.cameras import look_at_opengl_c2w
 from splatpose.data.generated_cache import save_png, write_json
 from splatpose.data.mad_sim import REFERENCE_MASKS_DIR, TEST_POSES_FILE, TRANSFORMS_FILE
-from splatpose.data.parts_capture import (BENCH_KINDS, ViewLight, add_line_clutter, bench_texture, bench_view,
-                                          draw_test_light, photograph)
+from splatpose.data.parts_capture import (BENCH_CANVAS, BENCH_KINDS, ViewLight, add_line_clutter, bench_texture,
+                                          bench_view, draw_test_light, photograph)
 
 # Bump when a change to the generator changes its output: cached datasets are then regenerated.
 GENERATOR_VERSION = 1
@@ -174,8 +174,7 @@ def ensure_parts_dataset(root: Path, classes: list[str] | tuple[str, ...] = PART
         root: cache folder; the dataset lives in ``root/parts-<settings key>/``.
         classes: class names (PARTS_CLASSES).
         preset: "small" (CPU default), "mad_sim_like", "realistic", "tiny" or "tiny_realistic" (tests);
-            ``generator_settings`` override
-            its fields (see PartsSettings).
+            ``generator_settings`` override its fields (see PartsSettings).
     Returns:
         The dataset root, to pass to ``mad_sim.load_class(root, class_name)``.
     """
@@ -265,7 +264,7 @@ class LineCamera:
         if settings.bench:
             rng = generated_cache.class_rng(settings.seed, f"{class_name}/bench")
             kind = BENCH_KINDS[int(rng.integers(len(BENCH_KINDS)))]
-            self.bench = bench_texture(kind, (settings.height * 3, settings.width * 3), rng)
+            self.bench = bench_texture(kind, (settings.height * BENCH_CANVAS, settings.width * BENCH_CANVAS), rng)
 
     def _rng(self, name: str, stream: int) -> np.random.Generator:
         return np.random.default_rng([image_seed(self.settings, self.class_name, name), stream])

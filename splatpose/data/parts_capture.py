@@ -4,7 +4,7 @@ Built apart from the built-in family's capture_effects.py (PROTOCOL's twentieth 
 other clutter, another light model, another sensor model and another JPEG encoder, so that the realistic
 held-out read does not share the tuning family's image statistics. The light change is physical: the
 path tracer renders each test view under the studio environment turned about the vertical, brighter or
-dimmer and warmer or cooler (parts_render.studio_lights); the part is then composited, in linear light,
+dimmer and warmer or cooler (parts_render.PathTracer.scene); the part is then composited, in linear light,
 over a bench lit by the same light::
 
     path-traced part (premultiplied linear RGB + coverage alpha, light drawn per test view)
@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 BENCH_KINDS = ("perforated_steel", "kraft_paper", "cutting_mat")
-_CANVAS = 3          # the class's bench texture is this many times the image's size; views see crops of it
+BENCH_CANVAS = 3     # the class's bench texture is this many times the image's size; views see crops of it
 
 
 @dataclass(frozen=True)

@@ -95,3 +95,28 @@ def test_object_mask_formats(tmp_path):
     Image.fromarray(rgba).save(tmp_path / "rgba.png")
     for name in ("l.png", "rgba.png"):
         assert np.allclose(read_object_mask(tmp_path / name), grey / 255.0)
+
+
+def test_a_turned_light_moves_the_shading_of_test_views_only(roots, tmp_path):
+    """``test_light_turn_deg`` turns the renderer's lights for each test view: the train views, the poses
+    and the defect masks stay those of the clean preset, and a good test view is shaded otherwise (its
+    object pixels change, its outline does not)."""
+    clean = roots[0] / CLASS
+    turned = ensure_synthetic_dataset(tmp_path, [CLASS], preset="tiny", test_light_turn_deg=60.0) / CLASS
+    assert _digest(clean, "train/good/*.png") == _digest(turned, "train/good/*.png")
+    assert _digest(clean, "ground_truth/*/*.png") == _digest(turned, "ground_truth/*/*.png")
+    assert json.loads((clean / "test_poses.json").read_text()) == json.loads((turned / "test_poses.json").read_text())
+    before, after = read_image(clean / "test/good/000.png"), read_image(turned / "test/good/000.png")
+    on_object = (before < 0.99).any(-1)
+    assert np.array_equal(on_object, (after < 0.99).any(-1)), "the outline does not move with the light"
+    assert np.abs(after - before)[on_object].mean() > 0.01, "the shading did not change"
+
+
+def test_the_parts_shadow_darkens_the_bench_next_to_it():
+    from splatpose.data.capture_effects import cast_shadow
+
+    alpha = np.zeros((64, 64))
+    alpha[24:40, 24:40] = 1.0
+    factor = cast_shadow(alpha, np.random.default_rng(0), 0.3)
+    assert factor.min() >= 0.7 - 1e-9 and factor.max() <= 1.0
+    assert factor[32, 32] < 0.85 and factor[0, 0] > 0.99, "dark under and beside the part, untouched far away"

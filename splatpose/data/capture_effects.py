@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy.ndimage import zoom
+from scipy.ndimage import gaussian_filter, shift, zoom
 
 BACKGROUND_KINDS = ("wood", "concrete", "tiles")
 
@@ -46,6 +46,17 @@ def composite(on_white: np.ndarray, alpha: np.ndarray, background: np.ndarray) -
         on_white: [H, W, 3] in [0, 1]; alpha: [H, W] coverage in [0, 1]; background: [H, W, 3] in [0, 1].
     """
     return on_white + (1.0 - alpha)[..., None] * (background - 1.0)
+
+
+def cast_shadow(alpha: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """[H, W] factor in [1 - strength, 1] for the bench: the part's coverage ``alpha`` [H, W] shifted by a
+    few percent of the image in a random direction and blurred (a soft shadow from a light above to one
+    side), darkening what lies under it."""
+    h, w = alpha.shape
+    angle = rng.uniform(0.0, 2.0 * np.pi)
+    dy, dx = 0.05 * h * np.sin(angle), 0.05 * w * np.cos(angle)
+    moved = shift(alpha.astype(np.float64), (dy, dx), order=1, mode="constant", cval=0.0)
+    return 1.0 - strength * gaussian_filter(moved, sigma=0.03 * max(h, w))
 
 
 def smooth_noise(shape: tuple[int, int], cells: int, rng: np.random.Generator) -> np.ndarray:

@@ -107,10 +107,20 @@ class OffscreenRenderer:
         # The first screenshot sets the window up; afterwards pyvista reads the buffer without
         # rendering, so every frame is rendered explicitly in _screenshot.
         self._plotter.screenshot(return_img=True)
+        self._lights = []  # (light, its direction at turn 0)
         for direction, intensity in LIGHTINGS[lighting]["lights"]:
             light = pv.Light(position=direction, focal_point=(0.0, 0.0, 0.0), light_type="scene light",
                              intensity=intensity, positional=False)
             self._plotter.add_light(light)
+            self._lights.append((light, np.asarray(direction, dtype=np.float64)))
+
+    def turn_lights(self, turn_deg: float) -> None:
+        """Turn every light about the world's vertical (+z) by ``turn_deg`` from where the lighting puts
+        it (0: back there); the renders that follow are lit from there."""
+        c, s = np.cos(np.radians(turn_deg)), np.sin(np.radians(turn_deg))
+        turn = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+        for light, direction in self._lights:
+            light.position = tuple(float(v) for v in turn @ direction)
 
     def close(self) -> None:
         self._plotter.close()

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from splatpose.data import generated_cache
 from splatpose.data.cameras import look_at_opengl_c2w
-from splatpose.data.capture_effects import (BACKGROUND_KINDS, apply_lighting, composite, jpeg_round_trip, quantise,
+from splatpose.data.capture_effects import (BACKGROUND_KINDS, apply_lighting, cast_shadow, composite, jpeg_round_trip, quantise,
                                             random_background, random_lighting, sensor_noise)
 from splatpose.data.generated_cache import save_png as _save_png
 from splatpose.data.generated_cache import write_json as _write_json
@@ -99,6 +99,8 @@ class GeneratorSettings:
     read_noise_std: float = 0.0                # Gaussian read noise, std in [0, 1] units (0: off)
     jpeg_quality: int = 0                      # JPEG round trip at this quality (0: off)
     reference_masks: bool = False              # write train/masks/<i>.png (object coverage)
+    test_light_turn_deg: float = 0.0           # test views: the lights turned about the vertical by up to this
+    shadow: float = 0.0                        # with backgrounds: darkness of the part's soft shadow on the bench
 
     def key(self) -> str:
         # Capture settings at their defaults are left out, so the clean presets keep their folders.
@@ -111,12 +113,13 @@ class GeneratorSettings:
     def realistic(self) -> bool:
         """Whether any capture effect is on (then every image goes through ``capture_view``)."""
         return bool(self.backgrounds or self.lighting or self.photons_at_white or self.read_noise_std
-                    or self.jpeg_quality)
+                    or self.jpeg_quality or self.test_light_turn_deg)
 
 
 CAPTURE_FIELDS = ("backgrounds", "clutter_shapes", "lighting", "reference_gain", "test_gain",
                   "reference_temperature_shift", "test_temperature_shift", "reference_shading", "test_shading",
-                  "photons_at_white", "read_noise_std", "jpeg_quality", "reference_masks")
+                  "photons_at_white", "read_noise_std", "jpeg_quality", "reference_masks", "test_light_turn_deg",
+                  "shadow")
 
 
 def _realistic(**overrides) -> dict:
@@ -136,6 +139,9 @@ PRESETS: dict[str, dict] = {
     # "small" as a real capture: textured bench and clutter, drifting light, sensor noise, JPEG 85,
     # reference masks (same objects, poses and defect masks as "small").
     "realistic": _realistic(),
+    # "realistic" with a light that moves between the reference capture and the line (the lights turned in the
+    # renderer for each test view, so shading and highlights move) and the part's shadow on the bench.
+    "realistic_moving_light": _realistic(test_light_turn_deg=30.0, shadow=0.3),
     # "tiny" as a real capture, for tests.
     "tiny_realistic": _realistic(width=64, height=64, n_train=6, n_test_good=2, n_test_per_defect=1,
                                  edge_len=0.05, defect_size=0.15, min_defect_pixels=4, max_defect_fraction=0.15),
@@ -243,6 +249,7 @@ def generate_class(out_dir: Path, class_name: str, settings: GeneratorSettings) 
         for k in range(settings.n_test_good):
             c2w = test_pose(settings, rng)
             name = f"test/good/{k:03d}.png"
+            capture.turn_lights(renderer, name)
             image = renderer.render_rgb(mesh, c2w)
             if settings.realistic:
                 image = capture.view(name, image, renderer.render_coverage(mesh, c2w), reference=False)
@@ -251,8 +258,9 @@ def generate_class(out_dir: Path, class_name: str, settings: GeneratorSettings) 
             progress.update()
         for defect in defect_types:
             for k in range(settings.n_test_per_defect):
-                c2w, image, mask, defective = render_defect_view(renderer, mesh, texture, defect, settings, rng)
                 name = f"test/{defect}/{k:03d}.png"
+                capture.turn_lights(renderer, name)
+                c2w, image, mask, defective = render_defect_view(renderer, mesh, texture, defect, settings, rng)
                 if settings.realistic:
                     image = capture.view(name, image, renderer.render_coverage(defective, c2w), reference=False)
                 save(name, image, defective, c2w)
@@ -355,6 +363,14 @@ class CaptureDraws:
         self.reference_kind = BACKGROUND_KINDS[kind]
         self.test_kinds = tuple(k for k in BACKGROUND_KINDS if k != self.reference_kind)
 
+    def turn_lights(self, renderer: OffscreenRenderer, name: str) -> None:
+        """Turn the renderer's lights for a test image by its own draw, uniform in +-test_light_turn_deg
+        (with it at 0 the renderer is left alone: the clean and realistic presets keep their bytes)."""
+        limit = self.settings.test_light_turn_deg
+        if limit:
+            turn = class_rng(self.settings, f"{self.class_name}|light|{name}").uniform(-limit, limit)
+            renderer.turn_lights(float(turn))
+
     def view(self, name: str, on_white: np.ndarray, alpha: np.ndarray, reference: bool) -> np.ndarray:
         """One image as the camera would record it.
 
@@ -372,7 +388,10 @@ class CaptureDraws:
         image = on_white.astype(np.float64) / 255.0
         if s.backgrounds:
             kind = self.reference_kind if reference else self.test_kinds[int(rng.integers(len(self.test_kinds)))]
-            image = composite(image, alpha, random_background(kind, shape, rng, tuple(s.clutter_shapes)))
+            background = random_background(kind, shape, rng, tuple(s.clutter_shapes))
+            if s.shadow:
+                background = background * cast_shadow(alpha, rng, s.shadow)[..., None]
+            image = composite(image, alpha, background)
         if s.lighting:
             image = apply_lighting(image, random_lighting(
                 shape, rng, s.reference_gain if reference else s.test_gain,

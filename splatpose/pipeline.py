@@ -183,9 +183,7 @@ def run_pipeline(cfg: DictConfig, loggers: list | None = None, data: ClassData |
 
     with timer("score", subject):
         allowance = class_sheen_allowance(cfg, posed, ply, device, backend)
-        expected_scores = class_expected_scores(cfg, posed, ply, device, backend, allowance)
-        expected = None if expected_scores is None else expected_maps_at(posed, refined, ply, expected_scores, device,
-                                                                          backend)
+        expected_scores, expected = class_expected_maps(cfg, posed, refined, ply, device, backend, allowance)
         evaluation = score_and_evaluate(cfg, data, renders, loggers, device, alphas=alphas,
                                         sheen_allowance=allowance, expected=expected)
     if not any(t.mask_path for t in data.test):
@@ -490,39 +488,35 @@ def class_sheen_allowance(cfg: DictConfig, posed: ClassData, ply: Path, device: 
     return allowance
 
 
-def class_expected_scores(cfg: DictConfig, posed: ClassData, ply: Path, device: str, backend: str = "auto",
-                          allowance: float | None = None) -> np.ndarray | None:
-    """Each Gaussian's expected score [N] float32 (:mod:`splatpose.scoring.uncertainty`): the scorer's maps
-    of every reference view against its render (as the splats were trained: composited on white through
-    the class's object masks), carried back to the Gaussians; None with ``scorer.uncertainty`` off."""
+def class_expected_maps(cfg: DictConfig, posed: ClassData, poses: list[RefinedPose], ply: Path, device: str,
+                        backend: str = "auto", allowance: float | None = None
+                        ) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """With ``scorer.uncertainty`` (:mod:`splatpose.scoring.uncertainty`): each Gaussian's expected score
+    [G] float32 — the scorer's maps of every reference view against its render (as the splats were
+    trained: composited on white through the class's object masks), carried back to the Gaussians — and
+    the map a good image is expected to have at each query's pose (``poses``) [N, H, W] float32.
+    (None, None) with it off."""
     if not (cfg.scorer.get("uncertainty") or {}).get("enabled", False):
-        return None
+        return None, None
     views = load_posed_views(posed, object_masks=bool(cfg.splat.get("object_masks", False)))
     gaussians = load_gaussians(ply, device)
+    K = views.K.to(device)
     scorer = build_scorer(cfg.scorer, device)
     scorer.sheen_allowance = allowance
     maps = []
     with torch.no_grad():
         for start in range(0, len(views), RENDER_BATCH):
             w2c = views.w2c[start:start + RENDER_BATCH].to(device)
-            rgb, alpha = render(gaussians, w2c, views.K.to(device), posed.width, posed.height, backend=backend,
-                                return_alpha=True)
+            rgb, alpha = render(gaussians, w2c, K, posed.width, posed.height, backend=backend, return_alpha=True)
             images = views.images[start:start + RENDER_BATCH].to(device).float() / 255.0
             maps.append(scorer(images.permute(0, 3, 1, 2), rgb.clamp(0, 1).permute(0, 3, 1, 2), alpha[..., 0]))
     maps = upsampled(torch.cat(maps), posed.height, posed.width)
-    expected = gaussian_expected_scores(gaussians, views.w2c.to(device), views.K.to(device), maps, backend)
+    expected = gaussian_expected_scores(gaussians, views.w2c.to(device), K, maps, backend)
     log.info("Expected scores of %d Gaussians from %d reference views (median %.3g, 99th percentile %.3g)",
              len(expected), len(views), float(expected.median()), float(expected.quantile(0.99)))
-    return expected.cpu().numpy().astype(np.float32)
-
-
-def expected_maps_at(posed: ClassData, poses: list[RefinedPose], ply: Path, expected_scores: np.ndarray, device: str,
-                     backend: str = "auto") -> np.ndarray:
-    """[N, H, W] float32: the map a good image is expected to have at each query's pose (``poses``)."""
-    w2c = torch.as_tensor(np.stack([p.w2c for p in poses]), dtype=torch.float32, device=device)
-    return expected_maps(load_gaussians(ply, device), torch.from_numpy(expected_scores), w2c,
-                         torch.as_tensor(posed.K, dtype=torch.float32), posed.width, posed.height,
-                         backend).cpu().numpy()
+    query_w2c = torch.as_tensor(np.stack([p.w2c for p in poses]), dtype=torch.float32, device=device)
+    at_queries = expected_maps(gaussians, expected, query_w2c, K, posed.width, posed.height, backend)
+    return expected.cpu().numpy().astype(np.float32), at_queries.cpu().numpy()
 
 
 def score_and_evaluate(cfg: DictConfig, data: ClassData, renders: np.ndarray, loggers: list,
@@ -533,7 +527,7 @@ def score_and_evaluate(cfg: DictConfig, data: ClassData, renders: np.ndarray, lo
     ``alphas`` [N, H, W]: the renders' coverage, for the scorer's object region (None: whole image);
     ``sheen_allowance``: the class's (:func:`class_sheen_allowance`; None: no sheen taken off);
     ``expected`` [N, H, W]: the map a good image is expected to have at each query's pose
-    (:func:`expected_maps_at`; None: nothing taken off)."""
+    (:func:`class_expected_maps`; None: nothing taken off)."""
     queries = np.stack([read_image(t.path) for t in data.test])
     masks = np.stack([read_mask(t.mask_path) if t.mask_path else np.zeros(queries.shape[1:3], bool)
                       for t in data.test])

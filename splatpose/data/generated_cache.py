@@ -35,10 +35,17 @@ from splatpose.data.mad_sim import TRANSFORMS_FILE
 log = logging.getLogger(__name__)
 
 
-def settings_key(generator_version: int, settings) -> str:
+def settings_key(generator_version: int, settings, left_out_at_default: tuple[str, ...] = ()) -> str:
     """12 hex digits hashing a generator version and a settings dataclass, or the dict of the settings
-    that enter the key (the cache folder's key)."""
-    fields = settings if isinstance(settings, dict) else dataclasses.asdict(settings)
+    that enter the key (the cache folder's key). Fields of the dataclass named in ``left_out_at_default``
+    enter only when they differ from their defaults: settings added later keep the folders of the presets
+    that do not use them."""
+    if isinstance(settings, dict):
+        fields = settings
+    else:
+        defaults = {f.name: f.default for f in dataclasses.fields(settings)}
+        fields = {k: v for k, v in dataclasses.asdict(settings).items()
+                  if k not in left_out_at_default or v != defaults[k]}
     blob = json.dumps({"version": generator_version, **fields}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -101,10 +101,7 @@ class PartsSettings:
 
     def key(self) -> str:
         # Capture settings at their defaults are left out, so the clean presets keep their folders.
-        defaults = {f.name: f.default for f in dataclasses.fields(PartsSettings)}
-        values = {k: v for k, v in dataclasses.asdict(self).items()
-                  if k not in CAPTURE_FIELDS or v != defaults[k]}
-        return generated_cache.settings_key(GENERATOR_VERSION, values)
+        return generated_cache.settings_key(GENERATOR_VERSION, self, CAPTURE_FIELDS)
 
     @property
     def realistic(self) -> bool:
@@ -270,13 +267,17 @@ class LineCamera:
         return np.random.default_rng([image_seed(self.settings, self.class_name, name), stream])
 
     def light(self, name: str) -> ViewLight:
-        """The light a test image is rendered under (train images: the studio as it is)."""
+        """The light an image is rendered under: a test image's own draw; train images: the studio as it is."""
+        if not name.startswith("test/"):
+            return ViewLight()
         s = self.settings
         return draw_test_light(self._rng(name, 1), s.light_turn_deg, s.light_gain, s.light_warmth)
 
-    def photograph(self, out_dir: Path, name: str, premultiplied: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-        """uint8 [H, W, 3] of a rendered view (render_linear's output) as the line's camera records it;
-        for a train view with reference_masks, its object mask is written to train/masks/."""
+    def photograph(self, out_dir: Path, name: str, premultiplied: np.ndarray, alpha: np.ndarray,
+                   light: ViewLight) -> np.ndarray:
+        """uint8 [H, W, 3] of a view rendered under ``light`` (render_linear's output) as the line's camera
+        records it, the bench lit by the same light; for a train view with reference_masks, its object mask
+        is written to train/masks/."""
         s, rng, test = self.settings, self._rng(name, 2), name.startswith("test/")
         bench = None
         if self.bench is not None:
@@ -292,7 +293,6 @@ class LineCamera:
             if s.reference_masks:
                 save_png(out_dir / REFERENCE_MASKS_DIR / f"{Path(name).stem}.png",
                          (alpha >= 0.5).astype(np.uint8) * 255)
-        light = self.light(name) if test else ViewLight()
         return photograph(premultiplied, alpha, bench, light, rng, s.shadow if bench is not None else 0.0,
                           s.vignetting, electrons, s.read_noise, jpeg)
 
@@ -318,17 +318,20 @@ def generate_class(out_dir: Path, class_name: str, settings: PartsSettings) -> N
     camera = LineCamera(settings, class_name) if settings.realistic else None
     out_dir.mkdir(parents=True)
 
-    def image_of(name: str, view_scene, c2w: np.ndarray) -> np.ndarray:
+    def light_of(name: str) -> ViewLight:
+        return ViewLight() if camera is None else camera.light(name)
+
+    def image_of(name: str, view_scene, c2w: np.ndarray, light: ViewLight) -> np.ndarray:
         seed = image_seed(settings, class_name, name)
         return tracer.render_rgb(view_scene, c2w, seed) if camera is None else camera.photograph(
-            out_dir, name, *tracer.render_linear(view_scene, c2w, seed))
+            out_dir, name, *tracer.render_linear(view_scene, c2w, seed), light)
 
     with tqdm(total=len(train_c2w) + n_test, desc=f"generating parts {class_name}", unit="img",
               leave=False) as progress:
         frames = []
         for i, c2w in enumerate(train_c2w):
             name = f"train/good/{i}.png"
-            save_png(out_dir / name, image_of(name, scene, c2w))
+            save_png(out_dir / name, image_of(name, scene, c2w, ViewLight()))
             frames.append({"file_path": name, "transform_matrix": c2w.tolist()})
             progress.update()
         write_json(out_dir / TRANSFORMS_FILE, {"camera_angle_x": settings.camera_angle_x, "frames": frames})
@@ -337,17 +340,18 @@ def generate_class(out_dir: Path, class_name: str, settings: PartsSettings) -> N
         for k in range(settings.n_test_good):
             c2w = sample_test_pose(settings, rng, train_centres)
             name = f"test/good/{k:03d}.png"
-            lit = scene if camera is None else tracer.scene(obj, camera.light(name))
-            save_png(out_dir / name, image_of(name, lit, c2w))
+            light = light_of(name)
+            lit = scene if camera is None else tracer.scene(obj, light)
+            save_png(out_dir / name, image_of(name, lit, c2w, light))
             test_poses[name] = c2w.tolist()
             progress.update()
         for defect in PARTS_DEFECTS:
             for k in range(settings.n_test_per_defect):
                 name = f"test/{defect}/{k:03d}.png"
-                light = ViewLight() if camera is None else camera.light(name)
+                light = light_of(name)
                 c2w, defective_scene, mask = place_visible_defect(tracer, obj, scene, defect, settings, rng,
                                                                   train_centres, light)
-                save_png(out_dir / name, image_of(name, defective_scene, c2w))
+                save_png(out_dir / name, image_of(name, defective_scene, c2w, light))
                 save_png(out_dir / "ground_truth" / defect / f"{k:03d}_mask.png", mask.astype(np.uint8) * 255)
                 test_poses[name] = c2w.tolist()
                 progress.update()

@@ -104,10 +104,7 @@ class GeneratorSettings:
 
     def key(self) -> str:
         # Capture settings at their defaults are left out, so the clean presets keep their folders.
-        defaults = {f.name: f.default for f in dataclasses.fields(GeneratorSettings)}
-        values = {k: v for k, v in dataclasses.asdict(self).items()
-                  if k not in CAPTURE_FIELDS or v != defaults[k]}
-        return generated_cache.settings_key(GENERATOR_VERSION, values)
+        return generated_cache.settings_key(GENERATOR_VERSION, self, CAPTURE_FIELDS)
 
     @property
     def realistic(self) -> bool:

@@ -203,6 +203,8 @@ class Detector:
                                         lightglue_compile=self.cfg.lightglue_compile,
                                         cuda_graphs=self.cfg.cuda_graphs)
         self.gaussians = load_gaussians(run.gaussians_ply, self.device)
+        self.expected_scores = (None if run.expected_scores is None else
+                                torch.as_tensor(run.expected_scores, device=self.device))
         self.scorer = build_scorer(run.config.scorer, self.device)
         self.scorer.sheen_allowance = run.sheen_allowance
         use_graphs = self.device.startswith("cuda") and self.cfg.cuda_graphs
@@ -517,9 +519,9 @@ class Detector:
     def expected_maps(self, w2c: np.ndarray) -> torch.Tensor | None:
         """The maps [B, H, W] a good image is expected to have at poses w2c [B, 4, 4] (the run's
         ``scorer.uncertainty``, :mod:`splatpose.scoring.uncertainty`), or None when the run scored without."""
-        if self.run.expected_scores is None:
+        if self.expected_scores is None:
             return None
-        return expected_maps(self.gaussians, torch.as_tensor(self.run.expected_scores, device=self.device),
+        return expected_maps(self.gaussians, self.expected_scores,
                              torch.as_tensor(w2c, dtype=torch.float32, device=self.device), self.K, self.width,
                              self.height, self.backend)
 

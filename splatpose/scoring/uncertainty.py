@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from splatpose.splat.gaussians import Gaussians
-from splatpose.splat.rendering import rasterize
+from splatpose.splat.rendering import activated, rasterize
 
 # Pixels the splats cover less than this carry no expectation (their ratio of two small sums is noise).
 MIN_COVERAGE = 0.05
@@ -31,10 +31,8 @@ def render_values(gaussians: Gaussians, values: Tensor, w2c: Tensor, K: Tensor, 
     """Per-Gaussian values [N, D] composited like colours, on a zero background, from one camera
     (w2c [4, 4], OpenCV axes; K [3, 3]). Returns image [H, W, D] and alpha [H, W] (differentiable in
     ``values``)."""
-    image, alpha, _ = rasterize(
-        gaussians.means, F.normalize(gaussians.quats, dim=-1), torch.exp(gaussians.scales),
-        torch.sigmoid(gaussians.opacities), values, w2c[None], K[None], width, height, backend=backend,
-        backgrounds=values.new_zeros(1, values.shape[1]))
+    image, alpha, _ = rasterize(*activated(gaussians), values, w2c[None], K[None], width, height, backend=backend,
+                                backgrounds=values.new_zeros(1, values.shape[1]))
     return image[0], alpha[0, ..., 0]
 
 

@@ -72,6 +72,13 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, c
                            compositor=compositor, **kwargs)
 
 
+def activated(gaussians: Gaussians) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The rasterizer's geometry of a scene from its raw parameters: means [N, 3], unit quats [N, 4],
+    scales [N, 3] (exp) and opacities [N] (sigmoid)."""
+    return (gaussians.means, torch.nn.functional.normalize(gaussians.quats, dim=-1), torch.exp(gaussians.scales),
+            torch.sigmoid(gaussians.opacities))
+
+
 def render(gaussians: Gaussians, w2c: Tensor, K: Tensor, width: int, height: int,
            backend: str = "auto", sh_degree: int | None = None,
            background: tuple[float, float, float] = WHITE, return_alpha: bool = False,
@@ -114,10 +121,7 @@ def render(gaussians: Gaussians, w2c: Tensor, K: Tensor, width: int, height: int
     backgrounds = torch.stack([torch.full((n_cameras,), float(v), dtype=dtype, device=device) for v in background], -1)
     degree = gaussians.sh_degree if sh_degree is None else min(sh_degree, gaussians.sh_degree)
     rgb, alpha, info = rasterize(
-        gaussians.means,
-        torch.nn.functional.normalize(gaussians.quats, dim=-1),
-        torch.exp(gaussians.scales),
-        torch.sigmoid(gaussians.opacities),
+        *activated(gaussians),
         gaussians.sh_coeffs,
         w2c.to(device=device, dtype=dtype),
         Ks.to(device=device, dtype=dtype),

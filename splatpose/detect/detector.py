@@ -30,6 +30,7 @@ the evaluation's maps (tests/test_detector.py). ``python run.py task=detect`` ca
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from splatpose.detect.cuda_graphs import GraphedScorer
+from splatpose.detect.cuda_graphs import GraphCache, GraphedScorer
 from splatpose.detect.finished_run import FinishedRun, load_finished_run
 from splatpose.detect.inputs import (EncodedImage, InputError, LoadedImage, display_names, expand_inputs, load_input,
                                      pixels_to_float_torch)
@@ -194,6 +195,9 @@ class Detector:
             torch.backends.cudnn.deterministic = False
         self.width, self.height = run.width, run.height
         self.lo, self.hi = run.map_range
+        use_graphs = self.device.startswith("cuda") and self.cfg.cuda_graphs
+        # every accelerator's CUDA graphs in one cache, bounded per batch size (see GraphCache)
+        self.graph_cache = GraphCache(self.cfg.graph_batch_sizes, self.device) if use_graphs else None
         self.localizer = ImageLocalizer(run.K, run.width, run.height, run.config.sfm, run.reference, run.db_w2c,
                                         self.device, matching=self.cfg.matching,
                                         pairs_per_call=self.cfg.pairs_per_call,
@@ -201,14 +205,13 @@ class Detector:
                                         static_lengths=self.cfg.static_lengths,
                                         lightglue_precision=self.cfg.lightglue_precision,
                                         lightglue_compile=self.cfg.lightglue_compile,
-                                        cuda_graphs=self.cfg.cuda_graphs)
+                                        cuda_graphs=self.cfg.cuda_graphs, graph_cache=self.graph_cache)
         self.gaussians = load_gaussians(run.gaussians_ply, self.device)
         self.expected_scores = (None if run.expected_scores is None else
                                 torch.as_tensor(run.expected_scores, device=self.device))
         self.scorer = build_scorer(run.config.scorer, self.device)
         self.scorer.sheen_allowance = run.sheen_allowance
-        use_graphs = self.device.startswith("cuda") and self.cfg.cuda_graphs
-        self.score_maps = GraphedScorer(self.scorer) if use_graphs else self.scorer
+        self.score_maps = GraphedScorer(self.scorer, self.graph_cache) if use_graphs else self.scorer
         self.backend = self.cfg.render_backend or run.config.splat.get("backend", "auto")
         self.K = torch.as_tensor(run.K, dtype=torch.float32, device=self.device)
         # The run's own refinement unless overridden (a run config without a refine node: none).
@@ -310,7 +313,8 @@ class Detector:
         pairs_per_query = len(localizer.db_names) if localizer.retrieval.exhaustive else min(localizer.top_k,
                                                                                                len(localizer.db_names))
         queries_per_call = max(1, min(batch_size, localizer.pairs_per_call // max(pairs_per_query, 1)))
-        return localizer.static.capture_shapes(queries_per_call, pairs_per_query, localizer.max_keypoints)
+        with self._serving(batch_size):
+            return localizer.static.capture_shapes(queries_per_call, pairs_per_query, localizer.max_keypoints)
 
     # ----------------------------------------------------------------------------------------------
     # Stages
@@ -404,7 +408,8 @@ class Detector:
         start = time.perf_counter()
         queries = self._upload([image for _, image in items])  # [B, 3, H, W] float32
         upload_seconds = self._clock() - start
-        pending = self.localizer.start_localization(queries, [d.name for d, _ in items])
+        with self._serving(len(items)):
+            pending = self.localizer.start_localization(queries, [d.name for d, _ in items])
         return _Started(items, queries, pending, upload_seconds, time.perf_counter() - start)
 
     def _finish_stages(self, started: "_Started", keep_images: bool) -> None:
@@ -414,7 +419,8 @@ class Detector:
         items, queries = started.items, started.queries
         batch = len(items)
         finish_start = time.perf_counter()
-        poses = self.localizer.finish_localization(started.pending)
+        with self._serving(batch):  # a second try matches again
+            poses = self.localizer.finish_localization(started.pending)
         w2c = np.stack([pose.w2c for pose in poses])
         for b, ((detection, _), pose) in enumerate(zip(items, poses)):
             detection.times["upload"] = round(started.upload_seconds / batch, 6)
@@ -444,7 +450,8 @@ class Detector:
         render_seconds = self._clock() - start
 
         start = self._clock()
-        maps_np = self.score(queries, renders, alphas, expected).float().cpu().numpy()
+        with self._serving(batch):
+            maps_np = self.score(queries, renders, alphas, expected).float().cpu().numpy()
         score_seconds = self._clock() - start
 
         threshold = self.cfg.threshold
@@ -472,6 +479,15 @@ class Detector:
         graphed = isinstance(self.score_maps, GraphedScorer) and not self.score_maps.failed
         return {"extract": self.localizer.extract_path, "matching": self.localizer.matching_path,
                 "score": "cuda_graph" if graphed else "eager"}
+
+    def graph_stats(self) -> dict:
+        """The CUDA graphs kept and released (:meth:`GraphCache.stats`: batch sizes kept, graphs per
+        accelerator, releases, device memory); empty without CUDA graphs."""
+        return self.graph_cache.stats() if self.graph_cache is not None else {}
+
+    def _serving(self, batch_size: int):
+        """The context in which a batch of ``batch_size`` images replays and captures its CUDA graphs."""
+        return self.graph_cache.serving(batch_size) if self.graph_cache is not None else contextlib.nullcontext()
 
     def _upload(self, images: list[LoadedImage]) -> torch.Tensor:
         """Loaded images -> one [B, 3, H, W] float32 tensor on the device, white background.

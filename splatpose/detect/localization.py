@@ -37,6 +37,7 @@ from splatpose.sfm.localization import Localizer, QueryPose
 from splatpose.sfm.matchers import LightGlueMatcher
 
 from splatpose.detect.batched_lightglue import match_pairs_batched
+from splatpose.detect.cuda_graphs import GraphCache
 from splatpose.detect.static_aliked import GraphedAliked
 from splatpose.detect.static_lightglue import DEFAULT_LENGTHS, StaticLightGlue
 
@@ -81,21 +82,24 @@ class ImageLocalizer(Localizer):
     ``matching``; ``pairs_per_call``: LightGlue pairs per forward pass when batched or static;
     ``pnp_workers``: threads solving the PnP problems of a batch at once, as PoseLib and pycolmap release
     the GIL while they solve; ``static_lengths``, ``lightglue_precision``, ``cuda_graphs``, ``lightglue_compile``:
-    the static path's query lengths, precision, graph replay and compilation, see :class:`StaticLightGlue`)."""
+    the static path's query lengths, precision, graph replay and compilation, see :class:`StaticLightGlue`;
+    ``graph_cache``: where ALIKED's and static LightGlue's CUDA graphs are kept, the detector's
+    :class:`~splatpose.detect.cuda_graphs.GraphCache`; default: one each)."""
 
     def __init__(self, *args, matching: str = "auto", pairs_per_call: int = 32, pnp_workers: int = 1,
                  static_lengths=DEFAULT_LENGTHS, lightglue_precision: str = "fp32", cuda_graphs: bool = True,
-                 lightglue_compile: bool = False, **kwargs):
+                 lightglue_compile: bool = False, graph_cache: GraphCache | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.pairs_per_call = int(pairs_per_call)
         self.pnp_pool = ThreadPoolExecutor(int(pnp_workers), "pnp") if int(pnp_workers) > 1 else None
         self.static_options = {"lengths": tuple(static_lengths), "precision": lightglue_precision,
-                               "cuda_graphs": bool(cuda_graphs), "compile": bool(lightglue_compile)}
+                               "cuda_graphs": bool(cuda_graphs), "compile": bool(lightglue_compile),
+                               "cache": graph_cache}
         self.static: StaticLightGlue | None = None
         self.static_failure: str | None = None
         self.set_matching(matching)
         if isinstance(self.extractor, AlikedExtractor) and cuda_graphs and str(self.device).startswith("cuda"):
-            self.extractor = GraphedAliked(self.extractor)
+            self.extractor = GraphedAliked(self.extractor, cache=graph_cache)
 
     @property
     def extract_path(self) -> str:

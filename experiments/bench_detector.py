@@ -253,6 +253,9 @@ def batched_throughput(detector: Detector, paths: list[Path], batch_size: int, i
     round's seconds and images/s, per-image stage medians of that round, and, with both modes, how far the
     pipelined detections are from the unpipelined ones (they should be equal)."""
     sources = [paths[i % len(paths)] for i in range(max(images, batch_size))]
+    on_cuda = detector.device.startswith("cuda")
+    if on_cuda:  # the peak of this batch size's capture and streams, graph pools included
+        torch.cuda.reset_peak_memory_stats(detector.device)
     # as task=detect does: every static LightGlue shape a batch of this size can meet is captured before the
     # clock starts (a shape met first inside the timed images compiles there, once); then graphs and cuDNN
     detector.warm_up(batch_size)
@@ -278,7 +281,26 @@ def batched_throughput(detector: Detector, paths: list[Path], batch_size: int, i
         entry["speedup"] = round(entry["pipelined"]["images_per_second"] / entry["unpipelined"]["images_per_second"], 3)
         entry["agreement"] = stream_agreement(timed["unpipelined"][0][1], timed["pipelined"][0][1])
     entry["images_per_second"] = entry[modes[-1]]["images_per_second"]  # pipelined when timed
+    entry["graphs"] = detector.graph_stats()  # what the detector keeps after this batch size (GraphCache)
+    if on_cuda:
+        entry["graphs"]["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(detector.device) / 2**30, 2)
+    entry["_reference"] = timed[modes[0]][0][1]  # for recaptured(); main() takes it out of the report
     return entry
+
+
+def recaptured(detector: Detector, paths: list[Path], batch_size: int, images: int, reference: list,
+               pipeline: bool) -> dict:
+    """``batch_size`` streamed once more after the other batch sizes, its CUDA graphs released meanwhile
+    (``detect.graph_batch_sizes``) and captured again now (inside the time): its detections against those of
+    its first stream (``reference``, same sources and mode), which should be equal."""
+    before = detector.graph_stats()
+    sources = [paths[i % len(paths)] for i in range(max(images, batch_size))]
+    start = time.perf_counter()
+    detections = list(detector.detect_stream(sources, batch_size=batch_size, pipeline=pipeline))
+    seconds = time.perf_counter() - start
+    return {"batch_size": batch_size, "images": len(sources), "ok": sum(d.ok for d in detections),
+            "seconds_with_capture": round(seconds, 3), "batch_sizes_kept_before": before.get("batch_sizes"),
+            "agreement": stream_agreement(reference, detections), "graphs": detector.graph_stats()}
 
 
 def failed_note(timed: dict, images: int) -> str:
@@ -468,6 +490,7 @@ def main(argv: list[str] | None = None) -> dict:
         report[f"single_{variant}"].pop("maps", None)
     for variant in args.throughput_matching:
         use_matching(detector, variant)
+        references = {}  # batch size -> its first stream's detections
         for size in args.batch_sizes:
             for round_index in range(args.decoder_rounds):
                 for decoder in args.background_decoders:  # interleaved, as the single-query rounds
@@ -477,6 +500,12 @@ def main(argv: list[str] | None = None) -> dict:
                             lambda: {"matching": variant, "paths": detector.paths(), "decoder": decoder,
                                      **batched_throughput(detector, paths, size, args.throughput_images,
                                                                 tuple(args.stream_modes), args.stream_rounds)})
+                    references.setdefault(size, report[f"batched_{variant}_{size}{suffix}"].pop("_reference", None))
+        first = args.batch_sizes[0]
+        if detector.graph_cache is not None and len(set(args.batch_sizes)) > 1 and references.get(first):
+            guarded(report, f"recaptured_{variant}_{first}",
+                    lambda: recaptured(detector, paths, first, args.throughput_images, references[first],
+                                       args.stream_modes[0] == "pipelined"))
     detector.background_fast_decode = False
     use_matching(detector, args.throughput_matching[0])
     if not args.no_floor:
@@ -509,6 +538,34 @@ def _cell(entry: dict | None, key: str = "median_ms") -> str:
     if not entry or key not in entry:
         return "failed" if entry and "error" in entry else "-"
     return f"{entry[key]:.2f}"
+
+
+def graph_lines(report: dict, batched: list[dict]) -> list[str]:
+    """The CUDA graphs the detector kept after each batch size (GraphCache.stats) and the recapture check."""
+    kept = [entry for entry in batched if entry.get("graphs")]
+    if not kept:
+        return []
+    limit = kept[0]["graphs"].get("max_batch_sizes")
+    lines = [f"## CUDA graphs kept (detect.graph_batch_sizes: {limit})", "",
+             "| after batch size | batch sizes kept (least recent first) | graphs kept | batch sizes released (so far) | "
+             "graphs released | out-of-memory retries | peak reserved GiB | reserved after GiB | device free GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for entry in kept:
+        g = entry["graphs"]
+        lines.append(f"| {entry['batch_size']} | {g.get('batch_sizes')} | {g.get('graphs')} | "
+                     f"{g.get('released_batch_sizes')} | {g.get('released_graphs')} | {g.get('out_of_memory_retries')} | "
+                     f"{g.get('peak_reserved_gib', '-')} | {g.get('memory_reserved_gib', '-')} | "
+                     f"{g.get('device_free_gib', '-')} |")
+    for key in (k for k in report if k.startswith("recaptured_")):
+        entry = report[key]
+        if "error" in entry:
+            lines.append(f"\n- {key}: failed: {entry['error']}")
+            continue
+        lines.append(f"\n- batch {entry['batch_size']} again after the others (kept before: "
+                     f"{entry['batch_sizes_kept_before']}; graphs captured again inside the time): {entry['ok']} of "
+                     f"{entry['images']} ok in {entry['seconds_with_capture']} s; detections against its first stream's: "
+                     f"{entry['agreement']}")
+    return [*lines, ""]
 
 
 def markdown(report: dict) -> str:
@@ -578,6 +635,7 @@ def markdown(report: dict) -> str:
                   "stages_wall: the host's wall time on its batch, split (splatpose.detect.detector.Detection).",
                   "", *agreements]
         lines.append("")
+        lines += graph_lines(report, batched)
     floor_entry = report.get("floor", {})
     if floor_entry:
         lines += ["## Floor: each stage's work alone (warm median, ms)", ""]

@@ -158,9 +158,10 @@ if [[ " $PHASES " == *" detector "* ]]; then
   # experiments/results/refine_h100_*.md), so the run timed here is made without it.
   [ -f "$WORK/run_eval_norefine/results.json" ] \
     || step evaluation_run 330 evaluation_run refine=off hydra.run.dir="$WORK/run_eval_norefine"
-  # BENCH_DETECTOR_ARGS: the benchmark's options (default: every mode); DETECT_CLI=0 skips the CLI step
+  # BENCH_DETECTOR_ARGS: the benchmark's options (default: every mode); BENCH_SECONDS: its limit (more batch
+  # sizes take longer); DETECT_CLI=0 skips the CLI step
   # shellcheck disable=SC2086
-  step bench_detector 200 python3 "$REPO/experiments/bench_detector.py" --run-dir "$WORK/run_eval_norefine" \
+  step bench_detector "${BENCH_SECONDS:-200}" python3 "$REPO/experiments/bench_detector.py" --run-dir "$WORK/run_eval_norefine" \
     --device cuda ${BENCH_DETECTOR_ARGS:---queries 120 --warmup 10 --batch-sizes 8 16 32 --throughput-images 256 \
     --matching auto sequential --refine-queries 20 --recovery-queries 10} --out "$WORK/bench" && cp "$WORK/bench/detector.json" "$OUT/"
   if [ "${DETECT_CLI:-1}" != 0 ]; then

@@ -130,7 +130,7 @@ def test_any_other_capture_error_reaches_the_caller_without_a_retry():
 
 
 def test_the_limit_is_a_config_setting_and_a_wrong_one_names_the_fix():
-    assert default_detect_config().graph_batch_sizes == 2
+    assert default_detect_config().graph_batch_sizes is None  # memory, not a count, bounds them by default
     with pytest.raises(ValueError, match="detect.graph_batch_sizes"):
         GraphCache(max_batch_sizes=0)
     cache = GraphCache(max_batch_sizes=None)

@@ -18,8 +18,8 @@ from capture_scoring import capture_maps  # tests/capture_scoring.py
 from splatpose.data.capture_effects import background_texture, quantise, sensor_noise
 from splatpose.data.mad_sim import read_image
 from splatpose.scoring.denoise import denoised
-from splatpose.scoring.object_region import (background_likeness, fit_query_to_render, render_on_query_background,
-                                             silhouette_region)
+from splatpose.scoring.object_region import (background_likeness, bench_whitened_by_border, fit_query_to_render,
+                                             render_on_query_background, silhouette_region)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,7 @@ def test_a_pose_found_for_a_query_without_one_is_judged_on_white_at_that_pose(ti
                        background_texture("concrete", query.shape[:2], np.random.default_rng(1)), query)
     benched = torch.from_numpy(benched).permute(2, 0, 1)
     w2c = np.asarray(entry["w2c"])
-    by_border = settler._confidence(w2c, PoseSettler.off_the_bench_by_border(benched, 0.01))
+    by_border = settler._confidence(w2c, bench_whitened_by_border(benched, 0.01))
     at_its_pose = settler._confidence(w2c, settler.off_the_bench(benched, w2c, 10, 0.03))
     assert at_its_pose.iou > by_border.iou and at_its_pose.l1 < by_border.l1
     # the tiny run's rough splats line up less than trained ones: thresholds between the two alignments
@@ -216,15 +216,13 @@ def test_a_pose_found_for_a_query_without_one_is_judged_on_white_at_that_pose(ti
 
 def test_a_query_without_a_pose_is_taken_off_the_bench_by_the_image_border():
     """refine.bench for a query PnP failed on: the bench is learnt along the border, the part stays."""
-    from splatpose.refine.queries import PoseSettler
-
     h = w = 96
     rng = np.random.default_rng(2)
     query = torch.from_numpy(background_texture("concrete", (h, w), rng)).permute(2, 0, 1).float()
     part = torch.zeros(h, w, dtype=torch.bool)
     part[30:66, 24:72] = True
     query[:, part] = torch.tensor([0.2, 0.35, 0.8])[:, None]        # a blue part, unlike the bench
-    cleared = PoseSettler.off_the_bench_by_border(query, tau=0.01)
+    cleared = bench_whitened_by_border(query, tau=0.01)
     white = (cleared == 1.0).all(0)
     assert not white[part].any()                                     # the part stays as it was
     assert torch.equal(cleared[:, part], query[:, part])

@@ -48,7 +48,7 @@ from splatpose.refine.pose_refinement import PoseRefiner, Refinement
 from splatpose.refine.recovery import (Confidence, PoseRecovery, SearchViews, alignment_confidence,
                                        orbit_views, render_search_views)
 from splatpose.refine.symmetry import SymmetryCheck, near_symmetries
-from splatpose.scoring.object_region import background_likeness, silhouette_region
+from splatpose.scoring.object_region import background_likeness, bench_whitened_by_border, silhouette_region
 from splatpose.sfm.config import default_conf_dir
 from splatpose.sfm.localization import QueryPose
 from splatpose.splat.gaussians import Gaussians
@@ -194,7 +194,7 @@ class PoseSettler:
         if bench is not None and bench.enabled and pose.success:
             return self.off_the_bench(query, pose.w2c if w2c is None else w2c, int(bench.dilation_px), float(bench.tau))
         if self._off_the_bench_by_border(pose):
-            return self.off_the_bench_by_border(query, float(bench.border_tau))
+            return bench_whitened_by_border(query, float(bench.border_tau))
         return query
 
     def _off_the_bench_by_border(self, pose: QueryPose) -> bool:
@@ -266,18 +266,6 @@ class PoseSettler:
         bench = background_likeness(image, region, tau, compared=alpha < 0.5) >= 0.5
         part = (alpha >= 0.5) | ((region > 0) & ~bench)
         return torch.where(part, image, torch.ones_like(image))[0].to(query.device, query.dtype)
-
-    @staticmethod
-    def off_the_bench_by_border(query: torch.Tensor, tau: float, border_px: int = 8) -> torch.Tensor:
-        """``query`` [3, H, W] with white wherever it looks like the bench seen along the image's border
-        (``border_px`` wide), for a query without a pose to take a silhouette from: the part (and any
-        clutter unlike the bench) stays. A part that runs off the image lends its colours to the bench
-        sample, so this is the recovery's fallback, not the refinement's input."""
-        image = query[None].to(torch.float32)
-        interior = torch.zeros_like(image[:, :1])
-        interior[..., border_px:-border_px, border_px:-border_px] = 1.0
-        bench = background_likeness(image, interior, tau, ring_px=border_px) >= 0.5
-        return torch.where(bench, torch.ones_like(image), image)[0].to(query.dtype)
 
     def _settle(self, original: torch.Tensor, query: torch.Tensor, pose: QueryPose
                 ) -> tuple[RefinedPose, Confidence | None, torch.Tensor]:

@@ -106,6 +106,18 @@ def background_likeness(query: torch.Tensor, region: torch.Tensor, tau: float, c
     return likeness.view(batch, 1, height, width)
 
 
+def bench_whitened_by_border(query: torch.Tensor, tau: float, border_px: int = 8) -> torch.Tensor:
+    """``query`` [3, H, W] with white wherever it looks like the bench seen along the image's border
+    (``border_px`` wide; :func:`background_likeness` at ``tau``), for a query without a pose to take a
+    silhouette from: the part (and any clutter unlike the bench) stays. A part that runs off the image
+    lends its colours to the bench sample, so whatever uses this must survive a part left partly white."""
+    image = query[None].to(torch.float32)
+    interior = torch.zeros_like(image[:, :1])
+    interior[..., border_px:-border_px, border_px:-border_px] = 1.0
+    bench = background_likeness(image, interior, tau, ring_px=border_px) >= 0.5
+    return torch.where(bench, torch.ones_like(image), image)[0].to(query.dtype)
+
+
 def render_on_query_background(render: torch.Tensor, alpha: torch.Tensor, query: torch.Tensor,
                                region: torch.Tensor, sigma: float, keep: torch.Tensor | None = None) -> torch.Tensor:
     """The render moved from white onto the query's background.

@@ -17,9 +17,10 @@ The protocol (the scorer here, ALIKED in :mod:`splatpose.detect.static_aliked`, 
    is its own.
 
 6. Every captured graph is kept in one :class:`GraphCache` per detector, the one home of the policy that
-   bounds what the graphs hold: the graphs of at most ``detect.graph_batch_sizes`` batch sizes (least
-   recently served released), free device memory kept above a reserve, and one retry of a capture that
-   runs out of device memory after the other batch sizes' graphs are released.
+   bounds what the graphs hold: free device memory kept above a reserve, one retry of a capture that runs
+   out of device memory after the other batch sizes' graphs are released, and, when
+   ``detect.graph_batch_sizes`` is set, the graphs of at most that many batch sizes (least recently served
+   released).
 
 The scorer: scoring one (query, render) pair with EfficientNet-Lite0 is a few hundred small kernels: at
 batch 1 the GPU waits on their launches, not on arithmetic (experiments/results/bench_metrics.md). Its

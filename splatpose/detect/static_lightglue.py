@@ -27,8 +27,8 @@ run eagerly. Each shape's graphs hold their own memory (up to about half a GiB f
 keypoints), so the captured shapes are kept in a :class:`~splatpose.detect.cuda_graphs.GraphCache` (the
 detector's, shared with ALIKED's and the scorer's graphs): before a new capture, the least recently used
 graphs are released while the device has less than ``reserve_bytes`` free (every micro-batch size of a
-service at max_batch 8 once took 68 GiB of an H100 and failed requests for want of memory), and the
-detector keeps the graphs of a few batch sizes only (``detect.graph_batch_sizes``).
+service at max_batch 8 once took 68 GiB of an H100 and failed requests for want of memory), and a
+capture that runs out of memory is tried once more after the other batch sizes' graphs are released.
 
 A replayed graph is still about a hundred small kernels per layer, so on a GPU the three steps are
 first compiled by torch.compile (``compile``): TorchInductor fuses each layer's kernels, which shortens

@@ -35,9 +35,13 @@ def localize_all(run: Path, overrides: list[str]) -> dict:
     cfg = OmegaConf.create(res["config"])
     sfm_cfg = OmegaConf.merge(cfg.sfm, OmegaConf.from_dotlist(overrides))
     data = resolve_dataset(cfg.dataset, res["class"])
-    own_reference = any(not o.startswith("localization.") for o in overrides)
-    reference_dir = Path(tempfile.mkdtemp(prefix="study_sfm_")) if own_reference else Path(res["stage_dirs"]["sfm"])
-    reference = build_reference(data, sfm_cfg if own_reference else cfg.sfm, reference_dir, "cpu")
+    if any(not o.startswith("localization.") for o in overrides):  # the variant's own reference model
+        with tempfile.TemporaryDirectory(prefix="study_sfm_") as reference_dir:
+            return _localize_all(res, data, sfm_cfg, build_reference(data, sfm_cfg, Path(reference_dir), "cpu"))
+    return _localize_all(res, data, sfm_cfg, build_reference(data, cfg.sfm, Path(res["stage_dirs"]["sfm"]), "cpu"))
+
+
+def _localize_all(res: dict, data, sfm_cfg, reference) -> dict:
     localizer = Localizer(data.K, data.width, data.height, sfm_cfg, reference, data.train_w2c, "cpu")
     errors, inliers, started = [], [], time.perf_counter()
     for test in data.test:

@@ -8,8 +8,9 @@ the median rotation error and inliers, and the seconds per query; then each vari
     python experiments/study_localization.py --variant base= --variant border=localization.bench_border_tau=0.01 \
         outputs/runs/synthetic/06PlainAnt/<time>
 
-A variant is ``name=key=value,key=value`` (dotted keys under ``sfm``; ``name=`` alone: the run's own). A variant
-that changes a key outside ``localization`` builds its own reference model first (in a temporary folder).
+A variant is ``name=key=value,key=value`` as in study_scoring.py (dotted keys under ``sfm``; ``name=`` alone: the
+run's own). A variant that changes a key outside ``localization`` builds its own reference model first (in a
+temporary folder).
 Errors are in the true frame of known-pose runs (PnP poses are not refined here).
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from splatpose.data import resolve_dataset
 from splatpose.data.cameras import rotation_error_deg
 from splatpose.sfm.localization import Localizer
 from splatpose.sfm.reference import build_reference
+from study_scoring import parse_variant  # experiments/study_scoring.py: the same variant syntax
 
 
 def localize_all(run: Path, overrides: list[str]) -> dict:
@@ -63,7 +65,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", required=True)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    variants = [(name, [o for o in rest.split(",") if o]) for name, _, rest in (v.partition("=") for v in args.variant)]
+    variants = [parse_variant(v) for v in args.variant]
     totals = {name: np.zeros(4) for name, _ in variants}
     print("| run | variant | localized by PnP | within 1 deg | within 5 deg | median error (deg) | median inliers | s per query |\n"
           "|---|---|---|---|---|---|---|---|")

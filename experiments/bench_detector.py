@@ -290,17 +290,19 @@ def batched_throughput(detector: Detector, paths: list[Path], batch_size: int, i
 
 def recaptured(detector: Detector, paths: list[Path], batch_size: int, images: int, reference: list,
                pipeline: bool) -> dict:
-    """``batch_size`` streamed once more after the other batch sizes, its CUDA graphs released meanwhile
-    (``detect.graph_batch_sizes``) and captured again now (inside the time): its detections against those of
-    its first stream (``reference``, same sources and mode), which should be equal."""
+    """``batch_size`` streamed once more after the other batch sizes, its CUDA graphs replayed, or captured
+    again inside the time where they were released meanwhile (``captures_inside``): its detections against
+    those of its first stream (``reference``, same sources and mode), which should be equal."""
     before = detector.graph_stats()
     sources = [paths[i % len(paths)] for i in range(max(images, batch_size))]
     start = time.perf_counter()
     detections = list(detector.detect_stream(sources, batch_size=batch_size, pipeline=pipeline))
     seconds = time.perf_counter() - start
+    after = detector.graph_stats()
     return {"batch_size": batch_size, "images": len(sources), "ok": sum(d.ok for d in detections),
             "seconds_with_capture": round(seconds, 3), "batch_sizes_kept_before": before.get("batch_sizes"),
-            "agreement": stream_agreement(reference, detections), "graphs": detector.graph_stats()}
+            "captures_inside": after.get("captures", 0) - before.get("captures", 0),
+            "agreement": stream_agreement(reference, detections), "graphs": after}
 
 
 def failed_note(timed: dict, images: int) -> str:
@@ -548,21 +550,23 @@ def graph_lines(report: dict, batched: list[dict]) -> list[str]:
     limit = kept[0]["graphs"].get("max_batch_sizes")
     lines = [f"## CUDA graphs kept (detect.graph_batch_sizes: {limit})", "",
              "| after batch size | batch sizes kept (least recent first) | graphs kept | batch sizes released (so far) | "
-             "graphs released | out-of-memory retries | peak reserved GiB | reserved after GiB | device free GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "graphs released | out-of-memory retries | peak reserved GiB | reserved after GiB | device free GiB | "
+             "graph pool GiB (of it kept by the graphs' tensors) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for entry in kept:
         g = entry["graphs"]
         lines.append(f"| {entry['batch_size']} | {g.get('batch_sizes')} | {g.get('graphs')} | "
                      f"{g.get('released_batch_sizes')} | {g.get('released_graphs')} | {g.get('out_of_memory_retries')} | "
                      f"{g.get('peak_reserved_gib', '-')} | {g.get('memory_reserved_gib', '-')} | "
-                     f"{g.get('device_free_gib', '-')} |")
+                     f"{g.get('device_free_gib', '-')} | {g.get('pool_gib', '-')} ({g.get('pool_kept_gib', '-')}) |")
     for key in (k for k in report if k.startswith("recaptured_")):
         entry = report[key]
         if "error" in entry:
             lines.append(f"\n- {key}: failed: {entry['error']}")
             continue
         lines.append(f"\n- batch {entry['batch_size']} again after the others (kept before: "
-                     f"{entry['batch_sizes_kept_before']}; graphs captured again inside the time): {entry['ok']} of "
+                     f"{entry['batch_sizes_kept_before']}; graphs captured inside the time: "
+                     f"{entry.get('captures_inside', '-')}): {entry['ok']} of "
                      f"{entry['images']} ok in {entry['seconds_with_capture']} s; detections against its first stream's: "
                      f"{entry['agreement']}")
     return [*lines, ""]

@@ -17,10 +17,10 @@ The protocol (the scorer here, ALIKED in :mod:`splatpose.detect.static_aliked`, 
    is its own.
 
 6. Every captured graph is kept in one :class:`GraphCache` per detector, the one home of the policy that
-   bounds what the graphs hold: free device memory kept above a reserve, one retry of a capture that runs
-   out of device memory after the other batch sizes' graphs are released, and, when
-   ``detect.graph_batch_sizes`` is set, the graphs of at most that many batch sizes (least recently served
-   released).
+   bounds what the graphs hold: one memory pool shared by every capture, free device memory kept above a
+   reserve, one retry of a capture that runs out of device memory after every graph is released, and,
+   when ``detect.graph_batch_sizes`` is set, the graphs of at most that many batch sizes (least recently
+   served released).
 
 The scorer: scoring one (query, render) pair with EfficientNet-Lite0 is a few hundred small kernels: at
 batch 1 the GPU waits on their launches, not on arithmetic (experiments/results/bench_metrics.md). Its
@@ -61,8 +61,8 @@ def warm_up_on_side_stream(function: Callable[[], object], device: torch.device 
 
 def capture_graph(function: Callable[[], Result], pool=None) -> tuple[torch.cuda.CUDAGraph, Result]:
     """Capture ``function()`` as one CUDA graph (its kernels are recorded, not run). Returns the graph and
-    what ``function`` returned: tensors that every replay writes. ``pool``: a memory pool to share with
-    graphs captured before (``graph.pool()``), for graphs that replay in sequence over shared buffers.
+    what ``function`` returned: tensors that every replay writes. ``pool``: the memory pool to capture into
+    (a :class:`GraphCache`'s, shared with the graphs captured before; None: a private one).
     Contexts that the captured kernels depend on (autocast, inference mode) belong inside ``function``.
     Raises what the capture raises (RuntimeError for an operation that cannot be captured)."""
     graph = torch.cuda.CUDAGraph()
@@ -76,10 +76,11 @@ RELEASES_REMEMBERED = 20  # GraphCache.stats lists the last releases
 
 @dataclass
 class _Entry:
-    """One stored capture: what the capture returned (graph, static buffers, outputs) and the batch sizes
-    that captured or replayed it."""
+    """One stored capture: what the capture returned (graph, static buffers, outputs), the memory pool it was
+    captured into and the batch sizes that captured or replayed it."""
 
     value: object
+    pool: tuple
     batch_sizes: set = field(default_factory=set)
 
 
@@ -94,30 +95,48 @@ class GraphCache:
 
     Each accelerator stores what its capture returns (the graph, its static buffers and outputs) here,
     under (owner, key), through :meth:`fetch` (the owner: the accelerator itself, so that two of a kind
-    never share graphs; its ``OWNER`` attribute names it in :meth:`stats`); nothing else keeps them, so
-    releasing an entry frees its graph's private memory pool. The detector says which batch size it serves
-    (:meth:`serving`, around each batch's stages). A graph belongs to every batch size that captured or
-    replayed it (LightGlue's 32-query calls serve batches of 32 and of 64 alike); outside :meth:`serving`,
-    to ``None``.
+    never share graphs; its ``OWNER`` attribute names it in :meth:`stats`); nothing else keeps them. The
+    detector says which batch size it serves (:meth:`serving`, around each batch's stages). A graph belongs
+    to every batch size that captured or replayed it (LightGlue's 32-query calls serve batches of 32 and of
+    64 alike); outside :meth:`serving`, to ``None``.
 
-    The contract (one home for every accelerator's graphs):
+    **One memory pool.** Every capture goes into one pool (``torch.cuda.graph_pool_handle()``), so the memory
+    a graph uses only while it runs (its activations, freed by the end of its capture) is reused by the
+    graphs captured after it: the pool holds the tensors the graphs keep (static outputs, LightGlue's pair
+    state) plus about the largest graph's activations, not every graph's own (with a private pool per
+    capture, one batch size's 14-28 LightGlue shapes and its scorer filled an H100:
+    experiments/results/detector_graph_memory_h100_2026-12-07_s25.md). Graphs that never run concurrently
+    may share a pool in any order as long as none reads another's outputs (PyTorch's CUDA graph notes,
+    "Sharing memory across captures"; pytorch/pytorch#166975). So the callers' side of the contract:
+
+    - replays run on one stream, one at a time (the detector's thread);
+    - a replay may overwrite what any other graph of the cache wrote: a caller reads or copies a replay's
+      outputs before any other graph of the cache replays (and before its next :meth:`fetch`, which may
+      release the graph that wrote them), and a graph's static inputs are allocated outside its capture.
+
+    The pool goes back to the device only when no graph captured into it is kept. The next capture uses
+    the kept graphs' pool, or a new one when none is kept or the last capture failed (the allocator refuses
+    a pool that no graph uses any more, and one whose capture broke off may still be marked as capturing).
+
+    The bounds (one home for every accelerator's graphs):
 
     - at most ``max_batch_sizes`` batch sizes are kept (None: no limit): serving one more releases the least
-      recently served batch size first, with every graph that no kept batch size uses;
-    - before each capture, the least recently used graphs (of any batch size) are released one by one while
-      the device (``device``) has less than ``reserve_bytes`` free (default: a tenth of it, at least 2 GiB);
+      recently served batch size first, with every graph that no kept batch size uses (its tensors' memory
+      then serves the next captures);
+    - before each capture, while the device (``device``) has less than ``reserve_bytes`` free (default: a
+      tenth of it, at least 2 GiB), the allocator's cached blocks go back, then every graph is released (the
+      pool goes back to the device only whole);
     - a capture that runs out of device memory (``torch.cuda.OutOfMemoryError``, or a CUDA call's "out of
-      memory" RuntimeError) releases every other batch size (and the graphs only they use) and is tried once
-      more; a second time it raises ``torch.cuda.OutOfMemoryError`` to the caller, which keeps its graphs on
-      (the detector then redoes the batch one image at a time, as after any failed batch);
-    - a release is followed by ``torch.cuda.empty_cache()``: the pools go back to the device;
+      memory" RuntimeError) releases every graph and is tried once more, in a new pool; a second time it
+      raises ``torch.cuda.OutOfMemoryError`` to the caller, which keeps its graphs on (the detector then
+      redoes the batch one image at a time, as after any failed batch);
+    - a release is followed by ``torch.cuda.empty_cache()``;
     - a replay runs the graph captured for its key, or one captured again from the same function at the same
       shape after a release: the same detections (tests/test_detect_graph_cache.py);
     - releases are counted in :meth:`stats` and logged (the first one as a warning).
 
-    A caller copies a replay's outputs out before its next :meth:`fetch` (a capture may release the graph
-    that wrote them). The bookkeeping is device-agnostic: values can be anything, and without a CUDA device
-    the memory steps are skipped (the CPU tests run the policy so).
+    The bookkeeping is device-agnostic: values can be anything, and without a CUDA device the memory steps
+    are skipped (the CPU tests run the policy so).
     """
 
     def __init__(self, max_batch_sizes: int | None = None, device: torch.device | str | None = None,
@@ -133,6 +152,7 @@ class GraphCache:
                              if on_cuda else 0)
         self.reserve_bytes = int(reserve_bytes)
         self.batch_size: Hashable = None  # the batch size served now
+        self._pool: tuple | None = None  # the pool of the next capture (see the class)
         self._entries: OrderedDict[tuple, _Entry] = OrderedDict()  # least recently used first
         self._batch_sizes: OrderedDict[Hashable, None] = OrderedDict()  # kept, least recently served first
         self.counts = {"captures": 0, "released_batch_sizes": 0, "released_graphs": 0, "released_for_memory": 0,
@@ -151,16 +171,17 @@ class GraphCache:
         finally:
             self.batch_size = previous
 
-    def fetch(self, owner: Hashable, key: Hashable, capture: Callable[[], Result]) -> Result:
-        """What ``capture()`` returned for (``owner``, ``key``), captured now when not kept (after releasing
+    def fetch(self, owner: Hashable, key: Hashable, capture: Callable[[tuple], Result]) -> Result:
+        """What ``capture(pool)`` returned for (``owner``, ``key``), captured now when not kept (after releasing
         graphs for free memory, and once more after an out-of-memory error, see the class); it becomes the
-        most recently used and belongs to the batch size served now."""
+        most recently used and belongs to the batch size served now. ``capture`` captures every graph it makes
+        into ``pool`` (:func:`capture_graph`'s argument) and its static inputs outside them."""
         self._keep(self.batch_size)
         name = (owner, key)
         entry = self._entries.get(name)
         if entry is None:
             self._make_room()
-            entry = self._entries[name] = _Entry(self._captured(capture))
+            entry = self._entries[name] = _Entry(*self._captured(capture))
             self.counts["captures"] += 1
         self._entries.move_to_end(name)
         entry.batch_sizes.add(self.batch_size)
@@ -181,7 +202,9 @@ class GraphCache:
     def stats(self) -> dict:
         """What is kept and what was released: the limit, the batch sizes kept (least recently served
         first), graphs kept per owner, the counts, the last releases and, on CUDA, the device memory the
-        process holds (GiB: reserved by PyTorch's allocator, graph pools included; free on the device)."""
+        process holds (GiB: reserved by PyTorch's allocator, graph pools included; free on the device) and
+        the kept graphs' pool (GiB: ``pool_gib`` reserved by it, ``pool_kept_gib`` of it held by the tensors
+        the graphs keep; the rest is the activations the graphs share)."""
         per_owner: dict[str, int] = {}
         for owner, _ in self._entries:
             name = str(getattr(owner, "OWNER", owner))
@@ -190,7 +213,12 @@ class GraphCache:
                  **self.counts, "releases": list(self.releases)}
         if self._on_cuda():
             stats["memory_reserved_gib"] = round(torch.cuda.memory_reserved(self.device) / 2**30, 2)
-            stats["device_free_gib"] = round(torch.cuda.mem_get_info(self.device)[0] / 2**30, 2)
+            stats["device_free_gib"] = round(self._free_bytes() / 2**30, 2)
+            pools = {tuple(entry.pool) for entry in self._entries.values()}
+            segments = [segment for segment in torch.cuda.memory_snapshot()
+                        if tuple(segment.get("segment_pool_id", ())) in pools]
+            stats["pool_gib"] = round(sum(segment["total_size"] for segment in segments) / 2**30, 2)
+            stats["pool_kept_gib"] = round(sum(segment["allocated_size"] for segment in segments) / 2**30, 2)
         return stats
 
     # ----------------------------------------------------------------------------------------------
@@ -219,38 +247,54 @@ class GraphCache:
         self._record({"batch_size": batch_size, "graphs": len(orphaned), "why": why}, hint)
 
     def _make_room(self) -> None:
-        if not self._on_cuda() or not self.reserve_bytes:
+        if not self._on_cuda() or not self.reserve_bytes or self._free_bytes() >= self.reserve_bytes:
             return
-        if torch.cuda.mem_get_info(self.device)[0] < self.reserve_bytes:
-            self._free_memory()  # the allocator's cached blocks first, then graphs
-        released = 0
-        while self._entries and torch.cuda.mem_get_info(self.device)[0] < self.reserve_bytes:
-            self._drop([next(iter(self._entries))])
-            released += 1
-        if released:
-            self.counts["released_for_memory"] += released
-            self._record({"batch_size": None, "graphs": released,
-                          "why": f"less than {self.reserve_bytes / 2**30:.1f} GiB free before a capture"})
+        self._free_memory()  # the allocator's cached blocks first, then the graphs
+        if self._entries and self._free_bytes() < self.reserve_bytes:
+            self.counts["released_for_memory"] += len(self._entries)
+            self._release_every_graph(f"less than {self.reserve_bytes / 2**30:.1f} GiB free before a capture")
 
-    def _captured(self, capture: Callable[[], Result]) -> Result:
+    def _free_bytes(self) -> int:
+        return torch.cuda.mem_get_info(self.device)[0]
+
+    def _release_every_graph(self, why: str) -> None:
+        """Release every graph (their pool goes back to the device) and forget the other batch sizes."""
+        others = [size for size in self._batch_sizes if size != self.batch_size]
+        for size in others:
+            del self._batch_sizes[size]
+        self.counts["released_batch_sizes"] += len(others)
+        graphs = len(self._entries)
+        self._drop(list(self._entries))
+        self._record({"batch_size": [*others, self.batch_size], "graphs": graphs, "why": why})
+
+    def _pool_for_capture(self) -> tuple:
+        """The kept graphs' pool, or a new one (see the class)."""
+        if self._pool is None or all(entry.pool != self._pool for entry in self._entries.values()):
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    def _captured(self, capture: Callable[[tuple], Result]) -> tuple[Result, tuple]:
+        """What ``capture(pool)`` returned and the pool, with the out-of-memory retry (see the class)."""
+        pool = self._pool_for_capture()
         try:
-            return capture()
-        except RuntimeError as error:
-            if not out_of_memory(error):
+            return capture(pool), pool
+        except Exception as error:
+            self._pool = None  # a capture that broke off may leave its pool marked as capturing
+            if not isinstance(error, RuntimeError) or not out_of_memory(error):
                 raise
             message = str(error).splitlines()[0] if str(error) else "out of memory"
         # out of the except clause: the failed capture's frames, and the tensors they held, are gone
         self.counts["out_of_memory_retries"] += 1
-        others = [size for size in self._batch_sizes if size != self.batch_size]
-        log.warning("CUDA graph capture ran out of device memory (%s); releasing the graphs of the other batch "
-                    "sizes (%s) and capturing once more", message, others)
-        for size in others:
-            self._release_batch_size(size, "out of device memory during a capture")
-        self._free_memory()
+        log.warning("CUDA graph capture ran out of device memory (%s); releasing every graph (batch sizes %s) "
+                    "and capturing once more", message, self.batch_sizes())
+        self._release_every_graph("out of device memory during a capture")
+        pool = self._pool_for_capture()
         try:
-            return capture()
-        except RuntimeError as error:
-            if isinstance(error, torch.cuda.OutOfMemoryError) or not out_of_memory(error):
+            return capture(pool), pool
+        except Exception as error:
+            self._pool = None
+            if not isinstance(error, RuntimeError) or isinstance(error, torch.cuda.OutOfMemoryError) \
+                    or not out_of_memory(error):
                 raise
             # as torch's own error, so that the accelerators tell it from a kernel that cannot be captured
             raise torch.cuda.OutOfMemoryError(f"{error} (capturing a CUDA graph, twice)") from error
@@ -323,8 +367,8 @@ class GraphedScorer:
     def _replayed(self, query: torch.Tensor, render: torch.Tensor) -> torch.Tensor:
         key = (tuple(query.shape), query.dtype, render.dtype)
         try:
-            static_query, static_render, graph, maps = self.cache.fetch(self, key,
-                                                                        lambda: self._capture(query, render))
+            static_query, static_render, graph, maps = self.cache.fetch(
+                self, key, lambda pool: self._capture(query, render, pool))
         except torch.cuda.OutOfMemoryError:  # after the cache's retry: the batch fails, the graphs stay on
             raise
         except RuntimeError as error:  # a backend that cannot be captured: stay eager, say so once
@@ -337,8 +381,8 @@ class GraphedScorer:
         graph.replay()
         return maps.clone()
 
-    def _capture(self, query: torch.Tensor, render: torch.Tensor) -> tuple:
+    def _capture(self, query: torch.Tensor, render: torch.Tensor, pool: tuple) -> tuple:
         static_query, static_render = query.clone(), render.contiguous().clone()
         warm_up_on_side_stream(lambda: self.scorer(static_query, static_render), query.device, WARMUP_CALLS)
-        graph, maps = capture_graph(lambda: self.scorer(static_query, static_render))
+        graph, maps = capture_graph(lambda: self.scorer(static_query, static_render), pool)
         return static_query, static_render, graph, maps

@@ -323,7 +323,7 @@ class GraphedAliked:
             return aliked_topk(self.model, images, self.top_k, self._constants(images))
         try:
             static_images, graph, outputs = self.cache.fetch(self, tuple(images.shape),
-                                                             lambda: self._capture(images))
+                                                             lambda pool: self._capture(images, pool))
         except torch.cuda.OutOfMemoryError:  # after the cache's retry: the batch fails, the graphs stay on
             raise
         except RuntimeError as error:  # a kernel that cannot be captured: stay eager, say so once
@@ -337,14 +337,15 @@ class GraphedAliked:
         graph.replay()
         return outputs
 
-    def _capture(self, images: torch.Tensor) -> tuple:
-        """One graph of the whole network at this shape, with the capturable deformable convolutions, after a
-        warm-up on a side stream (cuDNN picks its algorithms there): :mod:`splatpose.detect.cuda_graphs`."""
+    def _capture(self, images: torch.Tensor, pool: tuple) -> tuple:
+        """One graph of the whole network at this shape, into ``pool`` (the cache's), with the capturable
+        deformable convolutions, after a warm-up on a side stream (cuDNN picks its algorithms there):
+        :mod:`splatpose.detect.cuda_graphs`."""
         constants, static_images = self._constants(images), images.clone()
 
         def forward() -> tuple:
             return aliked_topk(self.model, static_images, self.top_k, constants, capturable=True)
 
         warm_up_on_side_stream(forward, self.device, WARMUP_CALLS)
-        graph, outputs = capture_graph(forward)
+        graph, outputs = capture_graph(forward, pool)
         return static_images, graph, outputs

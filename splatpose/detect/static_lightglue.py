@@ -23,12 +23,12 @@ agree on a GPU. On the CPU LightGlue prunes always; compare with pruning off the
 
 The forward pass per (query length, db length, pairs) is captured as CUDA graphs on first use (set-up,
 one per layer, assignment) and replayed after; when capture fails, or on the CPU, the same functions
-run eagerly. Each shape's graphs hold their own memory (up to about half a GiB for 30 pairs of 1024
-keypoints), so the captured shapes are kept in a :class:`~splatpose.detect.cuda_graphs.GraphCache` (the
-detector's, shared with ALIKED's and the scorer's graphs): before a new capture, the least recently used
-graphs are released while the device has less than ``reserve_bytes`` free (every micro-batch size of a
-service at max_batch 8 once took 68 GiB of an H100 and failed requests for want of memory), and a
-capture that runs out of memory is tried once more after the other batch sizes' graphs are released.
+run eagerly. The captured shapes are kept in a :class:`~splatpose.detect.cuda_graphs.GraphCache` (the
+detector's, shared with ALIKED's and the scorer's graphs), whose one memory pool they share: a shape
+keeps its pair state and output there, and its activations (several GiB at 160 pairs of 1024 keypoints)
+are reused by the other shapes (with a pool per shape, every micro-batch size of a service at max_batch 8
+once took 68 GiB of an H100). The cache releases graphs when the device runs short (``reserve_bytes``),
+and a capture that runs out of memory is tried once more after every graph is released.
 
 A replayed graph is still about a hundred small kernels per layer, so on a GPU the three steps are
 first compiled by torch.compile (``compile``): TorchInductor fuses each layer's kernels, which shortens
@@ -432,7 +432,7 @@ class StaticLightGlue:
         eager from then on and says so in ``path``. Out of memory after the cache's retry is raised."""
         key = (tuple(inputs[0].shape), len(inputs[3]), db_length)
         try:
-            return self.cache.fetch(self, key, lambda: self._capture(*inputs, db_length=db_length))
+            return self.cache.fetch(self, key, lambda pool: self._capture(*inputs, db_length=db_length, pool=pool))
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError as error:
@@ -450,9 +450,10 @@ class StaticLightGlue:
         graphs own, so that those graphs (ALIKED's, LightGlue's) replay garbage."""
         warm_up_on_side_stream(lambda: self._eager(*inputs, db_length, every_layer=True), self.device, WARMUP_CALLS)
 
-    def _capture(self, *inputs, db_length: int) -> "CapturedPairs":
+    def _capture(self, *inputs, db_length: int, pool: tuple) -> "CapturedPairs":
         """One graph for the pairs' set-up, one per layer and one for the assignment, over fixed
-        buffers (the layer graphs update the pairs' state in place) and one shared memory pool."""
+        buffers (the layer graphs update the pairs' state in place), into ``pool`` (the cache's). The
+        set-up rewrites the whole state, so a forward pass needs nothing from the shape's last one."""
         static_inputs = tuple(value.clone() for value in inputs)
         if self.steps.compiled:  # the first shapes of a process compile (up to a minute), later ones only capture
             log.log(logging.INFO if not self.graphs else logging.DEBUG, "LightGlue for %d pairs of %d keypoints: "
@@ -468,7 +469,7 @@ class StaticLightGlue:
             self.path = f"static+cuda_graph ({self.precision}; compile failed: {type(error).__name__})"
             self._warm_up(static_inputs, db_length)
 
-        def capture(function, pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
+        def capture(function) -> tuple[torch.cuda.CUDAGraph, object]:
             # compiled steps must not compile here (see _warm_up): a step that would raises instead
             no_compiling = (torch.compiler.set_stance("fail_on_recompile") if self.steps.compiled
                             else contextlib.nullcontext())
@@ -482,16 +483,14 @@ class StaticLightGlue:
         desc0, enc0, count0, pair_query, pair_db = static_inputs
         start, state = capture(lambda: self.steps.start(self.model, desc0, enc0, count0, *self._db(db_length),
                                                         pair_query, pair_db))
-        pool = start.pool()
         all_stopped = torch.zeros((), dtype=torch.bool, device=self.device)
 
         def layer_and_flag(layer: int) -> None:
             run_layer(self.model, self.heads, state, layer, self.steps.layer)
             all_stopped.copy_(state["stopped"].all())
 
-        layers = [capture(lambda layer=layer: layer_and_flag(layer), pool)[0]
-                  for layer in range(self.model.conf.n_layers)]
-        finish, output = capture(lambda: self.steps.finish(self.heads, state, self.model.conf.filter_threshold), pool)
+        layers = [capture(lambda layer=layer: layer_and_flag(layer))[0] for layer in range(self.model.conf.n_layers)]
+        finish, output = capture(lambda: self.steps.finish(self.heads, state, self.model.conf.filter_threshold))
         host_stopped = torch.zeros(len(layers), dtype=torch.bool).pin_memory()
         copied = [torch.cuda.Event() for _ in layers]
         return CapturedPairs(static_inputs, state, start, layers, finish, output, all_stopped, host_stopped, copied)

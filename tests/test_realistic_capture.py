@@ -120,3 +120,33 @@ def test_the_parts_shadow_darkens_the_bench_next_to_it():
     factor = cast_shadow(alpha, np.random.default_rng(0), 0.3)
     assert factor.min() >= 0.7 - 1e-9 and factor.max() <= 1.0
     assert factor[32, 32] < 0.85 and factor[0, 0] > 0.99, "dark under and beside the part, untouched far away"
+
+
+def test_a_fixed_bench_stands_behind_every_view(roots, tmp_path):
+    """``fixed_bench``: every view's bench, reference and test, is a crop of one bench of the class (found in
+    it at some offset, clutter aside); without it, a test view's bench is another one. Poses and masks stay
+    the realistic preset's."""
+    from scipy.ndimage import binary_dilation
+
+    from splatpose.data.synthetic import CaptureDraws
+
+    settings = make_settings("tiny_realistic", fixed_bench=True, clutter_shapes=(0, 0))
+    fixed = ensure_synthetic_dataset(tmp_path, [CLASS], preset="tiny_realistic", fixed_bench=True,
+                                     clutter_shapes=(0, 0)) / CLASS
+    assert _digest(roots[1] / CLASS, "ground_truth/*/*.png") == _digest(fixed, "ground_truth/*/*.png")
+    bench = CaptureDraws(settings, CLASS).bench
+    assert bench is not None and bench.shape[:2] == (2 * settings.height, 2 * settings.width)
+
+    def crop_error(image_path, mask) -> float:
+        """How far the view's bench pixels (outside ``mask``) are from the best-matching crop of the bench."""
+        image, h, w = read_image(image_path), settings.height, settings.width
+        outside = ~mask
+        return min(np.abs(image - bench[y:y + h, x:x + w])[outside].mean()
+                   for y in range(h + 1) for x in range(w + 1))
+
+    train_mask = read_object_mask(fixed / REFERENCE_MASKS_DIR / "0.png") > 0.01
+    test_mask = ~(read_image(roots[0] / CLASS / "test/good/000.png") > 0.99).all(-1)
+    test_mask = binary_dilation(test_mask, iterations=4)  # the shadow, the noise and JPEG aside, near the part
+    assert crop_error(fixed / "train/good/0.png", binary_dilation(train_mask, iterations=4)) < 0.1
+    assert crop_error(fixed / "test/good/000.png", test_mask) < 0.1   # (the test view's light: its gain)
+    assert crop_error(roots[1] / CLASS / "test/good/000.png", test_mask) > 0.2

@@ -41,8 +41,9 @@ from tqdm import tqdm
 
 from splatpose.data import generated_cache
 from splatpose.data.cameras import look_at_opengl_c2w
-from splatpose.data.capture_effects import (BACKGROUND_KINDS, apply_lighting, cast_shadow, composite, jpeg_round_trip, quantise,
-                                            random_background, random_lighting, sensor_noise)
+from splatpose.data.capture_effects import (BACKGROUND_KINDS, add_clutter, apply_lighting, background_texture, cast_shadow,
+                                            composite, jpeg_round_trip, quantise, random_background, random_lighting,
+                                            sensor_noise)
 from splatpose.data.generated_cache import save_png as _save_png
 from splatpose.data.generated_cache import write_json as _write_json
 from splatpose.data.mad_sim import DEFECT_TYPES, REFERENCE_MASKS_DIR, TEST_POSES_FILE, TRANSFORMS_FILE
@@ -101,6 +102,7 @@ class GeneratorSettings:
     reference_masks: bool = False              # write train/masks/<i>.png (object coverage)
     test_light_turn_deg: float = 0.0           # test views: the lights turned about the vertical by up to this
     shadow: float = 0.0                        # with backgrounds: darkness of the part's soft shadow on the bench
+    fixed_bench: bool = False                  # with backgrounds: one bench per class behind every view (a crop of it)
 
     def key(self) -> str:
         # Capture settings at their defaults are left out, so the clean presets keep their folders.
@@ -116,7 +118,7 @@ class GeneratorSettings:
 CAPTURE_FIELDS = ("backgrounds", "clutter_shapes", "lighting", "reference_gain", "test_gain",
                   "reference_temperature_shift", "test_temperature_shift", "reference_shading", "test_shading",
                   "photons_at_white", "read_noise_std", "jpeg_quality", "reference_masks", "test_light_turn_deg",
-                  "shadow")
+                  "shadow", "fixed_bench")
 
 
 def _realistic(**overrides) -> dict:
@@ -139,6 +141,9 @@ PRESETS: dict[str, dict] = {
     # "realistic" with a light that moves between the reference capture and the line (the lights turned in the
     # renderer for each test view, so shading and highlights move) and the part's shadow on the bench.
     "realistic_moving_light": _realistic(test_light_turn_deg=30.0, shadow=0.3),
+    # "realistic_moving_light" on a line's fixture: one bench per class behind the reference and the test
+    # views alike (each view a crop of it at its own offset, clutter drawn per view).
+    "realistic_fixture": _realistic(test_light_turn_deg=30.0, shadow=0.3, fixed_bench=True),
     # "tiny" as a real capture, for tests.
     "tiny_realistic": _realistic(width=64, height=64, n_train=6, n_test_good=2, n_test_per_defect=1,
                                  edge_len=0.05, defect_size=0.15, min_defect_pixels=4, max_defect_fraction=0.15),
@@ -351,14 +356,19 @@ def defect_mask(renderer: OffscreenRenderer, defective, c2w: np.ndarray, image: 
 
 class CaptureDraws:
     """The realistic-capture draws of one class: which bench kind stands behind the train views (the
-    test views get the other kinds), and each image's own random stream, seeded by (seed, class,
-    image name) so that the object, pose and defect draws of the class are those of the clean preset."""
+    test views get the other kinds; with ``fixed_bench``, one bench of that kind, twice the image's size,
+    stands behind every view), and each image's own random stream, seeded by (seed, class, image name) so
+    that the object, pose and defect draws of the class are those of the clean preset."""
 
     def __init__(self, settings: GeneratorSettings, class_name: str):
         self.settings, self.class_name = settings, class_name
         kind = int(class_rng(settings, f"{class_name}|capture").integers(len(BACKGROUND_KINDS)))
         self.reference_kind = BACKGROUND_KINDS[kind]
         self.test_kinds = tuple(k for k in BACKGROUND_KINDS if k != self.reference_kind)
+        self.bench = None
+        if settings.backgrounds and settings.fixed_bench:
+            self.bench = background_texture(self.reference_kind, (2 * settings.height, 2 * settings.width),
+                                            class_rng(settings, f"{class_name}|bench"))
 
     def turn_lights(self, renderer: OffscreenRenderer, name: str) -> None:
         """Turn the renderer's lights for a test image by its own draw, uniform in +-test_light_turn_deg
@@ -384,8 +394,7 @@ class CaptureDraws:
         shape = on_white.shape[:2]
         image = on_white.astype(np.float64) / 255.0
         if s.backgrounds:
-            kind = self.reference_kind if reference else self.test_kinds[int(rng.integers(len(self.test_kinds)))]
-            background = random_background(kind, shape, rng, tuple(s.clutter_shapes))
+            background = self._bench(shape, rng, reference)
             if s.shadow:
                 background = background * cast_shadow(alpha, rng, s.shadow)[..., None]
             image = composite(image, alpha, background)
@@ -397,6 +406,18 @@ class CaptureDraws:
         image = sensor_noise(image, rng, s.photons_at_white or None, s.read_noise_std)
         pixels = quantise(image)
         return jpeg_round_trip(pixels, s.jpeg_quality) if s.jpeg_quality else pixels
+
+
+    def _bench(self, shape: tuple[int, int], rng: np.random.Generator, reference: bool) -> np.ndarray:
+        """[H, W, 3] in [0, 1]: the bench behind one view, with its clutter: a crop of the class's fixed bench
+        at a random offset, or a bench of its own (the reference kind, or one of the others for a test view)."""
+        if self.bench is None:
+            kind = self.reference_kind if reference else self.test_kinds[int(rng.integers(len(self.test_kinds)))]
+            return random_background(kind, shape, rng, tuple(self.settings.clutter_shapes))
+        h, w = shape
+        y, x = int(rng.integers(self.bench.shape[0] - h + 1)), int(rng.integers(self.bench.shape[1] - w + 1))
+        low, high = self.settings.clutter_shapes
+        return add_clutter(self.bench[y:y + h, x:x + w], rng, int(rng.integers(low, high + 1)))
 
 
 def apply_defect(mesh, texture: SolidTexture, defect: str, vertex: int, size: float, rng: np.random.Generator):

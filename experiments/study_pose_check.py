@@ -88,8 +88,8 @@ def rank_hypotheses(run: dict, res: dict, scorer, gaussians, K, queries: list[in
     settler = PoseSettler(gaussians, data.K, data.width, data.height, cfg, data.train_w2c,
                           Path(res["stage_dirs"]["refine"]) / SEARCH_VIEWS_FILE)
     recovery = settler.recovery
-    print(f"\n| query | nearest coarse deg (silhouette rank) | nearest refined deg | its loss rank | its map rank "
-          f"| map's pick deg |\n|---|---|---|---|---|---|")
+    print("\n| query | nearest coarse deg (silhouette rank) | nearest refined deg | its loss rank | its map rank "
+          "| map's pick deg |\n|---|---|---|---|---|---|")
     for i in queries:
         test = data.test[i]
         true = np.asarray(data.test_poses[test.name])

@@ -407,7 +407,6 @@ class CaptureDraws:
         pixels = quantise(image)
         return jpeg_round_trip(pixels, s.jpeg_quality) if s.jpeg_quality else pixels
 
-
     def _bench(self, shape: tuple[int, int], rng: np.random.Generator, reference: bool) -> np.ndarray:
         """[H, W, 3] in [0, 1]: the bench behind one view, with its clutter: a crop of the class's fixed bench
         at a random offset, or a bench of its own (the reference kind, or one of the others for a test view)."""

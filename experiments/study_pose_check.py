@@ -25,7 +25,6 @@ from sklearn.metrics import roc_auc_score
 from study_scoring import allowance, load_run
 from splatpose.data.cameras import rotation_error_deg
 from splatpose.refine.queries import SEARCH_VIEWS_FILE, PoseSettler
-from splatpose.refine.recovery import foreground_mask, screened_search, silhouette_moments
 from splatpose.scoring.object_region import bench_whitened_by_border
 from splatpose.scoring.anomaly_maps import build_scorer
 from splatpose.splat.ply import load_gaussians
@@ -95,10 +94,7 @@ def rank_hypotheses(run: dict, res: dict, scorer, gaussians, K, queries: list[in
         true = np.asarray(data.test_poses[test.name])
         query = torch.from_numpy(run["queries"][i]).permute(2, 0, 1).float()
         prepared = bench_whitened_by_border(query, float(cfg.bench.border_tau))
-        found = screened_search(prepared, recovery.reference, recovery._screen, recovery._screen_views,
-                                int(cfg.recovery.rolls), keep, float(cfg.recovery.colour_weight))
-        centroid = silhouette_moments(foreground_mask(prepared[None]))[0][0].numpy()
-        coarse = [recovery._pose_of(h, centroid) for h in found]
+        coarse = [w2c for _, w2c in recovery.coarse_poses(prepared, keep)]
         coarse_err = [rotation_error_deg(w, true) for w in coarse]
         refined = [recovery.refiner.refine(prepared, w, levels=[0]) for w in coarse]
         err = np.array([rotation_error_deg(r.w2c, true) for r in refined])

@@ -361,11 +361,7 @@ class PoseRecovery:
     def recover(self, query: Tensor, start_w2c: np.ndarray | None = None) -> Recovery:
         """Best pose for ``query`` [3, H, W] in [0, 1]; ``start_w2c`` (e.g. a weak PnP pose) competes too."""
         started = time.perf_counter()
-        query_host = query.float().cpu()  # the search views live on the host (the query may be on the GPU)
-        hypotheses = screened_search(query_host, self.reference, self._screen, self._screen_views, int(self.cfg.rolls),
-                                     int(self.cfg.hypotheses[0]), float(self.cfg.colour_weight))
-        centroid_q = silhouette_moments(foreground_mask(query_host[None]))[0][0].numpy()
-        starts = [(h.view, self._pose_of(h, centroid_q)) for h in hypotheses]
+        starts = self.coarse_poses(query, int(self.cfg.hypotheses[0]))
         if start_w2c is not None:  # first, so the first level always refines it
             starts.insert(0, (-1, np.asarray(start_w2c, dtype=np.float64)))
         if not starts:
@@ -378,6 +374,15 @@ class PoseRecovery:
             result.searches = 2
         result.seconds = time.perf_counter() - started
         return result
+
+    def coarse_poses(self, query: Tensor, keep: int) -> list[tuple[int, np.ndarray]]:
+        """The silhouette search's ``keep`` best coarse poses for ``query`` [3, H, W] in [0, 1] (on white), best
+        first: (search view index, [4, 4] world-to-camera), unrefined."""
+        query_host = query.float().cpu()  # the search views live on the host (the query may be on the GPU)
+        hypotheses = screened_search(query_host, self.reference, self._screen, self._screen_views, int(self.cfg.rolls),
+                                     keep, float(self.cfg.colour_weight))
+        centroid_q = silhouette_moments(foreground_mask(query_host[None]))[0][0].numpy()
+        return [(h.view, self._pose_of(h, centroid_q)) for h in hypotheses]
 
     def _refine_starts(self, query: Tensor, starts: list[tuple[int, np.ndarray]], refiner: PoseRefiner,
                        search: str) -> Recovery:

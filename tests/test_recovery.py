@@ -164,13 +164,15 @@ def test_blank_and_foreign_images_are_not_recovered():
     assert foreign_result.searches == 2 and foreign_result.summary()["searches"] == 2
 
 
-def second_opinion_settler(scene):
+def second_opinion_settler(scene, min_inliers=None):
     """A settler at this toy's scale: the recovery as above (object search), reference cameras every 30
-    degrees of yaw, no near-symmetry check (a random blob has none)."""
+    degrees of yaw, no near-symmetry check (a random blob has none); ``min_inliers`` as
+    ``refine.second_opinion.min_inliers``."""
     from splatpose.refine.queries import PoseSettler
 
     cfg = OmegaConf.merge(default_refine_config(), {"recovery": recovery_cfg(**OBJECT_SEARCH),
-                                                    "symmetry": {"enabled": False}})
+                                                    "symmetry": {"enabled": False},
+                                                    "second_opinion": {"min_inliers": min_inliers}})
     db_w2c = np.stack([camera(yaw_deg=float(y)) for y in range(-90, 91, 30)])
     return PoseSettler(scene, K, SIZE, SIZE, cfg, db_w2c, backend="torch")
 
@@ -200,26 +202,57 @@ def test_a_doubtful_pnp_pose_gets_a_second_opinion_that_replaces_it_only_when_it
 
     right, wrong = settled_at(truth), settled_at(rolled(camera(yaw_deg=70.0), 50.0))
     assert wrong.confidence["l1"] > 2.0 * right.confidence["l1"]
-    assert not settler.needs_second_opinion(wrong), "asked before the class's usual difference is known"
+    assert not settler.needs_second_opinion(wrong, pnp), "asked before the class's usual difference is known"
     settler.typical_l1 = typical_colour_difference([right] * 5)
     assert settler.typical_l1 == pytest.approx(right.confidence["l1"])
-    assert settler.needs_second_opinion(wrong)
-    assert not settler.needs_second_opinion(RefinedPose("q.png", wrong.w2c, None, "recovered", wrong.confidence))
+    assert settler.needs_second_opinion(wrong, pnp)
+    assert not settler.needs_second_opinion(RefinedPose("q.png", wrong.w2c, None, "recovered", wrong.confidence), pnp)
     searched = RefinedPose("q.png", wrong.w2c, None, "pnp", wrong.confidence, recovery={"accepted": False})
-    assert not settler.needs_second_opinion(searched), "the recovery already searched for this one"
+    assert not settler.needs_second_opinion(searched, pnp), "the recovery already searched for this one"
 
     replaced = settler.reconsider(query, pnp, wrong)
     assert replaced.second_opinion["replaced"] and replaced.path == "recovered"
     assert rotation_error_deg(replaced.w2c, truth) < 1.0, replaced.second_opinion
     assert np.allclose(replaced.second_opinion["replaced_w2c"], wrong.w2c)
     assert replaced.confidence["l1"] < wrong.confidence["l1"]
-    assert not settler.needs_second_opinion(replaced)  # asked once
+    assert not settler.needs_second_opinion(replaced, pnp)  # asked once
 
     settler.typical_l1 = right.confidence["l1"] / 3.0
     kept = settler.reconsider(query, pnp, settled_at(truth))
     assert kept.second_opinion is not None and not kept.second_opinion["replaced"]
     assert kept.path == "pnp" and np.allclose(kept.w2c, truth)
     assert typical_colour_difference([right] * 4) is None  # too few to call it usual
+
+
+def test_a_pnp_pose_on_few_inliers_gets_a_fresh_search_that_replaces_it_only_when_it_lines_up_better():
+    """With ``second_opinion.min_inliers`` set, a PnP pose resting on fewer inliers is asked about at once (the
+    class's usual colour difference not needed); the recovery searches as if PnP had failed, so a pose refined
+    into a wrong basin is replaced by one within 1 degree, and a right pose is kept. A pose on enough inliers is
+    not asked about before the usual difference is known."""
+    from splatpose.refine.queries import RefinedPose
+    from splatpose.refine.recovery import alignment_confidence
+    from splatpose.sfm.localization import QueryPose
+
+    scene = random_scene(n=1500)
+    settler = second_opinion_settler(scene, min_inliers=40)
+    truth = rolled(camera(yaw_deg=45.0), 50.0)
+    query = torch.as_tensor(shot(scene, truth)).permute(2, 0, 1)
+    weak, strong = (QueryPose("q.png", truth, True, inliers, 80, []) for inliers in (30, 60))
+
+    def settled_at(w2c):
+        confidence = alignment_confidence(scene, w2c, query, K, "torch")
+        return RefinedPose("q.png", w2c, {"steps": 1}, "pnp", confidence.summary())
+
+    wrong = settled_at(rolled(camera(yaw_deg=70.0), 50.0))
+    assert settler.typical_l1 is None
+    assert settler.second_opinion_reason(wrong, weak) == "weak_pnp"
+    assert settler.second_opinion_reason(wrong, strong) is None
+
+    replaced = settler.reconsider(query, weak, wrong)
+    assert replaced.second_opinion["reason"] == "weak_pnp" and replaced.second_opinion["replaced"]
+    assert replaced.path == "recovered" and rotation_error_deg(replaced.w2c, truth) < 1.0, replaced.second_opinion
+    kept = settler.reconsider(query, weak, settled_at(truth))
+    assert not kept.second_opinion["replaced"] and kept.path == "pnp" and np.allclose(kept.w2c, truth)
 
 
 def test_a_query_on_a_bench_is_put_on_white_again_at_each_refined_pose():

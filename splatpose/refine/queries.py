@@ -10,11 +10,12 @@ Per query (:class:`PoseSettler`, shared with the detector):
   fallback) and flagged, never passed off as localized;
 - a pose that lines up then competes with its turns by the scene's near-symmetries (``refine.symmetry``,
   :mod:`splatpose.refine.symmetry`): a refined turned copy that explains the image better replaces it;
-- a PnP pose that lines up but whose colour difference is far above the class's usual one
-  (``refine.second_opinion``; the usual one is the median over the run's settled queries) may have been
-  refined into a wrong basin (PnP on a near-symmetric part of one colour often starts tens of degrees
-  off): the recovery searches again, with the pose as one of its starts, its result is checked against
-  the turns like any pose, and it replaces the pose when its colour difference is lower.
+- a PnP pose that lines up may still have been refined into a wrong basin (PnP on a near-symmetric part of
+  one colour often starts tens of degrees off: its inliers are the outline's). Two signs get it a second
+  opinion (``refine.second_opinion``): a colour difference far above the class's usual one (the median over
+  the run's settled queries; the recovery searches again with the pose as one of its starts), or fewer PnP
+  inliers than ``min_inliers`` (the recovery searches as if PnP had failed). The recovery's result is
+  checked against the turns like any pose, and it replaces the pose when its colour difference is lower.
 
 Every step compares renders on white with the query, whose non-white pixels are taken for the object.
 A query photographed on a bench (``refine.bench.enabled``) is first put on white: at its PnP pose the
@@ -168,24 +169,36 @@ class PoseSettler:
         if self._off_the_bench_by_border(pose) and not settled.localized and (settled.recovery or {}).get("hypotheses"):
             prepared, confidence = self._judged_off_the_bench(query, settled)
         settled = self._against_turns(prepared, settled, confidence)
-        if self.needs_second_opinion(settled):
-            settled = self._second_opinion(prepared, settled)
+        reason = self.second_opinion_reason(settled, pose)
+        if reason is not None:
+            settled = self._second_opinion(prepared, settled, reason)
         return settled
 
     def reconsider(self, query: torch.Tensor, pose: QueryPose, settled: RefinedPose) -> RefinedPose:
         """``settled`` (what :meth:`settle` gave for ``query`` and ``pose`` before ``typical_l1`` was known),
         after a second opinion when it needs one."""
-        if not self.needs_second_opinion(settled):
+        reason = self.second_opinion_reason(settled, pose)
+        if reason is None:
             return settled
-        return self._second_opinion(self._prepared(query, pose, settled.w2c), settled)
+        return self._second_opinion(self._prepared(query, pose, settled.w2c), settled, reason)
 
-    def needs_second_opinion(self, settled: RefinedPose) -> bool:
-        """A PnP pose that lined up (so the recovery has not searched for it yet) with a colour difference over
-        ``l1_ratio`` times the class's usual one, not asked before."""
+    def second_opinion_reason(self, settled: RefinedPose, pose: QueryPose) -> str | None:
+        """Why a PnP pose that lined up (so the recovery has not searched for it yet), not asked before, gets a
+        second opinion: ``"weak_pnp"`` when it rests on fewer than ``min_inliers`` PnP inliers (``pose``: its
+        localization result), ``"colour"`` when its colour difference is over ``l1_ratio`` times the class's
+        usual one; None: no second opinion."""
         cfg = self.cfg.get("second_opinion")
-        return (cfg is not None and bool(cfg.enabled) and self.recovery_enabled and self.typical_l1 is not None
-                and settled.path == "pnp" and settled.recovery is None and settled.confidence is not None
-                and settled.second_opinion is None and settled.confidence["l1"] > float(cfg.l1_ratio) * self.typical_l1)
+        if not (cfg is not None and bool(cfg.enabled) and self.recovery_enabled and settled.path == "pnp"
+                and settled.recovery is None and settled.confidence is not None and settled.second_opinion is None):
+            return None
+        if cfg.get("min_inliers") is not None and pose.num_inliers < int(cfg.min_inliers):
+            return "weak_pnp"
+        if self.typical_l1 is not None and settled.confidence["l1"] > float(cfg.l1_ratio) * self.typical_l1:
+            return "colour"
+        return None
+
+    def needs_second_opinion(self, settled: RefinedPose, pose: QueryPose) -> bool:
+        return self.second_opinion_reason(settled, pose) is not None
 
     def _prepared(self, query: torch.Tensor, pose: QueryPose, w2c: np.ndarray | None = None) -> torch.Tensor:
         """The query as every step compares it: put on white first when it was taken on a bench (at ``w2c``,
@@ -230,12 +243,14 @@ class PoseSettler:
                 settled.confidence = verdict.confidence.summary()
         return settled
 
-    def _second_opinion(self, query: torch.Tensor, settled: RefinedPose) -> RefinedPose:
-        """The recovery's pose (``settled``'s among its starts, then checked against the turns) when its colour
-        difference is lower than ``settled``'s by the ``margin`` (relative); else ``settled``, with the record."""
+    def _second_opinion(self, query: torch.Tensor, settled: RefinedPose, reason: str) -> RefinedPose:
+        """The recovery's pose, checked against the turns, when its colour difference is lower than ``settled``'s
+        by the ``margin`` (relative); else ``settled``, with the record. For a pose asked about for its colour
+        (``reason`` "colour") the recovery has the pose among its starts; for a weak PnP pose it searches as if
+        PnP had failed (a refined start wins the recovery's levels on their loss, the very test it was doubted on)."""
         started = time.perf_counter()
         l1_before = float(settled.confidence["l1"])
-        recovered = self.recovery.recover(query, start_w2c=settled.w2c)
+        recovered = self.recovery.recover(query, start_w2c=settled.w2c if reason == "colour" else None)
         result = settled
         if recovered.accepted:
             candidate = RefinedPose(settled.name, recovered.w2c, settled.refinement, "recovered",
@@ -243,7 +258,8 @@ class PoseSettler:
             candidate = self._against_turns(query, candidate, recovered.confidence)
             if candidate.confidence["l1"] < l1_before * (1.0 - float(self.cfg.second_opinion.margin)):
                 result = candidate
-        result.second_opinion = {"typical_l1": round(self.typical_l1, 6), "l1_before": round(l1_before, 6),
+        typical = None if self.typical_l1 is None else round(self.typical_l1, 6)
+        result.second_opinion = {"reason": reason, "typical_l1": typical, "l1_before": round(l1_before, 6),
                                  "recovery": recovered.summary(), "replaced": result is not settled,
                                  "seconds": round(time.perf_counter() - started, 4)}
         if result is not settled:
@@ -345,7 +361,7 @@ def refine_query_poses(data: ClassData, poses: list[QueryPose], cfg: DictConfig,
         query = torch.from_numpy(read_image(test.path)).permute(2, 0, 1)
         refined.append(settler.settle(query, pose))
     settler.typical_l1 = typical_colour_difference(refined)
-    doubtful = [i for i, settled in enumerate(refined) if settler.needs_second_opinion(settled)]
+    doubtful = [i for i, settled in enumerate(refined) if settler.needs_second_opinion(settled, poses[i])]
     for i in tqdm(doubtful, desc="second opinions", leave=False):
         query = torch.from_numpy(read_image(data.test[i].path)).permute(2, 0, 1)
         refined[i] = settler.reconsider(query, poses[i], refined[i])

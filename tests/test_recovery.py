@@ -202,20 +202,20 @@ def test_a_doubtful_pnp_pose_gets_a_second_opinion_that_replaces_it_only_when_it
 
     right, wrong = settled_at(truth), settled_at(rolled(camera(yaw_deg=70.0), 50.0))
     assert wrong.confidence["l1"] > 2.0 * right.confidence["l1"]
-    assert not settler.needs_second_opinion(wrong, pnp), "asked before the class's usual difference is known"
+    assert settler.second_opinion_reason(wrong, pnp) is None, "asked before the class's usual difference is known"
     settler.typical_l1 = typical_colour_difference([right] * 5)
     assert settler.typical_l1 == pytest.approx(right.confidence["l1"])
-    assert settler.needs_second_opinion(wrong, pnp)
-    assert not settler.needs_second_opinion(RefinedPose("q.png", wrong.w2c, None, "recovered", wrong.confidence), pnp)
+    assert settler.second_opinion_reason(wrong, pnp) == "colour"
+    assert settler.second_opinion_reason(RefinedPose("q.png", wrong.w2c, None, "recovered", wrong.confidence), pnp) is None
     searched = RefinedPose("q.png", wrong.w2c, None, "pnp", wrong.confidence, recovery={"accepted": False})
-    assert not settler.needs_second_opinion(searched, pnp), "the recovery already searched for this one"
+    assert settler.second_opinion_reason(searched, pnp) is None, "the recovery already searched for this one"
 
     replaced = settler.reconsider(query, pnp, wrong)
     assert replaced.second_opinion["replaced"] and replaced.path == "recovered"
     assert rotation_error_deg(replaced.w2c, truth) < 1.0, replaced.second_opinion
     assert np.allclose(replaced.second_opinion["replaced_w2c"], wrong.w2c)
     assert replaced.confidence["l1"] < wrong.confidence["l1"]
-    assert not settler.needs_second_opinion(replaced, pnp)  # asked once
+    assert settler.second_opinion_reason(replaced, pnp) is None  # asked once
 
     settler.typical_l1 = right.confidence["l1"] / 3.0
     kept = settler.reconsider(query, pnp, settled_at(truth))

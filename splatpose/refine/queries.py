@@ -197,9 +197,6 @@ class PoseSettler:
             return "colour"
         return None
 
-    def needs_second_opinion(self, settled: RefinedPose, pose: QueryPose) -> bool:
-        return self.second_opinion_reason(settled, pose) is not None
-
     def _prepared(self, query: torch.Tensor, pose: QueryPose, w2c: np.ndarray | None = None) -> torch.Tensor:
         """The query as every step compares it: put on white first when it was taken on a bench (at ``w2c``,
         by default PnP's pose)."""
@@ -247,7 +244,7 @@ class PoseSettler:
         """The recovery's pose, checked against the turns, when its colour difference is lower than ``settled``'s
         by the ``margin`` (relative); else ``settled``, with the record. For a pose asked about for its colour
         (``reason`` "colour") the recovery has the pose among its starts; for a weak PnP pose it searches as if
-        PnP had failed (a refined start wins the recovery's levels on their loss, the very test it was doubted on)."""
+        PnP had failed (a refined start wins the recovery's levels on their loss, wrong basin or not)."""
         started = time.perf_counter()
         l1_before = float(settled.confidence["l1"])
         recovered = self.recovery.recover(query, start_w2c=settled.w2c if reason == "colour" else None)
@@ -361,7 +358,7 @@ def refine_query_poses(data: ClassData, poses: list[QueryPose], cfg: DictConfig,
         query = torch.from_numpy(read_image(test.path)).permute(2, 0, 1)
         refined.append(settler.settle(query, pose))
     settler.typical_l1 = typical_colour_difference(refined)
-    doubtful = [i for i, settled in enumerate(refined) if settler.needs_second_opinion(settled, poses[i])]
+    doubtful = [i for i, settled in enumerate(refined) if settler.second_opinion_reason(settled, poses[i])]
     for i in tqdm(doubtful, desc="second opinions", leave=False):
         query = torch.from_numpy(read_image(data.test[i].path)).permute(2, 0, 1)
         refined[i] = settler.reconsider(query, poses[i], refined[i])

@@ -13,6 +13,10 @@ Three sources of noise, each silenced where it starts:
   batches it will use, for every Trainer (twice a run); there is no setting for that, so a logging
   filter drops those records ("GPU available: ..., used: ..." stays: it says where the work ran).
 
+- matplotlib, building its font cache on a machine's first report, warns for each mathtext font that is not
+  installed ("findfont: Font family ['cmti10'] not found", about 20 lines); the report's figures use none of them.
+  Its font manager logs at ERROR and above unless ``verbose_libraries=true``.
+
 Plus deprecation warnings raised inside the libraries (a user cannot fix them), e.g. torch's
 ``LeafSpec`` deprecation triggered by Lightning's use of ``torch.utils._pytree``.
 """
@@ -49,9 +53,11 @@ def quiet_console(verbose_libraries: bool = False) -> None:
 
     Args:
         verbose_libraries: the config's ``verbose_libraries``; true keeps COLMAP's INFO lines (for
-            debugging a reconstruction). Lightning's duplicates and tips go either way.
+            debugging a reconstruction) and matplotlib's font warnings. Lightning's duplicates and tips go
+            either way.
     """
     quiet_colmap(verbose_libraries)
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.NOTSET if verbose_libraries else logging.ERROR)
     log_lightning_once()
     for message, category in UNACTIONABLE_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)

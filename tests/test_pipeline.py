@@ -63,6 +63,7 @@ def test_console_is_quiet_and_results_hold_the_splats_quality(first_run):
     # glog's own format: severity letter, date (YYYYMMDD in pycolmap 4), time
     assert not re.search(r"^[IWEF]\d{8} ", log, re.MULTILINE), "COLMAP/glog lines reached the console"
     assert "💡 Tip" not in log and "LeafSpec" not in log
+    assert "findfont" not in log, "matplotlib's font-cache warnings printed (they bite on a machine's first run)"
     assert "TPU available" not in log and "limit_val_batches" not in log, "Lightning's unactionable lines printed"
     assert "anonymous setting" not in log, "wandb's warning about an argument Lightning passes printed"
     assert "wandb: Run summary" not in log and "wandb: Tracking run" not in log, "W&B's banner and summary printed"

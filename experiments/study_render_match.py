@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from study_scoring import load_run
 from splatpose.data.cameras import rotation_error_deg
 from splatpose.refine.recovery import axis_angle
-from splatpose.sfm.features import build_extractor, to_original_pixels
+from splatpose.sfm.features import build_extractor, resized_for_features, to_original_pixels
 from splatpose.sfm.matchers import build_matcher
 from splatpose.sfm.pnp import PnPSolver
 from splatpose.sfm.triangulation import colmap_camera
@@ -54,10 +53,7 @@ class RenderMatcher:
     def features(self, image: torch.Tensor) -> dict:
         """Features of ``image`` [3, H, W] in [0, 1], resized as the localization resizes, keypoints in its pixels."""
         h, w = image.shape[-2:]
-        if self.resize_max and (max(h, w) > self.resize_max or (self.force and max(h, w) != self.resize_max)):
-            scale = self.resize_max / max(h, w)
-            image = F.interpolate(image[None], size=(round(h * scale), round(w * scale)), mode="bilinear",
-                                  antialias=True, align_corners=False)[0]
+        image = resized_for_features(image[None], self.resize_max, self.force)[0]
         feats = self.extractor(image[None])[0]
         feats["keypoints"] = to_original_pixels(feats["keypoints"], (image.shape[-1], image.shape[-2]), (w, h))
         feats["image_size"] = np.array((w, h), dtype=np.int64)

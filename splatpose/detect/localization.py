@@ -30,9 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from splatpose.sfm.features import AlikedExtractor
+from splatpose.sfm.features import AlikedExtractor, resized_for_features
 from splatpose.sfm.localization import Localizer, QueryPose
 from splatpose.sfm.matchers import LightGlueMatcher
 
@@ -122,13 +121,7 @@ class ImageLocalizer(Localizer):
     def resize_for_features(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> the size features are extracted at (hloc's resize_max rule, as
         ``load_image_tensor`` applies it to files)."""
-        height, width = images.shape[-2:]
-        longest = max(height, width)
-        if self.resize_max and (longest > self.resize_max or (self.resize_force and longest != self.resize_max)):
-            scale = self.resize_max / longest
-            size = (round(height * scale), round(width * scale))
-            images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
-        return images
+        return resized_for_features(images, self.resize_max, self.resize_force)
 
     def localize_images(self, images: torch.Tensor, names: list[str]) -> list[QueryPose]:
         """Poses of a batch of same-size images.

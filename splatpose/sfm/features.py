@@ -218,11 +218,19 @@ def load_image_tensor(path: Path, resize_max: int | None, resize_force: bool = F
         pixels = mask * pixels + (1.0 - mask)
     image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
     height, width = image.shape[-2:]
-    if resize_max and (max(height, width) > resize_max or (resize_force and max(height, width) != resize_max)):
-        scale = resize_max / max(height, width)
+    return resized_for_features(image[None], resize_max, resize_force)[0], (width, height)
+
+
+def resized_for_features(images: torch.Tensor, resize_max: int | None, resize_force: bool = False) -> torch.Tensor:
+    """[B, 3, H, W] at the size features are extracted at (hloc's rule, see :func:`load_image_tensor`):
+    the longest side brought down to ``resize_max`` when larger, or to exactly it when ``resize_force``."""
+    height, width = images.shape[-2:]
+    longest = max(height, width)
+    if resize_max and (longest > resize_max or (resize_force and longest != resize_max)):
+        scale = resize_max / longest
         size = (round(height * scale), round(width * scale))
-        image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
-    return image, (width, height)
+        images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return images
 
 
 def to_original_pixels(keypoints: np.ndarray, resized_wh: tuple[int, int], original_wh: tuple[int, int]) -> np.ndarray:

@@ -156,20 +156,23 @@ fi
 if [[ " $PHASES " == *" detector "* ]]; then
   # The detector refines as its run did; on the GPU at 400x400 refinement does not pay (see
   # experiments/results/refine_h100_*.md), so the run timed here is made without it.
-  [ -f "$WORK/run_eval_norefine/results.json" ] \
-    || step evaluation_run 330 evaluation_run refine=off hydra.run.dir="$WORK/run_eval_norefine"
-  # BENCH_DETECTOR_ARGS: the benchmark's options (default: every mode); BENCH_SECONDS: its limit (more batch
-  # sizes take longer); DETECT_CLI=0 skips the CLI step
+  # DETECTOR_RUN_ARGS: run.py overrides for the timed run (e.g. sfm.resize_max=400), which then gets its own folder
+  RUN_DIR=$WORK/run_eval_norefine${DETECTOR_RUN_ARGS:+_$(echo "$DETECTOR_RUN_ARGS" | tr -c 'A-Za-z0-9\n' '_')}
   # shellcheck disable=SC2086
-  step bench_detector "${BENCH_SECONDS:-200}" python3 "$REPO/experiments/bench_detector.py" --run-dir "$WORK/run_eval_norefine" \
+  [ -f "$RUN_DIR/results.json" ] \
+    || step evaluation_run 330 evaluation_run refine=off ${DETECTOR_RUN_ARGS:-} hydra.run.dir="$RUN_DIR"
+  # BENCH_DETECTOR_ARGS: the benchmark's options (default: every mode); BENCH_SECONDS: its limit (more batch
+  # sizes take longer); DETECT_CLI=0 skips the CLI step, DETECTOR_TESTS=0 the GPU tests
+  # shellcheck disable=SC2086
+  step bench_detector "${BENCH_SECONDS:-200}" python3 "$REPO/experiments/bench_detector.py" --run-dir "$RUN_DIR" \
     --device cuda ${BENCH_DETECTOR_ARGS:---queries 120 --warmup 10 --batch-sizes 8 16 32 --throughput-images 256 \
     --matching auto sequential --refine-queries 20 --recovery-queries 10} --out "$WORK/bench" && cp "$WORK/bench/detector.json" "$OUT/"
   if [ "${DETECT_CLI:-1}" != 0 ]; then
-    step detect_cli 90 python3 "$REPO/run.py" task=detect run_dir="$WORK/run_eval_norefine" \
+    step detect_cli 90 python3 "$REPO/run.py" task=detect run_dir="$RUN_DIR" \
       "inputs='$CARRY/data/01Ant/test/*/*.png'" device=cuda logger=none hydra.run.dir="$WORK/run_detect" \
       detect.batch_size=16 && cp "$WORK/run_detect/summary.json" "$OUT/detect_summary.json"
   fi
-  gpu_tests
+  [ "${DETECTOR_TESTS:-1}" != 0 ] && gpu_tests
 fi
 
 if [[ " $PHASES " == *" service "* ]]; then

@@ -411,6 +411,8 @@ def final_pose_summary(data: ClassData, refined: list[RefinedPose]) -> dict:
             entry["symmetry"] = pose.symmetry
         if pose.second_opinion:
             entry["second_opinion"] = pose.second_opinion
+        if pose.turn_polish:
+            entry["turn_polish"] = pose.turn_polish
         truth = (data.test_poses or {}).get(pose.name)
         if truth is not None:
             entry["rotation_error_deg"] = float(rotation_error_deg(pose.w2c, truth))
@@ -431,6 +433,7 @@ def final_pose_summary(data: ClassData, refined: list[RefinedPose]) -> dict:
                "median_seconds": float(np.median([e["seconds"] for e in done])) if done else 0.0,
                "median_recovery_seconds": float(np.median(recovered)) if recovered else 0.0,
                "symmetry_switched": sum(bool(p.symmetry and p.symmetry["switched"]) for p in refined),
+               "turn_polished": sum(bool(p.turn_polish and p.turn_polish["turn_deg"]) for p in refined),
                "typical_l1": typical_colour_difference(refined),
                "second_opinions": {"asked": sum(p.second_opinion is not None for p in refined),
                                    "replaced": sum(bool(p.second_opinion and p.second_opinion["replaced"])

@@ -97,7 +97,8 @@ class Detection:
         effort and the map is unreliable (flag "not_localized"). confidence: the render's alignment
         with the image ({"iou", "l1"}); recovery: what the recovery through the splats did; symmetry: what
         the check against the scene's near-symmetric turns did; second_opinion: what the second opinion
-        on a doubtful PnP pose did (each None when it did not run).
+        on a doubtful PnP pose did; turn_polish: what the search of the turn about the part's axis did (each
+        None when it did not run).
     w2c: [4, 4] float64 world-to-camera (OpenCV) used for the render (after refinement, if any);
         w2c_pnp: the pose before refinement.
     flags: notes such as "grayscale", "resized_from_640x480", "not_localized".
@@ -134,6 +135,7 @@ class Detection:
     recovery: dict | None = None
     symmetry: dict | None = None
     second_opinion: dict | None = None
+    turn_polish: dict | None = None
     times: dict[str, float] = field(default_factory=dict)
     query: np.ndarray | None = None
     render: np.ndarray | None = None
@@ -144,6 +146,7 @@ class Detection:
                 "flags": self.flags, "score": self.score, "anomalous": self.anomalous,
                 "localized": self.localized, "pose_path": self.pose_path, "confidence": self.confidence,
                 "recovery": self.recovery, "symmetry": self.symmetry, "second_opinion": self.second_opinion,
+                "turn_polish": self.turn_polish,
                 "num_inliers": self.num_inliers, "num_matches": self.num_matches,
                 "fallback": self.fallback, "retrieved": self.retrieved, "refinement": self.refinement,
                 "w2c": None if self.w2c is None else np.asarray(self.w2c).tolist(),
@@ -437,7 +440,7 @@ class Detector:
                 detection.localized, detection.pose_path = final.localized, final.path
                 detection.refinement, detection.confidence = final.refinement, final.confidence
                 detection.recovery, detection.symmetry = final.recovery, final.symmetry
-                detection.second_opinion = final.second_opinion
+                detection.second_opinion, detection.turn_polish = final.second_opinion, final.turn_polish
                 detection.times["refine"] = round(time.perf_counter() - start, 6)
             if not detection.localized:
                 detection.flags.append("not_localized")

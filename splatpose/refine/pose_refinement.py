@@ -225,6 +225,11 @@ def check_refine_config(cfg: DictConfig) -> None:
     if (rounds is not None and int(rounds) < 1) or (settle_deg is not None and float(settle_deg) < 0):
         raise ValueError(f"refine.bench.rounds must be >= 1 (1: refine once) and refine.bench.settle_deg >= 0, got "
                          f"{bench.get('rounds')} and {bench.get('settle_deg')}")
+    symmetry = cfg.get("symmetry") or {}
+    span, step = symmetry.get("polish_span_deg"), symmetry.get("polish_step_deg")
+    if span is not None and not (float(span) >= 0 and step is not None and float(step) > 0):
+        raise ValueError(f"refine.symmetry.polish_span_deg must be >= 0 (0 or null: no search of the turn about the "
+                         f"axis) with polish_step_deg > 0, got {span} and {step}")
     for scale, steps, blur, _ in levels:
         if steps < 1:
             raise ValueError(f"refine.steps must be >= 1 (or set refine.enabled=false), got {cfg.steps}")

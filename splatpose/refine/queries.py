@@ -15,7 +15,10 @@ Per query (:class:`PoseSettler`, shared with the detector):
   opinion (``refine.second_opinion``): a colour difference far above the class's usual one (the median over
   the run's settled queries; the recovery searches again with the pose as one of its starts), or fewer PnP
   inliers than ``min_inliers`` (the recovery searches as if PnP had failed). The recovery's result is
-  checked against the turns like any pose, and it replaces the pose when its colour difference is lower.
+  checked against the turns like any pose, and it replaces the pose when its colour difference is lower;
+- last, a pose that lines up on a part with a near-symmetry has its turn about the axis searched
+  (``refine.symmetry.polish_span_deg``, :class:`~splatpose.refine.symmetry.TurnPolish`): refinement
+  settles such a turn slowly, so it may stop a degree or two off.
 
 Every step compares renders on white with the query, whose non-white pixels are taken for the object.
 A query photographed on a bench (``refine.bench.enabled``) is first put on white: at its PnP pose the
@@ -48,7 +51,7 @@ from splatpose.data.mad_sim import ClassData, read_image
 from splatpose.refine.pose_refinement import PoseRefiner, Refinement
 from splatpose.refine.recovery import (Confidence, PoseRecovery, SearchViews, alignment_confidence,
                                        orbit_views, render_search_views)
-from splatpose.refine.symmetry import SymmetryCheck, near_symmetries
+from splatpose.refine.symmetry import SymmetryCheck, TurnPolish, axis_of_most_turns, near_symmetries
 from splatpose.scoring.object_region import background_likeness, bench_whitened_by_border, silhouette_region
 from splatpose.sfm.config import default_conf_dir
 from splatpose.sfm.localization import QueryPose
@@ -83,6 +86,8 @@ class RefinedPose:
         replaced pose); None when it did not run (no near-symmetry, check off, or the pose did not line up).
     second_opinion: what the second opinion did (the class's usual colour difference, the pose's, the
         recovery's summary, replaced, the replaced pose, seconds); None when none was asked for.
+    turn_polish: what the search of the turn about the part's axis did (turn_deg, losses, renders,
+        seconds); None when it did not run (no near-symmetry, polish off, or the pose did not line up).
     """
 
     name: str
@@ -93,6 +98,7 @@ class RefinedPose:
     recovery: dict | None = None
     symmetry: dict | None = None
     second_opinion: dict | None = None
+    turn_polish: dict | None = None
 
     @property
     def refined(self) -> bool:
@@ -105,7 +111,7 @@ class RefinedPose:
     def to_json(self) -> dict:
         return {"name": self.name, "w2c": np.asarray(self.w2c).tolist(), "path": self.path,
                 "refinement": self.refinement, "confidence": self.confidence, "recovery": self.recovery,
-                "symmetry": self.symmetry, "second_opinion": self.second_opinion}
+                "symmetry": self.symmetry, "second_opinion": self.second_opinion, "turn_polish": self.turn_polish}
 
 
 class PoseSettler:
@@ -131,6 +137,7 @@ class PoseSettler:
         symmetry_cfg = cfg.get("symmetry")
         self.symmetry_enabled = symmetry_cfg is not None and bool(symmetry_cfg.enabled)
         self._symmetry: SymmetryCheck | None = None
+        self._turn_polish: TurnPolish | None = None
         # The class's usual colour difference at a settled pose (:func:`typical_colour_difference`); set by
         # the caller once known (the refine stage after its first pass, the detector from the run). None:
         # no second opinions.
@@ -162,6 +169,16 @@ class PoseSettler:
                                            self.cfg.symmetry, self.K, self.backend)
         return self._symmetry
 
+    @property
+    def turn_polish(self) -> TurnPolish | None:
+        """The search of a settled pose's turn about the part's axis (None: off, or no near-symmetry)."""
+        span = self.cfg.symmetry.get("polish_span_deg") if self.symmetry_enabled else None
+        if span and self._turn_polish is None and self.symmetry.symmetries:  # (the check finds them once)
+            self._turn_polish = TurnPolish(self.refiner, axis_of_most_turns(self.symmetry.symmetries), float(span),
+                                           float(self.cfg.symmetry.polish_step_deg),
+                                           min_gain=float(self.cfg.get("stop_tolerance") or 0.0))
+        return self._turn_polish
+
     def settle(self, query: torch.Tensor, pose: QueryPose) -> RefinedPose:
         """``query`` [3, H, W] in [0, 1]; ``pose`` its localization result."""
         prepared = self._prepared(query, pose)
@@ -172,7 +189,7 @@ class PoseSettler:
         reason = self.second_opinion_reason(settled, pose)
         if reason is not None:
             settled = self._second_opinion(prepared, settled, reason)
-        return settled
+        return self._polished(prepared, settled)
 
     def reconsider(self, query: torch.Tensor, pose: QueryPose, settled: RefinedPose) -> RefinedPose:
         """``settled`` (what :meth:`settle` gave for ``query`` and ``pose`` before ``typical_l1`` was known),
@@ -180,7 +197,9 @@ class PoseSettler:
         reason = self.second_opinion_reason(settled, pose)
         if reason is None:
             return settled
-        return self._second_opinion(self._prepared(query, pose, settled.w2c), settled, reason)
+        prepared = self._prepared(query, pose, settled.w2c)
+        result = self._second_opinion(prepared, settled, reason)
+        return self._polished(prepared, result) if result.second_opinion["replaced"] else result
 
     def second_opinion_reason(self, settled: RefinedPose, pose: QueryPose) -> str | None:
         """Why a PnP pose that lined up (so the recovery has not searched for it yet), not asked before, gets a
@@ -238,6 +257,18 @@ class PoseSettler:
             settled.w2c = verdict.w2c
             if settled.confidence is not None:
                 settled.confidence = verdict.confidence.summary()
+        return settled
+
+    def _polished(self, query: torch.Tensor, settled: RefinedPose) -> RefinedPose:
+        """``settled`` with its turn about the part's axis searched (:attr:`turn_polish`), its alignment measured
+        again when the pose turned; as it is when the pose did not line up or there is nothing to search."""
+        if not settled.localized or self.turn_polish is None:
+            return settled
+        w2c, settled.turn_polish = self.turn_polish.polish(query, settled.w2c)
+        if settled.turn_polish["turn_deg"]:
+            settled.w2c = w2c
+            if settled.confidence is not None:
+                settled.confidence = self._confidence(w2c, query).summary()
         return settled
 
     def _second_opinion(self, query: torch.Tensor, settled: RefinedPose, reason: str) -> RefinedPose:
@@ -346,7 +377,7 @@ def refine_query_poses(data: ClassData, poses: list[QueryPose], cfg: DictConfig,
     if not cfg.enabled:
         return [RefinedPose(p.name, p.w2c, path="pnp" if p.success else "failed") for p in poses]
     cache_file = Path(out_dir) / REFINED_POSES_FILE if out_dir is not None else None
-    cached = _load(cache_file, [p.name for p in poses])
+    cached = load_refined_poses(cache_file, [p.name for p in poses])
     if cached is not None:
         log.info("refinement: reusing %s", cache_file)
         return cached
@@ -412,7 +443,8 @@ def load_search_views(path: Path) -> SearchViews:
                                     torch.from_numpy(npz["areas"]), width, height)
 
 
-def _load(path: Path | None, names: list[str]) -> list[RefinedPose] | None:
+def load_refined_poses(path: Path | None, names: list[str]) -> list[RefinedPose] | None:
+    """What :func:`refine_query_poses` wrote to ``path`` for the queries ``names`` (None: absent, or another set)."""
     if path is None or not path.exists():
         return None
     entries = json.loads(path.read_text())
@@ -420,5 +452,6 @@ def _load(path: Path | None, names: list[str]) -> list[RefinedPose] | None:
         log.warning("%s does not match the test images; refining again", path)
         return None
     return [RefinedPose(e["name"], np.asarray(e["w2c"], dtype=np.float64), e["refinement"], e.get("path", "pnp"),
-                        e.get("confidence"), e.get("recovery"), e.get("symmetry"), e.get("second_opinion"))
+                        e.get("confidence"), e.get("recovery"), e.get("symmetry"), e.get("second_opinion"),
+                        e.get("turn_polish"))
             for e in entries]

@@ -6,7 +6,9 @@ refinement cannot cross from one such turn to another (the outline gives no grad
 and its alignment confidence is as high at a wrong turn as at the right one. So once per scene the
 splats' own near-symmetries are found (:func:`near_symmetries`), and every settled pose competes with
 its turned copies (:class:`SymmetryCheck`): each copy is refined like the pose was, and the one whose
-colours match the image best at full size wins, by a margin.
+colours match the image best at full size wins, by a margin. The same flatness makes refinement slow to
+settle a small turn about the axis (its loss changes little, so a level stops while the turn is still a
+degree or two off): :class:`TurnPolish` searches that turn directly, as the last step.
 
 Near-symmetries are found on the Gaussians' centres (the opaque ones, a fixed subsample; their density
 varies, so distances are measured in local spacings: a turned point's distance to the nearest point
@@ -223,3 +225,64 @@ class SymmetryCheck:
 
     def _confidence(self, w2c: np.ndarray, query: Tensor) -> Confidence:
         return alignment_confidence(self.refiner.gaussians, w2c, query, self.K, self.backend)
+
+
+def axis_of_most_turns(symmetries: list[NearSymmetry], within_deg: float = 3.0) -> NearSymmetry:
+    """Of ``symmetries`` (lowest misfit first), the first whose axis (either direction, within ``within_deg``)
+    carries the most of them: a turned part's own axis carries a turn per rib or tooth, a flip's axis one."""
+    if not symmetries:
+        raise ValueError("no near-symmetries to choose an axis from")
+    cosine = math.cos(math.radians(within_deg))
+    axes = np.array([s.axis for s in symmetries])
+    counts = (np.abs(axes @ axes.T) >= cosine).sum(axis=1)
+    return symmetries[int(np.argmax(counts))]
+
+
+class TurnPolish:
+    """The last step of settling a pose of a part with a near-symmetry: a search of its turn about the axis.
+
+    About a near-symmetric part's axis the render changes little with a small turn (only ribs, a flat or
+    a highlight move), so refinement's stop rule (``stop_patience`` renders without ``stop_tolerance``'s
+    gain) ends a level while such a turn is still a degree or two off; on the tuning family's knobs every
+    final error over 0.3 deg was a turn about the axis (experiments/results/turn_polish_cpu_2026-12-07_s28.md).
+    This compares the refiner's finest-level loss at turns of the pose about the axis of ``symmetry``
+    (:func:`axis_of_most_turns`, the part's own axis): every ``4 * step_deg`` within ``span_deg``, then every
+    ``step_deg`` within three steps of the best, and keeps the lowest when it lowers the loss by more than
+    ``min_gain`` (relative; the pipeline passes the refinement's own ``stop_tolerance``: a turn that gains
+    less is one refinement would have stopped short of too, and along a glossy part's axis such gains are
+    the highlights' noise, not the turn); a tie goes to the smaller turn.
+    """
+
+    def __init__(self, refiner: PoseRefiner, symmetry: NearSymmetry, span_deg: float, step_deg: float,
+                 min_gain: float = 0.0):
+        if not (span_deg > 0 and step_deg > 0 and min_gain >= 0):
+            raise ValueError(f"turn polish needs span_deg and step_deg > 0 and min_gain >= 0, got {span_deg}, "
+                             f"{step_deg}, {min_gain}")
+        self.refiner, self.symmetry = refiner, symmetry
+        self.span_deg, self.step_deg, self.min_gain = float(span_deg), float(step_deg), float(min_gain)
+
+    def polish(self, query: Tensor, w2c: np.ndarray) -> tuple[np.ndarray, dict]:
+        """``w2c`` [4, 4] (a settled pose) turned about the axis to where the finest level's loss against
+        ``query`` [3, H, W] is lowest, and the record (turn_deg, loss_before, loss_after, renders, seconds)."""
+        started = time.perf_counter()
+        pose = np.asarray(w2c, dtype=np.float64)
+        coarse = 4.0 * self.step_deg
+        reach = math.floor(self.span_deg / coarse)
+        losses = self._losses(query, pose, np.arange(-reach, reach + 1) * coarse)
+        best = min(losses, key=lambda turn: (losses[turn], abs(turn)))
+        fine = [best + k * self.step_deg for k in (-3, -2, -1, 1, 2, 3)]
+        losses.update(self._losses(query, pose, [t for t in fine if abs(t) <= self.span_deg + 1e-9]))
+        best = min(losses, key=lambda turn: (losses[turn], abs(turn)))
+        if losses[best] >= losses[0.0] * (1.0 - self.min_gain):
+            best = 0.0
+        record = {"turn_deg": best, "loss_before": round(losses[0.0], 7), "loss_after": round(losses[best], 7),
+                  "renders": len(losses), "seconds": round(time.perf_counter() - started, 4)}
+        return (self._turned(pose, best) if best else pose), record
+
+    def _losses(self, query: Tensor, pose: np.ndarray, turns) -> dict[float, float]:
+        turns = [round(float(t), 6) + 0.0 for t in turns]  # + 0.0: -0.0 is the key 0.0
+        finest = len(self.refiner.levels) - 1
+        return dict(zip(turns, self.refiner.losses_at(query, [self._turned(pose, t) for t in turns], finest)))
+
+    def _turned(self, pose: np.ndarray, turn_deg: float) -> np.ndarray:
+        return NearSymmetry(self.symmetry.axis, turn_deg, self.symmetry.centre, self.symmetry.misfit).turn_camera(pose)

@@ -2,7 +2,7 @@
 
 For each run folder (generated data with true test poses; queries on white, ``refine.bench`` off) every
 localized final pose is polished as the pipeline's last refine step would (:class:`TurnPolish` about the
-splats' lowest-misfit near-symmetry, the run's own refinement settings and renderer), then the
+axis most of the splats' near-symmetries turn about, the run's own refinement settings and renderer), then the
 pseudo-references are rendered and scored again as the pipeline does. Prints per run: within 1 deg, median
 rotation error and the three metrics before (the run's results.json) and after, the queries whose error
 moved by more than 0.1 deg, and the polish's seconds per query.

@@ -243,7 +243,7 @@ class TurnPolish:
 
     About a near-symmetric part's axis the render changes little with a small turn (only ribs, a flat or
     a highlight move), so refinement's stop rule (``stop_patience`` renders without ``stop_tolerance``'s
-    gain) ends a level while such a turn is still a degree or two off; on the tuning family's knobs every
+    gain) ends a level while such a turn is still a degree or two off; on the tuning family's 11SheenKnob every
     final error over 0.3 deg was a turn about the axis (experiments/results/turn_polish_cpu_2026-12-07_s28.md).
     This compares the refiner's finest-level loss at turns of the pose about the axis of ``symmetry``
     (:func:`axis_of_most_turns`, the part's own axis): every ``4 * step_deg`` within ``span_deg``, then every
@@ -280,7 +280,7 @@ class TurnPolish:
         return (self._turned(pose, best) if best else pose), record
 
     def _losses(self, query: Tensor, pose: np.ndarray, turns) -> dict[float, float]:
-        turns = [round(float(t), 6) + 0.0 for t in turns]  # + 0.0: -0.0 is the key 0.0
+        turns = [round(float(t), 6) + 0.0 for t in turns]  # (+ 0.0: no -0.0 in the record)
         finest = len(self.refiner.levels) - 1
         return dict(zip(turns, self.refiner.losses_at(query, [self._turned(pose, t) for t in turns], finest)))
 

@@ -193,7 +193,7 @@ class PoseSettler:
 
     def reconsider(self, query: torch.Tensor, pose: QueryPose, settled: RefinedPose) -> RefinedPose:
         """``settled`` (what :meth:`settle` gave for ``query`` and ``pose`` before ``typical_l1`` was known),
-        after a second opinion when it needs one."""
+        after a second opinion when it needs one (a pose it put in place is polished as :meth:`settle` does)."""
         reason = self.second_opinion_reason(settled, pose)
         if reason is None:
             return settled

@@ -31,7 +31,7 @@ from splatpose.data.mad_sim import read_image
 from splatpose.pipeline import class_sheen_allowance, render_pseudo_references, score_and_evaluate
 from splatpose.refine.pose_refinement import PoseRefiner
 from splatpose.refine.queries import load_refined_poses as load_refined
-from splatpose.refine.symmetry import TurnPolish, axis_of_most_turns, near_symmetries
+from splatpose.refine.symmetry import TurnPolish, near_symmetries
 from splatpose.splat.ply import load_gaussians
 
 
@@ -51,9 +51,11 @@ def study(run: Path, span: float, step: float, min_gain: float | None) -> None:
         print(f"| {name} | no near-symmetry: nothing polished |", flush=True)
         return
     backend = cfg.splat.get("backend", "auto")
-    polish = TurnPolish(PoseRefiner(gaussians, data.K, data.width, data.height, cfg.refine, backend=backend),
-                        axis_of_most_turns(symmetries), span, step,
-                        min_gain=float(cfg.refine.get("stop_tolerance") or 0.0) if min_gain is None else min_gain)
+    refine = OmegaConf.merge(cfg.refine, {"symmetry": {"polish_span_deg": span, "polish_step_deg": step}})
+    polish = TurnPolish.configured(PoseRefiner(gaussians, data.K, data.width, data.height, refine, backend=backend),
+                                   symmetries, refine)
+    if min_gain is not None:
+        polish.min_gain = min_gain
     before = [rotation_error_deg(p.w2c, data.test_poses[p.name]) for p in refined]
     seconds, moved = [], []
     for test, pose, old in zip(data.test, refined, before):

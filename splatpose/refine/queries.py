@@ -51,7 +51,7 @@ from splatpose.data.mad_sim import ClassData, read_image
 from splatpose.refine.pose_refinement import PoseRefiner, Refinement
 from splatpose.refine.recovery import (Confidence, PoseRecovery, SearchViews, alignment_confidence,
                                        orbit_views, render_search_views)
-from splatpose.refine.symmetry import SymmetryCheck, TurnPolish, axis_of_most_turns, near_symmetries
+from splatpose.refine.symmetry import SymmetryCheck, TurnPolish, near_symmetries
 from splatpose.scoring.object_region import background_likeness, bench_whitened_by_border, silhouette_region
 from splatpose.sfm.config import default_conf_dir
 from splatpose.sfm.localization import QueryPose
@@ -172,11 +172,8 @@ class PoseSettler:
     @property
     def turn_polish(self) -> TurnPolish | None:
         """The search of a settled pose's turn about the part's axis (None: off, or no near-symmetry)."""
-        span = self.cfg.symmetry.get("polish_span_deg") if self.symmetry_enabled else None
-        if span and self._turn_polish is None and self.symmetry.symmetries:  # (the check finds them once)
-            self._turn_polish = TurnPolish(self.refiner, axis_of_most_turns(self.symmetry.symmetries), float(span),
-                                           float(self.cfg.symmetry.polish_step_deg),
-                                           min_gain=float(self.cfg.get("stop_tolerance") or 0.0))
+        if self._turn_polish is None and self.symmetry_enabled:  # (the check finds the near-symmetries once)
+            self._turn_polish = TurnPolish.configured(self.refiner, self.symmetry.symmetries, self.cfg)
         return self._turn_polish
 
     def settle(self, query: torch.Tensor, pose: QueryPose) -> RefinedPose:

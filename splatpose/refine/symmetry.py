@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -261,6 +261,18 @@ class TurnPolish:
         self.refiner, self.symmetry = refiner, symmetry
         self.span_deg, self.step_deg, self.min_gain = float(span_deg), float(step_deg), float(min_gain)
 
+    @classmethod
+    def configured(cls, refiner: PoseRefiner, symmetries: list[NearSymmetry], cfg: DictConfig) -> "TurnPolish | None":
+        """The polish the ``refine`` node ``cfg`` asks for, about the axis of most of the scene's ``symmetries``
+        with the refinement's ``stop_tolerance`` as its gain; None when ``symmetry.polish_span_deg`` is 0, null or
+        absent (runs made before it), or the scene has no near-symmetry."""
+        symmetry = cfg.get("symmetry") or {}
+        span = symmetry.get("polish_span_deg")
+        if not span or not symmetries:
+            return None
+        return cls(refiner, axis_of_most_turns(symmetries), float(span), float(symmetry.get("polish_step_deg")),
+                   min_gain=float(cfg.get("stop_tolerance") or 0.0))
+
     def polish(self, query: Tensor, w2c: np.ndarray) -> tuple[np.ndarray, dict]:
         """``w2c`` [4, 4] (a settled pose) turned about the axis to where the finest level's loss against
         ``query`` [3, H, W] is lowest, and the record (turn_deg, loss_before, loss_after, renders, seconds)."""
@@ -285,4 +297,4 @@ class TurnPolish:
         return dict(zip(turns, self.refiner.losses_at(query, [self._turned(pose, t) for t in turns], finest)))
 
     def _turned(self, pose: np.ndarray, turn_deg: float) -> np.ndarray:
-        return NearSymmetry(self.symmetry.axis, turn_deg, self.symmetry.centre, self.symmetry.misfit).turn_camera(pose)
+        return replace(self.symmetry, angle_deg=turn_deg).turn_camera(pose)

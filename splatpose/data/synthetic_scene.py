@@ -98,6 +98,11 @@ MESHES: dict[str, MeshSource] = {
     # the matte one-colour knob with dents under a soft studio light (a soft box and a dome) instead of two
     # lamps: the shading that shows a dent changes slowly, as under the held-out family's environment light
     "12SoftKnob": MeshSource(knob, regions=1, defects=("Burrs", "Dents", "Missing", "Stains"), lighting="soft"),
+    # 05PlainNut with a strong sheen: at some views a flat face is blown out to the background's white, so the
+    # part's own pixels cannot be told from the background by their colour, and the splats (whose colours change
+    # slowly with the view) render it darker there (the tuning analogue of the held-out family's blown-out
+    # metal, PROTOCOL.md twenty-third decision)
+    "13ShinyNut": MeshSource(examples.load_nut, (("x", 90.0),), regions=2, specular=1.0),
 }
 
 

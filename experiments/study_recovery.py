@@ -53,8 +53,7 @@ def main() -> None:
     reference = make_search_views(gaussians, data.K, data.width, data.height, data.train_w2c, cfg.recovery, backend)
     print(f"{len(reference.w2c)} search views rendered in {time.perf_counter() - start:.1f} s")
     recovery = PoseRecovery(gaussians, data.K, data.width, data.height, reference, cfg.recovery, backend=backend,
-                            gradients=cfg.get("gradients", "auto"), max_size=cfg.get("max_size"),
-                            white_cap=cfg.get("white_cap"))  # as the refine stage
+                            gradients=cfg.get("gradients", "auto"), max_size=cfg.get("max_size"))  # as the refine stage
     final_poses = json.loads((Path(results["stage_dirs"]["refine"]) / "refined_poses.json").read_text()) \
         if (Path(results["stage_dirs"]["refine"]) / "refined_poses.json").exists() else []
     final = {e["name"]: np.asarray(e["w2c"]) for e in final_poses}

@@ -225,10 +225,6 @@ def check_refine_config(cfg: DictConfig) -> None:
     if (rounds is not None and int(rounds) < 1) or (settle_deg is not None and float(settle_deg) < 0):
         raise ValueError(f"refine.bench.rounds must be >= 1 (1: refine once) and refine.bench.settle_deg >= 0, got "
                          f"{bench.get('rounds')} and {bench.get('settle_deg')}")
-    white_cap = cfg.get("white_cap")
-    if white_cap is not None and not float(white_cap) > 0:
-        raise ValueError(f"refine.white_cap must be > 0 (the most a white query pixel costs) or null (no cap), "
-                         f"got {white_cap}")
     symmetry = cfg.get("symmetry") or {}
     span, step = symmetry.get("polish_span_deg"), symmetry.get("polish_step_deg")
     if span is not None and not (float(span) >= 0 and step is not None and float(step) > 0):
@@ -498,32 +494,13 @@ class PoseRefiner:
     def _losses(self, rgb: Tensor, alpha: Tensor, target: Tensor, region: Tensor, loss: str) -> Tensor:
         """:meth:`_loss` of each of B renders (rgb [B, 3, h, w], alpha [B, 1, h, w]) against one target: [B]."""
         if loss == "l1_silhouette":
-            if self.cfg.get("white_cap") is not None:
-                return self._capped_silhouette_losses(rgb, alpha, target, region)
             area = region.sum().clamp(min=1.0)
             colour = (rgb - target).abs().flatten(1).sum(1) / (3 * area)
             return colour + float(self.cfg.silhouette_weight) * (alpha - region).square().flatten(1).sum(1) / area
         return torch.stack([self._loss(rgb[i:i + 1], alpha[i:i + 1], target, region, loss) for i in range(len(rgb))])
 
-    def _capped_silhouette_losses(self, rgb: Tensor, alpha: Tensor, target: Tensor, region: Tensor) -> Tensor:
-        """``l1_silhouette`` of B renders with each white query pixel's cost capped at ``white_cap`` [B].
-
-        A pixel the query shows white (its object mask below 0.5) is background or the part's own highlight
-        blown out to white, which the splats, whose colours change slowly with the view, render darker: left
-        uncapped, such a highlight costs as much as the part covering the background and pulls the pose off
-        it. Capped, it costs at most ``white_cap`` (colour plus outline, per pixel, in the loss's units),
-        while a pixel of the part the render leaves uncovered still costs in full."""
-        area = region.sum().clamp(min=1.0)
-        per_pixel = (rgb - target).abs().mean(dim=1, keepdim=True) \
-            + float(self.cfg.silhouette_weight) * (alpha - region).square()
-        white = region < 0.5
-        capped = torch.where(white, per_pixel.clamp(max=float(self.cfg.white_cap)), per_pixel)
-        return capped.flatten(1).sum(1) / area
-
     def _loss(self, rgb: Tensor, alpha: Tensor, target: Tensor, region: Tensor, loss: str) -> Tensor:
         if loss == "l1_silhouette":
-            if self.cfg.get("white_cap") is not None:
-                return self._capped_silhouette_losses(rgb, alpha, target, region)[0]
             # region: the query's object mask. Normalised by its area, fixed for the query, so losses
             # compare across poses and levels.
             area = region.sum().clamp(min=1.0)

@@ -158,7 +158,7 @@ class PoseSettler:
             self._recovery = PoseRecovery(self.gaussians, self.K, self.width, self.height, views,
                                           self.cfg.recovery, backend=self.backend,
                                           gradients=self.cfg.get("gradients", "auto"),
-                                          max_size=self.cfg.get("max_size"), white_cap=self.cfg.get("white_cap"))
+                                          max_size=self.cfg.get("max_size"))
         return self._recovery
 
     @property

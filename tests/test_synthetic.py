@@ -8,9 +8,10 @@ from PIL import Image
 from scipy import ndimage
 
 from splatpose.data import list_classes, load_class, read_image, read_mask
-from splatpose.data.cameras import camera_center, intrinsics_from_fov_x, opengl_c2w_to_opencv_w2c, project_points
+from splatpose.data.cameras import (camera_center, intrinsics_from_fov_x, look_at_opengl_c2w, opengl_c2w_to_opencv_w2c,
+                                   project_points)
 from splatpose.data.mad_sim import DEFECT_TYPES
-from splatpose.data.offscreen import OffscreenRenderer
+from splatpose.data.offscreen import LIGHTINGS, OffscreenRenderer
 from splatpose.data.synthetic import build_object, ensure_synthetic_dataset, make_settings, render_defect_view
 from splatpose.data.synthetic_scene import MESHES
 
@@ -165,3 +166,21 @@ def test_a_glossy_noisy_class_has_noise_on_the_object_and_pure_white_around_it(t
     assert (pixels[coverage == 0] == 255).all(), "noise on the background"
     change = np.abs(pixels - clean)[coverage == 1]
     assert 1.0 < change.mean() < 10.0, f"mean change {change.mean():.2f} on the object"
+
+
+def test_the_shiny_nut_blows_its_top_face_out_to_white_where_the_matte_one_shows_it():
+    """13ShinyNut's look: seen from where the key light mirrors off its flat top face, part of the part is as white
+    as the background (the trait it stands in for); 05PlainNut, the same nut matte, shows every pixel darker."""
+    settings = make_settings("tiny")
+    key = np.asarray(LIGHTINGS["two_lights"]["lights"][0][0], dtype=np.float64)
+    key /= np.linalg.norm(key)
+    mirror = 2 * key[2] * np.array([0.0, 0.0, 1.0]) - key  # the key light reflected about the top face's normal
+    c2w = look_at_opengl_c2w(settings.train_distance * mirror, np.zeros(3), np.array([0.0, 0.0, 1.0]))
+    white_share = {}
+    for name in ("13ShinyNut", "05PlainNut"):
+        mesh, _, _ = build_object(settings, name)
+        with OffscreenRenderer(settings.width, settings.height, settings.camera_angle_x, settings.supersample,
+                               specular=MESHES[name].specular) as renderer:
+            rgb, part = renderer.render_rgb(mesh, c2w), renderer.render_coverage(mesh, c2w) == 1
+        white_share[name] = ((rgb.min(axis=-1) >= 250) & part).sum() / part.sum()
+    assert white_share["13ShinyNut"] > 0.05 and white_share["05PlainNut"] == 0.0, white_share

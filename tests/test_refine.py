@@ -14,7 +14,7 @@ from scipy.spatial.transform import Rotation
 
 from splatpose.data.cameras import center_error, rotation_error_deg
 from splatpose.refine import PoseRefiner, apply_increment, check_refine_config, default_refine_config, se3_exp
-from splatpose.refine.pose_refinement import CPU_MAX_SIZE, resolve_max_size
+from splatpose.refine.pose_refinement import CPU_MAX_SIZE, enclosed_white, resolve_max_size
 from splatpose.splat.gaussians import Gaussians, rgb_to_sh0
 from splatpose.splat.rendering import render
 
@@ -264,6 +264,64 @@ def test_max_size_refines_a_large_image_at_the_render_sizes_of_a_small_one():
     assert resolve_max_size("auto", torch.device("cuda")) is None
 
 
+def test_enclosed_white_is_the_white_the_part_surrounds():
+    """A grey ring on white with a white highlight on it: the bore and the highlight are enclosed; the background
+    and a white notch cut into the ring from outside are not."""
+    image = torch.ones(3, 40, 40)
+    y, x = torch.meshgrid(torch.arange(40.0), torch.arange(40.0), indexing="ij")
+    radius = ((y - 20) ** 2 + (x - 20) ** 2).sqrt()
+    image[:, (radius < 15) & (radius >= 5)] = 0.4
+    image[:, 18:20, 30:33] = 1.0  # the highlight, on the ring
+    image[:, 19:21, 5:8] = 1.0  # a notch into the ring's outer edge
+    enclosed = enclosed_white(image)
+    bore = radius < 5
+    highlight = torch.zeros(40, 40, dtype=torch.bool)
+    highlight[18:20, 30:33] = True
+    assert torch.equal(enclosed, bore | highlight)
+    assert not enclosed[0, 0] and not enclosed[19, 6]
+
+
+def textured_plate(n: int = 48, half: float = 0.8) -> Gaussians:
+    """An opaque flat square of n x n small Gaussians of random colours in the plane z = 0: a crisp outline."""
+    rng = np.random.default_rng(0)
+    grid = np.linspace(-half, half, n)
+    x, y = np.meshgrid(grid, grid)
+    spacing = 2 * half / (n - 1)
+    return Gaussians(
+        means=torch.as_tensor(np.stack([x.ravel(), y.ravel(), np.zeros(n * n)], 1), dtype=torch.float32),
+        quats=torch.tensor([[1.0, 0.0, 0.0, 0.0]]).repeat(n * n, 1),
+        scales=torch.log(torch.tensor([[0.6 * spacing, 0.6 * spacing, 0.2 * spacing]])).repeat(n * n, 1),
+        opacities=torch.full((n * n,), 6.0),
+        sh0=rgb_to_sh0(torch.as_tensor(0.2 + 0.5 * rng.random((n * n, 3)), dtype=torch.float32))[:, None],
+        shN=torch.zeros(n * n, 0, 3),
+    )
+
+
+def test_enclosed_white_costs_nothing_and_changes_nothing_where_there_is_none():
+    """The query is a plate at its true pose with a patch inside it blown out to white. Read as background the
+    patch costs the true pose as much as the part covering the background would; read as unknown it costs
+    (about) nothing. A query without enclosed white refines to the same pose, to the last bit, under both settings."""
+    scene, truth = textured_plate(), camera()
+    clean = render(scene, torch.as_tensor(truth, dtype=torch.float32)[None], torch.as_tensor(K, dtype=torch.float32),
+                   SIZE, SIZE, backend="torch")[0].permute(2, 0, 1).clamp(0, 1)
+    blown = clean.clone()
+    blown[:, 25:37, 28:40] = 1.0  # inside the plate (rows 5-58, columns 10-58 of the image)
+    assert enclosed_white(clean).sum() == 0 and enclosed_white(blown)[25:37, 28:40].all()
+    start = perturbed(truth, degrees=1.5, shift=0.04)
+    loss, pose = {}, {}
+    for mode in ("background", "unknown"):
+        refiner = PoseRefiner(scene, K, SIZE, SIZE, OmegaConf.merge(default_refine_config(), {"enclosed_white": mode}),
+                              backend="torch")
+        finest = len(refiner.levels) - 1
+        (loss[mode, "clean"], loss[mode, "blown"]), = zip(*(refiner.losses_at(q, [truth], finest) for q in (clean, blown)))
+        pose[mode] = refiner.refine(clean, start).w2c
+    extra = {mode: loss[mode, "blown"] - loss[mode, "clean"] for mode in ("background", "unknown")}
+    assert extra["background"] > loss["background", "clean"]  # (the clean loss: the soft edge's outline term)
+    assert abs(extra["unknown"]) < 0.1 * extra["background"]  # (what is left: the blur mixes the patch's edge)
+    assert np.array_equal(pose["background"], pose["unknown"])
+    assert rotation_error_deg(pose["unknown"], truth) < 0.5 * rotation_error_deg(start, truth)
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="refine.loss='ncc' is unknown"):
         check_refine_config(refine_cfg(loss="ncc"))
@@ -285,6 +343,8 @@ def test_config_errors_name_the_key():
         check_refine_config(refine_cfg(stop_patience=-1))
     with pytest.raises(ValueError, match="refine.max_size must be auto, null .* or a number of px >= 16"):
         check_refine_config(refine_cfg(max_size=8))
+    with pytest.raises(ValueError, match="refine.enclosed_white='part' is unknown"):
+        check_refine_config(refine_cfg(enclosed_white="part"))
     with pytest.raises(ValueError, match="refine.bench.rounds must be >= 1"):
         check_refine_config(refine_cfg(bench={"enabled": True, "rounds": 0}))
     with pytest.raises(ValueError, match="refine.loss=feature needs a scorer with a backbone"):

@@ -14,7 +14,9 @@ Starting from the PnP pose, :class:`PoseRefiner` optimises an SE(3) increment
   difference of the rendered alpha and the query's object mask, per query object pixel: the outline
   pulls a pose towards the object where colours are flat. (Alpha suits opaque objects; a scene of
   scattered translucent Gaussians leaves alpha low where the query's mask is set, and this term then
-  pulls the camera closer.)
+  pulls the camera closer.) With ``enclosed_white: unknown`` white pixels the part encloses weigh 0
+  (:func:`enclosed_white`: a hole or a highlight blown out to the background's white cannot be told
+  apart; left as background, a blown-out highlight pulls the pose off itself).
 
 The increment is ``xi = (translation / d, rotation)`` with ``d`` the camera's distance to the scene
 (median depth of the Gaussians): a unit of either moves the image by about the same amount, so the
@@ -63,6 +65,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig
+from scipy import ndimage
 from torch import Tensor
 from torchvision.transforms.v2.functional import gaussian_blur
 
@@ -76,6 +79,7 @@ from splatpose.splat.torch_rasterizer import gaussian_colors, world_covariances
 
 REFINE_LOSSES = ("l1", "l1_ssim", "feature", "l1_silhouette")
 REFINE_OPTIMIZERS = ("lbfgs", "adam")
+ENCLOSED_WHITE = ("background", "unknown")
 ROTATION_CENTRES = ("camera", "object")
 GRADIENTS = ("auto", "autograd", "differences")
 # Central differences step each increment variable by what moves the object's outline about this many
@@ -88,6 +92,19 @@ CPU_MAX_SIZE = 200
 ADAM_FINAL_LR_FRACTION = 0.05
 # A query pixel darker than this in some channel is object, not white background.
 BACKGROUND_LEVEL = 0.98
+
+
+def enclosed_white(image: Tensor) -> Tensor:
+    """[3, H, W] in [0, 1] -> bool [H, W] (on the CPU): the white pixels (every channel at least
+    :data:`BACKGROUND_LEVEL`) that no path of white pixels (4-connected) joins to the image's border.
+
+    A part photographed on white shows the background as white that reaches the border. White enclosed by the
+    part is either background seen through a hole or the part's own highlight blown out to the background's
+    white, and the colour cannot tell which (``refine.enclosed_white``)."""
+    white = (image >= BACKGROUND_LEVEL).all(dim=0).cpu().numpy()
+    labels, _ = ndimage.label(white)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    return torch.from_numpy(white & ~np.isin(labels, border))
 
 
 class LevelSettings(NamedTuple):
@@ -225,6 +242,9 @@ def check_refine_config(cfg: DictConfig) -> None:
     if (rounds is not None and int(rounds) < 1) or (settle_deg is not None and float(settle_deg) < 0):
         raise ValueError(f"refine.bench.rounds must be >= 1 (1: refine once) and refine.bench.settle_deg >= 0, got "
                          f"{bench.get('rounds')} and {bench.get('settle_deg')}")
+    if cfg.get("enclosed_white", "background") not in ENCLOSED_WHITE:
+        raise ValueError(f"refine.enclosed_white={cfg.enclosed_white!r} is unknown; choose one of "
+                         f"{', '.join(ENCLOSED_WHITE)}")
     symmetry = cfg.get("symmetry") or {}
     span, step = symmetry.get("polish_span_deg"), symmetry.get("polish_step_deg")
     if span is not None and not (float(span) >= 0 and step is not None and float(step) > 0):
@@ -313,19 +333,19 @@ class PoseRefiner:
         """The loss of level ``level`` (an index into the configured levels) at each pose [4, 4] against
         ``query`` [3, H, W], without optimising: what that level's ``loss_end`` would be there."""
         settings = self.levels[level]
-        target, target_mask = self._target(query, settings)
+        target, target_mask, known = self._target(query, settings)
         losses = []
         with torch.no_grad():
             for w2c in poses:
                 rgb, alpha = self._blurred(settings, *self._render(
                     torch.as_tensor(w2c, dtype=torch.float64, device=self.device), settings))
                 region = target_mask if settings.loss == "l1_silhouette" else self._object_region(target, alpha)
-                losses.append(float(self._loss(rgb, alpha, target, region, settings.loss)))
+                losses.append(float(self._loss(rgb, alpha, target, region, settings.loss, known)))
         return losses
 
     def _refine_level(self, query: Tensor, w2c: np.ndarray, level: _Level) -> Refinement:
         start_time = time.perf_counter()
-        target, target_mask = self._target(query, level)
+        target, target_mask, known = self._target(query, level)
         w2c_start = torch.as_tensor(w2c, dtype=torch.float64, device=self.device)
         # The optimiser's variable is the increment / first_step: L-BFGS's first step (steepest descent, at
         # most 1 in L1 norm of its variable) then moves the pose by at most first_step; later steps follow
@@ -360,13 +380,13 @@ class PoseRefiner:
             if probes is None:
                 pose = pose_of(u)
                 rgb, alpha = self._blurred(level, *self._render(pose, level, colours))
-                loss = self._loss(rgb, alpha, target, region_of(alpha), level.loss)
+                loss = self._loss(rgb, alpha, target, region_of(alpha), level.loss, known)
                 loss.backward()
             else:
                 with torch.no_grad():
                     poses = torch.func.vmap(pose_of)(u.detach() + probes)
                     rgb, alpha = self._blurred(level, *self._render(poses, level, colours))
-                    losses = self._losses(rgb, alpha, target, region_of(alpha[:1]), level.loss).double()
+                    losses = self._losses(rgb, alpha, target, region_of(alpha[:1]), level.loss, known).double()
                     u.grad = (losses[1:7] - losses[7:]) / (2 * probes[1:7].diagonal())
                 pose, loss = poses[0], losses[0]
             value = float(loss.detach())
@@ -400,7 +420,7 @@ class PoseRefiner:
                     decay.step()
                 with torch.no_grad():  # the pose after the last step has not been scored yet
                     evaluate_last = float(self._loss(*self._blurred(level, *self._render(pose_of(u), level, colours)), target,
-                                                     state["region"], level.loss))
+                                                     state["region"], level.loss, known))
                 if evaluate_last < state["best"] or not self.cfg.keep_best:
                     state["best"], state["best_w2c"] = evaluate_last, pose_of(u).detach()
         refined = state["best_w2c"].cpu().numpy()
@@ -408,17 +428,28 @@ class PoseRefiner:
                           rotation_change_deg=rotation_error_deg(w2c, refined),
                           center_change=center_error(w2c, refined), seconds=time.perf_counter() - start_time)
 
-    def _target(self, query: Tensor, level: _Level) -> tuple[Tensor, Tensor]:
-        """[3, H, W] -> the image [1, 3, h, w] and its object mask [1, 1, h, w] at the refinement
-        resolution, both blurred alike."""
+    def _target(self, query: Tensor, level: _Level) -> tuple[Tensor, Tensor, Tensor | None]:
+        """[3, H, W] -> the image [1, 3, h, w], its object mask [1, 1, h, w] and the weight [1, 1, h, w] of
+        each pixel in ``l1_silhouette`` at the refinement resolution, all blurred alike. The weight is None
+        (every pixel counts) unless ``enclosed_white: unknown`` and the query has enclosed white
+        (:func:`enclosed_white`), which then weighs 0."""
         # Contiguous: a permuted view would change the loss's summation order, and L-BFGS amplifies
         # such last-bit differences, so the same image must give the same pose in every caller.
         target = query[None].to(self.device, torch.float32).contiguous()
+        unknown = None
+        if self.cfg.get("enclosed_white", "background") == "unknown":
+            unknown = enclosed_white(query)
+            unknown = unknown[None, None].to(self.device, torch.float32) if unknown.any() else None
         if target.shape[-2:] != (level.height, level.width):
-            target = F.interpolate(target, size=(level.height, level.width), mode="bilinear", antialias=True,
-                                   align_corners=False)
+            size = (level.height, level.width)
+            target = F.interpolate(target, size=size, mode="bilinear", antialias=True, align_corners=False)
+            if unknown is not None:
+                unknown = F.interpolate(unknown, size=size, mode="bilinear", antialias=True, align_corners=False)
         mask = (target < BACKGROUND_LEVEL).any(dim=1, keepdim=True).float()
-        return self._blurred(level, target, mask)
+        if unknown is None:
+            return *self._blurred(level, target, mask), None
+        target, mask, unknown = self._blurred(level, target, mask, unknown)
+        return target, mask, 1.0 - unknown
 
     @staticmethod
     def _blurred(level: _Level, *images: Tensor) -> Tensor | tuple[Tensor, ...]:
@@ -491,21 +522,30 @@ class PoseRefiner:
         foreground = (target < BACKGROUND_LEVEL).any(dim=1, keepdim=True)
         return (foreground | (alpha > 0.5)).float()
 
-    def _losses(self, rgb: Tensor, alpha: Tensor, target: Tensor, region: Tensor, loss: str) -> Tensor:
+    def _losses(self, rgb: Tensor, alpha: Tensor, target: Tensor, region: Tensor, loss: str,
+                known: Tensor | None = None) -> Tensor:
         """:meth:`_loss` of each of B renders (rgb [B, 3, h, w], alpha [B, 1, h, w]) against one target: [B]."""
         if loss == "l1_silhouette":
             area = region.sum().clamp(min=1.0)
-            colour = (rgb - target).abs().flatten(1).sum(1) / (3 * area)
-            return colour + float(self.cfg.silhouette_weight) * (alpha - region).square().flatten(1).sum(1) / area
+            colour, outline = (rgb - target).abs(), (alpha - region).square()
+            if known is not None:
+                colour, outline = colour * known, outline * known
+            return colour.flatten(1).sum(1) / (3 * area) + \
+                float(self.cfg.silhouette_weight) * outline.flatten(1).sum(1) / area
         return torch.stack([self._loss(rgb[i:i + 1], alpha[i:i + 1], target, region, loss) for i in range(len(rgb))])
 
-    def _loss(self, rgb: Tensor, alpha: Tensor, target: Tensor, region: Tensor, loss: str) -> Tensor:
+    def _loss(self, rgb: Tensor, alpha: Tensor, target: Tensor, region: Tensor, loss: str,
+              known: Tensor | None = None) -> Tensor:
+        """The loss of one render (rgb [1, 3, h, w], alpha [1, 1, h, w]) against the target: a scalar. ``known``
+        [1, 1, h, w] (``l1_silhouette`` only): each pixel's weight (None: every pixel 1)."""
         if loss == "l1_silhouette":
             # region: the query's object mask. Normalised by its area, fixed for the query, so losses
             # compare across poses and levels.
             area = region.sum().clamp(min=1.0)
-            colour = (rgb - target).abs().sum() / (3 * area)
-            return colour + float(self.cfg.silhouette_weight) * (alpha - region).square().sum() / area
+            colour, outline = (rgb - target).abs(), (alpha - region).square()
+            if known is not None:
+                colour, outline = colour * known, outline * known
+            return colour.sum() / (3 * area) + float(self.cfg.silhouette_weight) * outline.sum() / area
         if loss == "feature":
             images = self.scorer.prepare(torch.cat([rgb, target]))
             features = self.scorer.backbone(images)

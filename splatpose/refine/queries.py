@@ -158,7 +158,8 @@ class PoseSettler:
             self._recovery = PoseRecovery(self.gaussians, self.K, self.width, self.height, views,
                                           self.cfg.recovery, backend=self.backend,
                                           gradients=self.cfg.get("gradients", "auto"),
-                                          max_size=self.cfg.get("max_size"))
+                                          max_size=self.cfg.get("max_size"),
+                                          enclosed_white=self.cfg.get("enclosed_white", "background"))
         return self._recovery
 
     @property

@@ -334,16 +334,16 @@ class PoseRecovery:
         reference: the reference views at search resolution.
         cfg: the ``refine.recovery`` node (rolls, colour_weight, screen_views, levels, and per level
             hypotheses, steps, blur; silhouette_weight, min_iou, max_l1).
-        backend: renderer backend; gradients, max_size: the PoseRefiner's (``refine.gradients``,
-            ``refine.max_size``).
+        backend: renderer backend; gradients, max_size, enclosed_white: the PoseRefiner's (``refine.gradients``,
+            ``refine.max_size``, ``refine.enclosed_white``).
     """
 
     def __init__(self, gaussians: Gaussians, K: np.ndarray, width: int, height: int,
                  reference: SearchViews, cfg: DictConfig, backend: str = "auto", gradients: str = "auto",
-                 max_size: int | str | None = None):
+                 max_size: int | str | None = None, enclosed_white: str = "background"):
         self.gaussians, self.K, self.width, self.height = gaussians, np.asarray(K, np.float64), width, height
         self.reference, self.cfg, self.backend = reference, cfg, backend
-        self.gradients, self.max_size = gradients, max_size
+        self.gradients, self.max_size, self.enclosed_white = gradients, max_size, enclosed_white
         if len(cfg.hypotheses) != len(cfg.levels):
             raise ValueError(f"refine.recovery.hypotheses has {len(cfg.hypotheses)} entries for "
                              f"{len(cfg.levels)} levels ({list(cfg.levels)}); give one per level")
@@ -410,7 +410,8 @@ class PoseRecovery:
             "enabled": True, "optimizer": "lbfgs", "lr": 1.0, "loss": "l1_silhouette",
             "silhouette_weight": float(cfg.silhouette_weight), "ssim_weight": 0.0, "keep_best": True,
             "levels": list(cfg.levels), "steps": list(cfg.steps), "blur": list(cfg.blur),
-            "gradients": self.gradients, "max_size": self.max_size, **search}), backend=self.backend)
+            "gradients": self.gradients, "max_size": self.max_size, "enclosed_white": self.enclosed_white,
+            **search}), backend=self.backend)
 
     def _pose_of(self, hypothesis: Hypothesis, centroid_query: np.ndarray) -> np.ndarray:
         w2c_ref = self.reference.w2c[hypothesis.view]

@@ -53,7 +53,8 @@ def main() -> None:
     reference = make_search_views(gaussians, data.K, data.width, data.height, data.train_w2c, cfg.recovery, backend)
     print(f"{len(reference.w2c)} search views rendered in {time.perf_counter() - start:.1f} s")
     recovery = PoseRecovery(gaussians, data.K, data.width, data.height, reference, cfg.recovery, backend=backend,
-                            gradients=cfg.get("gradients", "auto"), max_size=cfg.get("max_size"))  # as the refine stage
+                            gradients=cfg.get("gradients", "auto"), max_size=cfg.get("max_size"),
+                            enclosed_white=cfg.get("enclosed_white", "background"))  # as the refine stage
     final_poses = json.loads((Path(results["stage_dirs"]["refine"]) / "refined_poses.json").read_text()) \
         if (Path(results["stage_dirs"]["refine"]) / "refined_poses.json").exists() else []
     final = {e["name"]: np.asarray(e["w2c"]) for e in final_poses}
@@ -69,7 +70,7 @@ def main() -> None:
         if test.name in final:
             row["run_pose"] = {"rotation_error_deg": rotation_error_deg(final[test.name], truth),
                                **alignment_confidence(gaussians, final[test.name], query, data.K,
-                                                      recovery.backend).summary()}
+                                                      recovery.backend, recovery.enclosed_white).summary()}
         rows.append(row)
         print(json.dumps(row))
     controls = {"blank": np.ones_like(read_image(data.test[0].path))}

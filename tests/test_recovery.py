@@ -13,11 +13,11 @@ from omegaconf import OmegaConf
 
 from splatpose.data.cameras import center_error, rotation_error_deg
 from splatpose.refine.queries import default_refine_config
-from splatpose.refine.recovery import (PoseRecovery, foreground_mask, orbit_views, pose_from_similarity,
+from splatpose.refine.recovery import (PoseRecovery, alignment_confidence, foreground_mask, orbit_views, pose_from_similarity,
                                        render_search_views, screened_search, search_similarities,
                                        silhouette_moments, SCREEN_FACTOR)
 from splatpose.splat.rendering import render
-from test_refine import K, SIZE, camera, random_scene
+from test_refine import K, SIZE, camera, random_scene, textured_plate
 
 
 def rolled(w2c: np.ndarray, degrees: float) -> np.ndarray:
@@ -148,6 +148,23 @@ def test_recovery_on_cuda_takes_a_query_on_the_gpu():
     result = recovery.recover(query.cuda())
     assert result.accepted, result.summary()
     assert rotation_error_deg(result.w2c, truth) < 1.0, result.summary()
+
+
+def test_a_blown_out_highlight_lowers_the_alignment_only_while_enclosed_white_counts_as_background():
+    """The plate at its true pose with a patch inside it blown out to white: read as background the patch leaves
+    the render's silhouette uncovered by the query's and adds its colour difference; read as unknown
+    (``refine.enclosed_white``) the pose lines up as well as on the clean query."""
+    scene, truth = textured_plate(), camera()
+    clean = torch.as_tensor(shot(scene, truth)).permute(2, 0, 1)
+    blown = clean.clone()
+    blown[:, 25:37, 28:40] = 1.0
+    on_clean = alignment_confidence(scene, truth, clean, K, "torch")
+    as_background = alignment_confidence(scene, truth, blown, K, "torch")
+    as_unknown = alignment_confidence(scene, truth, blown, K, "torch", enclosed_white="unknown")
+    assert on_clean.iou > 0.95 and as_background.iou < on_clean.iou - 0.05
+    assert as_background.l1 > on_clean.l1 + 0.02
+    assert abs(as_unknown.iou - on_clean.iou) < 0.01 and as_unknown.l1 < on_clean.l1 + 0.005
+    assert alignment_confidence(scene, truth, clean, K, "torch", enclosed_white="unknown") == on_clean
 
 
 def test_blank_and_foreign_images_are_not_recovered():

@@ -14,7 +14,7 @@ from scipy.spatial.transform import Rotation
 
 from splatpose.data.cameras import center_error, rotation_error_deg
 from splatpose.refine import PoseRefiner, apply_increment, check_refine_config, default_refine_config, se3_exp
-from splatpose.refine.pose_refinement import CPU_MAX_SIZE, enclosed_white, resolve_max_size
+from splatpose.refine.pose_refinement import CPU_MAX_SIZE, enclosed_white_mask, resolve_max_size
 from splatpose.splat.gaussians import Gaussians, rgb_to_sh0
 from splatpose.splat.rendering import render
 
@@ -273,7 +273,7 @@ def test_enclosed_white_is_the_white_the_part_surrounds():
     image[:, (radius < 15) & (radius >= 5)] = 0.4
     image[:, 18:20, 30:33] = 1.0  # the highlight, on the ring
     image[:, 19:21, 5:8] = 1.0  # a notch into the ring's outer edge
-    enclosed = enclosed_white(image)
+    enclosed = enclosed_white_mask(image)
     bore = radius < 5
     highlight = torch.zeros(40, 40, dtype=torch.bool)
     highlight[18:20, 30:33] = True
@@ -306,7 +306,7 @@ def test_enclosed_white_costs_nothing_and_changes_nothing_where_there_is_none():
                    SIZE, SIZE, backend="torch")[0].permute(2, 0, 1).clamp(0, 1)
     blown = clean.clone()
     blown[:, 25:37, 28:40] = 1.0  # inside the plate (rows 5-58, columns 10-58 of the image)
-    assert enclosed_white(clean).sum() == 0 and enclosed_white(blown)[25:37, 28:40].all()
+    assert enclosed_white_mask(clean).sum() == 0 and enclosed_white_mask(blown)[25:37, 28:40].all()
     start = perturbed(truth, degrees=1.5, shift=0.04)
     loss, pose = {}, {}
     for mode in ("background", "unknown"):

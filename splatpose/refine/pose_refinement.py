@@ -15,7 +15,7 @@ Starting from the PnP pose, :class:`PoseRefiner` optimises an SE(3) increment
   pulls a pose towards the object where colours are flat. (Alpha suits opaque objects; a scene of
   scattered translucent Gaussians leaves alpha low where the query's mask is set, and this term then
   pulls the camera closer.) With ``enclosed_white: unknown`` white pixels the part encloses weigh 0
-  (:func:`enclosed_white`: a hole or a highlight blown out to the background's white cannot be told
+  (:func:`enclosed_white_mask`: a hole or a highlight blown out to the background's white cannot be told
   apart; left as background, a blown-out highlight pulls the pose off itself).
 
 The increment is ``xi = (translation / d, rotation)`` with ``d`` the camera's distance to the scene
@@ -94,7 +94,7 @@ ADAM_FINAL_LR_FRACTION = 0.05
 BACKGROUND_LEVEL = 0.98
 
 
-def enclosed_white(image: Tensor) -> Tensor:
+def enclosed_white_mask(image: Tensor) -> Tensor:
     """[3, H, W] in [0, 1] -> bool [H, W] (on the CPU): the white pixels (every channel at least
     :data:`BACKGROUND_LEVEL`) that no path of white pixels (4-connected) joins to the image's border.
 
@@ -432,13 +432,13 @@ class PoseRefiner:
         """[3, H, W] -> the image [1, 3, h, w], its object mask [1, 1, h, w] and the weight [1, 1, h, w] of
         each pixel in ``l1_silhouette`` at the refinement resolution, all blurred alike. The weight is None
         (every pixel counts) unless ``enclosed_white: unknown`` and the query has enclosed white
-        (:func:`enclosed_white`), which then weighs 0."""
+        (:func:`enclosed_white_mask`), which then weighs 0."""
         # Contiguous: a permuted view would change the loss's summation order, and L-BFGS amplifies
         # such last-bit differences, so the same image must give the same pose in every caller.
         target = query[None].to(self.device, torch.float32).contiguous()
         unknown = None
         if self.cfg.get("enclosed_white", "background") == "unknown":
-            unknown = enclosed_white(query)
+            unknown = enclosed_white_mask(query)
             unknown = unknown[None, None].to(self.device, torch.float32) if unknown.any() else None
         if target.shape[-2:] != (level.height, level.width):
             size = (level.height, level.width)

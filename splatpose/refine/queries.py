@@ -363,7 +363,8 @@ class PoseSettler:
         return refinement, query
 
     def _confidence(self, w2c: np.ndarray, query: torch.Tensor) -> Confidence:
-        return alignment_confidence(self.gaussians, w2c, query, self.K, self.backend)
+        return alignment_confidence(self.gaussians, w2c, query, self.K, self.backend,
+                                    self.cfg.get("enclosed_white", "background"))
 
     def _accepted(self, confidence: Confidence) -> bool:
         return confidence.accepted(float(self.cfg.recovery.min_iou), float(self.cfg.recovery.max_l1))

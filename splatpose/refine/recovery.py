@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from splatpose.refine.pose_refinement import BACKGROUND_LEVEL, PoseRefiner
+from splatpose.refine.pose_refinement import BACKGROUND_LEVEL, PoseRefiner, enclosed_white_mask
 from splatpose.splat.gaussians import Gaussians
 from splatpose.splat.rendering import render
 
@@ -275,8 +275,12 @@ class Confidence:
         return {"iou": round(self.iou, 5), "l1": round(self.l1, 5)}
 
 
-def alignment_confidence(gaussians: Gaussians, w2c: np.ndarray, query: Tensor, K: np.ndarray, backend: str) -> Confidence:
-    """Render at ``w2c`` [4, 4] and compare with ``query`` [3, H, W] (see :class:`Confidence`)."""
+def alignment_confidence(gaussians: Gaussians, w2c: np.ndarray, query: Tensor, K: np.ndarray, backend: str,
+                         enclosed_white: str = "background") -> Confidence:
+    """Render at ``w2c`` [4, 4] and compare with ``query`` [3, H, W] (see :class:`Confidence`). With
+    ``enclosed_white: unknown`` (``refine.enclosed_white``) the white the query's part encloses
+    (:func:`~splatpose.refine.pose_refinement.enclosed_white_mask`: a hole, or a highlight blown out to white)
+    counts in neither silhouette nor the colour difference, as in the refinement's loss."""
     device = gaussians.means.device
     height, width = query.shape[-2:]
     with torch.no_grad():
@@ -285,7 +289,11 @@ def alignment_confidence(gaussians: Gaussians, w2c: np.ndarray, query: Tensor, K
     rgb, target = rgb[0].permute(2, 0, 1).clamp(0, 1).cpu(), query.float().cpu()
     # one rule for both silhouettes (not alpha > 0.5 for the render), so soft edges count alike
     rendered, observed = foreground_mask(rgb) > 0.5, foreground_mask(target) > 0.5
-    union = (rendered | observed).float()
+    union = rendered | observed
+    if enclosed_white == "unknown":
+        known = ~enclosed_white_mask(target)
+        rendered, union = rendered & known, union & known
+    union = union.float()
     iou = float((rendered & observed).sum()) / max(float(union.sum()), 1.0)
     l1 = float(((rgb - target).abs().mean(dim=0, keepdim=True) * union).sum()) / max(float(union.sum()), 1.0)
     return Confidence(iou, l1)
@@ -395,7 +403,7 @@ class PoseRecovery:
                               for view, w2c in candidates[:int(keep)]), key=lambda item: item[1].loss_end)
             candidates = [(view, result.w2c) for view, result in refined]
         view, w2c = candidates[0]
-        confidence = alignment_confidence(self.gaussians, w2c, query, self.K, self.backend)
+        confidence = alignment_confidence(self.gaussians, w2c, query, self.K, self.backend, self.enclosed_white)
         accepted = confidence.accepted(float(self.cfg.min_iou), float(self.cfg.max_l1))
         return Recovery(w2c, confidence, accepted, view, len(starts), 0.0, search)
 

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from scipy import ndimage
 
@@ -14,6 +15,7 @@ from splatpose.data.mad_sim import DEFECT_TYPES
 from splatpose.data.offscreen import LIGHTINGS, OffscreenRenderer
 from splatpose.data.synthetic import build_object, ensure_synthetic_dataset, make_settings, render_defect_view
 from splatpose.data.synthetic_scene import MESHES
+from splatpose.refine.pose_refinement import enclosed_white_mask
 
 CLASS = "01Ant"
 
@@ -184,3 +186,26 @@ def test_the_shiny_nut_blows_its_top_face_out_to_white_where_the_matte_one_shows
             rgb, part = renderer.render_rgb(mesh, c2w), renderer.render_coverage(mesh, c2w) == 1
         white_share[name] = ((rgb.min(axis=-1) >= 250) & part).sum() / part.sum()
     assert white_share["13ShinyNut"] > 0.05 and white_share["05PlainNut"] == 0.0, white_share
+
+
+def test_the_shiny_brackets_highlight_runs_to_its_outline_where_the_shiny_nuts_is_enclosed():
+    """14ShinyBracket's look: seen from where the key light mirrors off its base plate, part of the part is as white
+    as the background and that white joins the background's (the trait it stands in for: no rule built on the
+    white's connection to the image's border finds it), while 13ShinyNut's darker rim encloses its white."""
+    settings = make_settings("tiny")
+    key = np.asarray(LIGHTINGS["two_lights"]["lights"][0][0], dtype=np.float64)
+    key /= np.linalg.norm(key)
+    mirror = 2 * key[2] * np.array([0.0, 0.0, 1.0]) - key  # the key light reflected about the horizontal faces
+    c2w = look_at_opengl_c2w(settings.train_distance * mirror, np.zeros(3), np.array([0.0, 0.0, 1.0]))
+    white_share, enclosed_share = {}, {}
+    for name in ("14ShinyBracket", "13ShinyNut"):
+        mesh, _, _ = build_object(settings, name)
+        with OffscreenRenderer(settings.width, settings.height, settings.camera_angle_x, settings.supersample,
+                               specular=MESHES[name].specular) as renderer:
+            rgb, part = renderer.render_rgb(mesh, c2w), renderer.render_coverage(mesh, c2w) == 1
+        white = (rgb.min(axis=-1) >= 250) & part
+        enclosed = enclosed_white_mask(torch.from_numpy(rgb).permute(2, 0, 1) / 255.0).numpy()
+        white_share[name] = white.sum() / part.sum()
+        enclosed_share[name] = (white & enclosed).sum() / max(white.sum(), 1)
+    assert white_share["14ShinyBracket"] > 0.05 and white_share["13ShinyNut"] > 0.05, white_share
+    assert enclosed_share["14ShinyBracket"] < 0.1 and enclosed_share["13ShinyNut"] > 0.9, enclosed_share

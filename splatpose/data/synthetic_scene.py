@@ -71,6 +71,20 @@ def knob() -> pv.PolyData:
     return pv.PolyData(merged.points, merged.faces)
 
 
+def bracket() -> pv.PolyData:
+    """An angle bracket: a flat base plate and an upright plate along one of its short edges, joined by a
+    triangular gusset. Flat faces under a strong sheen blow out over whole regions that run to the part's
+    outline, so the white of a highlight joins the background's (the tuning analogue of the held-out family's
+    bent metal bracket; see experiments/PROTOCOL.md)."""
+    base = pv.Box(bounds=(-0.6, 0.6, -0.35, 0.35, -0.3, -0.24), level=3)
+    upright = pv.Box(bounds=(0.54, 0.6, -0.35, 0.35, -0.24, 0.45), level=3)
+    gusset = pv.PolyData(np.array([[0.54, -0.03, -0.24], [0.1, -0.03, -0.24], [0.54, -0.03, 0.2],
+                                   [0.54, 0.03, -0.24], [0.1, 0.03, -0.24], [0.54, 0.03, 0.2]]),
+                         faces=np.array([3, 0, 1, 2, 3, 3, 5, 4, 4, 0, 3, 4, 1, 4, 1, 4, 5, 2, 4, 2, 5, 3, 0]))
+    merged = (base.triangulate() + upright.triangulate() + gusset.triangulate()).clean()
+    return pv.PolyData(merged.points, merged.faces)
+
+
 # Class name -> mesh. Numbered like MAD-Sim's classes. Only meshes that load offline are listed.
 MESHES: dict[str, MeshSource] = {
     "01Ant": MeshSource(examples.load_ant, (("x", 90.0),)),
@@ -103,6 +117,10 @@ MESHES: dict[str, MeshSource] = {
     # slowly with the view) render it darker there (the tuning analogue of the held-out family's blown-out
     # metal, PROTOCOL.md twenty-third decision)
     "13ShinyNut": MeshSource(examples.load_nut, (("x", 90.0),), regions=2, specular=1.0),
+    # a metal angle bracket in one colour with the same sheen: its flat plates blow out to white in regions that
+    # reach the outline, where no rule built on the white's connection to the border can tell them from the
+    # background (the held-out bracket's large misses, PROTOCOL.md twenty-fifth observations)
+    "14ShinyBracket": MeshSource(bracket, regions=1, specular=1.0),
 }
 
 

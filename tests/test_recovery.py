@@ -12,10 +12,11 @@ import torch
 from omegaconf import OmegaConf
 
 from splatpose.data.cameras import center_error, rotation_error_deg
+from splatpose.refine.pose_refinement import PoseRefiner
 from splatpose.refine.queries import default_refine_config
-from splatpose.refine.recovery import (PoseRecovery, alignment_confidence, foreground_mask, orbit_views, pose_from_similarity,
-                                       render_search_views, screened_search, search_similarities,
-                                       silhouette_moments, SCREEN_FACTOR)
+from splatpose.refine.recovery import (PoseRecovery, alignment_confidence, foreground_mask, orbit_views,
+                                       pose_from_similarity, render_search_views, screened_search,
+                                       search_similarities, silhouette_moments, SCREEN_FACTOR)
 from splatpose.splat.rendering import render
 from test_refine import K, SIZE, camera, random_scene, textured_plate
 
@@ -165,6 +166,26 @@ def test_a_blown_out_highlight_lowers_the_alignment_only_while_enclosed_white_co
     assert as_background.l1 > on_clean.l1 + 0.02
     assert abs(as_unknown.iou - on_clean.iou) < 0.01 and as_unknown.l1 < on_clean.l1 + 0.005
     assert alignment_confidence(scene, truth, clean, K, "torch", enclosed_white="unknown") == on_clean
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_enclosed_white_reads_as_unknown_on_cuda_as_on_the_cpu():
+    """The plate with a blown-out patch, its query and splats on the GPU (the enclosed white is found on the host):
+    the refinement's loss at the truth and the alignment check come out as on the CPU."""
+    scene, truth = textured_plate(), camera()
+    blown = torch.as_tensor(shot(scene, truth)).permute(2, 0, 1)
+    blown[:, 25:37, 28:40] = 1.0
+    cfg = OmegaConf.merge(default_refine_config(), {"enclosed_white": "unknown"})
+    read = {}
+    for device, backend in (("cpu", "torch"), ("cuda", "gsplat")):
+        on_device = scene.to(device)
+        refiner = PoseRefiner(on_device, K, SIZE, SIZE, cfg, backend=backend)
+        loss = refiner.losses_at(blown.to(device), [truth], len(refiner.levels) - 1)[0]
+        read[device] = loss, alignment_confidence(on_device, truth, blown.to(device), K, backend, "unknown")
+    assert read["cuda"][0] == pytest.approx(read["cpu"][0], rel=0.05)
+    assert read["cuda"][1].iou == pytest.approx(read["cpu"][1].iou, abs=0.01)
+    assert read["cuda"][1].l1 == pytest.approx(read["cpu"][1].l1, abs=0.005)
 
 
 def test_blank_and_foreign_images_are_not_recovered():

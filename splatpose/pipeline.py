@@ -398,11 +398,13 @@ def localization_summary(data: ClassData, poses: list[QueryPose]) -> dict:
 
 def final_pose_summary(data: ClassData, refined: list[RefinedPose]) -> dict:
     """The final poses: how each was found (path), how well it lines up, at what cost, and (with true
-    test poses) its errors. ``success_rate`` counts the queries whose final pose lines up (path "pnp" or
-    "recovered"); ``within_1deg_rate`` counts every query, failed ones included."""
+    test poses) its errors. ``success_rate`` counts the localized queries (path "pnp" or "recovered");
+    ``not_lined_up`` the PnP poses among them kept although neither they nor the recovery lined up
+    (:attr:`RefinedPose.lines_up`: their maps are doubtful); ``within_1deg_rate`` counts every query, failed
+    ones included."""
     per_query = {}
     for pose in refined:
-        entry = {"path": pose.path, "refined": pose.refined, **(pose.refinement or {})}
+        entry = {"path": pose.path, "lines_up": pose.lines_up, "refined": pose.refined, **(pose.refinement or {})}
         if pose.confidence:
             entry["confidence"] = pose.confidence
         if pose.recovery:
@@ -430,6 +432,7 @@ def final_pose_summary(data: ClassData, refined: list[RefinedPose]) -> dict:
     summary = {"num_refined": len(done), "per_query": per_query,
                "paths": {path: sum(p.path == path for p in refined) for path in POSE_PATHS},
                "success_rate": sum(p.localized for p in refined) / max(len(refined), 1),
+               "not_lined_up": sum(p.localized and not p.lines_up for p in refined),
                "median_seconds": float(np.median([e["seconds"] for e in done])) if done else 0.0,
                "median_recovery_seconds": float(np.median(recovered)) if recovered else 0.0,
                "symmetry_switched": sum(bool(p.symmetry and p.symmetry["switched"]) for p in refined),
@@ -548,10 +551,10 @@ def score_and_evaluate(cfg: DictConfig, data: ClassData, renders: np.ndarray, lo
 
 
 def write_per_image_csv(path: Path, evaluation: Evaluation, localization: dict, final_poses: dict) -> None:
-    """One row per test image: label, score, PnP localization, and the final pose (path, IoU, whether a
-    near-symmetric turn replaced it, whether a second opinion was asked and replaced it, errors)."""
+    """One row per test image: label, score, PnP localization, and the final pose (path, whether it lines up,
+    IoU, whether a near-symmetric turn replaced it, whether a second opinion was asked and replaced it, errors)."""
     fields = ["name", "defect", "label", "score", "localized", "fallback", "num_inliers",
-              "rotation_error_deg", "center_error_rel", "pose_path", "iou", "turned", "second_opinion",
+              "rotation_error_deg", "center_error_rel", "pose_path", "lines_up", "iou", "turned", "second_opinion",
               "refined", "final_rotation_error_deg", "final_center_error_rel"]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
@@ -565,7 +568,8 @@ def write_per_image_csv(path: Path, evaluation: Evaluation, localization: dict, 
                              "num_inliers": q.get("num_inliers"),
                              "rotation_error_deg": q.get("rotation_error_deg", ""),
                              "center_error_rel": q.get("center_error_rel", ""),
-                             "pose_path": r.get("path", ""), "iou": (r.get("confidence") or {}).get("iou", ""),
+                             "pose_path": r.get("path", ""), "lines_up": r.get("lines_up", ""),
+                             "iou": (r.get("confidence") or {}).get("iou", ""),
                              "turned": (r.get("symmetry") or {}).get("switched", ""),
                              "second_opinion": (r.get("second_opinion") or {}).get("replaced", ""),
                              "refined": r.get("refined", False),

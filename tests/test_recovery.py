@@ -215,6 +215,23 @@ def second_opinion_settler(scene, min_inliers=None):
     return PoseSettler(scene, K, SIZE, SIZE, cfg, db_w2c, backend="torch")
 
 
+def test_a_pnp_pose_that_nothing_lines_up_with_is_kept_but_says_so():
+    """PnP's pose for an image of another object: neither it (refined) nor anything the recovery finds lines up,
+    so the PnP pose is kept (its inliers are the best evidence there is) and the result says it does not line
+    up; the same settler on an image of the scene at that pose says it does."""
+    from splatpose.sfm.localization import QueryPose
+
+    scene = random_scene(n=1500)
+    settler = second_opinion_settler(scene)
+    pose = camera(yaw_deg=30.0)
+    own = torch.as_tensor(shot(scene, pose)).permute(2, 0, 1)
+    foreign = torch.as_tensor(shot(random_scene(n=150, seed=7), pose)).permute(2, 0, 1)
+    for query, lines_up in ((own, True), (foreign, False)):
+        settled = settler.settle(query, QueryPose("q.png", pose, True, 30, 40, []))
+        assert (settled.path, settled.localized, settled.lines_up) == ("pnp", True, lines_up)
+        assert (settled.recovery is None) == lines_up
+
+
 def test_a_doubtful_pnp_pose_gets_a_second_opinion_that_replaces_it_only_when_it_lines_up_better():
     """A PnP pose 25 degrees off (a wrong basin) whose colour difference is far above the class's usual one
     is replaced by the recovery's pose, within 1 degree, and the record says so; a right pose asked again

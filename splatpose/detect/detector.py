@@ -92,16 +92,17 @@ class Detection:
     anomaly_map: [S, S] float32, normalised with the run's map_range (0..1 on the evaluation's test
         set; a new image may go beyond 1). None when ``ok`` is False.
     score: max of anomaly_map; anomalous: score >= detect.threshold (None without a threshold).
-    localized: the final pose lines up (``pose_path`` "pnp" or "recovered", see
+    localized: the final pose has a path (``pose_path`` "pnp" or "recovered", see
         :class:`splatpose.refine.queries.PoseSettler`); otherwise (``pose_path`` "failed") ``w2c`` is a best
-        effort and the map is unreliable (flag "not_localized"). confidence: the render's alignment
-        with the image ({"iou", "l1"}); recovery: what the recovery through the splats did; symmetry: what
-        the check against the scene's near-symmetric turns did; second_opinion: what the second opinion
-        on a doubtful PnP pose did; turn_polish: what the search of the turn about the part's axis did (each
-        None when it did not run).
+        effort and the map is unreliable (flag "not_localized"). A PnP pose kept although neither it nor
+        the recovery lined up is localized but flagged "not_lined_up" (its map is doubtful). confidence: the
+        render's alignment with the image ({"iou", "l1"}); recovery: what the recovery through the splats
+        did; symmetry: what the check against the scene's near-symmetric turns did; second_opinion: what the
+        second opinion on a doubtful PnP pose did; turn_polish: what the search of the turn about the part's
+        axis did (each None when it did not run).
     w2c: [4, 4] float64 world-to-camera (OpenCV) used for the render (after refinement, if any);
         w2c_pnp: the pose before refinement.
-    flags: notes such as "grayscale", "resized_from_640x480", "not_localized".
+    flags: notes such as "grayscale", "resized_from_640x480", "not_localized", "not_lined_up".
     times: seconds per stage (STAGES) and "total" (their sum), a batched stage's time split over its images;
         "pnp": the query's own PnP solve (in a host pool thread when batched); "pnp_wait": how long the
         host waited for its batch's PnP results (split); "stages_wall": the host's wall time on its batch
@@ -444,6 +445,8 @@ class Detector:
                 detection.times["refine"] = round(time.perf_counter() - start, 6)
             if not detection.localized:
                 detection.flags.append("not_localized")
+            elif self.settler is not None and not final.lines_up:
+                detection.flags.append("not_lined_up")
 
         start = self._clock()
         # alpha only for a scorer that reads it: without one the scorer replays its CUDA graph

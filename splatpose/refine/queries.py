@@ -77,8 +77,9 @@ class RefinedPose:
     """The pose a query is rendered at.
 
     w2c: [4, 4] float64 world-to-camera (OpenCV): refined, recovered, or the PnP pose (refinement off).
-    path: how it was found: "pnp" (PnP, refined when refinement is on), "recovered" (through the splats
-        after PnP failed or did not line up), "failed" (nothing lined up: w2c is a best effort).
+    path: how it was found: "pnp" (PnP, refined when refinement is on; see :attr:`lines_up`), "recovered"
+        (through the splats after PnP failed or did not line up), "failed" (nothing lined up: w2c is a best
+        effort).
     refinement: what refining the PnP pose did (steps, losses, pose change, seconds); None when not refined.
     confidence: alignment of the render with the query ({"iou", "l1"}); None when not measured.
     recovery: what the recovery did (hypotheses, start view, seconds, accepted); None when it did not run.
@@ -107,6 +108,14 @@ class RefinedPose:
     @property
     def localized(self) -> bool:
         return self.path != "failed"
+
+    @property
+    def lines_up(self) -> bool:
+        """Whether the pose passed the alignment check when it was settled. A PnP pose that did not, and for which
+        the recovery found nothing that does, is kept (PnP's inliers are then the best evidence there is: a large
+        defect changes the outline) with the recovery's record; it is localized, but its map is doubtful."""
+        searched_in_vain = self.recovery is not None and not self.recovery["accepted"]
+        return self.path == "recovered" or (self.path == "pnp" and not searched_in_vain)
 
     def to_json(self) -> dict:
         return {"name": self.name, "w2c": np.asarray(self.w2c).tolist(), "path": self.path,

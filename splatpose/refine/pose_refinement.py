@@ -309,6 +309,8 @@ class PoseRefiner:
             raise ValueError("refine.loss=feature needs a scorer with a backbone (scorer=efficientnet_lite0 "
                              "or efficientnet_b4); use loss=l1 with the pixel scorer")
         self.gaussians, self.cfg, self.backend, self.scorer = gaussians, cfg, backend, scorer
+        # how the query's enclosed white is read (ENCLOSED_WHITE); runs made before the key read it as background
+        self.enclosed_white = cfg.get("enclosed_white", "background")
         self.device = gaussians.means.device
         # the coarse levels capped (refine.max_size), the last one at the image's own size
         caps = [resolve_max_size(cfg.get("max_size"), self.device)] * (len(levels) - 1) + [None]
@@ -437,7 +439,7 @@ class PoseRefiner:
         # such last-bit differences, so the same image must give the same pose in every caller.
         target = query[None].to(self.device, torch.float32).contiguous()
         unknown = None
-        if self.cfg.get("enclosed_white", "background") == "unknown":
+        if self.enclosed_white == "unknown":
             unknown = enclosed_white_mask(query)
             unknown = unknown[None, None].to(self.device, torch.float32) if unknown.any() else None
         if target.shape[-2:] != (level.height, level.width):

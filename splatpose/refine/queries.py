@@ -168,7 +168,7 @@ class PoseSettler:
                                           self.cfg.recovery, backend=self.backend,
                                           gradients=self.cfg.get("gradients", "auto"),
                                           max_size=self.cfg.get("max_size"),
-                                          enclosed_white=self.cfg.get("enclosed_white", "background"))
+                                          enclosed_white=self.refiner.enclosed_white)
         return self._recovery
 
     @property
@@ -372,8 +372,7 @@ class PoseSettler:
         return refinement, query
 
     def _confidence(self, w2c: np.ndarray, query: torch.Tensor) -> Confidence:
-        return alignment_confidence(self.gaussians, w2c, query, self.K, self.backend,
-                                    self.cfg.get("enclosed_white", "background"))
+        return alignment_confidence(self.gaussians, w2c, query, self.K, self.backend, self.refiner.enclosed_white)
 
     def _accepted(self, confidence: Confidence) -> bool:
         return confidence.accepted(float(self.cfg.recovery.min_iou), float(self.cfg.recovery.max_l1))

@@ -225,7 +225,7 @@ class SymmetryCheck:
 
     def _confidence(self, w2c: np.ndarray, query: Tensor) -> Confidence:
         return alignment_confidence(self.refiner.gaussians, w2c, query, self.K, self.backend,
-                                    self.refiner.cfg.get("enclosed_white", "background"))
+                                    self.refiner.enclosed_white)
 
 
 def axis_of_most_turns(symmetries: list[NearSymmetry], within_deg: float = 3.0) -> NearSymmetry:

@@ -202,27 +202,29 @@ def test_blank_and_foreign_images_are_not_recovered():
     assert foreign_result.searches == 2 and foreign_result.summary()["searches"] == 2
 
 
-def second_opinion_settler(scene, min_inliers=None):
+def second_opinion_settler(scene, min_inliers=None, when_neither_lines_up="pnp"):
     """A settler at this toy's scale: the recovery as above (object search), reference cameras every 30
     degrees of yaw, no near-symmetry check (a random blob has none); ``min_inliers`` as
-    ``refine.second_opinion.min_inliers``."""
+    ``refine.second_opinion.min_inliers``, ``when_neither_lines_up`` as ``refine.recovery``'s."""
     from splatpose.refine.queries import PoseSettler
 
-    cfg = OmegaConf.merge(default_refine_config(), {"recovery": recovery_cfg(**OBJECT_SEARCH),
+    recovery = recovery_cfg(**OBJECT_SEARCH, when_neither_lines_up=when_neither_lines_up)
+    cfg = OmegaConf.merge(default_refine_config(), {"recovery": recovery,
                                                     "symmetry": {"enabled": False},
                                                     "second_opinion": {"min_inliers": min_inliers}})
     db_w2c = np.stack([camera(yaw_deg=float(y)) for y in range(-90, 91, 30)])
     return PoseSettler(scene, K, SIZE, SIZE, cfg, db_w2c, backend="torch")
 
 
-def test_a_pnp_pose_that_nothing_lines_up_with_is_kept_but_says_so():
+@pytest.mark.parametrize("keep", ["pnp", "silhouette"])
+def test_a_pnp_pose_that_nothing_lines_up_with_is_kept_but_says_so(keep):
     """PnP's pose for an image of another object: neither it (refined) nor anything the recovery finds lines up,
-    so the PnP pose is kept (its inliers are the best evidence there is) and the result says it does not line
-    up; the same settler on an image of the scene at that pose says it does."""
+    not even by its silhouette alone, so under either ``when_neither_lines_up`` the PnP pose is kept and the
+    result says it does not line up; the same settler on an image of the scene at that pose says it does."""
     from splatpose.sfm.localization import QueryPose
 
     scene = random_scene(n=1500)
-    settler = second_opinion_settler(scene)
+    settler = second_opinion_settler(scene, when_neither_lines_up=keep)
     pose = camera(yaw_deg=30.0)
     own = torch.as_tensor(shot(scene, pose)).permute(2, 0, 1)
     foreign = torch.as_tensor(shot(random_scene(n=150, seed=7), pose)).permute(2, 0, 1)
@@ -230,6 +232,35 @@ def test_a_pnp_pose_that_nothing_lines_up_with_is_kept_but_says_so():
         settled = settler.settle(query, QueryPose("q.png", pose, True, 30, 40, []))
         assert (settled.path, settled.localized, settled.lines_up) == ("pnp", True, lines_up)
         assert (settled.recovery is None) == lines_up
+
+
+@pytest.mark.parametrize("keep", ["pnp", "silhouette"])
+def test_when_neither_lines_up_a_stained_query_keeps_the_pose_its_silhouette_chose(keep):
+    """A dark stain over a third of the plate raises the colour difference of its true pose above ``max_l1``, so
+    for a PnP pose whose part sits off to the side neither the refined PnP pose nor the recovery's lines up.
+    ``when_neither_lines_up: silhouette`` keeps the recovery's, whose silhouette passes (within 1 degree of the
+    truth, and within 10 % of its distance: the toy's 64 px renders hold the depth loosely; path "recovered");
+    ``pnp`` keeps PnP's, the part's width away. Either way the result is localized and
+    says it does not line up."""
+    from splatpose.sfm.localization import QueryPose
+
+    scene, truth = textured_plate(), camera(yaw_deg=20.0)
+    settler = second_opinion_settler(scene, when_neither_lines_up=keep)
+    query = torch.as_tensor(shot(scene, truth)).permute(2, 0, 1)
+    query[:, 14:50, 12:42] *= 0.1
+    assert alignment_confidence(scene, truth, query, K, "torch").l1 > settler.cfg.recovery.max_l1
+
+    off_to_the_side = truth.copy()
+    off_to_the_side[0, 3] += 2.0
+    settled = settler.settle(query, QueryPose("q.png", off_to_the_side, True, 30, 40, []))
+    assert settled.localized and not settled.lines_up and not settled.recovery["accepted"]
+    if keep == "silhouette":
+        assert settled.path == "recovered" and settled.recovery["kept_for_its_silhouette"]
+        assert settled.confidence["iou"] >= settler.cfg.recovery.min_iou
+        assert rotation_error_deg(settled.w2c, truth) < 1.0 and center_error(settled.w2c, truth) < 0.1
+    else:
+        assert settled.path == "pnp" and settled.confidence["iou"] < settler.cfg.recovery.min_iou
+        assert center_error(settled.w2c, truth) > 0.3
 
 
 def test_a_doubtful_pnp_pose_gets_a_second_opinion_that_replaces_it_only_when_it_lines_up_better():

@@ -345,6 +345,8 @@ def test_config_errors_name_the_key():
         check_refine_config(refine_cfg(max_size=8))
     with pytest.raises(ValueError, match="refine.enclosed_white='part' is unknown"):
         check_refine_config(refine_cfg(enclosed_white="part"))
+    with pytest.raises(ValueError, match="refine.recovery.when_neither_lines_up='best' is unknown"):
+        check_refine_config(refine_cfg(recovery={"when_neither_lines_up": "best"}))
     with pytest.raises(ValueError, match="refine.bench.rounds must be >= 1"):
         check_refine_config(refine_cfg(bench={"enabled": True, "rounds": 0}))
     with pytest.raises(ValueError, match="refine.loss=feature needs a scorer with a backbone"):

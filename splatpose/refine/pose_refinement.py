@@ -80,6 +80,8 @@ from splatpose.splat.torch_rasterizer import gaussian_colors, world_covariances
 REFINE_LOSSES = ("l1", "l1_ssim", "feature", "l1_silhouette")
 REFINE_OPTIMIZERS = ("lbfgs", "adam")
 ENCLOSED_WHITE = ("background", "unknown")
+# What the settler keeps when neither PnP's pose nor the recovery's lines up (``refine.recovery.when_neither_lines_up``).
+NEITHER_LINES_UP = ("pnp", "silhouette")
 ROTATION_CENTRES = ("camera", "object")
 GRADIENTS = ("auto", "autograd", "differences")
 # Central differences step each increment variable by what moves the object's outline about this many
@@ -245,6 +247,10 @@ def check_refine_config(cfg: DictConfig) -> None:
     if cfg.get("enclosed_white", "background") not in ENCLOSED_WHITE:
         raise ValueError(f"refine.enclosed_white={cfg.enclosed_white!r} is unknown; choose one of "
                          f"{', '.join(ENCLOSED_WHITE)}")
+    neither = (cfg.get("recovery") or {}).get("when_neither_lines_up", "pnp")
+    if neither not in NEITHER_LINES_UP:
+        raise ValueError(f"refine.recovery.when_neither_lines_up={neither!r} is unknown; choose one of "
+                         f"{', '.join(NEITHER_LINES_UP)}")
     symmetry = cfg.get("symmetry") or {}
     span, step = symmetry.get("polish_span_deg"), symmetry.get("polish_step_deg")
     if span is not None and not (float(span) >= 0 and step is not None and float(step) > 0):

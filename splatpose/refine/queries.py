@@ -6,6 +6,8 @@ Per query (:class:`PoseSettler`, shared with the detector):
 - PnP failed, or its refined pose does not line up with the image (silhouette IoU or colour below the
   ``refine.recovery`` thresholds): the pose is recovered through the splats
   (:class:`~splatpose.refine.recovery.PoseRecovery`); path ``"recovered"`` when the result lines up;
+- PnP's refined pose and the recovery's both fail the check: one of them is kept, flagged as not lining up
+  (``refine.recovery.when_neither_lines_up``: PnP's, or the recovery's when only its silhouette passes);
 - nothing lines up: path ``"failed"``; the query is rendered at the best pose found (or its PnP
   fallback) and flagged, never passed off as localized;
 - a pose that lines up then competes with its turns by the scene's near-symmetries (``refine.symmetry``,
@@ -49,7 +51,7 @@ from tqdm.auto import tqdm
 from splatpose.data.cameras import center_error, rotation_error_deg
 from splatpose.data.mad_sim import ClassData, read_image
 from splatpose.refine.pose_refinement import PoseRefiner, Refinement
-from splatpose.refine.recovery import (Confidence, PoseRecovery, SearchViews, alignment_confidence,
+from splatpose.refine.recovery import (Confidence, PoseRecovery, Recovery, SearchViews, alignment_confidence,
                                        orbit_views, render_search_views)
 from splatpose.refine.symmetry import SymmetryCheck, TurnPolish, near_symmetries
 from splatpose.scoring.object_region import background_likeness, bench_whitened_by_border, silhouette_region
@@ -111,11 +113,14 @@ class RefinedPose:
 
     @property
     def lines_up(self) -> bool:
-        """Whether the pose passed the alignment check when it was settled. A PnP pose that did not, and for which
-        the recovery found nothing that does, is kept (PnP's inliers are then the best evidence there is: a large
-        defect changes the outline) with the recovery's record; it is localized, but its map is doubtful."""
+        """Whether the pose passed the alignment check when it was settled. When a refined PnP pose did not and the
+        recovery found nothing that does, one of the two is kept (``refine.recovery.when_neither_lines_up``, see
+        :meth:`PoseSettler._kept_when_neither_lines_up`) with the recovery's record; it is localized, but its map
+        is doubtful."""
+        if self.path == "recovered":
+            return not (self.recovery or {}).get("kept_for_its_silhouette", False)
         searched_in_vain = self.recovery is not None and not self.recovery["accepted"]
-        return self.path == "recovered" or (self.path == "pnp" and not searched_in_vain)
+        return self.path == "pnp" and not searched_in_vain
 
     def to_json(self) -> dict:
         return {"name": self.name, "w2c": np.asarray(self.w2c).tolist(), "path": self.path,
@@ -335,9 +340,7 @@ class PoseSettler:
             if recovered.accepted:
                 return (RefinedPose(pose.name, recovered.w2c, refinement.summary(), "recovered",
                                     recovered.confidence.summary(), recovered.summary()), recovered.confidence, query)
-            # PnP's inliers are still the strongest evidence there is (a large defect changes the outline)
-            return RefinedPose(pose.name, refinement.w2c, refinement.summary(), "pnp", confidence.summary(),
-                               recovered.summary()), confidence, query
+            return (*self._kept_when_neither_lines_up(pose.name, refinement, confidence, recovered), query)
         if not self.recovery_enabled:
             return RefinedPose(pose.name, pose.w2c, path="failed"), None, query
         recovered = self.recovery.recover(query)
@@ -370,6 +373,23 @@ class PoseSettler:
             if again.rotation_change_deg < float(bench.settle_deg):
                 break
         return refinement, query
+
+    def _kept_when_neither_lines_up(self, name: str, refinement: Refinement, confidence: Confidence,
+                                    recovered: Recovery) -> tuple[RefinedPose, Confidence]:
+        """The pose kept (not lining up, :attr:`RefinedPose.lines_up`) when neither the refined PnP pose
+        (``refinement``, its alignment ``confidence``) nor the recovery's (``recovered``) passed the alignment check,
+        and that pose's alignment. ``when_neither_lines_up: pnp`` keeps PnP's: its inliers are evidence the
+        recovery does not have, and a large defect changes the outline. ``silhouette`` keeps the recovery's when
+        its silhouette passes (IoU >= ``min_iou``) and PnP's does not: then only its colours failed, and a
+        stain or a missing piece raises the colour difference of the right pose too (path "recovered")."""
+        min_iou = float(self.cfg.recovery.min_iou)
+        if (self.cfg.recovery.get("when_neither_lines_up", "pnp") == "silhouette"
+                and recovered.confidence.iou >= min_iou > confidence.iou):
+            kept = {**recovered.summary(), "kept_for_its_silhouette": True}
+            return (RefinedPose(name, recovered.w2c, refinement.summary(), "recovered", recovered.confidence.summary(),
+                                kept), recovered.confidence)
+        return (RefinedPose(name, refinement.w2c, refinement.summary(), "pnp", confidence.summary(),
+                            recovered.summary()), confidence)
 
     def _confidence(self, w2c: np.ndarray, query: torch.Tensor) -> Confidence:
         return alignment_confidence(self.gaussians, w2c, query, self.K, self.backend, self.refiner.enclosed_white)

@@ -202,16 +202,16 @@ def test_blank_and_foreign_images_are_not_recovered():
     assert foreign_result.searches == 2 and foreign_result.summary()["searches"] == 2
 
 
-def second_opinion_settler(scene, min_inliers=None, when_neither_lines_up="pnp"):
+def second_opinion_settler(scene, min_inliers=None, when_neither_lines_up="pnp", recovered_hypotheses=None):
     """A settler at this toy's scale: the recovery as above (object search), reference cameras every 30
-    degrees of yaw, no near-symmetry check (a random blob has none); ``min_inliers`` as
-    ``refine.second_opinion.min_inliers``, ``when_neither_lines_up`` as ``refine.recovery``'s."""
+    degrees of yaw, no near-symmetry check (a random blob has none); ``min_inliers`` and
+    ``recovered_hypotheses`` as ``refine.second_opinion``'s, ``when_neither_lines_up`` as ``refine.recovery``'s."""
     from splatpose.refine.queries import PoseSettler
 
     recovery = recovery_cfg(**OBJECT_SEARCH, when_neither_lines_up=when_neither_lines_up)
-    cfg = OmegaConf.merge(default_refine_config(), {"recovery": recovery,
-                                                    "symmetry": {"enabled": False},
-                                                    "second_opinion": {"min_inliers": min_inliers}})
+    second_opinion = {"min_inliers": min_inliers, "recovered_hypotheses": recovered_hypotheses}
+    cfg = OmegaConf.merge(default_refine_config(), {"recovery": recovery, "symmetry": {"enabled": False},
+                                                    "second_opinion": second_opinion})
     db_w2c = np.stack([camera(yaw_deg=float(y)) for y in range(-90, 91, 30)])
     return PoseSettler(scene, K, SIZE, SIZE, cfg, db_w2c, backend="torch")
 
@@ -339,6 +339,45 @@ def test_a_pnp_pose_on_few_inliers_gets_a_fresh_search_that_replaces_it_only_whe
     assert replaced.path == "recovered" and rotation_error_deg(replaced.w2c, truth) < 1.0, replaced.second_opinion
     kept = settler.reconsider(query, weak, settled_at(truth))
     assert not kept.second_opinion["replaced"] and kept.path == "pnp" and np.allclose(kept.w2c, truth)
+
+
+def test_a_recovered_pose_with_doubtful_colours_gets_a_wider_search_that_replaces_it():
+    """A recovered pose 25 degrees off (a wrong basin) whose colour difference is far above the class's usual one:
+    with ``second_opinion.recovered_hypotheses`` set the recovery searches again, its first level refining that
+    many coarse poses and the doubtful pose, and the pose it finds, within 1 degree, replaces it; a right
+    recovered pose asked again is kept. Unset, recovered poses get no second opinion. The query carries a little
+    noise, so that no pose matches it exactly."""
+    from splatpose.refine.queries import RefinedPose
+    from splatpose.sfm.localization import QueryPose
+
+    scene = random_scene(n=1500)
+    truth = rolled(camera(yaw_deg=45.0), 50.0)
+    clean = shot(scene, truth)
+    noise = np.random.default_rng(0).normal(0.0, 0.02, clean.shape).astype(np.float32)
+    on_object = ~(clean > 0.99).all(-1, keepdims=True)  # noise on the object only
+    query = torch.as_tensor(np.where(on_object, np.clip(clean + noise, 0.0, 1.0), clean)).permute(2, 0, 1)
+    failed_pnp = QueryPose("q.png", camera(), False, 0, 0, [])
+
+    def recovered_at(w2c):
+        confidence = alignment_confidence(scene, w2c, query, K, "torch")
+        return RefinedPose("q.png", w2c, None, "recovered", confidence.summary(), {"accepted": True})
+
+    right, wrong = recovered_at(truth), recovered_at(rolled(camera(yaw_deg=70.0), 50.0))
+    settler = second_opinion_settler(scene)
+    settler.typical_l1 = right.confidence["l1"]
+    assert wrong.confidence["l1"] > 2.0 * settler.typical_l1
+    assert settler.second_opinion_reason(wrong, failed_pnp) is None, "asked while recovered_hypotheses is null"
+
+    settler.cfg.second_opinion.recovered_hypotheses = 8
+    assert settler.second_opinion_reason(wrong, failed_pnp) == "recovered_colour"
+    replaced = settler.reconsider(query, failed_pnp, wrong)
+    assert replaced.second_opinion["replaced"] and replaced.path == "recovered" and replaced.lines_up
+    assert replaced.second_opinion["recovery"]["hypotheses"] == 8 + 1  # the coarse poses and the doubtful one
+    assert rotation_error_deg(replaced.w2c, truth) < 1.0, replaced.second_opinion
+    assert settler.second_opinion_reason(replaced, failed_pnp) is None  # asked once
+    settler.typical_l1 = right.confidence["l1"] / 3.0
+    kept = settler.reconsider(query, failed_pnp, recovered_at(truth))
+    assert not kept.second_opinion["replaced"] and np.allclose(kept.w2c, truth)
 
 
 def test_a_query_on_a_bench_is_put_on_white_again_at_each_refined_pose():

@@ -347,6 +347,8 @@ def test_config_errors_name_the_key():
         check_refine_config(refine_cfg(enclosed_white="part"))
     with pytest.raises(ValueError, match="refine.recovery.when_neither_lines_up='best' is unknown"):
         check_refine_config(refine_cfg(recovery={"when_neither_lines_up": "best"}))
+    with pytest.raises(ValueError, match="refine.second_opinion.recovered_hypotheses must be a number"):
+        check_refine_config(refine_cfg(second_opinion={"recovered_hypotheses": 0}))
     with pytest.raises(ValueError, match="refine.bench.rounds must be >= 1"):
         check_refine_config(refine_cfg(bench={"enabled": True, "rounds": 0}))
     with pytest.raises(ValueError, match="refine.loss=feature needs a scorer with a backbone"):

@@ -251,6 +251,10 @@ def check_refine_config(cfg: DictConfig) -> None:
     if neither not in NEITHER_LINES_UP:
         raise ValueError(f"refine.recovery.when_neither_lines_up={neither!r} is unknown; choose one of "
                          f"{', '.join(NEITHER_LINES_UP)}")
+    wider = (cfg.get("second_opinion") or {}).get("recovered_hypotheses")
+    if wider is not None and not (isinstance(wider, int) and wider >= 1):
+        raise ValueError(f"refine.second_opinion.recovered_hypotheses must be a number of coarse poses >= 1 (or "
+                         f"null: recovered poses get no second opinion), got {wider!r}")
     symmetry = cfg.get("symmetry") or {}
     span, step = symmetry.get("polish_span_deg"), symmetry.get("polish_step_deg")
     if span is not None and not (float(span) >= 0 and step is not None and float(step) > 0):

@@ -214,19 +214,25 @@ class PoseSettler:
         return self._polished(prepared, result) if result.second_opinion["replaced"] else result
 
     def second_opinion_reason(self, settled: RefinedPose, pose: QueryPose) -> str | None:
-        """Why a PnP pose that lined up (so the recovery has not searched for it yet), not asked before, gets a
-        second opinion: ``"weak_pnp"`` when it rests on fewer than ``min_inliers`` PnP inliers (``pose``: its
-        localization result), ``"colour"`` when its colour difference is over ``l1_ratio`` times the class's
-        usual one; None: no second opinion."""
+        """Why a pose that lined up, not asked before, gets a second opinion. A PnP pose (the recovery has not
+        searched for it yet): ``"weak_pnp"`` when it rests on fewer than ``min_inliers`` PnP inliers (``pose``:
+        its localization result), ``"colour"`` when its colour difference is over ``l1_ratio`` times the class's
+        usual one. A recovered pose: ``"recovered_colour"`` when its colour difference is over that and
+        ``recovered_hypotheses`` is set (its search refined too few coarse poses to reach the right basin).
+        None: no second opinion."""
         cfg = self.cfg.get("second_opinion")
-        if not (cfg is not None and bool(cfg.enabled) and self.recovery_enabled and settled.path == "pnp"
-                and settled.recovery is None and settled.confidence is not None and settled.second_opinion is None):
+        if not (cfg is not None and bool(cfg.enabled) and self.recovery_enabled and settled.lines_up
+                and settled.confidence is not None and settled.second_opinion is None):
+            return None
+        doubtful_colour = (self.typical_l1 is not None
+                           and settled.confidence["l1"] > float(cfg.l1_ratio) * self.typical_l1)
+        if settled.path == "recovered":
+            return "recovered_colour" if doubtful_colour and cfg.get("recovered_hypotheses") is not None else None
+        if settled.path != "pnp" or settled.recovery is not None:
             return None
         if cfg.get("min_inliers") is not None and pose.num_inliers < int(cfg.min_inliers):
             return "weak_pnp"
-        if self.typical_l1 is not None and settled.confidence["l1"] > float(cfg.l1_ratio) * self.typical_l1:
-            return "colour"
-        return None
+        return "colour" if doubtful_colour else None
 
     def _prepared(self, query: torch.Tensor, pose: QueryPose, w2c: np.ndarray | None = None) -> torch.Tensor:
         """The query as every step compares it: put on white first when it was taken on a bench (at ``w2c``,
@@ -285,12 +291,16 @@ class PoseSettler:
 
     def _second_opinion(self, query: torch.Tensor, settled: RefinedPose, reason: str) -> RefinedPose:
         """The recovery's pose, checked against the turns, when its colour difference is lower than ``settled``'s
-        by the ``margin`` (relative); else ``settled``, with the record. For a pose asked about for its colour
+        by the ``margin`` (relative); else ``settled``, with the record. For a PnP pose asked about for its colour
         (``reason`` "colour") the recovery has the pose among its starts; for a weak PnP pose it searches as if
-        PnP had failed (a refined start wins the recovery's levels on their loss, wrong basin or not)."""
+        PnP had failed (a refined start wins the recovery's levels on their loss, wrong basin or not); for a
+        recovered pose ("recovered_colour") its first level refines ``recovered_hypotheses`` coarse poses,
+        the pose among them."""
         started = time.perf_counter()
         l1_before = float(settled.confidence["l1"])
-        recovered = self.recovery.recover(query, start_w2c=settled.w2c if reason == "colour" else None)
+        wider = self.cfg.second_opinion.get("recovered_hypotheses") if reason == "recovered_colour" else None
+        recovered = self.recovery.recover(query, start_w2c=None if reason == "weak_pnp" else settled.w2c,
+                                          first_hypotheses=wider)
         result = settled
         if recovered.accepted:
             candidate = RefinedPose(settled.name, recovered.w2c, settled.refinement, "recovered",

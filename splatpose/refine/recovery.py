@@ -366,17 +366,23 @@ class PoseRecovery:
         # refiner built on the first such query).
         self.has_second_try = bool(search)
 
-    def recover(self, query: Tensor, start_w2c: np.ndarray | None = None) -> Recovery:
-        """Best pose for ``query`` [3, H, W] in [0, 1]; ``start_w2c`` (e.g. a weak PnP pose) competes too."""
+    def recover(self, query: Tensor, start_w2c: np.ndarray | None = None, first_hypotheses: int | None = None
+                ) -> Recovery:
+        """Best pose for ``query`` [3, H, W] in [0, 1]; ``start_w2c`` (e.g. a weak PnP pose) competes too.
+        ``first_hypotheses``: how many coarse poses the first level refines (None: ``hypotheses[0]``); a wider
+        search for a pose that lines up but whose colours are doubtful."""
         started = time.perf_counter()
-        starts = self.coarse_poses(query, int(self.cfg.hypotheses[0]))
+        keep = [int(k) for k in self.cfg.hypotheses]
+        if first_hypotheses is not None:
+            keep[0] = int(first_hypotheses)
+        starts = self.coarse_poses(query, keep[0])
         if start_w2c is not None:  # first, so the first level always refines it
             starts.insert(0, (-1, np.asarray(start_w2c, dtype=np.float64)))
         if not starts:
             return Recovery(np.eye(4), Confidence(0.0, 1.0), False, -1, 0, time.perf_counter() - started)
-        result = self._refine_starts(query, starts, self.refiner, "configured")
+        result = self._refine_starts(query, starts, self.refiner, "configured", keep)
         if not result.accepted and self.has_second_try:
-            second = self._refine_starts(query, starts, self._second_refiner, "camera")
+            second = self._refine_starts(query, starts, self._second_refiner, "camera", keep)
             if second.accepted or second.confidence.iou > result.confidence.iou:
                 result = second
             result.searches = 2
@@ -393,12 +399,12 @@ class PoseRecovery:
         return [(h.view, self._pose_of(h, centroid_q)) for h in hypotheses]
 
     def _refine_starts(self, query: Tensor, starts: list[tuple[int, np.ndarray]], refiner: PoseRefiner,
-                       search: str) -> Recovery:
+                       search: str, keep_per_level: list[int]) -> Recovery:
         """Refine the coarse poses ``starts`` [(view, [4, 4])] level by level with ``refiner``; the best
         one, with its alignment (``seconds`` left for the caller)."""
-        # The finer levels cost more: each refines only the best ``hypotheses[level]`` of the level before.
+        # The finer levels cost more: each refines only the best ``keep_per_level[level]`` of the level before.
         candidates = starts
-        for level, keep in enumerate(self.cfg.hypotheses):
+        for level, keep in enumerate(keep_per_level):
             refined = sorted(((view, refiner.refine(query, w2c, levels=[level]))
                               for view, w2c in candidates[:int(keep)]), key=lambda item: item[1].loss_end)
             candidates = [(view, result.w2c) for view, result in refined]

@@ -344,9 +344,9 @@ def test_a_pnp_pose_on_few_inliers_gets_a_fresh_search_that_replaces_it_only_whe
 def test_a_recovered_pose_with_doubtful_colours_gets_a_wider_search_that_replaces_it():
     """A recovered pose 25 degrees off (a wrong basin) whose colour difference is far above the class's usual one:
     with ``second_opinion.recovered_hypotheses`` set the recovery searches again, its first level refining that
-    many coarse poses and the doubtful pose, and the pose it finds, within 1 degree, replaces it; a right
-    recovered pose asked again is kept. Unset, recovered poses get no second opinion. The query carries a little
-    noise, so that no pose matches it exactly."""
+    many starts (the doubtful pose and the best coarse poses), and the pose it finds, within 1 degree, replaces
+    it; a right recovered pose asked again is kept. Unset, recovered poses get no second opinion. The query
+    carries a little noise, so that no pose matches it exactly."""
     from splatpose.refine.queries import RefinedPose
     from splatpose.sfm.localization import QueryPose
 

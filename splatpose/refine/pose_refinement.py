@@ -80,7 +80,8 @@ from splatpose.splat.torch_rasterizer import gaussian_colors, world_covariances
 REFINE_LOSSES = ("l1", "l1_ssim", "feature", "l1_silhouette")
 REFINE_OPTIMIZERS = ("lbfgs", "adam")
 ENCLOSED_WHITE = ("background", "unknown")
-# What the settler keeps when neither PnP's pose nor the recovery's lines up (``refine.recovery.when_neither_lines_up``).
+# What the settler keeps when neither PnP's pose nor the recovery's lines up
+# (``refine.recovery.when_neither_lines_up``).
 NEITHER_LINES_UP = ("pnp", "silhouette")
 ROTATION_CENTRES = ("camera", "object")
 GRADIENTS = ("auto", "autograd", "differences")

@@ -294,8 +294,8 @@ class PoseSettler:
         by the ``margin`` (relative); else ``settled``, with the record. For a PnP pose asked about for its colour
         (``reason`` "colour") the recovery has the pose among its starts; for a weak PnP pose it searches as if
         PnP had failed (a refined start wins the recovery's levels on their loss, wrong basin or not); for a
-        recovered pose ("recovered_colour") its first level refines ``recovered_hypotheses`` coarse poses,
-        the pose among them."""
+        recovered pose ("recovered_colour") its first level refines ``recovered_hypotheses`` starts: the pose and
+        the best coarse poses."""
         started = time.perf_counter()
         l1_before = float(settled.confidence["l1"])
         wider = self.cfg.second_opinion.get("recovered_hypotheses") if reason == "recovered_colour" else None

@@ -369,8 +369,8 @@ class PoseRecovery:
     def recover(self, query: Tensor, start_w2c: np.ndarray | None = None, first_hypotheses: int | None = None
                 ) -> Recovery:
         """Best pose for ``query`` [3, H, W] in [0, 1]; ``start_w2c`` (e.g. a weak PnP pose) competes too.
-        ``first_hypotheses``: how many coarse poses the first level refines (None: ``hypotheses[0]``); a wider
-        search for a pose that lines up but whose colours are doubtful."""
+        ``first_hypotheses``: how many starts the first level refines (None: ``hypotheses[0]``; ``start_w2c`` is
+        one of them); a wider search for a pose that lines up but whose colours are doubtful."""
         started = time.perf_counter()
         keep = [int(k) for k in self.cfg.hypotheses]
         if first_hypotheses is not None:

@@ -240,8 +240,7 @@ def test_when_neither_lines_up_a_stained_query_keeps_the_pose_its_silhouette_cho
     for a PnP pose whose part sits off to the side neither the refined PnP pose nor the recovery's lines up.
     ``when_neither_lines_up: silhouette`` keeps the recovery's, whose silhouette passes (within 1 degree of the
     truth, and within 10 % of its distance: the toy's 64 px renders hold the depth loosely; path "recovered");
-    ``pnp`` keeps PnP's, the part's width away. Either way the result is localized and
-    says it does not line up."""
+    ``pnp`` keeps PnP's, the part's width away. Either way the result is localized and says it does not line up."""
     from splatpose.sfm.localization import QueryPose
 
     scene, truth = textured_plate(), camera(yaw_deg=20.0)

@@ -224,12 +224,16 @@ def metric_bars_figure(groups: dict[str, dict[str, tuple]], rotate_labels: bool 
 
 
 def poses_html(results: dict) -> str:
-    """How the final poses were found (pnp / recovered / failed) and, with true poses, their errors."""
+    """How the final poses were found (pnp / recovered / failed), which of them did not line up with their image
+    (runs that record it), and, with true poses, their errors."""
     final = results.get("final_poses", {})
     localization = results.get("localization", {})
     paths = _ordered_paths(final.get("paths", {}))
     facts = [("Pose paths", ", ".join(f"{k} {v}" for k, v in paths.items()) or "—"),
              ("PnP localized", f"{localization.get('num_localized', '?')}/{localization.get('num_queries', '?')}")]
+    if "not_lined_up" in final:
+        doubtful = [name for name, query in final.get("per_query", {}).items() if query.get("lines_up") is False]
+        facts.append(("Not lined up (maps doubtful)", ", ".join(doubtful) or "none"))
     if "median_rotation_error_deg" in final:
         facts += [("Median rotation error (final)", f"{final['median_rotation_error_deg']:.3f}°"),
                   ("Within 1° (final)", f"{_percent(final.get('within_1deg_rate'))} %")]

@@ -52,13 +52,14 @@ def make_run_folder(run_dir: Path) -> dict:
     labels = np.array([d != "good" for d in defects], dtype=np.int64)
     scores = image_scores(maps)
     names = [f"test/{d}/{i:03d}.png" for i, d in enumerate(defects)]
-    per_query = {n: {"path": "pnp", "refined": True, "rotation_error_deg": 0.1 + 0.2 * i} for i, n in enumerate(names)}
+    per_query = {n: {"path": "pnp", "lines_up": i != 5, "refined": True, "rotation_error_deg": 0.1 + 0.2 * i}
+                 for i, n in enumerate(names)}
     results = {"status": "ok", "dataset": "synthetic", "class": "01Ant", "device": "cpu",
                "metrics": evaluate(maps, masks, labels, defects), "map_range": [0.01, 12.5],
                "localization": {"num_queries": 8, "num_localized": 8,
                                 "per_query": {n: {"success": True, "rotation_error_deg": 0.3} for n in names}},
                "final_poses": {"paths": {"failed": 1, "pnp": 7, "recovered": 0}, "per_query": per_query,
-                               "median_rotation_error_deg": 0.8, "within_1deg_rate": 0.5},
+                               "not_lined_up": 1, "median_rotation_error_deg": 0.8, "within_1deg_rate": 0.5},
                "timings": {"data": {"seconds": 0.5, "reused": False}, "sfm": {"seconds": 60.0, "reused": True},
                            "score": {"seconds": 2.0, "reused": False}, "total": {"seconds": 62.5}},
                "config": {"paths": {"output_dir": str(run_dir)}, "detect": {"threshold": None}},
@@ -95,6 +96,7 @@ def test_run_report_has_the_metrics_the_worst_mistakes_first_and_only_embedded_i
         assert f"<tr><td>{defect}</td><td>{percent(values['pixel_auroc'])}</td>" in text
     for section in ("ROC and PRO curves", "Per defect type", "Poses", "Time per stage", "Per-image panels"):
         assert f"<h2>{section}</h2>" in text
+    assert "<dt>Not lined up (maps doubtful)</dt><dd>test/Burrs/005.png</dd>" in text
     assert "No curves" not in text
 
     # gallery: the good image with the bright blob (a false positive) first, then the faint Stains defect

@@ -399,7 +399,7 @@ def localization_summary(data: ClassData, poses: list[QueryPose]) -> dict:
 def final_pose_summary(data: ClassData, refined: list[RefinedPose]) -> dict:
     """The final poses: how each was found (path), how well it lines up, at what cost, and (with true
     test poses) its errors. ``success_rate`` counts the localized queries (path "pnp" or "recovered");
-    ``not_lined_up`` the PnP poses among them kept although neither they nor the recovery lined up
+    ``not_lined_up`` the poses among them kept although neither PnP's nor the recovery's lined up
     (:attr:`RefinedPose.lines_up`: their maps are doubtful); ``within_1deg_rate`` counts every query, failed
     ones included."""
     per_query = {}

@@ -94,11 +94,11 @@ class Detection:
     score: max of anomaly_map; anomalous: score >= detect.threshold (None without a threshold).
     localized: the final pose has a path (``pose_path`` "pnp" or "recovered", see
         :class:`splatpose.refine.queries.PoseSettler`); otherwise (``pose_path`` "failed") ``w2c`` is a best
-        effort and the map is unreliable (flag "not_localized"). A PnP pose kept although neither it nor
-        the recovery lined up is localized but flagged "not_lined_up" (its map is doubtful). confidence: the
+        effort and the map is unreliable (flag "not_localized"). A pose kept although neither PnP's nor the
+        recovery's lined up is localized but flagged "not_lined_up" (its map is doubtful). confidence: the
         render's alignment with the image ({"iou", "l1"}); recovery: what the recovery through the splats
         did; symmetry: what the check against the scene's near-symmetric turns did; second_opinion: what the
-        second opinion on a doubtful PnP pose did; turn_polish: what the search of the turn about the part's
+        second opinion on a doubtful pose did; turn_polish: what the search of the turn about the part's
         axis did (each None when it did not run).
     w2c: [4, 4] float64 world-to-camera (OpenCV) used for the render (after refinement, if any);
         w2c_pnp: the pose before refinement.

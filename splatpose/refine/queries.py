@@ -228,8 +228,6 @@ class PoseSettler:
                            and settled.confidence["l1"] > float(cfg.l1_ratio) * self.typical_l1)
         if settled.path == "recovered":
             return "recovered_colour" if doubtful_colour and cfg.get("recovered_hypotheses") is not None else None
-        if settled.path != "pnp" or settled.recovery is not None:
-            return None
         if cfg.get("min_inliers") is not None and pose.num_inliers < int(cfg.min_inliers):
             return "weak_pnp"
         return "colour" if doubtful_colour else None

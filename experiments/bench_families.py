@@ -84,7 +84,7 @@ def summarise(results: dict) -> dict:
 
 def markdown(rows: list[dict], header: str) -> str:
     columns = ["pnp_localized", "path_recovered", "path_failed", "within_1deg", "median_rotation_error_deg",
-               "sheen_allowance", *METRICS, *(f"image_auroc_top{q}" for q in ("0.001", "0.01", "0.05")), *(f"s_{s}" for s in STAGES)]
+               "sheen_allowance", *METRICS, *(f"image_auroc_top{q}" for q in ("0.0", "0.001", "0.01", "0.05")), *(f"s_{s}" for s in STAGES)]
     lines = [header, "", "| family | class | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
 
     def cell(value) -> str:

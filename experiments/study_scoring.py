@@ -6,6 +6,8 @@ and the three metrics are printed, one row per (run, variant), then each variant
 
     python experiments/study_scoring.py --variant base= --variant tol2=alignment_tolerance_px=2 \
         outputs/runs/synthetic/01Ant/<time> outputs/runs/synthetic/06PlainAnt/<time>
+    python experiments/study_scoring.py --variant max=image_score.background_sigma=null \
+        --variant s8=image_score.background_sigma=8 <runs>      # the image score alone (the maps are the same)
 
 A variant is ``name=key=value,key=value`` (dotted keys under ``scorer``; ``name=`` alone: the run's own).
 A run made before ``scorer.sheen`` existed is scored with the sheen's defaults, as the pipeline would
@@ -122,7 +124,7 @@ def score(run: dict, overrides: list[str]) -> dict:
     masks = F.interpolate(torch.from_numpy(run["masks"])[:, None].float(), size=(size, size),
                           mode="nearest")[:, 0].numpy() > 0.5
     labels = np.array([d != "good" for d in run["defects"]], dtype=np.int64)
-    return evaluate(maps, masks, labels, run["defects"])
+    return evaluate(maps, masks, labels, run["defects"], scores=scorer.image_scores(maps))
 
 
 def main() -> None:

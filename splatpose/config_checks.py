@@ -77,7 +77,8 @@ def check_splat_values(splat: DictConfig) -> None:
 
 
 def check_scorer_values(scorer: DictConfig) -> None:
-    """The scorer's weights file (needed by every backbone but the packaged Lite0), size and normalisation."""
+    """The scorer's weights file (needed by every backbone but the packaged Lite0), size, normalisation and
+    image score."""
     timm_model = scorer.get("timm_model")
     weights = scorer.get("weights_path")
     if timm_model is not None and timm_model != PACKAGED_SCORER_MODEL and not weights:
@@ -97,6 +98,9 @@ def check_scorer_values(scorer: DictConfig) -> None:
     uncertainty = scorer.get("uncertainty") or {}
     if uncertainty.get("enabled", False):
         _positive_number(uncertainty.get("weight"), "scorer.uncertainty.weight")
+    background_sigma = (scorer.get("image_score") or {}).get("background_sigma")
+    if background_sigma is not None:
+        _positive_number(background_sigma, "scorer.image_score.background_sigma")
 
 
 def check_sfm_values(sfm: DictConfig) -> None:

@@ -161,10 +161,15 @@ def metrics_table_html(metrics: dict) -> str:
     table = html_table(["Subset", *(METRIC_TITLES[m] for m in METRICS)], rows)
     alternatives = metrics.get("image_auroc_by_top_fraction") or {}
     if alternatives:
-        table += ("<p class='note'>Image AUROC with the image score as the mean of the top fraction of "
-                  "pixels instead of the maximum: "
-                  + ", ".join(f"{float(q) * 100:g} %: {_percent(v)}" for q, v in alternatives.items()) + ".</p>")
+        table += ("<p class='note'>Image AUROC with other image scores: "
+                  + ", ".join(f"{_alternative_name(q)}: {_percent(v)}" for q, v in alternatives.items()) + ".</p>")
     return table
+
+
+def _alternative_name(top_fraction: str) -> str:
+    """An image_auroc_by_top_fraction key as words: "0.0" -> the map's maximum, "0.01" -> the mean of its top 1 %."""
+    fraction = float(top_fraction)
+    return "the map's maximum" if fraction == 0 else f"the mean of its top {fraction * 100:g} %"
 
 
 def curves_html(curves: dict, metrics: dict) -> str:

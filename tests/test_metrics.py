@@ -156,7 +156,7 @@ def test_evaluate_without_defective_images_reports_undefined():
     maps = np.random.default_rng(6).random((3, 16, 16))
     result = evaluate(maps, np.zeros(maps.shape, dtype=bool), np.zeros(3), ["good"] * 3)
     assert result == {"pixel_auroc": None, "aupro": None, "image_auroc": None, "per_defect": {},
-                      "image_auroc_by_top_fraction": {"0.001": None, "0.01": None, "0.05": None}}
+                      "image_auroc_by_top_fraction": {"0.0": None, "0.001": None, "0.01": None, "0.05": None}}
 
 
 def test_evaluate_rejects_labels_that_contradict_defects():

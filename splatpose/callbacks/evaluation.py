@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback
 
-from splatpose.metrics import evaluate, image_scores, normalise_maps
+from splatpose.metrics import evaluate, normalise_maps
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class Evaluation:
 
     maps: [N, S, S] anomaly maps after class-level min-max normalisation (0..1)
     masks: [N, S, S] bool ground truth at map resolution
-    scores: [N] image scores (max of the normalised map)
+    scores: [N] image scores of the normalised maps (the scorer's :meth:`image_scores`)
     queries, renders: [N, P, P, 3] uint8 thumbnails for panels
     map_range: (lo, hi) of the raw maps, i.e. the normalisation a detector must reuse
     metrics: overall and per-defect metrics (plain floats; None where undefined)
@@ -82,10 +82,11 @@ class AnomalyEvaluator(Callback):
         defects = [d for b in self._batches for d in b["defects"]]
         masks = cat("masks")
         labels = np.array([d != "good" for d in defects], dtype=np.int64)
-        metrics = evaluate(maps, masks, labels, defects)
+        scores = pl_module.scorer.image_scores(maps)
+        metrics = evaluate(maps, masks, labels, defects, scores=scores)
         pl_module.evaluation = Evaluation(
             names=names, defects=defects, maps=maps, masks=masks,
-            scores=image_scores(maps), queries=cat("queries"),
+            scores=scores, queries=cat("queries"),
             renders=cat("renders"), map_range=(lo, hi), metrics=metrics)
         flat = flatten_metrics(metrics)
         for logger in trainer.loggers:

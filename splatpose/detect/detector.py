@@ -91,7 +91,9 @@ class Detection:
 
     anomaly_map: [S, S] float32, normalised with the run's map_range (0..1 on the evaluation's test
         set; a new image may go beyond 1). None when ``ok`` is False.
-    score: max of anomaly_map; anomalous: score >= detect.threshold (None without a threshold).
+    score: the image score of anomaly_map as the run's scorer defines it (its maximum, or its largest excess
+        over its local background: :mod:`splatpose.scoring.image_score`); anomalous: score >= detect.threshold
+        (None without a threshold).
     localized: the final pose has a path (``pose_path`` "pnp" or "recovered", see
         :class:`splatpose.refine.queries.PoseSettler`); otherwise (``pose_path`` "failed") ``w2c`` is a best
         effort and the map is unreliable (flag "not_localized"). A pose kept although neither PnP's nor the
@@ -457,7 +459,9 @@ class Detector:
 
         start = self._clock()
         with self._serving(batch):
-            maps_np = self.score(queries, renders, alphas, expected).float().cpu().numpy()
+            maps = self.score(queries, renders, alphas, expected).float()
+            scores = self.scorer.image_scores(maps).cpu().tolist()
+            maps_np = maps.cpu().numpy()
         score_seconds = self._clock() - start
 
         threshold = self.cfg.threshold
@@ -467,7 +471,7 @@ class Detector:
             detection.ok = True
             detection.w2c = w2c[b].copy()
             detection.anomaly_map = maps_np[b]
-            detection.score = float(maps_np[b].max())
+            detection.score = scores[b]
             detection.anomalous = None if threshold is None else bool(detection.score >= float(threshold))
             detection.times["render"] = round(render_seconds / batch, 6)
             detection.times["score"] = round(score_seconds / batch, 6)

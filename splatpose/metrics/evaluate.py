@@ -30,12 +30,13 @@ def normalise_maps(maps, lo: float | None = None, hi: float | None = None):
     return (maps - lo) / (hi - lo)
 
 
-# image-score variants evaluate() records beside the maximum: the mean of the top 0.1 %, 1 %, 5 % of pixels
-IMAGE_SCORE_TOP_FRACTIONS = (0.001, 0.01, 0.05)
+# image-score variants evaluate() records beside the configured score: each map's maximum (0) and the mean
+# of its top 0.1 %, 1 %, 5 % of pixels
+IMAGE_SCORE_TOP_FRACTIONS = (0.0, 0.001, 0.01, 0.05)
 
 
 def evaluate(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, defects: Sequence[str],
-             fpr_limit: float = 0.3) -> dict:
+             fpr_limit: float = 0.3, scores: np.ndarray | None = None) -> dict:
     """Pixel AUROC, AUPRO and image AUROC of one class, overall and for each defect type against good.
 
     Args:
@@ -44,10 +45,11 @@ def evaluate(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, defects: S
         labels: [N] 1 for a defective image, 0 for a good one (must agree with ``defects``).
         defects: [N] defect type per image: "good" or a defect folder name ("Burrs", "Missing", ...).
         fpr_limit: AUPRO integration limit.
+        scores: [N] image scores (the scorer's, :meth:`AnomalyScorer.image_scores`); None: each map's maximum.
     Returns:
-        {"pixel_auroc": float | None, "aupro": float | None, "image_auroc": float | None,
-         "image_auroc_by_top_fraction": {"0.001": ..., "0.01": ..., "0.05": ...} (image AUROC of the
-         mean of each map's top fraction of pixels, to compare with the maximum's),
+        {"pixel_auroc": float | None, "aupro": float | None, "image_auroc": float | None (of ``scores``),
+         "image_auroc_by_top_fraction": {"0.0": ..., "0.001": ..., "0.01": ..., "0.05": ...} (image AUROC of
+         each map's maximum and of the mean of its top fraction of pixels, to compare with ``scores``'),
          "per_defect": {"Burrs": {"pixel_auroc": ..., "aupro": ..., "image_auroc": ...}, ...}}
         with one per_defect entry per defect type present (sorted by name); each compares the images
         of that type with all good images. None marks an undefined metric (e.g. image AUROC of a
@@ -62,7 +64,9 @@ def evaluate(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, defects: S
     if not np.array_equal(labels, (defects != GOOD).astype(np.int64)):
         raise ValueError("evaluate: labels disagree with defect names (label must be 1 exactly when "
                          f"the defect is not '{GOOD}')")
-    scores = image_scores(maps)
+    scores = image_scores(maps) if scores is None else np.asarray(scores, dtype=np.float64).ravel()
+    if len(scores) != len(maps):
+        raise ValueError(f"evaluate: {len(scores)} image scores for {len(maps)} maps")
 
     def metrics_of(subset: np.ndarray) -> dict:
         return {"pixel_auroc": pixel_auroc(maps[subset], masks[subset]),
@@ -70,7 +74,7 @@ def evaluate(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, defects: S
                 "image_auroc": image_auroc(scores[subset], labels[subset])}
 
     results = metrics_of(np.ones(len(maps), dtype=bool))
-    # the image score's alternatives, recorded to compare (the score itself stays the maximum)
+    # the image score's alternatives, recorded to compare
     results["image_auroc_by_top_fraction"] = {str(q): image_auroc(image_scores(maps, q), labels)
                                               for q in IMAGE_SCORE_TOP_FRACTIONS}
     good = defects == GOOD

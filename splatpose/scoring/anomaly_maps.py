@@ -9,7 +9,7 @@ For each (query, render) pair, both resized to ``size`` x ``size`` and normalise
 ``q`` and ``r`` are the normalised images, as in the reference code, so the RGB term is scaled by
 1 / std^2 of the backbone's normalisation. Maps are returned raw: class-level min-max normalisation
 needs every test map of a class, so it is a separate step (:func:`splatpose.metrics.normalise_maps`),
-as is the image score (max of the map).
+as is the image score (:meth:`AnomalyScorer.image_scores`, :mod:`splatpose.scoring.image_score`).
 
 Note on the blur: the reference code blurs with ``scipy.ndimage.gaussian_filter(sigma=4)``, whose
 default truncation gives a 33-tap kernel; the default here is the 9-tap kernel of the issue's recipe.
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +42,7 @@ from torchvision.transforms.v2.functional import gaussian_blur
 
 from splatpose.scoring.backbones import FeatureBackbone, build_backbone
 from splatpose.scoring.denoise import denoised
+from splatpose.scoring.image_score import image_scores
 from splatpose.scoring.object_region import (background_likeness, fit_query_to_render, render_on_query_background,
                                              silhouette_region)
 from splatpose.scoring.sheen import SheenSettings, take_off_sheen
@@ -72,6 +74,8 @@ class AnomalyScorer(nn.Module):
         uncertainty_weight: > 0: with an ``expected`` map (what the splats' own reference views show
             at the query's pose, :mod:`splatpose.scoring.uncertainty`), the map keeps only what exceeds
             this many times it; 0: off.
+        background_sigma: the image score of a map (:meth:`image_scores`): None, its maximum; > 0, its
+            largest excess over a Gaussian average of this many map pixels (:mod:`~splatpose.scoring.image_score`).
 
     Call:
         query, render: [B, 3, H, W] float in [0, 1] (any H, W; resized to S x S, so non-square inputs
@@ -90,8 +94,10 @@ class AnomalyScorer(nn.Module):
                  fit_alpha: float = 0.9, object_region: bool = False, region_threshold: float = 0.5,
                  dilation_px: int = 0, region_background: str = "white", fill_sigma: float = 4.0,
                  keep_background_tau: float = 0.0, denoise_strength: float = 0.0,
-                 sheen: SheenSettings | None = None, uncertainty_weight: float = 0.0):
+                 sheen: SheenSettings | None = None, uncertainty_weight: float = 0.0,
+                 background_sigma: float | None = None):
         super().__init__()
+        self.background_sigma = None if background_sigma is None else float(background_sigma)
         if uncertainty_weight < 0:
             raise ValueError(f"scorer.uncertainty.weight: {uncertainty_weight}; use > 0 (or uncertainty.enabled=false)")
         self.uncertainty_weight = float(uncertainty_weight)
@@ -184,6 +190,10 @@ class AnomalyScorer(nn.Module):
             return discount_expected(maps[:, 0], expected.to(maps.device), self.uncertainty_weight)
         return maps[:, 0]
 
+    def image_scores(self, maps: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """[N, S, S] maps (raw or normalised, torch or numpy) -> [N] image scores, as configured."""
+        return image_scores(maps, self.background_sigma)
+
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [0, 1] -> [B, 3, S, S] resized (antialiased when shrinking) and normalised."""
         if images.shape[-2:] != (self.size, self.size):
@@ -207,7 +217,8 @@ def build_scorer(cfg_scorer, device: str | torch.device = "cpu") -> AnomalyScore
     ``rgb_weight``, ``size``, ``mean``, ``std``, ``blur.kernel_size``, ``blur.sigma`` (``blur: null``
     or ``kernel_size: 0``: no blur), ``photometric_fit.{enabled,fit_alpha}``,
     ``object_region.{enabled,threshold,dilation_px,background,fill_sigma,keep_background_tau}`` (absent:
-    off), ``denoise.{enabled,strength}`` (absent: off), ``uncertainty.{enabled,weight}`` (absent: off), ``sheen`` (:class:`SheenSettings`; the scorer
+    off), ``denoise.{enabled,strength}`` (absent: off), ``uncertainty.{enabled,weight}`` (absent: off),
+    ``image_score.background_sigma`` (absent or null: the map's maximum), ``sheen`` (:class:`SheenSettings`; the scorer
     built here has no allowance set: whoever measures the class's sets it).
     ``batch_size`` is read by the caller, not here.
     """
@@ -236,5 +247,6 @@ def build_scorer(cfg_scorer, device: str | torch.device = "cpu") -> AnomalyScore
         denoise_strength=float(denoise.get("strength", 6.0)) if denoise.get("enabled", False) else 0.0,
         sheen=SheenSettings.from_config(cfg_scorer.get("sheen")),
         uncertainty_weight=float(uncertainty.get("weight", 1.0)) if uncertainty.get("enabled", False) else 0.0,
+        background_sigma=(cfg_scorer.get("image_score") or {}).get("background_sigma"),
     )
     return scorer.to(device).eval()

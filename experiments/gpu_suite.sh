@@ -164,7 +164,7 @@ if [[ " $PHASES " == *" detector "* ]]; then
   # BENCH_DETECTOR_ARGS: the benchmark's options (default: every mode); BENCH_SECONDS: its limit (more batch
   # sizes take longer); DETECT_CLI=0 skips the CLI step, DETECTOR_TESTS=0 the GPU tests
   # shellcheck disable=SC2086
-  step bench_detector "${BENCH_SECONDS:-200}" python3 "$REPO/experiments/bench_detector.py" --run-dir "$RUN_DIR" \
+  step bench_detector "${BENCH_SECONDS:-330}" python3 "$REPO/experiments/bench_detector.py" --run-dir "$RUN_DIR" \
     --device cuda ${BENCH_DETECTOR_ARGS:---queries 120 --warmup 10 --batch-sizes 8 16 32 --throughput-images 256 \
     --matching auto sequential --refine-queries 20 --recovery-queries 10} --out "$WORK/bench" && cp "$WORK/bench/detector.json" "$OUT/"
   if [ "${DETECT_CLI:-1}" != 0 ]; then

@@ -440,7 +440,7 @@ def run_description(detector: Detector) -> dict:
             "gaussians": len(detector.gaussians), "feature": sfm.feature.name, "matcher": sfm.matcher.name,
             "retrieval": sfm.retrieval.name, "top_k": int(sfm.localization.top_k),
             "max_keypoints": int(sfm.max_keypoints), "resize_max": sfm.get("resize_max"),
-            "resize_force": sfm.get("resize_force"), "scorer": detector.run.config.scorer.name,
+            "resize_force": sfm.get("resize_force"), "upscale_below": sfm.get("upscale_below"), "scorer": detector.run.config.scorer.name,
             "render_backend": detector.backend, "matching": detector.localizer.matching_path,
             "cuda_graphs": bool(detector.cfg.cuda_graphs), "refine": detector.settler is not None}
 
@@ -581,7 +581,7 @@ def markdown(report: dict) -> str:
              f"{report.get('load_average_at_end')}",
              f"- run: {run['class']} {run['image_size'][0]}x{run['image_size'][1]}, {run['gaussians']} Gaussians, "
              f"{run['feature']}+{run['matcher']} (max {run['max_keypoints']} keypoints, resize_max "
-             f"{run['resize_max']}, force {run['resize_force']}), {run['retrieval']} retrieval top-{run['top_k']}, "
+             f"{run['resize_max']}, force {run['resize_force']} below {run.get('upscale_below')} px), {run['retrieval']} retrieval top-{run['top_k']}, "
              f"scorer {run['scorer']}, render {run['render_backend']}, cuda_graphs {run['cuda_graphs']}",
              f"- detector setup (load the run once): {report['setup_seconds']:.2f} s; "
              f"{report['num_distinct_inputs']} distinct test images cycled", ""]

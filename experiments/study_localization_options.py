@@ -75,7 +75,7 @@ def match_queries(data, localizer: Localizer, max_k: int) -> list[dict]:
     """Per test image: its features, the db ranking and the matches to its max_k best db images."""
     queries = []
     for test in data.test:
-        image, original_wh = load_image_tensor(test.path, localizer.resize_max, localizer.resize_force)
+        image, original_wh = load_image_tensor(test.path, localizer.feature_size)
         features = localizer.extractor(image[None].to(localizer.device))[0]
         features["keypoints"] = to_original_pixels(features["keypoints"], (image.shape[-1], image.shape[-2]),
                                                    original_wh)

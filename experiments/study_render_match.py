@@ -25,7 +25,7 @@ import torch
 from study_scoring import load_run
 from splatpose.data.cameras import rotation_error_deg
 from splatpose.refine.recovery import axis_angle
-from splatpose.sfm.features import build_extractor, resized_for_features, to_original_pixels
+from splatpose.sfm.features import FeatureSize, build_extractor, to_original_pixels
 from splatpose.sfm.matchers import build_matcher
 from splatpose.sfm.pnp import PnPSolver
 from splatpose.sfm.triangulation import colmap_camera
@@ -42,7 +42,7 @@ class RenderMatcher:
         self.gaussians = load_gaussians(run["ply"], "cpu")
         self.K = torch.as_tensor(data.K, dtype=torch.float32)
         self.width, self.height = data.width, data.height
-        self.resize_max, self.force = cfg.sfm.resize_max, bool(cfg.sfm.resize_force)
+        self.feature_size = FeatureSize.from_config(cfg.sfm)
         max_keypoints = int(cfg.sfm.localization.get("max_keypoints") or cfg.sfm.max_keypoints)
         self.extractor = build_extractor(cfg.sfm.feature, max_keypoints, "cpu")
         self.matcher = build_matcher(cfg.sfm.matcher, cfg.sfm.feature.name, "cpu")
@@ -53,7 +53,7 @@ class RenderMatcher:
     def features(self, image: torch.Tensor) -> dict:
         """Features of ``image`` [3, H, W] in [0, 1], resized as the localization resizes, keypoints in its pixels."""
         h, w = image.shape[-2:]
-        image = resized_for_features(image[None], self.resize_max, self.force)[0]
+        image = self.feature_size.resized(image[None])[0]
         feats = self.extractor(image[None])[0]
         feats["keypoints"] = to_original_pixels(feats["keypoints"], (image.shape[-1], image.shape[-2]), (w, h))
         feats["image_size"] = np.array((w, h), dtype=np.int64)

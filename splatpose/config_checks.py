@@ -108,6 +108,8 @@ def check_sfm_values(sfm: DictConfig) -> None:
     _integer(sfm, "max_keypoints", minimum=1, where="sfm")
     if sfm.get("resize_max") is not None:
         _integer(sfm, "resize_max", minimum=16, where="sfm")
+    if sfm.get("upscale_below") is not None:
+        _integer(sfm, "upscale_below", minimum=1, where="sfm")
     for group in ("feature", "matcher", "retrieval"):
         weights = (sfm.get(group) or {}).get("weights")
         if weights:

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from splatpose.data.cameras import look_at_opengl_c2w, opengl_c2w_to_opencv_w2c, project_points
 from splatpose.sfm import hloc_files
-from splatpose.sfm.features import load_image_tensor, to_original_pixels
+from splatpose.sfm.features import FeatureSize, load_image_tensor, to_original_pixels
 from splatpose.sfm.matchers import MutualNearestNeighbourMatcher, build_matcher
 from splatpose.sfm.pairs import pairs_from_poses
 from splatpose.sfm.retrieval import NetVLADPooling, VladRetrieval, build_retrieval, rank_database
@@ -78,11 +78,15 @@ def test_resize_follows_hloc_resize_max_and_force(tmp_path):
 
     path = tmp_path / "im.png"
     Image.fromarray(np.zeros((40, 80, 4), np.uint8)).save(path)  # fully transparent -> white
-    image, original = load_image_tensor(path, None)
+    image, original = load_image_tensor(path, FeatureSize())
     assert original == (80, 40) and image.shape == (3, 40, 80) and float(image.min()) == 1.0
-    assert load_image_tensor(path, 40)[0].shape == (3, 20, 40)  # scaled down to resize_max
-    assert load_image_tensor(path, 160)[0].shape == (3, 40, 80)  # never up without force
-    assert load_image_tensor(path, 160, resize_force=True)[0].shape == (3, 80, 160)
+    assert load_image_tensor(path, FeatureSize(40))[0].shape == (3, 20, 40)  # scaled down to resize_max
+    assert load_image_tensor(path, FeatureSize(160))[0].shape == (3, 40, 80)  # never up without force
+    assert load_image_tensor(path, FeatureSize(160, force=True))[0].shape == (3, 80, 160)
+    # from upscale_below px up an image keeps its own size (80 px here); smaller ones are still scaled up
+    assert load_image_tensor(path, FeatureSize(160, force=True, upscale_below=80))[0].shape == (3, 40, 80)
+    assert load_image_tensor(path, FeatureSize(160, force=True, upscale_below=81))[0].shape == (3, 80, 160)
+    assert load_image_tensor(path, FeatureSize(60, force=True, upscale_below=40))[0].shape == (3, 30, 60)  # down
 
 
 def test_epipolar_verification_keeps_true_correspondences_only():

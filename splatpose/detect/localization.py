@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from splatpose.sfm.features import AlikedExtractor, resized_for_features
+from splatpose.sfm.features import AlikedExtractor
 from splatpose.sfm.localization import Localizer, QueryPose
 from splatpose.sfm.matchers import LightGlueMatcher
 
@@ -119,9 +119,9 @@ class ImageLocalizer(Localizer):
         return self.matching if self.static_failure is None else f"{self.matching} ({self.static_failure})"
 
     def resize_for_features(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> the size features are extracted at (hloc's resize_max rule, as
+        """[B, 3, H, W] -> the size features are extracted at (the run's :class:`FeatureSize`, as
         ``load_image_tensor`` applies it to files)."""
-        return resized_for_features(images, self.resize_max, self.resize_force)
+        return self.feature_size.resized(images)
 
     def localize_images(self, images: torch.Tensor, names: list[str]) -> list[QueryPose]:
         """Poses of a batch of same-size images.

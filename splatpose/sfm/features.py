@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -201,16 +202,55 @@ def build_extractor(cfg_feature: DictConfig, max_keypoints: int, device: str) ->
     return _EXTRACTORS[name](cfg_feature, int(max_keypoints), device)
 
 
-def load_image_tensor(path: Path, resize_max: int | None, resize_force: bool = False,
+@dataclass(frozen=True)
+class FeatureSize:
+    """The size images are extracted at: hloc's resize rule, with a floor on upscaling.
+
+    resize_max: the longest side (px) larger images are brought down to; None keeps every image's size.
+    force: smaller images are scaled up to ``resize_max`` too (ALIKED needs the pixels of a 200 px image) ...
+    upscale_below: ... only those whose longest side is under this many px (None: any size). From 400 px up the
+        images' own pixels localize as well as upscaled ones, in less time (experiments/PROTOCOL.md, 29th decision).
+    """
+
+    resize_max: int | None = None
+    force: bool = False
+    upscale_below: int | None = None
+
+    @classmethod
+    def from_config(cls, sfm: DictConfig) -> FeatureSize:
+        """From an ``sfm`` node: ``resize_max``, ``resize_force``, ``upscale_below`` (absent, as in runs made
+        before it: null)."""
+        upscale_below = sfm.get("upscale_below")
+        return cls(resize_max=sfm.get("resize_max"), force=bool(sfm.get("resize_force", False)),
+                   upscale_below=None if upscale_below is None else int(upscale_below))
+
+    def longest_side(self, longest: int) -> int:
+        """The longest side (px) an image whose longest side is ``longest`` is extracted at."""
+        if not self.resize_max or longest == self.resize_max:
+            return longest
+        if longest > self.resize_max:
+            return self.resize_max
+        upscaled = self.force and (self.upscale_below is None or longest < self.upscale_below)
+        return self.resize_max if upscaled else longest
+
+    def resized(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] at the size features are extracted at (antialiased bilinear)."""
+        height, width = images.shape[-2:]
+        longest = max(height, width)
+        target = self.longest_side(longest)
+        if target == longest:
+            return images
+        scale = target / longest
+        size = (round(height * scale), round(width * scale))
+        return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def load_image_tensor(path: Path, size: FeatureSize,
                       mask_path: Path | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Image [3, h, w] float32 in [0, 1] (white background), resized as hloc does.
+    """Image [3, h, w] float32 in [0, 1] (white background), at the extraction ``size``.
 
     With ``mask_path`` (an object mask, ``read_object_mask``) the image is first composited onto white
-    through it: only the object can give keypoints.
-
-    The longest side is brought down to ``resize_max`` when it is larger, or to exactly ``resize_max``
-    (up or down) when ``resize_force``; None keeps the native size. Returns the tensor and the
-    original (width, height).
+    through it: only the object can give keypoints. Returns the tensor and the original (width, height).
     """
     pixels = read_image(path)
     if mask_path is not None:
@@ -218,19 +258,7 @@ def load_image_tensor(path: Path, resize_max: int | None, resize_force: bool = F
         pixels = mask * pixels + (1.0 - mask)
     image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
     height, width = image.shape[-2:]
-    return resized_for_features(image[None], resize_max, resize_force)[0], (width, height)
-
-
-def resized_for_features(images: torch.Tensor, resize_max: int | None, resize_force: bool = False) -> torch.Tensor:
-    """[B, 3, H, W] at the size features are extracted at (hloc's rule, see :func:`load_image_tensor`):
-    the longest side brought down to ``resize_max`` when larger, or to exactly it when ``resize_force``."""
-    height, width = images.shape[-2:]
-    longest = max(height, width)
-    if resize_max and (longest > resize_max or (resize_force and longest != resize_max)):
-        scale = resize_max / longest
-        size = (round(height * scale), round(width * scale))
-        images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
-    return images
+    return size.resized(image[None])[0], (width, height)
 
 
 def to_original_pixels(keypoints: np.ndarray, resized_wh: tuple[int, int], original_wh: tuple[int, int]) -> np.ndarray:
@@ -239,8 +267,8 @@ def to_original_pixels(keypoints: np.ndarray, resized_wh: tuple[int, int], origi
     return ((keypoints + 0.5) * scale - 0.5).astype(np.float32)
 
 
-def extract_images(extractor: Extractor, paths: list[Path], resize_max: int | None, device: str,
-                   batch_size: int = 8, progress: str | None = None, resize_force: bool = False,
+def extract_images(extractor: Extractor, paths: list[Path], size: FeatureSize, device: str,
+                   batch_size: int = 8, progress: str | None = None,
                    masks: list[Path | None] | None = None) -> list[Features]:
     """Features of each image (same order as ``paths``), keypoints in the original pixels; ``masks``
     (one object mask or None per path) restrict them to the object (``load_image_tensor``).
@@ -254,7 +282,7 @@ def extract_images(extractor: Extractor, paths: list[Path], resize_max: int | No
     results: list[Features] = []
     bar = tqdm(total=len(paths), desc=progress, disable=progress is None, leave=False)
     for start in range(0, len(paths), batch_size):
-        loaded = [load_image_tensor(p, resize_max, resize_force, None if masks is None else masks[start + i])
+        loaded = [load_image_tensor(p, size, None if masks is None else masks[start + i])
                   for i, p in enumerate(paths[start:start + batch_size])]
         for group in _same_size_groups(loaded):
             batch = torch.stack([image for image, _ in group]).to(device)
@@ -281,7 +309,7 @@ def _same_size_groups(loaded: list[tuple[torch.Tensor, tuple[int, int]]]) -> lis
 
 
 def extract_features(extractor: Extractor, images: dict[str, Path], features_path: Path,
-                     resize_max: int | None, device: str, batch_size: int = 8, resize_force: bool = False,
+                     size: FeatureSize, device: str, batch_size: int = 8,
                      masks: dict[str, Path] | None = None) -> Path:
     """Extract every image not yet in ``features_path`` and add it there (hloc layout, atomic).
 
@@ -294,8 +322,8 @@ def extract_features(extractor: Extractor, images: dict[str, Path], features_pat
     if not todo:
         log.info("features: all %d images already in %s", len(images), features_path)
         return features_path
-    features = extract_images(extractor, [images[n] for n in todo], resize_max, device, batch_size,
-                              progress=f"extract {features_path.name}", resize_force=resize_force,
+    features = extract_images(extractor, [images[n] for n in todo], size, device, batch_size,
+                              progress=f"extract {features_path.name}",
                               masks=None if masks is None else [masks.get(n) for n in todo])
     with hloc_files.atomic_h5(features_path) as handle:
         for name, feats in zip(todo, features):

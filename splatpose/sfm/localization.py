@@ -36,7 +36,7 @@ from splatpose.atomic_files import write_text_atomic
 from splatpose.data.mad_sim import ClassData
 from splatpose.sfm import hloc_files
 from splatpose.sfm.config import check_sfm_config
-from splatpose.sfm.features import build_extractor, load_image_tensor, to_original_pixels
+from splatpose.sfm.features import FeatureSize, build_extractor, load_image_tensor, to_original_pixels
 from splatpose.sfm.matchers import build_matcher
 from splatpose.sfm.pnp import PnPSolver
 from splatpose.sfm.reference import Reference
@@ -105,7 +105,7 @@ class Localizer:
                  db_w2c: np.ndarray, device: str):
         check_sfm_config(cfg)
         self.cfg, self.device = cfg, device
-        self.resize_max, self.resize_force = cfg.resize_max, bool(cfg.resize_force)
+        self.feature_size = FeatureSize.from_config(cfg)
         self.top_k = int(cfg.localization.top_k)
         self.retry_top_k = int(cfg.localization.get("retry_top_k") or 0)
         self.min_inliers = int(cfg.localization.min_inliers)
@@ -133,14 +133,14 @@ class Localizer:
     def _db_image(self, reference: Reference, name: str) -> torch.Tensor | None:
         if not self.retrieval.needs_images:
             return None
-        return load_image_tensor(reference.image_root / name, self.resize_max, self.resize_force)[0]
+        return load_image_tensor(reference.image_root / name, self.feature_size)[0]
 
     def localize(self, path: Path, name: str | None = None) -> tuple[QueryPose, LocalizationDetails]:
         """Pose of one image file; never raises for an image that simply cannot be localized."""
         name = name or Path(path).name
         times = {}
         start = time.perf_counter()
-        image, original_wh = load_image_tensor(Path(path), self.resize_max, self.resize_force)
+        image, original_wh = load_image_tensor(Path(path), self.feature_size)
         features = self.extract(image[None], original_wh)[0]
         times["extract"] = time.perf_counter() - start
 

@@ -41,7 +41,7 @@ from splatpose.errors import UserError
 from splatpose.sfm import hloc_files
 from splatpose.sfm.config import check_sfm_config
 from splatpose.sfm.estimated_poses import MAPPING_DIR, estimate_reconstruction, image_pairs
-from splatpose.sfm.features import build_extractor, extract_features
+from splatpose.sfm.features import FeatureSize, build_extractor, extract_features
 from splatpose.sfm.matchers import build_matcher, match_pairs, read_matches_of_pairs
 from splatpose.sfm.pairs import pairs_from_poses
 from splatpose.sfm.triangulation import (point_colors, posed_reconstruction, triangulate, triangulation_options,
@@ -118,8 +118,7 @@ def build_reference(data: ClassData, cfg: DictConfig, out_dir: Path, device: str
     masks = {view.name: view.mask_path for view in data.train} \
         if cfg.get("object_masks", False) and data.has_reference_masks else None
     extract_features(extractor, {view.name: view.path for view in data.train}, paths["features"],
-                     cfg.resize_max, device, batch_size=int(cfg.batch_size),
-                     resize_force=bool(cfg.resize_force), masks=masks)
+                     FeatureSize.from_config(cfg), device, batch_size=int(cfg.batch_size), masks=masks)
     del extractor
     times["extract"] = time.perf_counter() - start
 

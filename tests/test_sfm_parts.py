@@ -1,5 +1,7 @@
 """The SfM building blocks on small synthetic inputs (no dataset, a few seconds in all)."""
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -87,6 +89,21 @@ def test_resize_follows_hloc_resize_max_and_force(tmp_path):
     assert load_image_tensor(path, FeatureSize(160, force=True, upscale_below=80))[0].shape == (3, 40, 80)
     assert load_image_tensor(path, FeatureSize(160, force=True, upscale_below=81))[0].shape == (3, 80, 160)
     assert load_image_tensor(path, FeatureSize(60, force=True, upscale_below=40))[0].shape == (3, 30, 60)  # down
+
+
+def test_the_sfm_node_gives_the_extraction_size_and_a_bad_floor_is_named():
+    """The defaults: a 200 px demo image is scaled up to 600 px, a 400 px benchmark image keeps its size, a
+    larger one comes down to 600; a run made before ``upscale_below`` existed is extracted as it was."""
+    from splatpose.config_checks import ConfigError, check_sfm_values
+
+    sfm = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "sfm" / "default.yaml")
+    size = FeatureSize.from_config(sfm)
+    assert [size.longest_side(side) for side in (200, 399, 400, 512, 800)] == [600, 600, 400, 512, 600]
+    del sfm["upscale_below"]
+    assert FeatureSize.from_config(sfm).longest_side(400) == 600
+    sfm.upscale_below = 0
+    with pytest.raises(ConfigError, match="sfm.upscale_below=0"):
+        check_sfm_values(sfm)
 
 
 def test_epipolar_verification_keeps_true_correspondences_only():

@@ -42,9 +42,10 @@ def tiny_pairs(tiny_run):
 
 def test_brightness_change_stays_within_good_scores(tiny_pairs):
     cfg, queries, renders, alphas = tiny_pairs
-    # The top of the good range, plus 0.1 %: the image that sets it scores the same when brightened (the
-    # clipped highlights move it by about 1e-5), which is not firing.
-    good_max = capture_maps(cfg, queries, renders, alphas).max(axis=(1, 2)).max() * 1.001
+    # The top of the good range, plus 1 %: the image that sets it scores about the same when brightened (the
+    # highlights that clip at x1.2 are lost to the fit: 1e-5 to 0.3 % on the tiny run's draws), which is not
+    # firing; a dimmer lamp without the fit lifts it above even that (below).
+    good_max = capture_maps(cfg, queries, renders, alphas).max(axis=(1, 2)).max() * 1.01
     for factor in (0.8, 1.2):
         scaled = np.clip(queries * factor, 0.0, 1.0)
         score = capture_maps(cfg, scaled, renders, alphas).max(axis=(1, 2))

@@ -96,7 +96,8 @@ class Localizer:
 
     Args:
         K: [3, 3] intrinsics of the query camera (COLMAP pixel convention); width, height its image size.
-        cfg: the ``sfm`` node (feature, matcher, retrieval, localization, max_keypoints, resize_max).
+        cfg: the ``sfm`` node (feature, matcher, retrieval, localization, max_keypoints, and the extraction size:
+            resize_max, resize_force, upscale_below; :class:`FeatureSize`).
         reference: the finished reference model (its db features and reconstruction).
         db_w2c: [N, 4, 4] poses of the db images in ``reference.db_names`` order (for fallbacks).
     """

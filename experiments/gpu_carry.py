@@ -198,9 +198,9 @@ def pack_dataset(out: Path, classes: list[str] | None = None, n_train: int | Non
 
 
 def pack_families(out: Path, preset: str, only: list[str] | None = None) -> Path:
-    """Every class of both dataset families (or the classes named in ``only``) at one preset, generated
+    """Every class of both dataset families (or only the classes named in ``only``) at one preset, generated
     here (the device has neither VTK nor Mitsuba) into ``families/<family>/``, for
-    ``bench_families.py --root <family>=<folder>``."""
+    ``bench_families.py --root <family>=<folder>``. Only the carried classes are generated."""
     from omegaconf import OmegaConf
 
     from splatpose.data.parts import ensure_parts_dataset
@@ -210,8 +210,11 @@ def pack_families(out: Path, preset: str, only: list[str] | None = None) -> Path
     shutil.rmtree(target, ignore_errors=True)
     for family, ensure in (("synthetic", ensure_synthetic_dataset), ("parts", ensure_parts_dataset)):
         classes = list(OmegaConf.load(Path(__file__).parents[1] / "conf" / "dataset" / f"{family}.yaml").classes)
+        classes = classes if only is None else [c for c in classes if c in only]
+        if not classes:
+            continue
         root = ensure(cache / family, classes, preset=preset)
-        for class_name in classes if only is None else [c for c in classes if c in only]:
+        for class_name in classes:
             shutil.copytree(root / class_name, target / family / class_name, ignore=shutil.ignore_patterns(".*"))
     return target
 

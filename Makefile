@@ -14,8 +14,11 @@ setup: $(VENV)/.installed
 # uv installs the same versions as pip in a fraction of the time (pip still works: the README's
 # manual install uses it). Like pip it compiles the bytecode at install time: without it every process
 # (each test's run.py too) would compile torch's sources on import, 13 instead of 7 s.
-UV := $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python
-$(VENV)/.installed: pyproject.toml
+# requirements.lock holds the version of every dependency that pyproject.toml leaves open, so that a fresh setup
+# (and CI) installs what the last one did; after changing pyproject.toml's dependencies, write it again:
+#   .venv/bin/uv pip compile pyproject.toml --extra all --extra test -o requirements.lock
+UV := $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python --constraint requirements.lock
+$(VENV)/.installed: pyproject.toml requirements.lock
 	@bash .ci/system-packages
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check uv==0.13.9
